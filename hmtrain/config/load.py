@@ -1,0 +1,136 @@
+"""Load a config: schema defaults <- YAML preset <- `key=value` overrides, then validate.
+
+A preset is a path to a YAML file or the name of one in the repository's `configs/`.
+Errors name the offending key so a typo in a 64-node launch fails before any work.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hmtrain.config.schema import Config
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what is wrong."""
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r}: no such file, and not a preset (presets: {', '.join(presets)})")
+
+
+def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Merge schema defaults, a YAML preset and dotted `key=value` overrides into a Config."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if preset is not None:
+            path = resolve_preset(str(preset))
+            try:
+                loaded = OmegaConf.load(path)
+            except Exception as exc:  # yaml errors carry the line number
+                raise ConfigError(f"config {path}: not valid YAML: {exc}") from exc
+            merged = OmegaConf.merge(merged, loaded)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value, e.g. train.batch_size=8")
+            key = item.split("=", 1)[0]
+            if OmegaConf.select(merged, key, default=_MISSING) is _MISSING:
+                raise ConfigError(f"override {item!r}: unknown key {key!r}")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from exc
+    config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(config)
+    return config
+
+
+_MISSING = object()
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    first_line = str(exc).splitlines()[0]
+    return f"config key {key!r}: {first_line}" if key else f"config: {first_line}"
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """Dotted keys -> values, e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            out[prefix] = node
+
+    walk("", asdict(config))
+    return out
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r}: {message}")
+
+
+def validate(config: Config) -> None:
+    """Checks that types alone cannot express."""
+    m, mem, tree, data, train = config.model, config.memory, config.tree, config.data, config.train
+    for key, value in [
+        ("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
+        ("model.n_heads", m.n_heads), ("model.head_dim", m.head_dim), ("model.ffn_hidden", m.ffn_hidden),
+        ("data.seq_len", data.seq_len), ("data.shard_samples", data.shard_samples),
+        ("train.batch_size", train.batch_size), ("train.grad_accum", train.grad_accum),
+        ("train.checkpoint_every", train.checkpoint_every), ("train.log_every", train.log_every),
+        ("eval.batch_size", config.eval.batch_size),
+    ]:
+        _require(value > 0, key, f"must be positive, got {value}")
+    _require(m.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {m.head_dim}")
+    _require(m.ffn_impl in ("auto", "torch", "triton"), "model.ffn_impl",
+             f"must be auto, torch or triton, got {m.ffn_impl!r}")
+    _require(mem.kind == "ffn", "memory.kind", f"only 'ffn' memories are implemented, got {mem.kind!r}")
+    _require(len(tree.branching) > 0, "tree.branching", "needs at least one level")
+    _require(all(k >= 2 for k in tree.branching), "tree.branching", f"every factor must be >= 2, got {tree.branching}")
+    _require(len(mem.units) == len(tree.branching), "memory.units",
+             f"needs one entry per tree level ({len(tree.branching)}), got {mem.units}")
+    _require(all(u >= 0 for u in mem.units), "memory.units", f"must be >= 0, got {mem.units}")
+    _require(tree.balance > 1.0, "tree.balance", f"must be > 1, got {tree.balance}")
+    _require(0.0 <= data.heldout_fraction < 1.0, "data.heldout_fraction",
+             f"must be in [0, 1), got {data.heldout_fraction}")
+    _require(data.tokenizer in ("bpe", "byte"), "data.tokenizer", f"must be bpe or byte, got {data.tokenizer!r}")
+    _require(train.mode in ("hierarchical", "dense"), "train.mode",
+             f"must be hierarchical or dense, got {train.mode!r}")
+    _require(train.anchor in ("frozen", "cotrain"), "train.anchor", f"must be frozen or cotrain, got {train.anchor!r}")
+    _require(train.pretrain_steps >= 0 and train.memory_steps >= 0, "train.pretrain_steps",
+             "phase lengths must be >= 0")
+    _require(train.pretrain_steps + train.memory_steps > 0, "train.memory_steps", "nothing to train: both phases are 0")
+    _require(train.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {train.device!r}")
+    _require(train.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto, fp32 or bf16, got {train.dtype!r}")
+    _require(train.dense_multiplier > 0, "train.dense_multiplier", "must be positive")
+    if train.generic_prob is not None:
+        _require(0.0 <= train.generic_prob <= 1.0, "train.generic_prob", f"must be in [0, 1], got {train.generic_prob}")
+    for name, optim in (("train.anchor_optim", train.anchor_optim), ("train.memory_optim", train.memory_optim)):
+        _require(optim.schedule in ("cosine", "wsd", "constant"), f"{name}.schedule",
+                 f"must be cosine, wsd or constant, got {optim.schedule!r}")
+        _require(optim.lr > 0 and 0 <= optim.min_lr <= optim.lr, f"{name}.lr", "need 0 <= min_lr <= lr and lr > 0")
+        _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), f"{name}.betas",
+                 f"need two values in [0, 1), got {optim.betas}")
+        _require(optim.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")
+        _require(0 < optim.decay_fraction <= 1, f"{name}.decay_fraction", "must be in (0, 1]")

@@ -1,0 +1,151 @@
+"""The structured config: one dataclass per part, merged from YAML and `key=value` overrides.
+
+Every field has a type and a default, so omegaconf rejects unknown keys and badly
+typed values at start-up; `validate` adds the checks types cannot express.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """The anchor transformer (paper's 160M preset: OpenLM, 35 layers, d 512)."""
+
+    vocab_size: int = 50432
+    d_model: int = 512
+    n_layers: int = 35
+    n_heads: int = 12
+    head_dim: int = 32
+    ffn_hidden: int = 2048
+    tie_embeddings: bool = True
+    qk_norm: bool = True
+    rope_base: float = 100_000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # memory-augmented FFN implementation: auto (triton on GPU, torch on CPU) | torch | triton
+    ffn_impl: str = "auto"
+
+
+@dataclass
+class MemoryConfig:
+    """The hierarchical memory: FFN units per tree level (branching lives in `tree`)."""
+
+    kind: str = "ffn"
+    units: list[int] = field(default_factory=lambda: [256, 64, 16, 0])
+    # the paper's control: a context-free memory of the fetched size
+    generic: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class TreeConfig:
+    """Hierarchical k-means over document embeddings (paper: 16-way, 4 levels)."""
+
+    branching: list[int] = field(default_factory=lambda: [16, 16, 16, 16])
+    em_steps: int = 20
+    subsample: int = 6400
+    balance: float = 1.5
+    # documents sampled to fit the tree (all are routed afterwards); 0 = all
+    fit_sample: int = 0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where documents come from and where prepared shards go."""
+
+    documents: str = ""
+    text_field: str = "text"
+    id_field: Optional[str] = "id"
+    # prepared data directory (tree, tokenizer, shards, manifest)
+    prepared: str = "data/prepared"
+    embedder: str = "minilm"
+    embed_batch_size: int = 64
+    tokenizer: str = "bpe"
+    tokenizer_vocab: int = 4096
+    seq_len: int = 2048
+    shard_samples: int = 1024
+    heldout_fraction: float = 0.05
+    # probe questions (probes.jsonl from `hmtrain data synth`) scored by `hmtrain eval`
+    probes: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW plus a learning-rate schedule (paper memory phase: cosine 1e-4 -> 1e-5)."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    # cosine | wsd (warmup-stable-decay) | constant
+    schedule: str = "cosine"
+    # wsd only: fraction of the phase spent decaying
+    decay_fraction: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    """The loop: the paper's two phases, batch shape, checkpoints."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    # hierarchical: anchor pretraining then the memory phase; dense: a baseline of dense_params
+    mode: str = "hierarchical"
+    # dense mode: total parameters as a multiple of the anchor's (paper: > 2x)
+    dense_multiplier: float = 2.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    pretrain_steps: int = 1000
+    memory_steps: int = 1000
+    # memory phase: frozen | cotrain
+    anchor: str = "frozen"
+    # probability a sequence uses the generic memory while co-training; null = 1/(k_1+1)
+    generic_prob: Optional[float] = None
+    clip_grad: float = 1.0
+    anchor_optim: OptimConfig = field(default_factory=OptimConfig)
+    memory_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-4, min_lr=1e-5, weight_decay=1e-3, warmup_steps=0)
+    )
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    # auto | cpu | cuda
+    device: str = "auto"
+    # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    dtype: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    # held-out sequences used for perplexity; 0 = all
+    max_sequences: int = 0
+    # probe questions scored; 0 = all
+    max_probes: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    mlflow: bool = True
+    # null: $MLFLOW_TRACKING_URI, else a local store inside the run directory
+    tracking_uri: Optional[str] = None
+    experiment: str = "hmtrain"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
