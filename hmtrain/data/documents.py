@@ -1,0 +1,158 @@
+"""Reading documents from parquet / jsonl / jsonl.gz files.
+
+Every later stage (embedding, routing, tokenising, sharding) consumes the same
+`Document` stream, so all validation of the raw input lives here: a bad record
+fails with the file and record number instead of surfacing later as a shape
+error or a silently skipped document.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+    source: str  # file it came from
+    index: int  # record number in that file (0-based)
+
+
+def _suffix(path: Path) -> str | None:
+    name = path.name
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def _stem(path: Path) -> str:
+    suffix = _suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.stem
+
+
+def list_document_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Resolve a file, a directory, a glob, or a list of those into files.
+
+    A directory yields every supported file directly inside it, sorted, so the
+    document order (and hence every downstream id and shard) is reproducible.
+    """
+    if isinstance(spec, (str, Path)):
+        specs = [spec]
+    else:
+        specs = list(spec)
+        if not specs:
+            raise FileNotFoundError("no document files: the spec list is empty")
+    files: list[Path] = []
+    for one in specs:
+        path = Path(one)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p))
+        elif path.is_file():
+            found = [path]
+        else:
+            found = [Path(p) for p in sorted(glob.glob(str(one), recursive=True))]
+            found = [p for p in found if p.is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"no document files match {str(one)!r} "
+                f"(expected a file, a directory with {', '.join(SUFFIXES)} files, or a glob)"
+            )
+        files.extend(found)
+    return files
+
+
+def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
+    opener = gzip.open if _suffix(path) == ".jsonl.gz" else open
+    index = 0
+    # Read bytes and decode per line so a bad byte is reported with its line.
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {lineno} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {lineno} (record {index}) is not valid JSON: {e.msg}") from e
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{path}: line {lineno} (record {index}) is a JSON {type(record).__name__}, expected an object"
+                )
+            yield record
+            index += 1
+
+
+def _parquet_records(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise ValueError(f"{path}: cannot read parquet file: {e}") from e
+    present = [c for c in columns if c in pf.schema_arrow.names]
+    # Stream record batches: input files can be far larger than memory.
+    for batch in pf.iter_batches(batch_size=4096, columns=present):
+        yield from batch.to_pylist()
+
+
+def _records(path: Path, text_field: str, id_field: str | None) -> Iterator[dict[str, Any]]:
+    suffix = _suffix(path)
+    if suffix == ".parquet":
+        columns = [text_field] + ([id_field] if id_field else [])
+        return _parquet_records(path, columns)
+    if suffix in (".jsonl", ".jsonl.gz"):
+        return _jsonl_records(path)
+    raise ValueError(f"{path}: unsupported file type (supported: {', '.join(SUFFIXES)})")
+
+
+def read_documents(
+    spec: str | Path | Sequence[str | Path],
+    *,
+    text_field: str = "text",
+    id_field: str | None = "id",
+) -> Iterator[Document]:
+    """Yield every document of `spec` in file order, validating as it goes.
+
+    Ids come from `id_field` when present, else `"{file_stem}:{index}"`; ids
+    must be unique across all files because shards and probes refer to them.
+    """
+    files = list_document_files(spec)
+    for path in files:  # fail on a bad extension before reading anything
+        if _suffix(path) is None:
+            raise ValueError(f"{path}: unsupported file type (supported: {', '.join(SUFFIXES)})")
+    seen: dict[str, tuple[str, int]] = {}
+    for path in files:
+        stem = _stem(path)
+        count = 0
+        for index, record in enumerate(_records(path, text_field, id_field)):
+            count += 1
+            where = f"{path}: record {index}"
+            if text_field not in record:
+                raise ValueError(f"{where} has no text field {text_field!r} (fields: {sorted(record)})")
+            text = record[text_field]
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{where}: field {text_field!r} must be a non-empty string, got {text!r:.60}")
+            raw_id = record.get(id_field) if id_field else None
+            doc_id = f"{stem}:{index}" if raw_id is None else str(raw_id)
+            if doc_id in seen:
+                first_src, first_idx = seen[doc_id]
+                raise ValueError(
+                    f"duplicate document id {doc_id!r}: {where} and {first_src}: record {first_idx}"
+                )
+            seen[doc_id] = (str(path), index)
+            yield Document(id=doc_id, text=text, source=str(path), index=index)
+        if count == 0:
+            raise ValueError(f"{path}: file has no records")
