@@ -1,0 +1,112 @@
+"""Packing a leaf's documents, segment ids and batch assembly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hmtrain.data.packing import IGNORE_INDEX, PackedSequence, make_batch, pack_leaf, segment_ids
+
+EOT, PAD = 1, 0
+
+
+def _docs(rng: np.random.Generator, n: int) -> list[tuple[str, list[int]]]:
+    # Lengths 0..25 so documents both fit, straddle and span several windows.
+    return [(f"d{i}", rng.integers(2, 50, size=int(rng.integers(0, 26))).tolist()) for i in range(n)]
+
+
+@pytest.mark.parametrize("seq_len", [1, 4, 7, 16, 64])
+def test_round_trip_reproduces_stream(seq_len: int) -> None:
+    docs = _docs(np.random.default_rng(seq_len), 30)
+    seqs = list(pack_leaf(docs, path=(2, 9), seq_len=seq_len, eot_id=EOT, pad_id=PAD))
+    stream = [t for _, toks in docs if toks for t in (*toks, EOT)]
+    got = np.concatenate([s.tokens[: s.num_real] for s in seqs]).tolist()
+    assert got == stream
+    for s in seqs:
+        assert s.tokens.dtype == np.int32 and s.tokens.shape == (seq_len + 1,)
+        assert s.path == (2, 9)
+    # Only the last sequence may be short, and it is padded with PAD.
+    assert all(s.num_real == seq_len + 1 for s in seqs[:-1])
+    last = seqs[-1]
+    assert (last.tokens[last.num_real :] == PAD).all()
+    assert len(seqs) == -(-len(stream) // (seq_len + 1))
+
+
+def test_doc_ids_follow_split_documents() -> None:
+    docs = [("a", [5, 6, 7]), ("b", []), ("c", [8, 9, 10, 11, 12, 13]), ("d", [14])]
+    seqs = list(pack_leaf(docs, path=(0,), seq_len=4, eot_id=EOT, pad_id=PAD))
+    # stream: 5 6 7 E | 8 9 10 11 12 13 E | 14 E  -> windows of 5
+    assert [s.tokens.tolist() for s in seqs] == [
+        [5, 6, 7, EOT, 8],
+        [9, 10, 11, 12, 13],
+        [EOT, 14, EOT, PAD, PAD],
+    ]
+    assert [s.doc_ids for s in seqs] == [["a", "c"], ["c"], ["c", "d"]]
+    assert [s.num_real for s in seqs] == [5, 5, 3]
+
+
+def test_repeated_doc_id_counts_as_two_documents() -> None:
+    seqs = list(pack_leaf([("x", [5]), ("x", [6])], path=(0,), seq_len=8, eot_id=EOT, pad_id=PAD))
+    assert seqs[0].doc_ids == ["x", "x"]
+
+
+def test_exact_fit_has_no_padding_sequence() -> None:
+    seqs = list(pack_leaf([("a", [5, 6, 7, 8])], path=(0,), seq_len=4, eot_id=EOT, pad_id=PAD))
+    assert len(seqs) == 1 and seqs[0].num_real == 5
+
+
+def test_pack_leaf_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="must differ"):
+        list(pack_leaf([("a", [3])], path=(0,), seq_len=4, eot_id=1, pad_id=1))
+    with pytest.raises(ValueError, match="seq_len"):
+        list(pack_leaf([("a", [3])], path=(0,), seq_len=0, eot_id=1, pad_id=0))
+    with pytest.raises(ValueError, match="'bad'"):
+        list(pack_leaf([("bad", [3, -2])], path=(0,), seq_len=4, eot_id=1, pad_id=0))
+    with pytest.raises(ValueError, match="path"):
+        list(pack_leaf([("a", [3])], path=(), seq_len=4, eot_id=1, pad_id=0))
+
+
+def test_segment_ids_eot_belongs_to_its_document() -> None:
+    tokens = torch.tensor([[5, 6, EOT, 7, EOT, PAD], [EOT, 5, 6, 7, 8, 9]])
+    assert segment_ids(tokens, EOT).tolist() == [[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 1, 1]]
+
+
+def test_make_batch_two_documents_and_padding() -> None:
+    # doc A = 5 6, doc B = 7 8 9, then padding; seq_len = 8.
+    tokens = np.array([5, 6, EOT, 7, 8, 9, EOT, PAD, PAD], dtype=np.int32)
+    full = np.array([9, 8, 7, 6, 5, 4, 3, 2, 2], dtype=np.int32)  # no EOT, no padding
+    batch = make_batch([(tokens, (3, 14)), (full, [1, 4])], eot_id=EOT, pad_id=PAD)
+    assert set(batch) == {"tokens", "labels", "segments", "paths"}
+    for v in batch.values():
+        assert v.dtype == torch.int64
+    assert batch["tokens"].tolist() == [[5, 6, EOT, 7, 8, 9, EOT, PAD], [9, 8, 7, 6, 5, 4, 3, 2]]
+    X = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[6, EOT, 7, 8, 9, EOT, X, X], [8, 7, 6, 5, 4, 3, 2, 2]]
+    assert batch["segments"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 2], [0] * 8]
+    assert batch["paths"].tolist() == [[3, 14], [1, 4]]
+
+
+def test_make_batch_keeps_labels_of_pad_id_inside_text() -> None:
+    # PAD (0) occurring inside real text is not padding: only the trailing run is.
+    tokens = np.array([5, PAD, 6, EOT, PAD], dtype=np.int32)
+    batch = make_batch([(tokens, (0,))], eot_id=EOT, pad_id=PAD)
+    assert batch["labels"].tolist() == [[PAD, 6, EOT, IGNORE_INDEX]]
+
+
+def test_make_batch_from_packed_sequences() -> None:
+    docs = _docs(np.random.default_rng(0), 12)
+    seqs: list[PackedSequence] = list(pack_leaf(docs, path=(1, 5), seq_len=16, eot_id=EOT, pad_id=PAD))
+    batch = make_batch([(s.tokens, s.path) for s in seqs], eot_id=EOT, pad_id=PAD)
+    n_labels = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+    assert n_labels == [s.num_real - 1 for s in seqs]
+
+
+def test_make_batch_rejects_mismatched_samples() -> None:
+    a = np.arange(2, 7, dtype=np.int32)
+    with pytest.raises(ValueError, match="same seq_len"):
+        make_batch([(a, (0,)), (a[:-1], (0,))], eot_id=EOT, pad_id=PAD)
+    with pytest.raises(ValueError, match="depth"):
+        make_batch([(a, (0,)), (a, (0, 1))], eot_id=EOT, pad_id=PAD)
+    with pytest.raises(ValueError, match="at least one"):
+        make_batch([], eot_id=EOT, pad_id=PAD)
