@@ -1,0 +1,79 @@
+"""Sizes of a hierarchical memory bank: pure arithmetic, nothing allocated.
+
+`hmtrain info` prints these for the paper's banks (4.6B..21B parameters), which
+are far too big to build just to count them. The formulas are DESIGN.md's:
+bank = layers * params-per-unit * sum(N_i * m_i), fetched = layers *
+params-per-unit * sum(m_i), with params-per-unit = 3 * d_model for SwiGLU
+(gate, up and down rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LevelSize:
+    level: int  # 0-based level index
+    nodes: int  # N_i = k_0 * ... * k_i
+    units: int  # m_i, hidden units per node per transformer layer
+    bank_params: int  # parameters stored for this level (all nodes)
+    fetched_params: int  # parameters one sequence fetches from this level
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    # bool is an int subclass; a True/False here is always a config mistake
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def validate_tree(branching: Sequence[int], units: Sequence[int]) -> None:
+    """Check a (branching, units) pair; raises ValueError naming the bad entry."""
+    if len(branching) == 0:
+        raise ValueError("branching must name at least one level, got an empty sequence")
+    if len(branching) != len(units):
+        raise ValueError(
+            f"branching and units must have one entry per level, got {len(branching)} "
+            f"branching factors {tuple(branching)} and {len(units)} unit counts {tuple(units)}"
+        )
+    for i, k in enumerate(branching):
+        _check_int(f"branching[{i}]", k, minimum=1)
+    for i, m in enumerate(units):
+        _check_int(f"units[{i}]", m, minimum=0)
+
+
+def level_nodes(branching: Sequence[int]) -> list[int]:
+    """N_i = k_0 * ... * k_i for every level."""
+    nodes, n = [], 1
+    for k in branching:
+        n *= k
+        nodes.append(n)
+    return nodes
+
+
+def memory_sizes(
+    *,
+    n_layers: int,
+    d_model: int,
+    branching: Sequence[int],
+    units: Sequence[int],
+    params_per_unit_factor: int = 3,
+) -> list[LevelSize]:
+    """Per-level node count, bank size and fetched size (one entry per level).
+
+    `params_per_unit_factor * d_model` parameters per unit per layer: 3 for a
+    SwiGLU memory (gate, up, down). Levels with 0 units appear with 0 params.
+    """
+    _check_int("n_layers", n_layers, minimum=1)
+    _check_int("d_model", d_model, minimum=1)
+    _check_int("params_per_unit_factor", params_per_unit_factor, minimum=1)
+    validate_tree(branching, units)
+    per_unit = n_layers * params_per_unit_factor * d_model
+    return [
+        LevelSize(level=i, nodes=n, units=m, bank_params=per_unit * n * m, fetched_params=per_unit * m)
+        for i, (n, m) in enumerate(zip(level_nodes(branching), units))
+    ]
