@@ -1,0 +1,181 @@
+"""The anchor transformer, with an optional per-sequence FFN memory in every layer.
+
+Pre-norm decoder: gain-only RMSNorm, RoPE (positions restart at every document),
+QK-norm over the full query/key projections (OpenLM), SwiGLU FFN, causal attention
+that never crosses a document boundary. No parallelism lives here (see hmtrain/parallel).
+
+With memory, layer i's FFN is (DESIGN.md, "The memory, exactly")
+    y = [W_down | U_down_b] . (silu([W_gate; U_gate_b] x) * [W_up; U_up_b] x)
+computed by `kernels.memory_ffn`, where U_b are the blocks fetched for sequence b.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hmtrain.config.schema import ModelConfig
+from kernels import memory_ffn, resolve_impl
+
+
+class LayerMemory(Protocol):
+    """What the model needs from fetched memory: per-layer (u_gate, u_up, u_down) blocks."""
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+class RMSNorm(nn.Module):
+    """Gain-only RMSNorm (no bias), computed in fp32 for stability under bf16."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float, device=None) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def positions_in_document(segments: Tensor) -> Tensor:
+    """Position of each token inside its document: RoPE restarts where a new segment begins."""
+    T = segments.shape[1]
+    index = torch.arange(T, device=segments.device).expand_as(segments)
+    is_start = torch.ones_like(segments, dtype=torch.bool)
+    is_start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = torch.where(is_start, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - starts
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, H, T, hd]; cos/sin: [B or 1, 1, T, hd/2]. Rotates the two halves (NeoX layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.type_as(x)
+
+
+def document_mask(segments: Tensor) -> Tensor:
+    """[B, 1, T, T] boolean: causal and within the same document."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same_doc = segments[:, :, None] == segments[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inner = cfg.n_heads * cfg.head_dim
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, inner, bias=False)
+        self.wk = nn.Linear(cfg.d_model, inner, bias=False)
+        self.wv = nn.Linear(cfg.d_model, inner, bias=False)
+        self.wo = nn.Linear(inner, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(inner, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(inner, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor]) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.wq(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_norm(self.wk(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU; with memory, the per-sequence blocks join the hidden units (kernels.memory_ffn)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, memory: Optional[tuple[Tensor, Tensor, Tensor]], impl: str) -> Tensor:
+        if memory is None:
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        # one dtype for the kernel: under autocast x is bf16 while parameters stay fp32
+        w_gate, w_up, w_down = (w.to(x.dtype) for w in (self.w_gate.weight, self.w_up.weight, self.w_down.weight))
+        u_gate, u_up, u_down = (u.to(x.dtype) for u in memory)
+        return memory_ffn(x, w_gate, w_up, w_down, u_gate, u_up, u_down, impl=impl)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+                memory: Optional[tuple[Tensor, Tensor, Tensor]], impl: str) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.ffn(self.ffn_norm(x), memory, impl)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_seq_len: int = 2048):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_seq_len = max_seq_len
+        cos, sin = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, std) everywhere; residual-branch outputs scaled down by depth (GPT-2)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, param in self.named_parameters():
+            if param.dim() < 2:
+                continue
+            is_residual_out = name.endswith(("attn.wo.weight", "ffn.w_down.weight"))
+            nn.init.normal_(param, mean=0.0, std=out_std if is_residual_out else std)
+
+    def forward(self, tokens: Tensor, *, segments: Optional[Tensor] = None,
+                memory: Optional[LayerMemory] = None) -> Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]. `segments` [B, T] marks documents (attention and RoPE
+        stay inside each); `memory` supplies each sequence's fetched blocks, layer by layer."""
+        B, T = tokens.shape
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's max_seq_len {self.max_seq_len}")
+        if segments is None:
+            cos, sin = self.rope_cos[None, None, :T], self.rope_sin[None, None, :T]
+            mask = None
+        else:
+            pos = positions_in_document(segments)
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
+            mask = document_mask(segments)
+        impl = resolve_impl(self.cfg.ffn_impl, tokens.device) if memory is not None else "torch"
+        x = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, memory.layer(i) if memory is not None else None, impl)
+        return self.output(self.norm(x))
+
+
+def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross entropy in fp32; labels of -100 (padding) are ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
