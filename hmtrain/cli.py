@@ -1,0 +1,138 @@
+"""The `hmtrain` command line.
+
+    hmtrain data synth   --out DIR [...]
+    hmtrain data prepare --config CFG [key=value ...] [--overwrite]
+    hmtrain train        --config CFG [key=value ...] [--resume]
+    hmtrain eval         --config CFG --checkpoint DIR [--baseline DIR] [key=value ...]
+    hmtrain info         --config CFG [key=value ...]
+    hmtrain demo         [--out DIR] [key=value ...]
+
+CFG is a YAML file or a preset name from configs/ (tiny, paper-160m, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from hmtrain.config import ConfigError, load_config
+
+log = logging.getLogger("hmtrain")
+
+
+def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, help="YAML file or preset name (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hmtrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="make and prepare data").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="generate the long-tail facts corpus and its probe questions")
+    synth.add_argument("--out", required=True, type=Path)
+    synth.add_argument("--people", type=int, default=400)
+    synth.add_argument("--documents", type=int, default=3000)
+    synth.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of how often a person appears")
+    synth.add_argument("--choices", type=int, default=8, help="answer choices per probe")
+    synth.add_argument("--seed", type=int, default=0)
+    prepare = data.add_parser("prepare", help="documents -> embeddings -> tree -> paths -> tokens -> shards")
+    _config_args(prepare)
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
+
+    train = commands.add_parser("train", help="pretrain the anchor, then the memory phase (or a dense baseline)")
+    _config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+
+    evaluate = commands.add_parser("eval", help="perplexity and long-tail probes: memory vs generic vs none")
+    _config_args(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory)")
+    evaluate.add_argument("--baseline", help="dense baseline checkpoint (or run directory) to compare with")
+    evaluate.add_argument("--out", type=Path, help="write results as JSON here")
+
+    info = commands.add_parser("info", help="anchor, fetched and bank parameter counts per level")
+    _config_args(info)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on CPU with the tiny config")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--config", default="tiny")
+    demo.add_argument("--overwrite", action="store_true", help="delete --out first")
+    demo.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def cmd_synth(args) -> None:
+    from hmtrain.data.synth import synthesize
+
+    summary = synthesize(args.out, num_people=args.people, num_documents=args.documents, zipf_exponent=args.zipf,
+                         num_choices=args.choices, seed=args.seed)
+    print(f"wrote {args.out}: {summary}")
+
+
+def cmd_prepare(args) -> None:
+    from hmtrain.data.prepare import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    out = prepare(cfg, overwrite=args.overwrite)
+    print(f"prepared data in {out}")
+
+
+def cmd_train(args) -> None:
+    from hmtrain.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    final = train(cfg, resume=args.resume)
+    print(f"checkpoint: {final}")
+
+
+def cmd_eval(args) -> None:
+    from hmtrain.eval.evaluate import evaluate, render, write_results
+
+    cfg = load_config(args.config, args.overrides)
+    results = evaluate(cfg, args.checkpoint, baseline=args.baseline)
+    render(results)
+    if args.out:
+        write_results(results, args.out)
+
+
+def cmd_info(args) -> None:
+    from hmtrain.info import print_info
+
+    print_info(load_config(args.config, args.overrides))
+
+
+def cmd_demo(args) -> None:
+    from hmtrain.demo import run_demo
+
+    if args.overwrite and args.out.exists():
+        shutil.rmtree(args.out)
+    run_demo(args.out, args.config, args.overrides)
+
+
+COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "info": cmd_info,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("HMTRAIN_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    command = args.data_command if args.command == "data" else args.command
+    try:
+        COMMANDS[command](args)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        print(f"hmtrain {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""`hmtrain eval`: the paper's comparison table for a trained memory model (and a dense baseline).
+
+Rows: anchor + fetched memory, anchor + generic memory, anchor alone, dense baseline.
+Columns: active parameters, held-out perplexity (memory routed by each document's path),
+probe accuracy per frequency bucket (memory routed from the question alone).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from hmtrain.config import Config
+from hmtrain.data.loader import ShardLoader
+from hmtrain.data.prepared import PreparedData
+from hmtrain.eval.loading import Trained, load_trained
+from hmtrain.eval.probes import bucket_counts, load_probes, probe_accuracy, route_probes, routing_agreement
+from hmtrain.eval.scoring import heldout_perplexity
+from hmtrain.info import human
+
+ROWS = (("anchor + fetched memory", "fetched"), ("anchor + generic memory", "generic"), ("anchor alone", "none"))
+SHORT = {"anchor + fetched memory": "anchor+memory", "anchor + generic memory": "anchor+generic",
+         "anchor alone": "anchor", "dense baseline": "dense"}
+
+
+def _heldout_batches(data: PreparedData, batch_size: int):
+    loader = ShardLoader(data.shard_dir, data.shards("heldout"), batch_size=batch_size, seed=0,
+                         eot_id=data.manifest["eot_id"], pad_id=data.manifest["pad_id"], infinite=False,
+                         shuffle=False)
+    return (batch for batch, _state in loader)
+
+
+def evaluate(cfg: Config, checkpoint: str | Path, baseline: Optional[str | Path] = None,
+             device: Optional[str] = None, progress: bool = True) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = PreparedData.open(cfg.data.prepared)
+    trained = load_trained(checkpoint, device)
+    data.check_compatible(trained.cfg)
+    models: list[tuple[str, Trained, str]] = []
+    for name, variant in ROWS:
+        if variant == "none" or trained.bank is not None:
+            models.append((name, trained, variant))
+    if baseline is not None:
+        dense = load_trained(baseline, device)
+        data.check_compatible(dense.cfg)
+        models.append(("dense baseline", dense, "none"))
+
+    probe_set = None
+    if cfg.data.probes:
+        probes = load_probes(cfg.data.probes, limit=cfg.eval.max_probes)
+        probe_set = route_probes(data, probes, progress=progress)
+
+    fetched = trained.bank.fetched_parameters() if trained.bank is not None else 0
+    results = {"checkpoint": str(trained.path), "step": trained.step, "rows": []}
+    for name, run, variant in models:
+        row = {"name": name, "variant": variant, "checkpoint": str(run.path),
+               "parameters": run.parameters + (fetched if variant != "none" else 0)}
+        row.update(heldout_perplexity(run.model, run.bank, _heldout_batches(data, cfg.eval.batch_size), variant,
+                                      device, max_sequences=cfg.eval.max_sequences))
+        if probe_set is not None:
+            row["probe_accuracy"] = probe_accuracy(run.model, run.bank, variant, probe_set, data, device,
+                                                   batch_size=cfg.eval.batch_size * 8)
+        results["rows"].append(row)
+    if probe_set is not None:
+        results["probes"] = {"count": len(probe_set.probes), "per_bucket": bucket_counts(probe_set.probes)}
+        results["routing_agreement"] = routing_agreement(data, probe_set)
+    return results
+
+
+def render(results: dict, console: Optional[Console] = None) -> None:
+    console = console or Console()
+    buckets = list(results["rows"][0].get("probe_accuracy", {}))
+    table = Table(title=f"hmtrain eval, step {results['step']}: held-out perplexity and probe accuracy "
+                        "by documents per person")
+    for column in ("model", "params", "ppl", *buckets):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in results["rows"]:
+        accuracy = [f"{100 * row['probe_accuracy'][b]:.1f}" for b in buckets]
+        table.add_row(SHORT.get(row["name"], row["name"]), human(row["parameters"]), f"{row['perplexity']:.2f}",
+                      *accuracy)
+    console.print(table)
+    per_bucket = results.get("probes", {}).get("per_bucket", {})
+    if per_bucket:
+        console.print("probes per bucket: " + ", ".join(f"{b}: {n}" for b, n in per_bucket.items()))
+    if results.get("routing_agreement"):
+        agreement = ", ".join(f"{k} {100 * v:.1f}%" for k, v in results["routing_agreement"].items())
+        console.print(f"routing agreement (question -> node holding most of its person's documents): {agreement}")
+    console.print(f"checkpoint: {results['checkpoint']}")
+
+
+def to_markdown(results: dict) -> str:
+    buckets = list(results["rows"][0].get("probe_accuracy", {}))
+    head = ["model", "params (active)", "held-out ppl"] + [f"acc {b}" for b in buckets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in results["rows"]:
+        cells = [row["name"], human(row["parameters"]), f"{row['perplexity']:.2f}"]
+        cells += [f"{100 * row['probe_accuracy'][b]:.1f}%" for b in buckets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))

@@ -1,0 +1,61 @@
+"""Load a trained anchor (and its bank) from a checkpoint directory for evaluation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from hmtrain.config import Config, load_config
+from hmtrain.memory import MemoryBank, build_bank, uses_memory
+from hmtrain.model import Transformer, count_parameters, run_model_config
+from hmtrain.train.checkpoint import CONFIG_FILE, Checkpointer
+
+
+@dataclass
+class Trained:
+    path: Path
+    cfg: Config
+    model: Transformer
+    bank: Optional[MemoryBank]
+    step: int
+
+    @property
+    def parameters(self) -> int:
+        return count_parameters(self.model.cfg)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory / checkpoints directory (its latest)."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / "trainer.json").is_file():
+            return candidate
+        latest = Checkpointer(candidate).latest()
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(f"{path}: no hmtrain checkpoint here (expected a step_XXXXXXXX directory, "
+                            "or a run directory holding checkpoints/)")
+
+
+def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Trained:
+    path = resolve_checkpoint(path)
+    cfg = load_config(path / CONFIG_FILE)
+    record = Checkpointer.read_trainer(path)
+    model = Transformer(run_model_config(cfg.model, cfg.train.mode, cfg.train.dense_multiplier),
+                        max_seq_len=cfg.data.seq_len).to(device)
+    bank = None
+    state = {"model": get_model_state_dict(model)}
+    if uses_memory(cfg):
+        bank = build_bank(cfg, device)
+        state["bank"] = bank.state_dict()
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    if bank is not None:
+        bank.load_state_dict(state["bank"])
+    model.eval()
+    return Trained(path=path, cfg=cfg, model=model, bank=bank, step=int(record["step"]))
+

@@ -1,0 +1,74 @@
+"""Held-out perplexity and multiple-choice probe scoring, for one model variant.
+
+A variant is how memory is chosen for a sequence (the paper's comparison):
+  "fetched"  the blocks on the sequence's routed path
+  "generic"  the context-free memory of the same size (the paper's control)
+  "none"     the anchor alone (or a dense baseline)
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from hmtrain.memory import MemoryBank
+from hmtrain.model import Transformer, lm_loss
+
+VARIANTS = ("fetched", "generic", "none")
+
+
+def fetch_for(bank: Optional[MemoryBank], variant: str, paths: Tensor):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown memory variant {variant!r}; expected one of {VARIANTS}")
+    if variant == "none":
+        return None
+    if bank is None:
+        raise ValueError(f"variant {variant!r} needs a memory bank, and this checkpoint has none")
+    use_generic = torch.full((paths.shape[0],), variant == "generic", device=paths.device)
+    return bank.fetch(paths, use_generic, requires_grad=False)
+
+
+@torch.no_grad()
+def heldout_perplexity(model: Transformer, bank: Optional[MemoryBank], batches: Iterable[dict], variant: str,
+                       device: torch.device, max_sequences: int = 0) -> dict:
+    """Token-level perplexity over held-out packed sequences, memory routed by their documents' path."""
+    nll, tokens, sequences = 0.0, 0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        memory = fetch_for(bank, variant, batch["paths"])
+        logits = model(batch["tokens"], segments=batch["segments"], memory=memory)
+        nll += float(lm_loss(logits, batch["labels"], reduction="sum"))
+        tokens += int((batch["labels"] != -100).sum())
+        sequences += batch["tokens"].shape[0]
+        if max_sequences and sequences >= max_sequences:
+            break
+    if tokens == 0:
+        raise ValueError("held-out split has no tokens to score")
+    return {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens}
+
+
+@torch.no_grad()
+def choice_logprobs(model: Transformer, bank: Optional[MemoryBank], variant: str, prompts: Sequence[list[int]],
+                    choices: Sequence[list[int]], paths: Tensor, pad_id: int, device: torch.device,
+                    batch_size: int = 64) -> Tensor:
+    """Sum of log p(choice tokens | prompt) for each (prompt, choice) pair; paths route the memory."""
+    scores = torch.empty(len(prompts))
+    for start in range(0, len(prompts), batch_size):
+        stop = min(start + batch_size, len(prompts))
+        seqs = [prompts[i] + choices[i] for i in range(start, stop)]
+        width = max(len(s) for s in seqs)
+        tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        target_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for row, i in enumerate(range(start, stop)):
+            tokens[row, :len(seqs[row])] = torch.tensor(seqs[row])
+            # logits at position t predict token t+1: choice tokens are predicted from the prompt's end on
+            target_mask[row, len(prompts[i]) - 1:len(seqs[row]) - 1] = True
+        tokens, target_mask = tokens.to(device), target_mask.to(device)
+        memory = fetch_for(bank, variant, paths[start:stop].to(device))
+        logits = model(tokens, memory=memory).float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        picked = logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        scores[start:stop] = (picked * target_mask[:, :-1]).sum(-1).cpu()
+    return scores

@@ -1,0 +1,34 @@
+"""Shared small data for the end-to-end tests: a synthetic corpus prepared once per session."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# A model small enough that a CLI training step takes milliseconds on CPU.
+MICRO = [
+    "model.vocab_size=300", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.head_dim=16",
+    "model.ffn_hidden=64", "memory.units=[8,4]", "tree.branching=[2,3]", "data.seq_len=64",
+    "data.embedder=hashing", "data.tokenizer=byte", "data.shard_samples=16", "data.heldout_fraction=0.1",
+    "train.batch_size=4", "train.progress=false", "train.log_every=1", "eval.batch_size=8", "eval.max_probes=40",
+]
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HMTRAIN_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "hmtrain.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hmtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("e2e")
+    run_cli("data", "synth", "--out", str(root / "corpus"), "--people", "40", "--documents", "200", cwd=root)
+    data = [f"data.documents={root / 'corpus' / 'documents.jsonl.gz'}", f"data.prepared={root / 'prepared'}",
+            f"data.probes={root / 'corpus' / 'probes.jsonl'}"]
+    run_cli("data", "prepare", "--config", "tiny", *MICRO, *data, cwd=root)
+    return {"root": root, "overrides": [*MICRO, *data]}

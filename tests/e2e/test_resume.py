@@ -1,0 +1,60 @@
+"""A training run killed after a checkpoint resumes to exactly the uninterrupted loss curve."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from mlflow.tracking import MlflowClient
+
+from tests.e2e.conftest import run_cli
+
+STEPS = ["train.pretrain_steps=10", "train.memory_steps=14", "train.checkpoint_every=5"]
+
+
+def losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+def test_killed_run_resumes_exactly(prepared, tmp_path):
+    overrides = [*prepared["overrides"], *STEPS, f"logging.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_cli("train", "--config", "tiny", *overrides, f"train.run_dir={straight}", cwd=tmp_path)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HMTRAIN_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "hmtrain.cli", "train", "--config", "tiny", *overrides,
+                             f"train.run_dir={killed}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = killed / "checkpoints" / "step_00000015" / "trainer.json"  # inside the memory phase
+    deadline = time.monotonic() + 240
+    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "training finished before it could be killed"
+    assert target.exists()
+    assert not (killed / "checkpoints" / "step_00000024").exists()
+
+    run_cli("train", "--config", "tiny", *overrides, f"train.run_dir={killed}", "--resume", cwd=tmp_path)
+    expected = losses(straight)
+    assert [s for s, _ in expected] == list(range(1, 25))
+    assert losses(killed) == expected  # bit-exact on CPU: same data order, RNG, optimizer and bank state
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("hmtrain").experiment_id])
+    by_dir = {r.data.params["train.run_dir"]: r for r in runs}
+    assert len(runs) == 2, "--resume must continue the killed run, not start a new one"
+    assert by_dir[str(killed)].info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(by_dir[str(killed)].info.run_id, "loss")}
+    assert steps == set(range(1, 25))
+
+
+def test_existing_run_needs_resume(prepared, tmp_path):
+    overrides = [*prepared["overrides"], "train.pretrain_steps=2", "train.memory_steps=0", "logging.mlflow=false",
+                 f"train.run_dir={tmp_path / 'run'}"]
+    run_cli("train", "--config", "tiny", *overrides, cwd=tmp_path)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    proc = run_cli("train", "--config", "tiny", *overrides, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
