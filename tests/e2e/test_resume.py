@@ -50,10 +50,12 @@ def test_killed_run_resumes_exactly(prepared, tmp_path):
     assert steps == set(range(1, 25))
 
 
-def test_existing_run_needs_resume(prepared, tmp_path):
-    overrides = [*prepared["overrides"], "train.pretrain_steps=2", "train.memory_steps=0", "logging.mlflow=false",
-                 f"train.run_dir={tmp_path / 'run'}"]
-    run_cli("train", "--config", "tiny", *overrides, cwd=tmp_path)
+def test_broken_tracking_does_not_stop_training_and_runs_are_not_overwritten(prepared, tmp_path):
+    overrides = [*prepared["overrides"], "train.pretrain_steps=2", "train.memory_steps=0",
+                 "logging.tracking_uri=bogus-scheme://nowhere", f"train.run_dir={tmp_path / 'run'}"]
+    proc = run_cli("train", "--config", "tiny", *overrides, cwd=tmp_path)
+    assert "MLflow start failed" in proc.stderr and "training goes on" in proc.stderr
+    assert len(losses(tmp_path / "run")) == 2
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     proc = run_cli("train", "--config", "tiny", *overrides, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
