@@ -10,16 +10,6 @@ import hmtrain.data.kmeans as kmeans_module
 from hmtrain.data.kmeans import assign, kmeans, kmeans_plus_plus
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine spend most of their time waiting for the
-    # second OpenMP thread; results are identical with one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

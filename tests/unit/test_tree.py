@@ -8,16 +8,6 @@ import torch.nn.functional as F
 from hmtrain.data.tree import Tree, fit_tree, validate_branching
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine spend most of their time waiting for the
-    # second OpenMP thread; results are identical with one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
