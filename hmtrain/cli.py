@@ -124,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("HMTRAIN_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     command = args.data_command if args.command == "data" else args.command
+    from hmtrain.train.trainer import Interrupted
+
     try:
         COMMANDS[command](args)
+    except Interrupted as exc:
+        print(f"hmtrain {command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum  # the shell convention for death by signal, so schedulers requeue
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         if args.debug:
             raise

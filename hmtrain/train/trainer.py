@@ -50,18 +50,31 @@ def generic_probability(cfg: Config) -> float:
     return 1.0 / (cfg.tree.branching[0] + 1) if cfg.memory.generic else 0.0
 
 
+class Interrupted(RuntimeError):
+    """Training stopped early on a signal, after writing a checkpoint to resume from."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint {checkpoint}; "
+                         "continue with --resume")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
 class StopRequest:
     """SIGTERM/SIGINT (e.g. SLURM preemption) ask for a checkpoint at the end of the step."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum: Optional[int] = None
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
     def _handle(self, signum, frame) -> None:
         log.warning("received signal %d: checkpointing at the end of this step, then stopping", signum)
-        self.requested = True
+        self.signum = signum
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -219,7 +232,6 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
                 last_checkpoint = save(step)
             if stop.requested:
                 status = "KILLED"
-                log.warning("stopped at step %d; resume with --resume", step)
                 break
         else:
             status = "FINISHED"
@@ -229,6 +241,8 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
         jsonl.close()
         if tracker is not None:
             tracker.close(status=status)
+    if stop.requested:
+        raise Interrupted(stop.signum, step, last_checkpoint)
     if last_checkpoint is None:
         raise RuntimeError("training ended without writing a checkpoint")
     return last_checkpoint

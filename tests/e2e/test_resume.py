@@ -60,3 +60,27 @@ def test_broken_tracking_does_not_stop_training_and_runs_are_not_overwritten(pre
     proc = run_cli("train", "--config", "tiny", *overrides, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes(prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*prepared["overrides"], "train.pretrain_steps=30", "train.memory_steps=30",
+                 "train.checkpoint_every=1000", "logging.mlflow=false", f"train.run_dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HMTRAIN_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "hmtrain.cli", "train", "--config", "tiny", *overrides],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    metrics = run_dir / "metrics.jsonl"
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "--resume" in stderr
+    stopped_at = len(losses(run_dir))
+    assert 3 <= stopped_at < 60
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "trainer.json").exists()
+    run_cli("train", "--config", "tiny", *overrides, "--resume", cwd=tmp_path)
+    assert [s for s, _ in losses(run_dir)] == list(range(1, 61))
