@@ -2,6 +2,8 @@
 import json
 import math
 
+import torch
+
 from mlflow.tracking import MlflowClient
 
 from tests.e2e.conftest import run_cli
@@ -61,3 +63,19 @@ def test_bad_input_is_named(prepared, tmp_path):
     proc = run_cli("train", "--config", "tiny", *prepared["overrides"], "train.batch_sise=2", cwd=tmp_path,
                    check=False)
     assert proc.returncode == 2 and "train.batch_sise" in proc.stderr
+
+
+def test_frozen_anchor_stays_fixed_while_the_memory_trains(prepared, tmp_path):
+    from hmtrain.eval.loading import load_trained
+
+    run = tmp_path / "frozen"
+    run_cli("train", "--config", "tiny", *prepared["overrides"], "train.anchor=frozen", "train.pretrain_steps=2",
+            "train.memory_steps=2", "train.checkpoint_every=2", "logging.mlflow=false", f"train.run_dir={run}",
+            cwd=tmp_path)
+    after_pretrain = load_trained(run / "checkpoints" / "step_00000002")
+    after_memory = load_trained(run / "checkpoints" / "step_00000004")
+    for (name, a), (_, b) in zip(after_pretrain.model.state_dict().items(), after_memory.model.state_dict().items()):
+        assert torch.equal(a, b), f"anchor parameter {name} changed while frozen"
+    changed = [name for name, table in after_memory.bank.tables.items()
+               if not torch.equal(table, after_pretrain.bank.tables[name])]
+    assert changed, "the memory did not train"
