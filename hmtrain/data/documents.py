@@ -71,7 +71,8 @@ def list_document_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
+def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
+    """JSON objects of a .jsonl / .jsonl.gz file; errors name the file and line."""
     opener = gzip.open if _suffix(path) == ".jsonl.gz" else open
     index = 0
     # Read bytes and decode per line so a bad byte is reported with its line.
@@ -114,7 +115,7 @@ def _records(path: Path, text_field: str, id_field: str | None) -> Iterator[dict
         columns = [text_field] + ([id_field] if id_field else [])
         return _parquet_records(path, columns)
     if suffix in (".jsonl", ".jsonl.gz"):
-        return _jsonl_records(path)
+        return jsonl_records(path)
     raise ValueError(f"{path}: unsupported file type (supported: {', '.join(SUFFIXES)})")
 
 

@@ -4,7 +4,6 @@ alone (embed it with the data's embedder, descend the tree), as the paper does.
 """
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from hmtrain.data.documents import jsonl_records
 from hmtrain.data.embed import build_embedder, embed_texts
 from hmtrain.data.prepared import PreparedData
 from hmtrain.data.synth import BUCKETS
@@ -35,20 +35,13 @@ def load_probes(path: str | Path, limit: int = 0) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"probes file {path} not found (make one with `hmtrain data synth`)")
     probes = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                probe = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
-            missing = [k for k in REQUIRED if k not in probe]
-            if missing:
-                raise ValueError(f"{path}:{line_no}: probe lacks {missing}")
-            if probe["answer"] not in probe["choices"]:
-                raise ValueError(f"{path}:{line_no}: answer {probe['answer']!r} is not among its choices")
-            probes.append(probe)
+    for index, probe in enumerate(jsonl_records(path)):
+        missing = [k for k in REQUIRED if k not in probe]
+        if missing:
+            raise ValueError(f"{path}: probe {index} lacks {missing}")
+        if probe["answer"] not in probe["choices"]:
+            raise ValueError(f"{path}: probe {index}: answer {probe['answer']!r} is not among its choices")
+        probes.append(probe)
     if not probes:
         raise ValueError(f"probes file {path} holds no probes")
     if limit and len(probes) > limit:

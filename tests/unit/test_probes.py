@@ -1,0 +1,42 @@
+"""Reading probe files: errors name the file and the probe; limits sample, not truncate."""
+import json
+
+import pytest
+
+from hmtrain.eval.probes import load_probes
+
+
+def probe(i, **extra):
+    return {"question": f"q{i}?", "prompt": f"p{i}", "answer": " a", "choices": [" a", " b"], "bucket": "1",
+            **extra}
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_reads_and_samples(tmp_path):
+    path = write(tmp_path / "p.jsonl", [json.dumps(probe(i)) for i in range(10)])
+    assert [p["prompt"] for p in load_probes(path)] == [f"p{i}" for i in range(10)]
+    sampled = load_probes(path, limit=4)
+    assert len(sampled) == 4 and all(p in load_probes(path) for p in sampled)
+    assert sampled == load_probes(path, limit=4)  # seeded
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", r"p\.jsonl: line 2 .*not valid JSON"),
+    (json.dumps({"question": "q"}), r"p\.jsonl: probe 1 lacks"),
+    (json.dumps(probe(1, answer=" z")), r"p\.jsonl: probe 1: answer ' z' is not among its choices"),
+])
+def test_bad_probes_are_named(tmp_path, line, match):
+    path = write(tmp_path / "p.jsonl", [json.dumps(probe(0)), line])
+    with pytest.raises(ValueError, match=match):
+        load_probes(path)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="hmtrain data synth"):
+        load_probes(tmp_path / "none.jsonl")
+    with pytest.raises(ValueError, match="no probes"):
+        load_probes(write(tmp_path / "p.jsonl", []))
