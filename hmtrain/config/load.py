@@ -94,14 +94,34 @@ def validate(config: Config) -> None:
     """Checks that types alone cannot express."""
     m, mem, tree, data, train = config.model, config.memory, config.tree, config.data, config.train
     for key, value in [
-        ("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
+        ("model.vocab_multiple", m.vocab_multiple), ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
         ("model.n_heads", m.n_heads), ("model.head_dim", m.head_dim), ("model.ffn_hidden", m.ffn_hidden),
         ("data.seq_len", data.seq_len), ("data.shard_samples", data.shard_samples),
-        ("train.batch_size", train.batch_size), ("train.grad_accum", train.grad_accum),
+        ("train.global_batch_size", train.global_batch_size), ("train.micro_batch_size", train.micro_batch_size),
+        ("parallel.timeout_s", config.parallel.timeout_s),
         ("train.checkpoint_every", train.checkpoint_every), ("train.log_every", train.log_every),
         ("eval.batch_size", config.eval.batch_size),
     ]:
         _require(value > 0, key, f"must be positive, got {value}")
+    if m.vocab_size is not None:
+        _require(m.vocab_size > 0, "model.vocab_size", f"must be positive (or null: the tokenizer's), got {m.vocab_size}")
+    _require(train.global_batch_size % train.micro_batch_size == 0, "train.global_batch_size",
+             f"{train.global_batch_size} is not a multiple of train.micro_batch_size={train.micro_batch_size}")
+    if train.pretrain_global_batch_size is not None:
+        _require(train.pretrain_global_batch_size > 0 and
+                 train.pretrain_global_batch_size % train.micro_batch_size == 0, "train.pretrain_global_batch_size",
+                 f"must be a positive multiple of train.micro_batch_size={train.micro_batch_size}, "
+                 f"got {train.pretrain_global_batch_size}")
+    _require(mem.dtype in ("fp32", "bf16"), "memory.dtype", f"must be fp32 or bf16, got {mem.dtype!r}")
+    par = config.parallel
+    _require(par.engine in ("fsdp", "deepspeed"), "parallel.engine", f"must be fsdp or deepspeed, got {par.engine!r}")
+    _require(par.zero_stage in (1, 2, 3), "parallel.zero_stage", f"must be 1, 2 or 3, got {par.zero_stage}")
+    _require(par.placement in ("gather", "owner"), "parallel.placement",
+             f"must be gather or owner, got {par.placement!r}")
+    _require(0 <= par.replicate_levels <= len(tree.branching), "parallel.replicate_levels",
+             f"must be in [0, {len(tree.branching)}] (tree levels), got {par.replicate_levels}")
+    _require(par.backend in ("auto", "nccl", "gloo"), "parallel.backend",
+             f"must be auto, nccl or gloo, got {par.backend!r}")
     _require(m.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {m.head_dim}")
     _require(m.ffn_impl in ("auto", "torch", "triton"), "model.ffn_impl",
              f"must be auto, torch or triton, got {m.ffn_impl!r}")
@@ -126,7 +146,10 @@ def validate(config: Config) -> None:
     _require(train.dense_multiplier > 0, "train.dense_multiplier", "must be positive")
     if train.generic_prob is not None:
         _require(0.0 <= train.generic_prob <= 1.0, "train.generic_prob", f"must be in [0, 1], got {train.generic_prob}")
-    for name, optim in (("train.anchor_optim", train.anchor_optim), ("train.memory_optim", train.memory_optim)):
+    optims = [("train.anchor_optim", train.anchor_optim), ("train.memory_optim", train.memory_optim)]
+    if train.cotrain_optim is not None:
+        optims.append(("train.cotrain_optim", train.cotrain_optim))
+    for name, optim in optims:
         _require(optim.schedule in ("cosine", "wsd", "constant"), f"{name}.schedule",
                  f"must be cosine, wsd or constant, got {optim.schedule!r}")
         _require(optim.lr > 0 and 0 <= optim.min_lr <= optim.lr, f"{name}.lr", "need 0 <= min_lr <= lr and lr > 0")

@@ -13,7 +13,10 @@ from typing import Optional
 class ModelConfig:
     """The anchor transformer (paper's 160M preset: OpenLM, 35 layers, d 512)."""
 
-    vocab_size: int = 50432
+    # null: the prepared data's tokenizer size, padded up to `vocab_multiple` rows (the paper's
+    # 50,432 is GPT-NeoX's 50,277 padded); a number must cover the tokenizer
+    vocab_size: Optional[int] = None
+    vocab_multiple: int = 128
     d_model: int = 512
     n_layers: int = 35
     n_heads: int = 12
@@ -37,6 +40,8 @@ class MemoryConfig:
     # the paper's control: a context-free memory of the fetched size
     generic: bool = True
     init_std: float = 0.02
+    # storage of the bank rows: fp32 | bf16 (the paper); optimizer moments are always fp32
+    dtype: str = "fp32"
 
 
 @dataclass
@@ -99,8 +104,12 @@ class TrainConfig:
     mode: str = "hierarchical"
     # dense mode: total parameters as a multiple of the anchor's (paper: > 2x)
     dense_multiplier: float = 2.0
-    batch_size: int = 8
-    grad_accum: int = 1
+    # sequences per optimizer step, over all ranks (paper: 1,024 x 2,048 tokens = 2M tokens)
+    global_batch_size: int = 8
+    # sequences per forward pass on one rank; global / (micro x ranks) micro-batches are accumulated
+    micro_batch_size: int = 8
+    # anchor pretraining's global batch (paper: 1M tokens, half the memory phase's); null: the same
+    pretrain_global_batch_size: Optional[int] = None
     pretrain_steps: int = 1000
     memory_steps: int = 1000
     # memory phase: frozen | cotrain
@@ -108,18 +117,44 @@ class TrainConfig:
     # probability a sequence uses the generic memory while co-training; null = 1/(k_1+1)
     generic_prob: Optional[float] = None
     clip_grad: float = 1.0
+    # anchor pretraining (and the dense baseline): its schedule anneals by the end of pretraining
     anchor_optim: OptimConfig = field(default_factory=OptimConfig)
+    # the memory phase has its own schedule (paper: cosine 1e-4 -> 1e-5, wd 1e-3), for the bank and,
+    # when co-trained, the anchor; `cotrain_optim` overrides it for the anchor (null: the same)
     memory_optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-4, min_lr=1e-5, weight_decay=1e-3, warmup_steps=0)
     )
+    cotrain_optim: Optional[OptimConfig] = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # write checkpoints in a background thread (dcp.async_save) so steps do not wait on the disk
+    async_checkpoint: bool = False
     log_every: int = 10
     # auto | cpu | cuda
     device: str = "auto"
     # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     dtype: str = "auto"
     progress: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """How a job spreads over processes (torchrun / SLURM): anchor engine, bank placement."""
+
+    # fsdp (FSDP2 fully_shard) | deepspeed (ZeRO, stage `zero_stage`); one process runs the plain model
+    engine: str = "fsdp"
+    zero_stage: int = 2
+    # gather: ranks fetch the rows their batch needs from the owners (all-to-all);
+    # owner: each sequence goes to the rank owning its level-1 subtree, deep levels stay local
+    placement: str = "gather"
+    # the first n tree levels are replicated on every rank (gradients all-reduced), the rest sharded
+    replicate_levels: int = 0
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # auto: nccl on GPU, gloo on CPU
+    backend: str = "auto"
+    # seconds before a collective that a dead or hung rank blocks fails the job
+    timeout_s: int = 120
 
 
 @dataclass
@@ -147,5 +182,6 @@ class Config:
     tree: TreeConfig = field(default_factory=TreeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

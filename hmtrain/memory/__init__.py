@@ -1,11 +1,18 @@
 """The hierarchical memory bank: per-level storage, fetch, gradient return, sparse optimizer."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from hmtrain.config.schema import Config
-from hmtrain.memory.bank import FetchedMemory, MemoryBank
+from hmtrain.memory.bank import MemoryBank
+from hmtrain.memory.exchange import Comm
+from hmtrain.memory.fetched import FetchedMemory
 from hmtrain.memory.sizes import LevelSize, memory_sizes
+from hmtrain.memory.sparse_adamw import SparseAdamW
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def uses_memory(cfg: Config) -> bool:
@@ -13,15 +20,19 @@ def uses_memory(cfg: Config) -> bool:
     return cfg.train.mode == "hierarchical" and cfg.train.memory_steps > 0 and sum(cfg.memory.units) > 0
 
 
-def build_bank(cfg: Config, device: torch.device | str = "cpu") -> MemoryBank:
+def build_bank(cfg: Config, device: torch.device | str = "cpu", comm: Comm | None = None,
+               owner_of_subtree: Sequence[int] | None = None) -> MemoryBank:
     """The bank a config describes, with the memory phase's optimizer settings."""
     optim = cfg.train.memory_optim
     return MemoryBank(
         n_layers=cfg.model.n_layers, d_model=cfg.model.d_model, branching=cfg.tree.branching,
         units=cfg.memory.units, generic=cfg.memory.generic, init_std=cfg.memory.init_std,
-        seed=cfg.train.seed, device=device, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-        weight_decay=optim.weight_decay,
+        seed=cfg.train.seed, device=device, dtype=DTYPES[cfg.memory.dtype],
+        optimizer=SparseAdamW(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay),
+        comm=comm, placement=cfg.parallel.placement, replicate_levels=cfg.parallel.replicate_levels,
+        owner_of_subtree=owner_of_subtree,
     )
 
 
-__all__ = ["FetchedMemory", "LevelSize", "MemoryBank", "build_bank", "memory_sizes", "uses_memory"]
+__all__ = ["Comm", "FetchedMemory", "LevelSize", "MemoryBank", "SparseAdamW", "build_bank", "memory_sizes",
+           "uses_memory"]

@@ -1,97 +1,50 @@
-"""The hierarchical memory bank (single process): storage, fetch, sparse update.
+"""The hierarchical memory bank: per-level tables, sharded by row, fetched by step plan.
 
-One table per level i (with m_i > 0 units): [N_i, n_layers, 3, m_i, d_model],
-one row per tree node holding that node's block for every layer; slot 0 = gate
-rows, 1 = up rows, 2 = down rows (the down matrix [d, m_i] stored transposed,
-so all three slots share a shape). An optional generic (context-free) memory
-of the fetched size M = sum(m_i) is one more table of a single row.
+One table per level i with m_i > 0 units: N_i rows (tree nodes) of shape
+[n_layers, 3, m_i, d_model] (slot 0 gate rows, 1 up rows, 2 down rows, the down
+matrix stored transposed so the three share a shape), plus optionally the generic
+(context-free) memory: one row of the fetched size M = sum(m_i). Rows live where
+their layout says (hmtrain/memory/layout.py): replicated, in torch.chunk slices
+(gather placement) or by level-1 subtree (owner placement). Optimizer moments are fp32
+beside the weights, whatever the storage dtype.
 
-The seams are the distributed ones (DESIGN.md, "The bank in a distributed
-job"): the model only sees a `FetchedMemory` built from the unique rows of a
-micro-batch, and the loop only calls fetch / accumulate_grads /
-pending_grad_norm / scale_pending_grads / step / state_dict. A sharded bank
-replaces how rows arrive (all-to-all from owners) and where their gradients go,
-not this interface.
+A training step, as the loop calls it:
+
+    plan = bank.plan_step([(paths, use_generic) for each micro-batch])   # host; one id exchange
+    for k: memory = bank.fetch(plan, k); ...backward...; bank.return_grads(memory)
+    sq_norm = bank.finish_grads()                                          # all-reduce; device scalar
+    bank.step(lr, grad_scale)                                              # sparse AdamW, touched rows only
+
+Only fetched rows and their gradients ever cross the network (one all-to-all each
+way per micro-batch); rows no sequence fetched, and their optimizer state, stay
+bit-identical.
 """
-
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from hmtrain.memory import layout as layouts
+from hmtrain.memory.exchange import Comm
+from hmtrain.memory.fetched import GENERIC, FetchedMemory, Part
+from hmtrain.memory.plan import StepPlan, TableSpec, make_plan
 from hmtrain.memory.sizes import level_nodes, validate_tree
 from hmtrain.memory.sparse_adamw import SparseAdamW
 
-GENERIC = "generic"
-# Initialise big tables this many elements at a time (64 MiB of fp32), so a
-# 4.6B bank never needs a second full-size random temporary.
-_INIT_CHUNK_ELEMENTS = 1 << 24
+STATE_FIELDS = ("weight", "exp_avg", "exp_avg_sq", "step")
 
 
-@dataclass
-class _Part:
-    """One level's share of a fetch: its unique rows and which one each sequence uses."""
-
-    name: str
-    units: int
-    offset: int  # first unit of this level in the concatenated memory (and in the generic row)
-    rows: Tensor | None  # [U, n_layers, 3, m, d] leaf, or None if every sequence is generic
-    index: Tensor  # [B] into rows; == U (one past the rows) means "generic row"
-
-
-class FetchedMemory:
-    """What one micro-batch fetched; the model reads per-layer blocks from it.
-
-    Holds only the unique rows per table (the fetched set a distributed bank
-    receives from owners) plus per-sequence indices; `layer(i)` builds the
-    per-sequence blocks of one layer on demand, so no copy of all layers is
-    ever made per sequence.
-    """
-
-    def __init__(self, owner: MemoryBank, parts: list[_Part], generic_row: Tensor | None, touched: dict[str, Tensor],
-                 batch_size: int, units: int, n_layers: int, requires_grad: bool) -> None:
-        self._owner = owner
-        self._parts = parts
-        self._generic_row = generic_row  # [1, n_layers, 3, M, d] leaf, or None when unused
-        self._n_layers = n_layers
-        self.batch_size = batch_size
-        self.units = units
-        self.requires_grad = requires_grad
-        self.accumulated = False
-        self.touched: dict[str, Tensor] = touched  # table name -> unique node ids fetched
-        self._leaves: dict[str, Tensor] = {}  # table name -> fetched rows (autograd leaves)
-        for p in parts:
-            if p.rows is not None:
-                self._leaves[p.name] = p.rows
-        if generic_row is not None:
-            self._leaves[GENERIC] = generic_row
-
-    def layer(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Blocks of transformer layer i: u_gate [B, M, d], u_up [B, M, d], u_down [B, d, M].
-
-        Sequence b's units are [level0 block | level1 block | ...], or the
-        generic row for generic sequences. u_down is a transposed view.
-        """
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self._n_layers:
-            raise ValueError(f"layer index must be an int in [0, {self._n_layers}), got {i!r}")
-        blocks = []
-        for p in self._parts:
-            sources = [] if p.rows is None else [p.rows[:, i]]  # [U, 3, m, d]
-            if self._generic_row is not None:
-                sources.append(self._generic_row[:, i, :, p.offset : p.offset + p.units])
-            src = sources[0] if len(sources) == 1 else torch.cat(sources, dim=0)
-            blocks.append(src.index_select(0, p.index))  # [B, 3, m, d]
-        mem = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)  # [B, 3, M, d]
-        return mem[:, 0], mem[:, 1], mem[:, 2].transpose(1, 2)
+def _row_seed(seed: int, table: int, row: int) -> int:
+    # every row's initial values depend on (seed, table, row) only, so a bank initialises
+    # identically however its rows are spread over ranks
+    return (seed * 1_000_003 + table * 7_919 + row) % (2**63 - 1)
 
 
 class MemoryBank:
-    """Per-level memory tables, their row-wise AdamW state and pending gradients."""
-
     def __init__(
         self,
         *,
@@ -104,10 +57,11 @@ class MemoryBank:
         seed: int = 0,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-3,
+        optimizer: SparseAdamW | None = None,
+        comm: Comm | None = None,
+        placement: str = "gather",
+        replicate_levels: int = 0,
+        owner_of_subtree: Sequence[int] | None = None,
     ) -> None:
         for name, v in (("n_layers", n_layers), ("d_model", d_model)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -119,237 +73,247 @@ class MemoryBank:
             raise ValueError(f"init_std must be a finite number >= 0, got {init_std}")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
-        self.n_layers = n_layers
-        self.d_model = d_model
+        if placement not in ("gather", "owner"):
+            raise ValueError(f"placement must be gather or owner, got {placement!r}")
+        self.n_layers, self.d_model = n_layers, d_model
         self.branching = tuple(int(k) for k in branching)
         self.units = tuple(int(m) for m in units)
-        self.num_levels = len(self.branching)
         self.units_total = sum(self.units)
         self.nodes = tuple(level_nodes(self.branching))
         self.has_generic = generic
         self.device = torch.device(device)
         self.dtype = dtype
-        self.optimizer = SparseAdamW(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-
-        # unit offset of every level in the concatenated memory [level0 | level1 | ...]
-        self._offsets = [sum(self.units[:i]) for i in range(self.num_levels)]
-        shapes = {f"level{i}": (self.nodes[i], n_layers, 3, m, d_model) for i, m in enumerate(self.units) if m > 0}
+        self.optimizer = optimizer or SparseAdamW()
+        self.comm = comm or Comm(device=self.device)
+        self.placement = placement
+        world, rank = self.comm.world_size, self.comm.rank
+        if placement == "owner" and owner_of_subtree is None:
+            owner_of_subtree = np.arange(self.branching[0]) % world
+        self.specs: list[TableSpec] = []
+        self.parts: list[Part] = []
+        offset = 0
+        for level, m in enumerate(self.units):
+            if m > 0:
+                n = self.nodes[level]
+                if level < replicate_levels:
+                    lay, transport = layouts.replicated(n, world, rank), "replicated"
+                elif placement == "owner":
+                    lay = layouts.by_subtree(n, self.branching[0], np.asarray(owner_of_subtree), world, rank)
+                    transport = "local"
+                else:
+                    lay, transport = layouts.chunked(n, world, rank), "remote"
+                self.specs.append(TableSpec(f"level{level}", level, (n_layers, 3, m, d_model), lay, transport))
+                self.parts.append(Part(f"level{level}", m, offset))
+            offset += m
         if generic:
-            shapes[GENERIC] = (1, n_layers, 3, self.units_total, d_model)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        self._weight: dict[str, Tensor] = {}
-        self._exp_avg: dict[str, Tensor] = {}
-        self._exp_avg_sq: dict[str, Tensor] = {}
-        self._step: dict[str, Tensor] = {}
-        for name, shape in shapes.items():  # insertion order: levels, then generic -> deterministic draws
-            self._weight[name] = self._init_table(shape, init_std, gen)
-            self._exp_avg[name] = torch.zeros(shape, device=self.device, dtype=torch.float32)
-            self._exp_avg_sq[name] = torch.zeros(shape, device=self.device, dtype=torch.float32)
-            self._step[name] = torch.zeros(shape[0], device=self.device, dtype=torch.int64)
-        # table name -> list of (node ids, fp32 grads); coalesced lazily by _pending_coalesced
-        self._pending: dict[str, list[tuple[Tensor, Tensor]]] = {}
+            self.specs.append(TableSpec(GENERIC, None, (n_layers, 3, self.units_total, d_model),
+                                        layouts.replicated(1, world, rank), "replicated"))
+        self.spec = {s.name: s for s in self.specs}
 
-    def _init_table(self, shape: tuple[int, ...], init_std: float, gen: torch.Generator) -> Tensor:
-        # gate/up ~ N(0, init_std) like the anchor's; down = 0 so a fresh memory is a no-op.
-        # Drawn on CPU in row chunks: same values on every device, no full-size temporary.
-        table = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        row_elems = 2 * math.prod(shape[1:]) // 3
-        chunk = max(1, _INIT_CHUNK_ELEMENTS // max(1, row_elems))
-        for start in range(0, shape[0], chunk):
-            n = min(chunk, shape[0] - start)
-            block = torch.empty((n, shape[1], 2, *shape[3:]), dtype=torch.float32).normal_(0.0, init_std, generator=gen)
-            table[start : start + n, :, 0:2] = block.to(device=self.device, dtype=self.dtype)
-        return table
+        self._state: dict[str, dict[str, Tensor]] = {}
+        for table_index, spec in enumerate(self.specs):
+            n_local = spec.layout.num_local
+            self._state[spec.name] = {
+                "weight": self._init_rows(spec, table_index, init_std, seed),
+                "exp_avg": torch.zeros((n_local, *spec.row_shape), device=self.device, dtype=torch.float32),
+                "exp_avg_sq": torch.zeros((n_local, *spec.row_shape), device=self.device, dtype=torch.float32),
+                "step": torch.zeros(n_local, device=self.device, dtype=torch.int64),
+            }
+        self._plan: StepPlan | None = None
+        self._grads: dict[str, Tensor] = {}
+        self._mesh = None  # the DeviceMesh checkpoints use (hmtrain/memory/bank_state.py), made on first save
+
+    def _init_rows(self, spec: TableSpec, table_index: int, init_std: float, seed: int) -> Tensor:
+        """gate/up ~ N(0, init_std) like the anchor's; down = 0, so a fresh memory changes nothing."""
+        rows = spec.layout.local_rows
+        weight = torch.zeros((len(rows), *spec.row_shape), device=self.device, dtype=self.dtype)
+        gen = torch.Generator(device="cpu")
+        draw_shape = (spec.row_shape[0], 2, *spec.row_shape[2:])
+        for slot, row in enumerate(rows.tolist()):  # drawn on CPU: the same values on every device
+            gen.manual_seed(_row_seed(seed, table_index, row))
+            draw = torch.empty(draw_shape, dtype=torch.float32).normal_(0.0, init_std, generator=gen)
+            weight[slot, :, 0:2] = draw.to(device=self.device, dtype=self.dtype)
+        return weight
 
     # ---- sizes -------------------------------------------------------------
 
-    @property
-    def tables(self) -> dict[str, Tensor]:
-        """Table name -> weight tensor (live, not a copy)."""
-        return dict(self._weight)
-
     def num_parameters(self, include_generic: bool = True) -> int:
-        """Parameters stored in the bank (the paper's bank size is include_generic=False)."""
-        return sum(w.numel() for name, w in self._weight.items() if include_generic or name != GENERIC)
+        """Parameters of the whole bank, over all ranks (the paper's bank size is include_generic=False)."""
+        return sum(s.layout.num_rows * s.row_numel for s in self.specs if include_generic or s.name != GENERIC)
 
     def fetched_parameters(self) -> int:
         """Parameters one sequence fetches: n_layers * 3 * d_model * M."""
         return self.n_layers * 3 * self.d_model * self.units_total
 
-    # ---- fetch -------------------------------------------------------------
+    @property
+    def tables(self) -> dict[str, Tensor]:
+        """Table name -> this rank's stored rows (live; the whole table on one process)."""
+        return {name: state["weight"] for name, state in self._state.items()}
 
-    def _validate_paths(self, paths: Tensor) -> None:
-        if not isinstance(paths, Tensor):
-            raise ValueError(f"paths must be a torch.Tensor, got {type(paths).__name__}")
-        if paths.dtype != torch.int64:
-            raise ValueError(f"paths must be int64, got {paths.dtype}")
-        if paths.ndim != 2 or paths.shape[1] != self.num_levels or paths.shape[0] == 0:
-            raise ValueError(
-                f"paths must have shape [B >= 1, {self.num_levels}] (one node per level), got {tuple(paths.shape)}"
-            )
-        for i, n in enumerate(self.nodes):
-            col = paths[:, i]
-            bad = ((col < 0) | (col >= n)).nonzero()
-            if bad.numel():
-                b = int(bad[0, 0])
-                raise ValueError(f"paths[{b}, {i}] = {int(col[b])} is out of range for level {i} with {n} nodes")
-            if i > 0:
-                parent = torch.div(col, self.branching[i], rounding_mode="floor")
-                bad = (parent != paths[:, i - 1]).nonzero()
-                if bad.numel():
-                    b = int(bad[0, 0])
-                    raise ValueError(
-                        f"paths[{b}] is not a tree path: node {int(col[b])} at level {i} has parent "
-                        f"{int(parent[b])} (= node // {self.branching[i]}), but paths[{b}, {i - 1}] = "
-                        f"{int(paths[b, i - 1])}"
-                    )
+    # ---- a training step ---------------------------------------------------
 
-    def fetch(self, paths: Tensor, use_generic: Tensor | None = None, *, requires_grad: bool = True) -> FetchedMemory:
-        """Gather the unique rows on the batch's paths (and the generic row if used).
+    def plan_step(self, micro_batches: Sequence[tuple[np.ndarray | Tensor, np.ndarray | Tensor | None]]) -> StepPlan:
+        """Plan the step's fetches from its micro-batches' (paths [B, L], use_generic [B] or None), on the host."""
+        if self._plan is not None:
+            raise RuntimeError("plan_step: the previous step was not finished with step()")
+        host = []
+        for paths, use_generic in micro_batches:
+            paths = np.asarray(paths.cpu() if isinstance(paths, Tensor) else paths, dtype=np.int64)
+            if use_generic is None:
+                use_generic = np.zeros(len(paths), dtype=bool)
+            use_generic = np.asarray(use_generic.cpu() if isinstance(use_generic, Tensor) else use_generic, dtype=bool)
+            if use_generic.shape != (len(paths),):
+                raise ValueError(f"use_generic must have shape [{len(paths)}], got {use_generic.shape}")
+            if use_generic.any() and not self.has_generic:
+                raise ValueError("use_generic asks for the generic memory, but this bank was built with generic=False")
+            host.append((paths.reshape(len(paths), -1), use_generic))
+        plan = make_plan(self.specs, host, self.comm, self.branching)
+        self._grads = {name: torch.zeros((len(rows), *self.spec[name].row_shape), device=self.device,
+                                         dtype=torch.float32) for name, rows in plan.step_rows.items()}
+        self._plan = plan
+        return plan
 
-        paths: [B, L] int64, one node per level. use_generic: optional [B] bool;
-        True sequences get the generic memory instead of their path's. With
-        requires_grad=False (evaluation) no gradient leaves are made.
-        """
-        self._validate_paths(paths)
-        paths = paths.to(self.device)
-        batch = paths.shape[0]
-        if use_generic is not None:
-            if not isinstance(use_generic, Tensor) or use_generic.dtype != torch.bool or use_generic.shape != (batch,):
-                if isinstance(use_generic, Tensor):
-                    got = f"{use_generic.dtype} {tuple(use_generic.shape)}"
-                else:
-                    got = type(use_generic).__name__
-                raise ValueError(f"use_generic must be a bool tensor of shape [{batch}], got {got}")
-            use_generic = use_generic.to(self.device)
-            if not bool(use_generic.any()):
-                use_generic = None
-        if use_generic is not None and not self.has_generic:
-            raise ValueError("use_generic asks for the generic memory, but this bank was built with generic=False")
+    def fetch(self, plan: StepPlan, k: int, *, requires_grad: bool = True) -> FetchedMemory:
+        """Micro-batch k's rows (one all-to-all for rows other ranks own), as per-layer autograd leaves."""
+        fetches = plan.fetches[k]
+        rows: dict[str, Tensor] = {}
+        for spec in self.specs:
+            if spec.transport != "remote":
+                ids = fetches[spec.name].ids
+                local = ids if spec.transport == "replicated" else spec.layout.local[ids]
+                rows[spec.name] = self._state[spec.name]["weight"].index_select(0, self._to_device(local))
+        remote = [s for s in self.specs if s.transport == "remote"]
+        if remote:
+            serves = plan.serves[k]
+            send, send_splits = [], []
+            for requester in range(self.comm.world_size):
+                size = 0
+                for spec in remote:
+                    local = serves[spec.name].local_ids[requester]
+                    send.append(self._state[spec.name]["weight"].index_select(0, self._to_device(local)).reshape(-1))
+                    size += len(local) * spec.row_numel
+                send_splits.append(size)
+            recv_splits = [sum(int(fetches[s.name].per_owner[o]) * s.row_numel for s in remote)
+                           for o in range(self.comm.world_size)]
+            received = self.comm.all_to_all(torch.cat(send), send_splits, recv_splits)
+            for spec, buffer in zip(remote, self._split_by_table(received, remote, fetches, recv_splits)):
+                rows[spec.name] = buffer
+        layer_major = {name: r.transpose(0, 1).contiguous() for name, r in rows.items()}
+        index = {p.table: self._to_device(fetches[p.table].index) for p in self.parts}
+        return FetchedMemory(layer_major, index, self.parts, n_layers=self.n_layers, batch_size=plan.batch_sizes[k],
+                             requires_grad=requires_grad, micro_batch=k)
 
-        own = torch.arange(batch, device=self.device) if use_generic is None else (~use_generic).nonzero().flatten()
-        parts, touched = [], {}
-        with torch.no_grad():
-            for i, m in enumerate(self.units):
-                if m == 0:
-                    continue
-                name = f"level{i}"
-                index = torch.zeros(batch, dtype=torch.int64, device=self.device)
-                rows = None
-                if own.numel():
-                    ids, inverse = torch.unique(paths[own, i], return_inverse=True)
-                    rows = self._weight[name].index_select(0, ids).requires_grad_(requires_grad)
-                    index[own] = inverse
-                    touched[name] = ids
-                    if use_generic is not None:
-                        index[use_generic] = ids.numel()  # one past the rows = the generic slice
-                parts.append(_Part(name, m, self._offsets[i], rows, index))
-            generic_row = None
-            if use_generic is not None:
-                generic_row = self._weight[GENERIC].clone().requires_grad_(requires_grad)
-                touched[GENERIC] = torch.zeros(1, dtype=torch.int64, device=self.device)
-        return FetchedMemory(self, parts, generic_row, touched, batch, self.units_total, self.n_layers, requires_grad)
+    def _split_by_table(self, received: Tensor, remote: list[TableSpec], fetches, recv_splits) -> list[Tensor]:
+        """The received flat buffer is [owner 0: table rows..., owner 1: ...]; regroup it per table."""
+        per_table: list[list[Tensor]] = [[] for _ in remote]
+        start = 0
+        for owner in range(self.comm.world_size):
+            for t, spec in enumerate(remote):
+                count = int(fetches[spec.name].per_owner[owner])
+                per_table[t].append(received[start:start + count * spec.row_numel].view(count, *spec.row_shape))
+                start += count * spec.row_numel
+        return [torch.cat(chunks) for chunks in per_table]
 
-    # ---- gradients ---------------------------------------------------------
+    def return_grads(self, fetched: FetchedMemory, scale: float = 1.0) -> None:
+        """After backward: add the micro-batch's row gradients into the owners' step buffers."""
+        plan = self._plan
+        if plan is None or fetched.micro_batch < 0 or not fetched.requires_grad:
+            raise ValueError("return_grads needs a FetchedMemory from fetch() with requires_grad, in a planned step")
+        if fetched.returned:
+            raise ValueError("this FetchedMemory's gradients were already returned (they would count twice)")
+        fetched.returned = True
+        fetches = plan.fetches[fetched.micro_batch]
+        grads = {name: g.transpose(0, 1) for name, g in fetched.grads.items()}  # [U, n_layers, ...] views
+        for spec in self.specs:
+            if spec.transport != "remote":
+                slots = self._to_device(fetches[spec.name].slots)
+                self._grads[spec.name].index_add_(0, slots, grads[spec.name].float(), alpha=scale)
+        remote = [s for s in self.specs if s.transport == "remote"]
+        if not remote:
+            return
+        send, send_splits = [], []
+        for owner in range(self.comm.world_size):
+            size = 0
+            for spec in remote:
+                per_owner = fetches[spec.name].per_owner
+                start, count = int(per_owner[:owner].sum()), int(per_owner[owner])
+                send.append(grads[spec.name][start:start + count].reshape(-1))
+                size += count * spec.row_numel
+            send_splits.append(size)
+        serves = plan.serves[fetched.micro_batch]
+        recv_splits = [sum(len(serves[s.name].local_ids[r]) * s.row_numel for s in remote)
+                       for r in range(self.comm.world_size)]
+        received = self.comm.all_to_all(torch.cat(send), send_splits, recv_splits)
+        start = 0
+        for requester in range(self.comm.world_size):
+            for spec in remote:
+                count = len(serves[spec.name].local_ids[requester])
+                chunk = received[start:start + count * spec.row_numel].view(count, *spec.row_shape)
+                slots = self._to_device(serves[spec.name].slots[requester])
+                self._grads[spec.name].index_add_(0, slots, chunk.float(), alpha=scale)
+                start += count * spec.row_numel
 
-    def accumulate_grads(self, fetched: FetchedMemory) -> None:
-        """Move the fetched rows' .grad into the pending per-table buffers (after backward)."""
-        if not isinstance(fetched, FetchedMemory) or fetched._owner is not self:
-            raise ValueError("accumulate_grads needs a FetchedMemory returned by this bank's fetch()")
-        if not fetched.requires_grad:
-            raise ValueError("this FetchedMemory was fetched with requires_grad=False; it has no gradients")
-        if fetched.accumulated:
-            raise ValueError("this FetchedMemory's gradients were already accumulated (would count them twice)")
-        for name, leaf in fetched._leaves.items():
-            if leaf.grad is None:
+    def finish_grads(self) -> Tensor:
+        """All-reduce the replicated tables' step gradients; return the squared L2 norm of all bank
+        gradients of the step, over all ranks (fp32 device scalar; no host sync)."""
+        replicated = [s.name for s in self.specs if s.transport == "replicated" and self._grads[s.name].numel()]
+        if replicated and self.comm.world_size > 1:
+            flat = torch.cat([self._grads[name].reshape(-1) for name in replicated])
+            self.comm.all_reduce_(flat)
+            start = 0
+            for name in replicated:
+                n = self._grads[name].numel()
+                self._grads[name].copy_(flat[start:start + n].view_as(self._grads[name]))
+                start += n
+        sharded = torch.zeros((), device=self.device, dtype=torch.float32)
+        shared = torch.zeros((), device=self.device, dtype=torch.float32)
+        for spec in self.specs:
+            target = shared if spec.transport == "replicated" else sharded
+            target += self._grads[spec.name].pow(2).sum()
+        # sharded rows are disjoint across ranks: sum them; replicated ones are the same everywhere
+        return self.comm.all_reduce_(sharded.to(self.comm.device)).to(self.device) + shared
+
+    def step(self, lr: float, grad_scale: Tensor | float = 1.0) -> dict[str, int]:
+        """Scale the step's gradients (global clipping) and apply row-wise AdamW to touched rows only."""
+        if self._plan is None:
+            raise RuntimeError("step() without plan_step(): nothing to update")
+        updated = {}
+        for spec in self.specs:
+            rows = self._plan.step_rows[spec.name]
+            updated[spec.name] = len(rows)
+            if not len(rows):
                 continue
-            self._pending.setdefault(name, []).append((fetched.touched[name], leaf.grad.detach().float()))
-            leaf.grad = None  # the pending buffer owns it now; free the leaf's copy
-        fetched.accumulated = True
-
-    def _pending_coalesced(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Sum duplicated rows across micro-batches: table -> (unique ids, grads)."""
-        out = {}
-        for name, chunks in self._pending.items():
-            if len(chunks) > 1:
-                ids = torch.cat([c[0] for c in chunks])
-                grads = torch.cat([c[1] for c in chunks])
-                uniq, inverse = torch.unique(ids, return_inverse=True)
-                summed = torch.zeros((uniq.numel(), *grads.shape[1:]), dtype=grads.dtype, device=grads.device)
-                summed.index_add_(0, inverse, grads)
-                self._pending[name] = [(uniq, summed)]
-            out[name] = self._pending[name][0]
-        return out
-
-    def pending_grad_norm(self) -> Tensor:
-        """L2 norm over all pending row gradients (after coalescing), fp32 scalar."""
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for _, grads in self._pending_coalesced().values():
-            total += grads.pow(2).sum()
-        return total.sqrt()
-
-    def scale_pending_grads(self, factor: float) -> None:
-        """Multiply every pending gradient by `factor` (global clipping with the anchor)."""
-        factor = float(factor)
-        if not math.isfinite(factor):
-            raise ValueError(f"factor must be finite, got {factor}")
-        for _, grads in self._pending_coalesced().values():
-            grads.mul_(factor)
-
-    def zero_pending(self) -> None:
-        self._pending.clear()
-
-    def step(self, lr: float | None = None) -> dict[str, int]:
-        """Row-wise AdamW on rows with pending gradients; returns rows updated per table."""
-        updated = {name: 0 for name in self._weight}
-        for name, (ids, grads) in self._pending_coalesced().items():
-            self.optimizer.update_(
-                self._weight[name], self._exp_avg[name], self._exp_avg_sq[name], self._step[name], ids, grads, lr=lr
-            )
-            updated[name] = ids.numel()
-        self.zero_pending()
+            grads = self._grads[spec.name]
+            grads.mul_(grad_scale)
+            state = self._state[spec.name]
+            self.optimizer.update_(state["weight"], state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                   self._to_device(rows), grads, lr=lr, validate=False)
+        self._plan, self._grads = None, {}
         return updated
 
-    # ---- checkpoint --------------------------------------------------------
+    def abandon_step(self) -> None:
+        """Drop a planned step without updating (e.g. evaluation inside a step)."""
+        self._plan, self._grads = None, {}
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Flat dict of the live tensors: "<table>.weight|exp_avg|exp_avg_sq|step".
-
-        Pending gradients are not state: checkpoint between steps.
-        """
-        state = {}
-        for name in self._weight:
-            state[f"{name}.weight"] = self._weight[name]
-            state[f"{name}.exp_avg"] = self._exp_avg[name]
-            state[f"{name}.exp_avg_sq"] = self._exp_avg_sq[name]
-            state[f"{name}.step"] = self._step[name]
-        return state
+    # ---- evaluation (one process) ------------------------------------------
 
     @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Strict in-place load; ValueError on missing/unexpected keys or a shape mismatch."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"memory bank state_dict mismatch: missing keys {missing}, unexpected keys {unexpected}")
-        for key, dst in own.items():
-            src = state[key]
-            if not isinstance(src, Tensor):
-                raise ValueError(f"state[{key!r}] must be a tensor, got {type(src).__name__}")
-            if src.shape != dst.shape:
-                raise ValueError(
-                    f"state[{key!r}] has shape {tuple(src.shape)}, but this bank expects {tuple(dst.shape)}"
-                )
-        for key, dst in own.items():  # copy only after every key checked: no half-loaded bank
-            src = state[key]
-            if src is not dst:  # torch.distributed.checkpoint may already have loaded in place
-                dst.copy_(src)
-        self.zero_pending()
+    def lookup(self, paths: Tensor, use_generic: Tensor | None = None) -> FetchedMemory:
+        """The memory of a batch for evaluation: no gradients, every row local (one process)."""
+        if self.comm.world_size != 1:
+            raise RuntimeError("lookup() reads rows locally: evaluate on one process (or an exported bank)")
+        ug = None if use_generic is None else use_generic.cpu().numpy().astype(bool)
+        plan = make_plan(self.specs, [(paths.cpu().numpy().astype(np.int64), ug if ug is not None else
+                                       np.zeros(len(paths), dtype=bool))], self.comm, self.branching)
+        if ug is not None and ug.any() and not self.has_generic:
+            raise ValueError("use_generic asks for the generic memory, but this bank was built with generic=False")
+        return self.fetch(plan, 0, requires_grad=False)
+
+    def _to_device(self, array: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(self.device, non_blocking=True)
 
     def __repr__(self) -> str:
-        return (
-            f"MemoryBank(n_layers={self.n_layers}, d_model={self.d_model}, branching={self.branching}, "
-            f"units={self.units}, generic={self.has_generic}, params={self.num_parameters():,}, "
-            f"fetched={self.fetched_parameters():,})"
-        )
+        return (f"MemoryBank(n_layers={self.n_layers}, d_model={self.d_model}, branching={self.branching}, "
+                f"units={self.units}, generic={self.has_generic}, placement={self.placement}, "
+                f"world={self.comm.world_size}, params={self.num_parameters():,}, "
+                f"fetched={self.fetched_parameters():,})")

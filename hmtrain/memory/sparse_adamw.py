@@ -43,11 +43,12 @@ class SparseAdamW:
         rows: Tensor,
         grads: Tensor,
         lr: float | None = None,
+        validate: bool = True,
     ) -> None:
         sparse_adamw_(
             weight, exp_avg, exp_avg_sq, step, rows, grads,
             lr=self.lr if lr is None else lr, betas=self.betas, eps=self.eps,
-            weight_decay=self.weight_decay,
+            weight_decay=self.weight_decay, validate=validate,
         )
 
 
@@ -101,15 +102,19 @@ def sparse_adamw_(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    validate: bool = True,
 ) -> None:
     """AdamW on `weight[rows]` in place, given `grads[r]` for `weight[rows[r]]`.
 
     weight: [N, ...] any float dtype; exp_avg, exp_avg_sq: fp32 like weight;
     step: [N] per-row update counts (int64); rows: unique int64 row ids.
-    The math runs in fp32 and is written back in weight's dtype.
+    The math runs in fp32 and is written back in weight's dtype. `validate=False` skips
+    the row checks, which read device values back to the host: the bank's rows come
+    from a step plan that was validated on the host already.
     """
     _check_hparams(lr, betas, eps, weight_decay)
-    _check_shapes(weight, exp_avg, exp_avg_sq, step, rows, grads)
+    if validate:
+        _check_shapes(weight, exp_avg, exp_avg_sq, step, rows, grads)
     beta1, beta2 = betas
     rows = rows.to(weight.device)
     row_numel = max(1, math.prod(weight.shape[1:]))

@@ -1,4 +1,4 @@
-"""Device and precision for a run: bf16 autocast on GPU, fp32 on CPU (the exact-resume path)."""
+"""Precision for a run: bf16 autocast on GPU, fp32 on CPU (the exact-resume path)."""
 from __future__ import annotations
 
 import contextlib
@@ -21,13 +21,7 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
-def resolve_precision(train: TrainConfig) -> Precision:
-    if train.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-    if train.device == "auto":
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(train.device)
+def resolve_precision(train: TrainConfig, device: torch.device) -> Precision:
     dtype = train.dtype
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"

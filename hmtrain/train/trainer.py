@@ -1,53 +1,46 @@
-"""`hmtrain train`: the training loop, top to bottom.
+"""`hmtrain train`: the training loop, top to bottom, on one process or many (torchrun / SLURM).
 
-One config runs the paper's two phases: anchor pretraining (no memory), then the memory
-phase, where every sequence fetches the blocks on its document's path from the bank and
-the anchor is frozen or co-trained; while the memory trains, a sequence uses the generic
-(context-free) memory instead with probability `generic_prob`. `train.mode=dense` trains
-the dense baseline instead. Checkpointing, logging and precision are applied by the
-functions this file calls, not woven through it.
+One config runs the paper's two phases (hmtrain/train/recipe.py): anchor pretraining, then the
+memory phase, where every sequence fetches the blocks on its path from the row-sharded bank and
+the anchor is frozen or co-trained. `train.mode=dense` trains the dense baseline instead.
+
+A step: the loader hands this rank its micro-batches of one global batch; the bank plans the
+step's fetches (one exchange of row ids); each micro-batch fetches its rows, runs forward and
+backward with the loss normalised by the global token count, and returns its row gradients to
+their owners; one global norm over anchor and bank clips both; the anchor engine and the bank's
+sparse AdamW step. Parallelism, checkpointing and logging are applied by the functions this file
+calls, not woven through it.
 """
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
 from hmtrain.config import Config, flatten, to_yaml
-from hmtrain.data.loader import ShardLoader
+from hmtrain.data.loader import StepLoader
 from hmtrain.data.prepared import PreparedData
-from hmtrain.memory import MemoryBank, build_bank, uses_memory
-from hmtrain.model import Transformer, count_parameters, lm_loss, run_model_config
+from hmtrain.memory import Comm, MemoryBank, build_bank, uses_memory
+from hmtrain.memory.bank_state import bank_state_for_load, bank_state_for_save, restore_bank
+from hmtrain.model import Transformer, count_parameters, run_model_config
 from hmtrain.parallel import resolve_precision
+from hmtrain.parallel.anchor import TorchAnchor
+from hmtrain.parallel.dist import DistInfo, init_distributed
+from hmtrain.parallel.parallelize import parallelize
+from hmtrain.parallel.placement import assign_subtrees
 from hmtrain.train.checkpoint import Checkpointer
 from hmtrain.train.metrics import JsonlLogger, MLflowLogger, MultiLogger, default_tracking_uri
-from hmtrain.train.schedule import learning_rate
+from hmtrain.train.recipe import MEMORY, Recipe
+from hmtrain.train.throughput import peak_flops, reduce_over_ranks, train_flops_per_token
 
 log = logging.getLogger(__name__)
-
-
-def build_anchor_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm gains are not decayed)."""
-    optim = cfg.train.anchor_optim
-    params = [p for p in model.parameters()]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=False,
-    )
-
-
-def generic_probability(cfg: Config) -> float:
-    if cfg.train.generic_prob is not None:
-        return cfg.train.generic_prob
-    return 1.0 / (cfg.tree.branching[0] + 1) if cfg.memory.generic else 0.0
 
 
 class Interrupted(RuntimeError):
@@ -64,173 +57,202 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
         log.warning("received signal %d: checkpointing at the end of this step, then stopping", signum)
         self.signum = signum
+
+    def agreed(self, comm: Comm) -> Optional[int]:
+        """The signal any rank got (ranks must stop at the same step to write one checkpoint)."""
+        flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=comm.device)
+        return int(comm.all_reduce_(flag, op=torch.distributed.ReduceOp.MAX)) or None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
+def resolve_vocab(cfg: Config, data: PreparedData) -> Config:
+    """Tie the model's vocabulary to the tokenizer the data was prepared with (padded, as the paper's)."""
+    tokenizer_vocab = int(data.manifest["vocab_size"])
+    if cfg.model.vocab_size is None:
+        multiple = cfg.model.vocab_multiple
+        cfg.model.vocab_size = -(-tokenizer_vocab // multiple) * multiple
+    elif cfg.model.vocab_size < tokenizer_vocab:
+        raise ValueError(f"config key 'model.vocab_size' is {cfg.model.vocab_size}, smaller than the tokenizer's "
+                         f"{tokenizer_vocab} in {data.root}")
+    return cfg
+
+
+def micro_batches_per_step(global_batch: int, micro: int, world: int) -> int:
+    if global_batch % (micro * world):
+        raise ValueError(f"config key 'train.global_batch_size': {global_batch} sequences do not split into "
+                         f"micro-batches of {micro} on {world} ranks (need a multiple of {micro * world})")
+    return global_batch // (micro * world)
+
+
 def train(cfg: Config, *, resume: bool = False) -> Path:
     """Run (or resume) training; returns the final checkpoint directory."""
+    info = init_distributed(cfg.parallel, cfg.train)
+    return _train(cfg, info, resume)
+
+
+def _train(cfg: Config, info: DistInfo, resume: bool) -> Path:
     tc = cfg.train
     run_dir = Path(tc.run_dir)
-    precision = resolve_precision(tc)
-    device = precision.device
+    precision = resolve_precision(tc, info.device)
+    device = info.device
     data = PreparedData.open(cfg.data.prepared)
     data.check_compatible(cfg)
-    torch.manual_seed(tc.seed)
+    cfg = resolve_vocab(cfg, data)
+    comm = Comm(device=info.collective_device)
 
-    dense = tc.mode == "dense"
+    torch.manual_seed(tc.seed)  # the same initial anchor on every rank, sharded afterwards
     model_cfg = run_model_config(cfg.model, tc.mode, tc.dense_multiplier)
     model = Transformer(model_cfg, max_seq_len=cfg.data.seq_len).to(device)
-    total_steps = tc.pretrain_steps + tc.memory_steps
-    bank: Optional[MemoryBank] = build_bank(cfg, device) if uses_memory(cfg) else None
-    optimizer = build_anchor_optimizer(model, cfg)
-    # the anchor's schedule spans every step it trains in
-    anchor_steps = total_steps if (dense or tc.anchor == "cotrain" or bank is None) else tc.pretrain_steps
-    p_generic = generic_probability(cfg) if bank is not None and bank.has_generic else 0.0
-
-    loader = ShardLoader(data.shard_dir, data.shards("train"), batch_size=tc.batch_size, seed=tc.seed,
-                         eot_id=data.manifest["eot_id"], pad_id=data.manifest["pad_id"])
-    generator = torch.Generator().manual_seed(tc.seed + 1)
+    model = parallelize(model, cfg.parallel, info, precision.autocast_dtype)
+    recipe = Recipe(cfg, has_memory=uses_memory(cfg))
+    owner_of_subtree = None
+    if cfg.parallel.placement == "owner" and info.world_size > 1:
+        owner_of_subtree = assign_subtrees(data.manifest["node_tokens"][0], info.world_size)
+    bank: Optional[MemoryBank] = None
+    if recipe.has_memory:
+        bank = build_bank(cfg, device, comm=comm, owner_of_subtree=owner_of_subtree)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
-
-    def state() -> dict:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        out = {"model": model_sd, "optim": optim_sd,
-               "rng": {"torch": torch.get_rng_state(), "generic": generator.get_state()}}
-        if bank is not None:
-            out["bank"] = bank.state_dict()
-        return out
 
     step, run_id = 0, None
     latest = checkpointer.latest()
-    if resume:
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpointer.directory}")
-        loaded = state()
-        trainer_record = Checkpointer.load(latest, loaded)
-        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-        if bank is not None:
-            bank.load_state_dict(loaded["bank"])
-        torch.set_rng_state(loaded["rng"]["torch"])
-        generator.set_state(loaded["rng"]["generic"])
-        loader.load_state_dict(trainer_record["loader"])
-        step, run_id = trainer_record["step"], trainer_record.get("mlflow_run_id")
-        log.info("resumed from %s at step %d", latest, step)
-    elif latest is not None:
+    if not resume and latest is not None:
         raise FileExistsError(f"{run_dir} already has checkpoints (latest {latest.name}); pass --resume to "
                               "continue it, or set train.run_dir to a new directory")
+    if resume and latest is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpointer.directory}")
+    if resume:
+        step = Checkpointer.read_trainer(latest)["step"]
+    anchor = TorchAnchor(model, recipe.anchor_optim(recipe.phase(step)), device)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    jsonl = JsonlLogger(run_dir / "metrics.jsonl", resume_step=step if resume else None)
-    tracker = None
-    if cfg.logging.mlflow:
-        tracker = MLflowLogger(tracking_uri=cfg.logging.tracking_uri or default_tracking_uri(run_dir),
-                               experiment=cfg.logging.experiment, run_name=cfg.logging.run_name or run_dir.name,
-                               run_id=run_id, artifact_dir=run_dir / "mlartifacts")
-        if run_id is None:
-            tracker.log_params({**flatten(cfg), "model.parameters": count_parameters(model_cfg),
-                                "memory.bank_parameters": bank.num_parameters() if bank else 0,
-                                "memory.fetched_parameters": bank.fetched_parameters() if bank else 0})
-            tracker.log_artifact(run_dir / "config.yaml")
-            tracker.log_artifact(data.root / data.manifest["tree"])
-            tracker.log_artifact(data.root / "manifest.json")
-        run_id = tracker.run_id
-    metrics = MultiLogger(jsonl, *([tracker] if tracker else []))
+    def loader_for(global_batch: int, state: Optional[dict] = None) -> StepLoader:
+        micro = micro_batches_per_step(global_batch, tc.micro_batch_size, info.world_size)
+        loader = StepLoader(data, "train", global_batch=global_batch, micro_batches=micro, seed=tc.seed,
+                            rank=info.rank, world_size=info.world_size, owner_of_subtree=owner_of_subtree,
+                            num_workers=cfg.data.num_workers)
+        if state is not None:
+            loader.load_state_dict(state)
+        return loader
 
-    def save(at_step: int) -> Path:
-        return checkpointer.save(at_step, state(), {"loader": loader_state, "mlflow_run_id": run_id,
-                                                    "mode": tc.mode}, to_yaml(cfg))
+    loader_state = None
+    if resume:
+        loaded = {**anchor.state_dict(), **({"bank": bank_state_for_load(bank)} if bank else {})}
+        record = Checkpointer.load(latest, loaded)
+        # the optimizer state carries over only within a phase (a new phase starts with fresh moments)
+        anchor.load_state_dict(loaded, with_optimizer=record.get("optimizer_phase") == recipe.phase(step))
+        if bank is not None:
+            restore_bank(bank, loaded["bank"])
+        loader_state, run_id = record["loader"], record.get("mlflow_run_id")
+        log.info("resumed from %s at step %d", latest, step)
 
+    tracker, jsonl = None, None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        jsonl = JsonlLogger(run_dir / "metrics.jsonl", resume_step=step if resume else None)
+        if cfg.logging.mlflow:
+            tracker = MLflowLogger(tracking_uri=cfg.logging.tracking_uri or default_tracking_uri(run_dir),
+                                   experiment=cfg.logging.experiment, run_name=cfg.logging.run_name or run_dir.name,
+                                   run_id=run_id, artifact_dir=run_dir / "mlartifacts")
+            if run_id is None:
+                tracker.log_params({**flatten(cfg), "model.parameters": count_parameters(model_cfg),
+                                    "memory.bank_parameters": bank.num_parameters() if bank else 0,
+                                    "memory.fetched_parameters": bank.fetched_parameters() if bank else 0,
+                                    "parallel.world_size": info.world_size})
+                for artifact in (run_dir / "config.yaml", data.root / data.manifest["tree"],
+                                 data.root / "manifest.json"):
+                    tracker.log_artifact(artifact)
+            run_id = tracker.run_id
+    metrics = MultiLogger(*(x for x in (jsonl, tracker) if x is not None))
+
+    flops_per_token = train_flops_per_token(model_cfg, cfg.data.seq_len, bank.fetched_parameters() if bank else 0)
+    peak = peak_flops(device)
     stop = StopRequest()
+    current = recipe.at(step)
+    loader = loader_for(current.global_batch, loader_state)
     batches = iter(loader)
-    loader_state = loader.state_dict()
+    anchor.set_trainable(current.anchor_trains)
     last_checkpoint: Optional[Path] = latest if resume else None
-    bar = tqdm(total=total_steps, initial=step, desc=f"train ({tc.mode})", disable=not tc.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=recipe.total_steps, initial=step, desc=f"train ({tc.mode})",
+               disable=not (tc.progress and info.is_main), dynamic_ncols=True)
+    window = {"started": time.perf_counter(), "tokens": 0.0, "fetch_s": 0.0}
+    pad_id = int(data.manifest["pad_id"])
     status = "FAILED"
+
+    def save(at_step: int, optimizer_phase: str) -> Path:
+        state = {**anchor.state_dict(), **({"bank": bank_state_for_save(bank)} if bank else {})}
+        return checkpointer.save(at_step, state, {"loader": loader.state_dict(), "mlflow_run_id": run_id,
+                                                  "mode": tc.mode, "optimizer_phase": optimizer_phase,
+                                                  "world_size": info.world_size}, to_yaml(cfg))
+
     try:
-        while step < total_steps:
-            started = time.perf_counter()
-            memory_phase = bank is not None and step >= tc.pretrain_steps
-            anchor_trains = not memory_phase or tc.anchor == "cotrain"
-            model.requires_grad_(anchor_trains)
-            anchor_step = step if step < anchor_steps else anchor_steps - 1
-            anchor_lr = learning_rate(tc.anchor_optim, anchor_step, max(1, anchor_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = anchor_lr
-
-            loss_sum, tokens, touched = 0.0, 0, {}
-            generic_used, sequences = 0, 0
-            for _ in range(tc.grad_accum):
-                batch, loader_state = next(batches)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        while step < recipe.total_steps:
+            now = recipe.at(step)
+            if now.phase != current.phase:  # the phase switch: fresh anchor moments, maybe a new batch size
+                anchor.reset(recipe.anchor_optim(now.phase))
+                anchor.set_trainable(now.anchor_trains)
+                if now.global_batch != current.global_batch:
+                    loader = loader_for(now.global_batch, loader.state_dict())
+                    batches = iter(loader)
+            current = now
+            micro_batches, _ = next(batches)
+            labels_local = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+            global_tokens = comm.all_reduce_ints(np.array([labels_local]))[0]
+            memory_phase = now.phase == MEMORY
+            plan, generic_used = None, 0
+            if memory_phase:
+                generic = [recipe.generic_mask(step, mb["index"].numpy()) for mb in micro_batches]
+                generic_used = int(sum(g.sum() for g in generic))
+                plan = bank.plan_step([(mb["paths"], g) for mb, g in zip(micro_batches, generic)])
+            loss_sum = torch.zeros((), device=device)
+            for k, mb in enumerate(micro_batches):
+                if len(mb["tokens"]) == 0:  # owner placement can leave a rank without sequences: run a
+                    mb = _padding_batch(mb, pad_id)  # sequence of padding so FSDP's collectives stay in step
+                mb = {key: value.to(device, non_blocking=True) for key, value in mb.items()}
                 memory = None
-                if memory_phase:
-                    use_generic = torch.rand(batch["paths"].shape[0], generator=generator) < p_generic
-                    memory = bank.fetch(batch["paths"], use_generic.to(device))
-                    generic_used += int(use_generic.sum())
-                    for name, ids in memory.touched.items():
-                        touched.setdefault(name, set()).update(ids.tolist())
+                if plan is not None and plan.batch_sizes[k] > 0:
+                    fetch_started = time.perf_counter()
+                    memory = bank.fetch(plan, k)
+                    window["fetch_s"] += time.perf_counter() - fetch_started
                 with precision.autocast():
-                    logits = model(batch["tokens"], segments=batch["segments"], memory=memory)
-                loss = lm_loss(logits, batch["labels"])
-                (loss / tc.grad_accum).backward()
+                    micro_loss, _ = model(mb["tokens"], segments=mb["segments"], memory=memory, labels=mb["labels"])
+                (micro_loss / max(global_tokens, 1)).backward()
                 if memory is not None:
-                    bank.accumulate_grads(memory)
-                loss_sum += loss.item()
-                tokens += int((batch["labels"] != -100).sum())
-                sequences += batch["paths"].shape[0]
+                    bank.return_grads(memory)
+                loss_sum += micro_loss.detach()
 
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            anchor_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
-            memory_norm = bank.pending_grad_norm().to(device) if memory_phase else torch.zeros((), device=device)
-            grad_norm = torch.sqrt(anchor_norm.float() ** 2 + memory_norm.float() ** 2)
-            # one global norm over anchor and fetched rows, as if they were one model
-            scale = min(1.0, tc.clip_grad / (float(grad_norm) + 1e-6)) if tc.clip_grad > 0 else 1.0
-            if scale < 1.0:
-                if grads:
-                    torch._foreach_mul_(grads, scale)
-                if memory_phase:
-                    bank.scale_pending_grads(scale)
-            if anchor_trains:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            memory_lr = 0.0
+            anchor_sq = anchor.grad_sq_norm() if now.anchor_trains else torch.zeros((), device=device)
+            bank_sq = bank.finish_grads() if memory_phase else torch.zeros((), device=device)
+            grad_norm = torch.sqrt(anchor_sq + bank_sq)  # one global norm, as if anchor and bank were one model
+            if now.anchor_trains:
+                anchor.step(now.anchor_lr, grad_norm, tc.clip_grad)
+            else:
+                anchor.zero_grad()
             if memory_phase:
-                memory_lr = learning_rate(tc.memory_optim, step - tc.pretrain_steps, tc.memory_steps)
-                bank.step(memory_lr)
+                scale = torch.clamp(tc.clip_grad / (grad_norm + 1e-6), max=1.0) if tc.clip_grad > 0 else 1.0
+                bank.step(now.memory_lr, scale)
             step += 1
+            window["tokens"] += global_tokens
 
-            elapsed = time.perf_counter() - started
-            record = {"loss": loss_sum / tc.grad_accum, "lr/anchor": anchor_lr if anchor_trains else 0.0,
-                      "lr/memory": memory_lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed,
-                      "phase": float(memory_phase)}
-            if memory_phase:
-                record["memory/generic_fraction"] = generic_used / sequences
-                for name, ids in touched.items():
-                    record[f"memory/{name}_nodes"] = float(len(ids))
-            if step % tc.log_every == 0 or step == total_steps:
+            if step % tc.log_every == 0 or step == recipe.total_steps:
+                record = _log_record(comm, now, loss_sum, global_tokens, labels_local, grad_norm, plan,
+                                     generic_used, window, flops_per_token, peak)
                 metrics.log(record, step)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", phase=now.phase)
+                window = {"started": time.perf_counter(), "tokens": 0.0, "fetch_s": 0.0}
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            phase="memory" if memory_phase else ("dense" if dense else "anchor"))
-            if step % tc.checkpoint_every == 0 or step == total_steps or stop.requested:
-                last_checkpoint = save(step)
-            if stop.requested:
+            signum = stop.agreed(comm)
+            if step % tc.checkpoint_every == 0 or step == recipe.total_steps or signum:
+                last_checkpoint = save(step, now.phase)
+            if signum:
+                stop.signum = signum
                 status = "KILLED"
                 break
         else:
@@ -238,11 +260,41 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     finally:
         bar.close()
         stop.restore()
-        jsonl.close()
+        if jsonl is not None:
+            jsonl.close()
         if tracker is not None:
             tracker.close(status=status)
-    if stop.requested:
+    if stop.signum:
         raise Interrupted(stop.signum, step, last_checkpoint)
     if last_checkpoint is None:
         raise RuntimeError("training ended without writing a checkpoint")
     return last_checkpoint
+
+
+def _padding_batch(empty: dict, pad_id: int) -> dict:
+    seq_len = empty["tokens"].shape[1]
+    levels = empty["paths"].shape[1]
+    return {"tokens": torch.full((1, seq_len), pad_id, dtype=torch.int64),
+            "labels": torch.full((1, seq_len), -100, dtype=torch.int64),
+            "segments": torch.zeros((1, seq_len), dtype=torch.int64),
+            "paths": torch.zeros((1, levels), dtype=torch.int64), "index": torch.zeros(1, dtype=torch.int64)}
+
+
+def _log_record(comm: Comm, now, loss_sum: torch.Tensor, global_tokens: int, labels_local: int, grad_norm: torch.Tensor,
+                plan, generic_used: int, window: dict, flops_per_token: float, peak: Optional[float]) -> dict[str, float]:
+    """The step's metrics, aggregated over ranks (the one host sync of a logged step)."""
+    loss = float(comm.all_reduce_(loss_sum.to(comm.device))) / max(global_tokens, 1)
+    elapsed = max(time.perf_counter() - window["started"], 1e-9)
+    record = {"loss": loss, "lr/anchor": now.anchor_lr, "lr/memory": now.memory_lr,
+              "grad_norm": float(grad_norm), "tokens_per_s": window["tokens"] / elapsed,
+              "phase": float(now.phase == MEMORY), "global_batch": float(now.global_batch)}
+    if peak:
+        record["mfu"] = window["tokens"] * flops_per_token / elapsed / (peak * comm.world_size)
+    if plan is not None:
+        local = {**plan.stats, "fetch_s": window["fetch_s"], "tokens": float(labels_local),
+                 "sequences": float(sum(plan.batch_sizes)), "generic_sequences": float(generic_used)}
+        for key, value in reduce_over_ranks(comm, local).items():
+            record[f"memory/{key}"] = value
+    if not all(math.isfinite(v) for v in record.values()):
+        log.warning("non-finite metrics at this step: %s", {k: v for k, v in record.items() if not math.isfinite(v)})
+    return record

@@ -1,0 +1,53 @@
+"""The bank's transport: torch.distributed collectives on one process group (no home-made transport).
+
+NCCL wants device tensors and gloo host tensors; `Comm.device` is where collective
+buffers live. With one process every call is the identity, so the single-process
+bank runs the same code path without a process group.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class Comm:
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"):
+        self.group = group
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if distributed else 1
+        self.rank = dist.get_rank(group) if distributed else 0
+        self.device = torch.device(device)
+
+    def all_to_all(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
+        """Uneven all-to-all along dim 0 (both sides know the splits from the step plan)."""
+        if self.world_size == 1:
+            return send
+        recv = send.new_empty((sum(recv_splits), *send.shape[1:]))
+        dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=recv_splits,
+                               input_split_sizes=send_splits, group=self.group)
+        return recv
+
+    def exchange_ints(self, per_destination: list[np.ndarray]) -> list[np.ndarray]:
+        """Send one int64 array to every rank, receive one from every rank (sizes exchanged first)."""
+        if self.world_size == 1:
+            return [np.asarray(per_destination[0], dtype=np.int64)]
+        sizes = torch.tensor([len(a) for a in per_destination], dtype=torch.int64, device=self.device)
+        recv_sizes = torch.empty_like(sizes)
+        dist.all_to_all_single(recv_sizes, sizes, group=self.group)
+        recv_splits = recv_sizes.tolist()
+        send = torch.from_numpy(np.concatenate(per_destination).astype(np.int64)).to(self.device)
+        recv = self.all_to_all(send, [len(a) for a in per_destination], recv_splits).cpu().numpy()
+        return np.split(recv, np.cumsum(recv_splits)[:-1])
+
+    def all_reduce_(self, tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+    def all_reduce_ints(self, values: np.ndarray, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> np.ndarray:
+        if self.world_size == 1:
+            return np.asarray(values, dtype=np.int64)
+        t = torch.from_numpy(np.asarray(values, dtype=np.int64)).to(self.device)
+        return self.all_reduce_(t, op).cpu().numpy()

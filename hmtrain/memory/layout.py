@@ -1,0 +1,92 @@
+"""Which rank stores which rows of a memory table.
+
+Three layouts (DESIGN.md, "The bank in a distributed job"):
+
+- ``replicated``: every rank stores every row (small top levels, the generic row);
+  gradients are all-reduced and every rank applies the same sparse update.
+- ``chunk``: the ``torch.chunk`` layout, ceil(N/W) consecutive rows per rank, the last
+  rank short. This is the layout checkpoints use (a ``Shard(0)`` DTensor that DCP
+  reshards to any world size) and the runtime layout of ``gather`` placement.
+- ``subtree``: ``owner`` placement. Level-1 subtrees are assigned to ranks (balanced by
+  tokens); a rank stores every row of its subtrees at every sharded level, so the
+  sequences the loader sends it never need another rank's rows. Checkpoints convert
+  it to ``chunk`` and back.
+
+All of it is host-side numpy: layouts are fixed for a run, and every lookup happens
+while planning a step, never on the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def chunk_rows(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s rows in the torch.chunk layout (ceil(N/W) per rank, last short)."""
+    per = -(-num_rows // world_size)
+    start = min(num_rows, rank * per)
+    return start, min(num_rows, start + per)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    kind: str  # replicated | chunk | subtree
+    num_rows: int
+    world_size: int
+    rank: int
+    owner: np.ndarray | None = None  # [N] int64 rank storing each row (None when replicated)
+    local: np.ndarray | None = None  # [N] int64 index of each row in its owner's storage
+
+    @property
+    def num_local(self) -> int:
+        if self.kind == "replicated":
+            return self.num_rows
+        return int((self.owner == self.rank).sum())
+
+    @property
+    def local_rows(self) -> np.ndarray:
+        """Global ids of the rows this rank stores, in storage order."""
+        if self.kind == "replicated":
+            return np.arange(self.num_rows)
+        mine = np.flatnonzero(self.owner == self.rank)
+        return mine[np.argsort(self.local[mine], kind="stable")]
+
+    @property
+    def is_chunk_compatible(self) -> bool:
+        """Whether local storage already is this rank's torch.chunk slice (no conversion to save)."""
+        return self.kind == "chunk" or self.world_size == 1
+
+
+def replicated(num_rows: int, world_size: int, rank: int) -> RowLayout:
+    return RowLayout("replicated", num_rows, world_size, rank)
+
+
+def chunked(num_rows: int, world_size: int, rank: int) -> RowLayout:
+    per = -(-num_rows // world_size)
+    rows = np.arange(num_rows, dtype=np.int64)
+    owner = rows // per
+    return RowLayout("chunk", num_rows, world_size, rank, owner=owner, local=rows - owner * per)
+
+
+def by_subtree(num_rows: int, num_subtrees: int, owner_of_subtree: np.ndarray, world_size: int,
+               rank: int) -> RowLayout:
+    """Rows of one level, each stored by the rank that owns its level-1 subtree.
+
+    A level with N rows has N / k_1 rows per level-1 subtree, consecutive in node order
+    (node j's parent is j // k_l), so row r belongs to subtree r // (N / k_1).
+    """
+    if num_rows % num_subtrees:
+        raise ValueError(f"a level of {num_rows} rows does not split into {num_subtrees} subtrees")
+    owner_of_subtree = np.asarray(owner_of_subtree, dtype=np.int64)
+    if owner_of_subtree.shape != (num_subtrees,) or owner_of_subtree.min() < 0 or \
+            owner_of_subtree.max() >= world_size:
+        raise ValueError(f"owner_of_subtree must give a rank in [0, {world_size}) for each of "
+                         f"{num_subtrees} subtrees, got {owner_of_subtree.tolist()}")
+    rows = np.arange(num_rows, dtype=np.int64)
+    owner = owner_of_subtree[rows // (num_rows // num_subtrees)]
+    local = np.empty(num_rows, dtype=np.int64)
+    for r in range(world_size):  # rows of one owner keep node order
+        mine = owner == r
+        local[mine] = np.arange(int(mine.sum()))
+    return RowLayout("subtree", num_rows, world_size, rank, owner=owner, local=local)

@@ -1,0 +1,207 @@
+"""The step plan: which rows every micro-batch of an optimizer step fetches, and from whom.
+
+Made once per step on the host, from the paths of all of the step's micro-batches
+(numpy; nothing here touches the device). It fixes, before the first forward:
+
+- per micro-batch and table, the unique rows to fetch and each sequence's slot in them;
+- per table, the rows this rank accumulates gradients for during the step, so one
+  fp32 buffer per table is sized by distinct rows, not by micro-batches;
+- for rows owned by other ranks (``remote`` tables, gather placement), every
+  all-to-all split of the step, agreed with the owners by one exchange of row ids,
+  so fetching and returning gradients need no further size exchange or host sync.
+
+Transports: ``replicated`` (every rank holds the table; gradients all-reduced at the
+end of the step), ``local`` (owner placement: the loader sent this rank only
+sequences whose rows it stores), ``remote`` (gather placement: rows come from their
+owners and gradients go back to them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hmtrain.memory.exchange import Comm
+from hmtrain.memory.layout import RowLayout
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    level: int | None  # tree level (0-based) whose node ids index the table; None for the generic row
+    row_shape: tuple[int, ...]
+    layout: RowLayout
+    transport: str  # replicated | local | remote
+
+    @property
+    def row_numel(self) -> int:
+        return int(np.prod(self.row_shape))
+
+
+@dataclass
+class Fetch:
+    """One table in one micro-batch, as the requester sees it."""
+
+    ids: np.ndarray  # global row ids, in the order the rows arrive (grouped by owner for remote tables)
+    index: np.ndarray  # [B] each sequence's row in `ids`; len(ids) = the generic row
+    slots: np.ndarray | None  # replicated/local: step-buffer slot of every id
+    per_owner: np.ndarray | None  # remote: how many of `ids` each rank owns
+
+
+@dataclass
+class Serve:
+    """One remote table in one micro-batch, as an owner sees it: what each requester asked for."""
+
+    local_ids: list[np.ndarray]  # per requesting rank: local row indices, in the order it expects them
+    slots: list[np.ndarray]  # per requesting rank: step-buffer slots of those rows
+
+
+@dataclass
+class StepPlan:
+    fetches: list[dict[str, Fetch]]  # per micro-batch: table -> Fetch
+    serves: list[dict[str, Serve]]  # per micro-batch: remote table -> Serve
+    step_rows: dict[str, np.ndarray]  # table -> local row indices this rank accumulates this step
+    batch_sizes: list[int]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def validate_paths(paths: np.ndarray, branching: tuple[int, ...]) -> None:
+    """Every row a tree path: node ids in range and each node a child of the one above."""
+    if paths.ndim != 2 or paths.shape[1] != len(branching):
+        raise ValueError(f"paths must have shape [B, {len(branching)}] (one node per level), got {paths.shape}")
+    nodes = 1
+    for level, k in enumerate(branching):
+        nodes *= k
+        col = paths[:, level]
+        bad = np.flatnonzero((col < 0) | (col >= nodes))
+        if bad.size:
+            b = int(bad[0])
+            raise ValueError(f"paths[{b}, {level}] = {int(col[b])} is out of range for level {level} with {nodes} nodes")
+        if level:
+            bad = np.flatnonzero(col // k != paths[:, level - 1])
+            if bad.size:
+                b = int(bad[0])
+                raise ValueError(f"paths[{b}] is not a tree path: node {int(col[b])} at level {level} has parent "
+                                 f"{int(col[b]) // k}, but paths[{b}, {level - 1}] = {int(paths[b, level - 1])}")
+
+
+def _order_by_owner(ids: np.ndarray, layout: RowLayout) -> np.ndarray:
+    if layout.owner is None:
+        return ids
+    return ids[np.lexsort((layout.local[ids], layout.owner[ids]))]
+
+
+def _requests(spec: TableSpec, paths: np.ndarray, use_generic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows one micro-batch needs from a table, and each sequence's index into them."""
+    batch = len(use_generic)
+    if spec.level is None:  # the generic row: fetched once if any sequence uses it
+        ids = np.zeros(1 if use_generic.any() else 0, dtype=np.int64)
+        return ids, np.zeros(batch, dtype=np.int64)
+    own = ~use_generic
+    unique, inverse = np.unique(paths[own, spec.level], return_inverse=True)
+    ids = _order_by_owner(unique, spec.layout)
+    position = np.empty(len(unique), dtype=np.int64)
+    position[np.searchsorted(unique, ids)] = np.arange(len(ids))
+    index = np.full(batch, len(ids), dtype=np.int64)  # generic sequences: one past the rows
+    index[own] = position[inverse.reshape(-1)]
+    return ids, index
+
+
+def make_plan(specs: list[TableSpec], micro_batches: list[tuple[np.ndarray, np.ndarray]], comm: Comm,
+              branching: tuple[int, ...]) -> StepPlan:
+    """Plan a step from its micro-batches' (paths [B, L] int64, use_generic [B] bool), host arrays."""
+    rank, world = comm.rank, comm.world_size
+    fetches: list[dict[str, Fetch]] = []
+    for paths, use_generic in micro_batches:
+        if len(paths):
+            validate_paths(paths, branching)
+        per_table = {}
+        for spec in specs:
+            ids, index = _requests(spec, paths, use_generic)
+            per_owner = None
+            if spec.transport == "remote":
+                per_owner = np.bincount(spec.layout.owner[ids], minlength=world)
+            elif spec.transport == "local" and ids.size and (spec.layout.owner[ids] != rank).any():
+                node = int(ids[spec.layout.owner[ids] != rank][0])
+                raise RuntimeError(f"owner placement: rank {rank} got a sequence on node {node} of {spec.name}, "
+                                   f"which rank {int(spec.layout.owner[node])} stores; the loader's subtree "
+                                   "assignment and the bank's disagree")
+            per_table[spec.name] = Fetch(ids, index, None, per_owner)
+        fetches.append(per_table)
+
+    step_rows: dict[str, np.ndarray] = {}
+    # replicated tables: the union over all ranks, so every rank updates the same rows
+    replicated = [s for s in specs if s.transport == "replicated"]
+    if replicated:
+        counts = np.concatenate([
+            np.bincount(np.concatenate([f[s.name].ids for f in fetches] + [np.zeros(0, np.int64)]),
+                        minlength=s.layout.num_rows) for s in replicated])
+        counts = comm.all_reduce_ints(counts)
+        offset = 0
+        for spec in replicated:
+            step_rows[spec.name] = np.flatnonzero(counts[offset:offset + spec.layout.num_rows])
+            offset += spec.layout.num_rows
+    for spec in (s for s in specs if s.transport == "local"):
+        step_rows[spec.name] = np.unique(np.concatenate([spec.layout.local[f[spec.name].ids] for f in fetches]))
+    for spec in specs:
+        if spec.transport in ("replicated", "local"):
+            for f in fetches:
+                local = f[spec.name].ids if spec.transport == "replicated" else spec.layout.local[f[spec.name].ids]
+                f[spec.name].slots = np.searchsorted(step_rows[spec.name], local)
+
+    serves = _plan_remote([s for s in specs if s.transport == "remote"], fetches, comm, step_rows)
+    plan = StepPlan(fetches, serves, step_rows, [len(p) for p, _ in micro_batches])
+    plan.stats = _stats(specs, plan, rank)
+    return plan
+
+
+def _plan_remote(remote: list[TableSpec], fetches: list[dict[str, Fetch]], comm: Comm,
+                 step_rows: dict[str, np.ndarray]) -> list[dict[str, Serve]]:
+    """Tell every owner which of its rows each micro-batch needs (one exchange of local row ids per step)."""
+    if not remote:
+        return [{} for _ in fetches]
+    world = comm.world_size
+    outgoing = []  # per destination: per (micro-batch, table) the count, then all the local ids
+    for dest in range(world):
+        counts, ids = [], []
+        for f in fetches:
+            for spec in remote:
+                fetch = f[spec.name]
+                start = int(fetch.per_owner[:dest].sum())
+                mine = fetch.ids[start:start + int(fetch.per_owner[dest])]
+                counts.append(len(mine))
+                ids.append(spec.layout.local[mine])
+        outgoing.append(np.concatenate([np.asarray(counts, dtype=np.int64), *ids]))
+    incoming = comm.exchange_ints(outgoing)
+    header = len(fetches) * len(remote)
+    requested: list[list[dict[str, np.ndarray]]] = [[{} for _ in range(world)] for _ in fetches]
+    for source, message in enumerate(incoming):
+        counts, ids = message[:header], message[header:]
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        for j in range(header):  # j = micro-batch * tables + table, the order they were sent in
+            k, t = divmod(j, len(remote))
+            requested[k][source][remote[t].name] = ids[bounds[j]:bounds[j + 1]]
+    serves: list[dict[str, Serve]] = [{} for _ in fetches]
+    for spec in remote:
+        wanted = [requested[k][s][spec.name] for k in range(len(fetches)) for s in range(world)]
+        rows = np.unique(np.concatenate(wanted)) if wanted else np.zeros(0, np.int64)
+        step_rows[spec.name] = rows
+        for k in range(len(fetches)):
+            local_ids = [requested[k][s][spec.name] for s in range(world)]
+            serves[k][spec.name] = Serve(local_ids, [np.searchsorted(rows, ids) for ids in local_ids])
+    return serves
+
+
+def _stats(specs: list[TableSpec], plan: StepPlan, rank: int) -> dict[str, float]:
+    """Rows and bytes-in-elements per table for the step's metrics (this rank's view)."""
+    stats: dict[str, float] = {}
+    for spec in specs:
+        fetched = sum(len(f[spec.name].ids) for f in plan.fetches)
+        remote = 0
+        if spec.transport == "remote":
+            remote = sum(int(f[spec.name].per_owner.sum() - f[spec.name].per_owner[rank]) for f in plan.fetches)
+        stats[f"{spec.name}/rows_fetched"] = float(fetched)
+        stats[f"{spec.name}/rows_remote"] = float(remote)
+        stats[f"{spec.name}/elements_remote"] = float(remote * spec.row_numel)
+        stats[f"{spec.name}/rows_updated"] = float(len(plan.step_rows.get(spec.name, ())))
+    return stats

@@ -1,0 +1,80 @@
+"""The anchor's optimizer side, for a plain or FSDP2-sharded module: AdamW, gradient norm, clipped step.
+
+The trainer sees one small interface whatever the engine (hmtrain/parallel/deepspeed_engine.py is the
+other implementation): `grad_sq_norm` (global, a device scalar), `step(lr, total_norm, max_norm)`,
+`state_dict` / `load_state_dict` for DCP, `reset` at the phase switch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from hmtrain.config.schema import OptimConfig
+
+
+def build_adamw(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains are not decayed); fused on GPU, foreach on CPU."""
+    params = list(model.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused, foreach=not fused,
+    )
+
+
+class TorchAnchor:
+    """AdamW over a plain or FSDP2 module; its gradients are DTensors when sharded."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, device: torch.device):
+        self.model = model
+        self.device = device
+        self.optimizer = build_adamw(model, optim, device)
+
+    def reset(self, optim: OptimConfig) -> None:
+        """A new phase: fresh moments and the phase's hyper-parameters."""
+        self.optimizer = build_adamw(self.model, optim, self.device)
+
+    def set_trainable(self, trainable: bool) -> None:
+        self.model.requires_grad_(trainable)
+
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def grad_sq_norm(self) -> Tensor:
+        grads = self._grads()
+        if not grads:
+            return torch.zeros((), device=self.device)
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # sharded gradients: reduce to the global norm
+            norm = norm.full_tensor()
+        return norm.float() ** 2
+
+    def step(self, lr: float, total_norm: Tensor, max_norm: float) -> None:
+        """Clip by the global norm (anchor and bank together), then update; no host sync."""
+        grads = self._grads()
+        if grads and max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: dict[str, Any], with_optimizer: bool = True) -> None:
+        if with_optimizer:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+        else:
+            set_model_state_dict(self.model, state["model"])

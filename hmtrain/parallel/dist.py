@@ -1,0 +1,98 @@
+"""Process groups for a job launched by torchrun (or srun + torchrun): one place that reads the launcher's
+environment, starts the default group with a timeout, and ends it cleanly.
+
+A single process (no WORLD_SIZE, or WORLD_SIZE=1) runs without a process group: the bank and the loader
+treat it as a world of one, and the anchor stays a plain module.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from hmtrain.config.schema import ParallelConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: one process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def collective_device(self) -> torch.device:
+        """Where collective buffers live: the GPU for NCCL, the host for gloo."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun/SLURM?)") from None
+
+
+def init_distributed(parallel: ParallelConfig, train: TrainConfig) -> DistInfo:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun's), pick the device, start the default process group."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    use_cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
+    if train.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if world == 1:
+        return DistInfo(0, 1, 0, device, None)
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("config key 'parallel.backend': nccl needs GPUs; use gloo (or auto) on CPU")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=parallel.timeout_s),
+                                device_id=device if backend == "nccl" else None)
+    log.info("rank %d of %d on %s (%s, timeout %ds)", rank, world, device, backend, parallel.timeout_s)
+    return DistInfo(rank, world, local_rank, device, backend)
+
+
+def new_group(backend: str, timeout_s: int) -> dist.ProcessGroup | None:
+    """A side group (e.g. gloo for checkpoint writes in a background thread); None on one process."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """End the default group; a worker should then leave with os._exit (gloo threads can abort at exit)."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

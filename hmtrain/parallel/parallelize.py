@@ -1,0 +1,39 @@
+"""Apply parallelism to the anchor in one place, in a fixed order (torchtitan's):
+activation checkpointing, then torch.compile, then FSDP2 (`fully_shard` per block, then the root).
+
+The model file holds no parallelism; the bank is not part of the module and is sharded by
+hmtrain/memory itself. Losses are normalised by the global token count before backward, so
+FSDP must sum gradients over ranks rather than average them (divide factor 1).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from hmtrain.config.schema import ParallelConfig
+from hmtrain.parallel.dist import DistInfo
+
+log = logging.getLogger(__name__)
+
+
+def parallelize(model: nn.Module, parallel: ParallelConfig, info: DistInfo,
+                compute_dtype: torch.dtype | None) -> nn.Module:
+    """Wrap `model` (a Transformer with `.layers`) for this job; returns the module to train."""
+    if parallel.activation_checkpointing:
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block)
+    if parallel.compile:
+        for block in model.layers:
+            block.compile()
+    if info.distributed and parallel.engine == "fsdp":
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        model.set_gradient_divide_factor(1.0)
+        log.info("anchor sharded with FSDP2 over %d ranks", info.world_size)
+    return model
