@@ -166,7 +166,9 @@ class MemoryBank:
                 raise ValueError(f"use_generic must have shape [{len(paths)}], got {use_generic.shape}")
             if use_generic.any() and not self.has_generic:
                 raise ValueError("use_generic asks for the generic memory, but this bank was built with generic=False")
-            host.append((paths.reshape(len(paths), -1), use_generic))
+            if paths.size == 0:  # an empty micro-batch (owner placement) still takes part in the plan
+                paths = np.zeros((0, len(self.branching)), dtype=np.int64)
+            host.append((paths, use_generic))
         plan = make_plan(self.specs, host, self.comm, self.branching)
         self._grads = {name: torch.zeros((len(rows), *self.spec[name].row_shape), device=self.device,
                                          dtype=torch.float32) for name, rows in plan.step_rows.items()}

@@ -1,0 +1,102 @@
+"""torchrun worker: train a bank alone for a few steps on a fixed global batch, save it with DCP.
+
+Usage: bank_worker.py OUT --placement gather|owner --replicate N --steps S [--resume DIR] [--generic]
+Every rank takes its part of each global batch (gather: equal chunks; owner: the sequences of the
+subtrees it owns), so the union over ranks is the same whatever the world size, and the saved bank
+must match the one-process run's.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+
+from hmtrain.memory import Comm, MemoryBank, SparseAdamW
+from hmtrain.memory.bank_state import bank_state_for_load, bank_state_for_save, restore_bank
+from hmtrain.parallel.placement import assign_subtrees
+
+BRANCHING, UNITS, LAYERS, D = (4, 3, 2), (3, 2, 2), 2, 4
+GLOBAL_BATCH, MICRO = 12, 2
+
+
+def global_batch(step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Leaves drawn per step, fixed by the step alone; returns (sequence ids, paths)."""
+    rng = np.random.default_rng(step)
+    leaves = rng.integers(0, 4 * 3 * 2, size=GLOBAL_BATCH)
+    paths = np.stack([leaves // 6, leaves // 2, leaves], axis=1)
+    return np.arange(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH), paths
+
+
+def my_share(ids, paths, rank, world, owner):
+    if owner is None:
+        per = GLOBAL_BATCH // world
+        return ids[rank * per:(rank + 1) * per], paths[rank * per:(rank + 1) * per]
+    mine = owner[paths[:, 0]] == rank
+    return ids[mine], paths[mine]
+
+
+def loss_for(fetched, ids: np.ndarray) -> torch.Tensor:
+    """A memory FFN on inputs keyed by global sequence id, summed over sequences."""
+    loss = torch.zeros(())
+    for layer in range(LAYERS):
+        gate, up, down = fetched.layer(layer)
+        x = torch.stack([torch.randn(3, D, generator=torch.Generator().manual_seed(int(i) * 10 + layer))
+                         for i in ids]) if len(ids) else torch.zeros(0, 3, D)
+        y = (F.silu(x @ gate.transpose(1, 2)) * (x @ up.transpose(1, 2))) @ down.transpose(1, 2)
+        loss = loss + (y * x).sum() + 0.1 * (gate * up).sum()
+    return loss
+
+
+def main() -> int:
+    args = argparse.ArgumentParser()
+    args.add_argument("out")
+    args.add_argument("--placement", default="gather")
+    args.add_argument("--replicate", type=int, default=0)
+    args.add_argument("--steps", type=int, default=3)
+    args.add_argument("--first-step", type=int, default=0)
+    args.add_argument("--resume")
+    args.add_argument("--generic", action="store_true")
+    a = args.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    comm = Comm()
+    owner = None
+    if a.placement == "owner":
+        owner = assign_subtrees([5, 1, 3, 2], world)
+    bank = MemoryBank(n_layers=LAYERS, d_model=D, branching=BRANCHING, units=UNITS, generic=True, seed=0,
+                      optimizer=SparseAdamW(lr=0.05, weight_decay=0.1), comm=comm, placement=a.placement,
+                      replicate_levels=a.replicate, owner_of_subtree=owner)
+    for table in bank._state.values():  # non-zero down rows, so every slot gets gradients from step 0
+        w = table["weight"]
+        w[:, :, 2] = 0.5
+    if a.resume:
+        state = {"bank": bank_state_for_load(bank)}
+        dcp.load(state, checkpoint_id=a.resume)
+        restore_bank(bank, state["bank"])
+    for step in range(a.first_step, a.first_step + a.steps):
+        ids, paths = my_share(*global_batch(step), comm.rank, world, owner)
+        generic = (ids % 5 == 0) if a.generic else np.zeros(len(ids), dtype=bool)
+        chunks = np.array_split(np.arange(len(ids)), MICRO)
+        plan = bank.plan_step([(paths[c], generic[c]) for c in chunks])
+        for k, c in enumerate(chunks):
+            fetched = bank.fetch(plan, k)
+            if len(c):  # owner placement can leave a rank an empty micro-batch
+                loss_for(fetched, ids[c]).backward()
+            bank.return_grads(fetched)
+        norm = bank.finish_grads().sqrt()
+        bank.step(lr=0.05, grad_scale=torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+    dcp.save({"bank": bank_state_for_save(bank)}, checkpoint_id=a.out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The bank on 1, 2 and 3 ranks, with both placements and replicated top levels, gives the same bank;
+a bank saved on one world size resumes on another."""
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from hmtrain.memory import MemoryBank
+from hmtrain.memory.bank_state import bank_state_for_load, restore_bank
+from tests.dist import bank_worker as worker
+from tests.dist.conftest import torchrun
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def run(tmp_path, name, nproc, placement="gather", replicate=0, steps=4, start=0, resume=None):
+    out = tmp_path / name
+    args = [worker.__file__, str(out), "--placement", placement, "--replicate", str(replicate), "--steps",
+            str(steps), "--first-step", str(start), "--generic"]
+    if resume:
+        args += ["--resume", str(resume)]
+    torchrun(nproc, args, cwd=tmp_path)
+    return out
+
+
+def load(path) -> dict:
+    bank = MemoryBank(n_layers=worker.LAYERS, d_model=worker.D, branching=worker.BRANCHING, units=worker.UNITS,
+                      seed=123)
+    state = {"bank": bank_state_for_load(bank)}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    restore_bank(bank, state["bank"])
+    return {f"{t}.{f}": v.clone() for t, fields in bank._state.items() for f, v in fields.items()}
+
+
+def assert_same(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {key}: {m}")
+
+
+def test_world_size_and_placement_do_not_change_the_bank(tmp_path):
+    reference = load(run(tmp_path, "ref", 1))
+    assert reference["level2.step"].sum() > 0  # deep rows really trained
+    for name, nproc, placement, replicate in [("g2", 2, "gather", 0), ("g3r1", 3, "gather", 1),
+                                               ("o2", 2, "owner", 0), ("o3r1", 3, "owner", 1)]:
+        assert_same(reference, load(run(tmp_path, name, nproc, placement, replicate)), name)
+
+
+def test_a_bank_saved_on_two_ranks_resumes_on_three_and_on_one(tmp_path):
+    straight = load(run(tmp_path, "straight", 1, steps=4))
+    half = run(tmp_path, "half", 2, steps=2)
+    assert_same(straight, load(run(tmp_path, "on3", 3, "owner", steps=2, start=2, resume=half)), "2 -> 3 ranks")
+    assert_same(straight, load(run(tmp_path, "on1", 1, steps=2, start=2, resume=half)), "2 -> 1 rank")
