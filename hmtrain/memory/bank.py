@@ -201,7 +201,7 @@ class MemoryBank:
             for spec, buffer in zip(remote, self._split_by_table(received, remote, fetches, recv_splits)):
                 rows[spec.name] = buffer
         layer_major = {name: r.transpose(0, 1).contiguous() for name, r in rows.items()}
-        index = {p.table: self._to_device(fetches[p.table].index) for p in self.parts}
+        index = {p.table: fetches[p.table].index for p in self.parts}
         return FetchedMemory(layer_major, index, self.parts, n_layers=self.n_layers, batch_size=plan.batch_sizes[k],
                              requires_grad=requires_grad, micro_batch=k)
 

@@ -1,0 +1,63 @@
+"""Per-sequence memory blocks of one layer from the fetched unique rows, with a backward that
+adds straight into the rows' gradient buffer.
+
+Forward: for every tree level (a `Part`) each sequence's block is its row (or the generic row's
+slice) of that level; the blocks are written side by side into u_gate, u_up, u_down^T [B, M, d].
+Backward: each sequence's block gradient is index-added into the preallocated gradient buffer of
+the layer's rows (`grads[i]` of hmtrain/memory/fetched.py), in place. No zero-filled gradient of
+the fetched rows, no per-layer copy and no AccumulateGrad are allocated: the only gradients the
+backward creates are the [B, M, d] block gradients that the FFN's matmuls produce anyway.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one level's blocks come from in one layer."""
+
+    offset: int  # first unit of this level in [level0 | level1 | ...]
+    units: int
+    rows: Tensor | None  # [U, 3, m, d] this layer's rows (None if no sequence uses its own)
+    grads: Tensor | None  # [U, 3, m, d] slice of the gradient buffer for those rows
+    own_seq: Tensor  # [B_own] sequences that use their own row
+    own_row: Tensor  # [B_own] which row each of them uses
+    generic_seq: Tensor  # [B_gen] sequences that use the generic row
+
+
+class GatherBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor: Tensor, sources: list[Source], generic_rows: Tensor | None,
+                generic_grads: Tensor | None, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        # `anchor` is the fetched buffer (a leaf requiring grad): it only makes autograd call backward
+        units = sum(s.units for s in sources)
+        d = anchor.shape[-1]
+        out = [anchor.new_empty((batch, units, d)) for _ in range(3)]  # gate, up, down^T
+        for s in sources:
+            for slot in range(3):
+                target = out[slot][:, s.offset:s.offset + s.units]
+                if s.rows is not None and s.own_seq.numel():
+                    target.index_copy_(0, s.own_seq, s.rows[:, slot].index_select(0, s.own_row))
+                if s.generic_seq.numel():
+                    g = generic_rows[0, slot, s.offset:s.offset + s.units]
+                    target.index_copy_(0, s.generic_seq, g.expand(s.generic_seq.numel(), -1, -1))
+        ctx.sources, ctx.generic_grads = sources, generic_grads
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def backward(ctx, *grad_out: Tensor):
+        for s in ctx.sources:
+            for slot, grad in enumerate(grad_out):
+                if grad is None:
+                    continue
+                block = grad[:, s.offset:s.offset + s.units]
+                if s.grads is not None and s.own_seq.numel():
+                    s.grads[:, slot].index_add_(0, s.own_row, block.index_select(0, s.own_seq).to(s.grads.dtype))
+                if s.generic_seq.numel():
+                    summed = block.index_select(0, s.generic_seq).sum(0)
+                    ctx.generic_grads[0, slot, s.offset:s.offset + s.units] += summed.to(ctx.generic_grads.dtype)
+        return None, None, None, None, None
