@@ -4,7 +4,7 @@
     hmtrain data prepare --config CFG [key=value ...] [--overwrite]
     hmtrain train        --config CFG [key=value ...] [--resume]
     hmtrain eval         --config CFG --checkpoint DIR [--baseline DIR] [key=value ...]
-    hmtrain info         --config CFG [key=value ...]
+    hmtrain info         --config CFG [--world-size N] [key=value ...]
     hmtrain demo         [--out DIR] [key=value ...]
 
 CFG is a YAML file or a preset name from configs/ (tiny, paper-160m, ...).
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--baseline", help="dense baseline checkpoint (or run directory) to compare with")
     evaluate.add_argument("--out", type=Path, help="write results as JSON here")
 
-    info = commands.add_parser("info", help="anchor, fetched and bank parameter counts per level")
+    info = commands.add_parser("info", help="parameter counts per level, and memory and traffic per rank")
     _config_args(info)
+    info.add_argument("--world-size", type=int, default=1, help="ranks to size the per-rank table for")
 
     demo = commands.add_parser("demo", help="the whole pipeline on CPU with the tiny config")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -104,7 +105,9 @@ def cmd_eval(args) -> None:
 def cmd_info(args) -> None:
     from hmtrain.info import print_info
 
-    print_info(load_config(args.config, args.overrides))
+    if args.world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+    print_info(load_config(args.config, args.overrides), world_size=args.world_size)
 
 
 def cmd_demo(args) -> None:

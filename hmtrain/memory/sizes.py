@@ -77,3 +77,51 @@ def memory_sizes(
         LevelSize(level=i, nodes=n, units=m, bank_params=per_unit * n * m, fetched_params=per_unit * m)
         for i, (n, m) in enumerate(zip(level_nodes(branching), units))
     ]
+
+
+@dataclass(frozen=True)
+class RankFootprint:
+    """Bytes one rank holds for the bank, and bytes one step moves (worst case over ranks)."""
+
+    weights: int
+    optimizer: int  # fp32 exp_avg + exp_avg_sq, and one int64 step count per row
+    step_grads: int  # fp32 gradient buffer of the rows a step touches (upper bound)
+    fetched: int  # one micro-batch's fetched rows plus their gradient buffer (upper bound)
+    moved_gather: int  # bytes sent + received per optimizer step by one rank, gather placement (expected)
+    moved_owner: int  # the same for owner placement (replicated levels and the generic row only)
+
+
+def _expected_distinct(nodes: int, draws: int) -> float:
+    """Expected distinct nodes among `draws` uniform draws over `nodes`."""
+    return nodes * (1.0 - (1.0 - 1.0 / nodes) ** draws)
+
+
+def rank_footprint(*, n_layers: int, d_model: int, branching: Sequence[int], units: Sequence[int], world_size: int,
+                   replicate_levels: int, generic: bool, weight_bytes: int, micro_batch: int,
+                   global_batch: int) -> RankFootprint:
+    """Per-rank bank memory and traffic, assuming a batch's leaves spread uniformly over the tree."""
+    validate_tree(branching, units)
+    per_unit = n_layers * 3 * d_model
+    sequences_per_rank = max(1, global_batch // world_size)
+    micro_batches = max(1, sequences_per_rank // micro_batch)
+    weights = optimizer = step_grads = fetched = 0
+    moved_gather = moved_owner = 0.0
+    tables = [(n, m, level < replicate_levels) for level, (n, m) in enumerate(zip(level_nodes(branching), units))
+              if m > 0]
+    if generic:
+        tables.append((1, sum(units), True))
+    for nodes, m, replicated in tables:
+        row = per_unit * m
+        rows = nodes if replicated else -(-nodes // world_size)
+        weights += rows * row * weight_bytes
+        optimizer += rows * (row * 8 + 8)
+        step_grads += min(rows, global_batch) * row * 4
+        fetched += min(nodes, micro_batch) * row * (2 * weight_bytes)
+        if replicated:  # ring all-reduce of the step's touched rows, fp32
+            reduce = 2 * (world_size - 1) / world_size * _expected_distinct(nodes, global_batch) * row * 4
+            moved_gather += reduce
+            moved_owner += reduce
+        else:  # rows (and their gradients) from the other ranks' shares, per micro-batch
+            remote = _expected_distinct(nodes, micro_batch) * (world_size - 1) / world_size
+            moved_gather += 2 * 2 * remote * row * weight_bytes * micro_batches  # both ways, sent and received
+    return RankFootprint(weights, optimizer, step_grads, fetched, int(moved_gather), int(moved_owner))

@@ -43,6 +43,9 @@ class TorchAnchor:
     def set_trainable(self, trainable: bool) -> None:
         self.model.requires_grad_(trainable)
 
+    def backward(self, loss: Tensor, last: bool) -> None:
+        loss.backward()
+
     def _grads(self) -> list[Tensor]:
         return [p.grad for p in self.model.parameters() if p.grad is not None]
 

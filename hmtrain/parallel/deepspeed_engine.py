@@ -1,0 +1,136 @@
+"""The anchor under DeepSpeed ZeRO (stage 1, 2 or 3), behind the same interface as TorchAnchor.
+
+DeepSpeed owns the anchor's gradient reduction, partitioned optimizer state and update; the bank and
+its sparse optimizer live beside it. Three things keep it equal to one process on the same batch:
+- the loss handed to `engine.backward` is multiplied by the data-parallel size (DeepSpeed averages
+  gradients over ranks; hmtrain normalises by the global token count and wants their sum), and is not
+  divided by the accumulation steps (`scale_wrt_gas=False`: the token normalisation already did it);
+- one global norm clips anchor and bank together: before the boundary step DeepSpeed's own anchor norm
+  is read, and its clip threshold set so that its clip equals max_norm / global norm;
+- a client torch AdamW (no JIT-built fused op) with decoupled weight decay on matrices only.
+Checkpoints: weights go through DCP like every engine (full tensors gathered from ZeRO-3), the
+partitioned optimizer state through DeepSpeed's own files, which resume on the same number of ranks.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hmtrain.config.schema import OptimConfig
+from hmtrain.parallel.anchor import build_adamw
+
+log = logging.getLogger(__name__)
+
+
+def _skip_shm_build() -> None:
+    # DeepSpeed's CPU accelerator JIT-builds a shared-memory collective op (~50 s) that gloo training
+    # never uses; marking it incompatible makes DeepSpeed fall back to torch.distributed.
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+class DeepSpeedAnchor:
+    def __init__(self, model: nn.Module, optim: OptimConfig, device: torch.device, *, zero_stage: int,
+                 micro_batch: int, accumulation: int, world_size: int, bf16: bool):
+        import deepspeed
+
+        if device.type == "cpu":
+            _skip_shm_build()
+        self.device, self.world_size = device, world_size
+        self.config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": accumulation,
+            "zero_optimization": {"stage": zero_stage},
+            "gradient_clipping": 1.0,  # reset every step to realise the global clip (see module doc)
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self._deepspeed = deepspeed
+        self._module = model
+        self.engine = self._initialize(optim)
+        self._micro = 0
+
+    def _initialize(self, optim: OptimConfig):
+        engine, _, _, _ = self._deepspeed.initialize(model=self._module, optimizer=build_adamw(self._module, optim,
+                                                                                               self.device),
+                                                     config=self.config)
+        return engine
+
+    @property
+    def model(self):
+        return self.engine
+
+    def reset(self, optim: OptimConfig) -> None:
+        """A new phase: a new engine over the same module, with fresh moments and the phase's settings."""
+        self.engine.destroy()
+        self.engine = self._initialize(optim)
+        self._micro = 0
+
+    def set_trainable(self, trainable: bool) -> None:
+        self._module.requires_grad_(trainable)
+
+    def backward(self, loss: Tensor, last: bool) -> None:
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        if not last:
+            self.engine.step()  # DeepSpeed counts micro-steps here; it updates only at the boundary
+
+    def grad_sq_norm(self) -> Tensor:
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "scaled_global_norm"):  # ZeRO 1/2
+            norm = optimizer.scaled_global_norm()
+        else:  # ZeRO 3
+            from deepspeed.runtime.utils import combine_grad_norm_groups
+            norm = combine_grad_norm_groups(optimizer._get_norm_groups())
+        return torch.as_tensor(norm, dtype=torch.float32, device=self.device) ** 2
+
+    def step(self, lr: float, total_norm: Tensor, max_norm: float) -> None:
+        optimizer = self.engine.optimizer
+        if max_norm > 0:
+            anchor_norm = float(self.grad_sq_norm().sqrt())
+            total = float(total_norm)
+            optimizer.clip_grad = max_norm * anchor_norm / total if total > 0 else max_norm
+        else:
+            optimizer.clip_grad = 0.0
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+
+    def zero_grad(self) -> None:
+        self._module.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.config["zero_optimization"]["stage"] == 3:
+            from deepspeed.runtime.zero import GatheredParameters
+            with GatheredParameters(list(self._module.parameters()), modifier_rank=None):
+                return {"model": {k: v.detach().clone() for k, v in self._module.state_dict().items()}}
+        return {"model": self._module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], with_optimizer: bool = True) -> None:
+        if self.config["zero_optimization"]["stage"] == 3:
+            from deepspeed.runtime.zero import GatheredParameters
+            with GatheredParameters(list(self._module.parameters()), modifier_rank=0):
+                self._module.load_state_dict(state["model"])
+        else:
+            self._module.load_state_dict(state["model"])
+            # ZeRO 1/2 keep fp32 master partitions: refresh them from the loaded weights
+            refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+            if refresh is not None:
+                refresh()
+
+    def save_optimizer(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag="deepspeed", client_state={},
+                                    save_latest=False, exclude_frozen_parameters=False)
+
+    def load_optimizer(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=True,
+                                    load_optimizer_states=True, load_lr_scheduler_states=False,
+                                    load_module_only=False)
