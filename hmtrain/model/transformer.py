@@ -6,7 +6,7 @@ that never crosses a document boundary. No parallelism lives here (see hmtrain/p
 
 With memory, layer i's FFN is (DESIGN.md, "The memory, exactly")
     y = [W_down | U_down_b] . (silu([W_gate; U_gate_b] x) * [W_up; U_up_b] x)
-computed by `kernels.memory_ffn`, where U_b are the blocks fetched for sequence b.
+computed by `hmtrain_kernels.memory_ffn`, where U_b are the blocks fetched for sequence b.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hmtrain.config.schema import ModelConfig
-from kernels import memory_ffn, resolve_impl
+from hmtrain_kernels import memory_ffn, resolve_impl
 
 
 class LayerMemory(Protocol):
@@ -98,7 +98,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU; with memory, the per-sequence blocks join the hidden units (kernels.memory_ffn)."""
+    """SwiGLU; with memory, the per-sequence blocks join the hidden units (hmtrain_kernels.memory_ffn)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
