@@ -11,10 +11,11 @@ own). A query attends to keys at or before it in the same segment. Two implement
   Triton kernels); elsewhere torch runs its unfused reference, forward only.
 
 `auto` is `flex` on CUDA (head_dim >= 16, the Triton kernels' minimum) and `sdpa` elsewhere.
-Measured on CPU with torch 2.13 (1 thread, B=4..8, T=128..256, see the helper report in the lead's
-notes): FlexAttention has no CPU backward (eager or compiled raise NotImplementedError), its eager
-forward materialises the scores and is 7-27x slower than SDPA with the dense mask, and its compiled
-forward is only as fast as SDPA after seconds of compilation per shape.
+On CPU, torch 2.13's FlexAttention has no backward (eager or compiled: NotImplementedError), so it
+cannot train there; for the forward, `python -m hmtrain.model.bench_attention` measured (1 thread,
+4 x 4 heads x 256 x 32, ~5 documents per row) the eager path 20x slower than SDPA with the dense
+mask, and the compiled one 1.07x SDPA's time after 12.7 s of compilation (2.2x faster at 2 x 1,024
+tokens, after 8 s). `flex` on CPU stays selectable, forward only, to check the flex path.
 Without segments (one document per row) both use SDPA's `is_causal=True`.
 """
 from __future__ import annotations

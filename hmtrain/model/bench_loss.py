@@ -6,14 +6,16 @@
 `plain` is what training did before: logits = hidden @ weight.T for all tokens, then fp32
 cross-entropy (`lm_loss`), then backward. `chunked N` is `lm_loss_sum(..., chunk_tokens=N)`.
 Peak memory is the growth above the inputs during one forward + backward: on CUDA from
-`torch.cuda.max_memory_allocated`; on CPU from the process's peak RSS (each row runs in a fresh
-process, so one row's peak cannot hide another's). Time is the median over `--iters` runs after a
-warm-up (CUDA events on GPU). Inputs are seeded, so every row gets the same ones.
+`torch.cuda.max_memory_allocated`; on CPU from the peak RSS of a fresh process per row, with
+glibc told to return every buffer over 128 KiB to the system when freed (so RSS follows the live
+tensors; timing runs in another process with malloc's defaults). Time is the median over `--iters`
+runs after a warm-up (CUDA events on GPU). Inputs are seeded, so every row gets the same ones.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import resource
 import statistics
 import time
@@ -53,9 +55,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(name: str, args: argparse.Namespace) -> tuple[float, float]:
-    """(peak bytes above the inputs, median ms) of one row."""
-    torch.set_num_threads(args.threads)
+def peak_bytes(name: str, args: argparse.Namespace) -> float:
+    """Growth of memory above the inputs (and their .grad buffers) during one forward + backward."""
     hidden, weight, labels = make_inputs(args.tokens, args.vocab, args.d_model, DTYPES[args.dtype], args.device)
     step = step_fn(name, hidden, weight, labels)
     if args.device.startswith("cuda"):
@@ -65,13 +66,18 @@ def measure(name: str, args: argparse.Namespace) -> tuple[float, float]:
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        step_fn(name, *make_inputs(64, 256, args.d_model, DTYPES[args.dtype], args.device))()  # load code pages
-        hidden.grad, weight.grad = torch.zeros_like(hidden), torch.zeros_like(weight)
-        base = _rss_bytes()
-        step()  # the first step in this process: its peak RSS is this row's peak
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        return float(torch.cuda.max_memory_allocated() - base)
+    step_fn(name, *make_inputs(64, 256, args.d_model, DTYPES[args.dtype], args.device))()  # load code pages
+    hidden.grad, weight.grad = torch.zeros_like(hidden), torch.zeros_like(weight)
+    base = _rss_bytes()
+    step()  # the first full-size step in this process: its peak RSS is this row's peak
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+
+
+def median_ms(name: str, args: argparse.Namespace) -> float:
+    hidden, weight, labels = make_inputs(args.tokens, args.vocab, args.d_model, DTYPES[args.dtype], args.device)
+    step = step_fn(name, hidden, weight, labels)
+    step()
     times = []
     for _ in range(args.iters):
         if args.device.startswith("cuda"):
@@ -85,23 +91,39 @@ def measure(name: str, args: argparse.Namespace) -> tuple[float, float]:
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
-    return float(peak), statistics.median(times)
+    return statistics.median(times)
 
 
-def _child(name: str, args: argparse.Namespace, queue) -> None:
-    queue.put(measure(name, args))
+def _child(fn, name: str, args: argparse.Namespace, queue) -> None:
+    torch.set_num_threads(args.threads)
+    queue.put(fn(name, args))
 
 
-def measure_isolated(name: str, args: argparse.Namespace) -> tuple[float, float]:
-    if args.device.startswith("cuda"):
-        return measure(name, args)
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
+def in_fresh_process(fn, name: str, args: argparse.Namespace, env: dict[str, str]) -> float:
+    """fn(name, args) in a new process, so that one row's memory cannot hide or inflate another's."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # a spawned child reads malloc's settings from its environment at start
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(fn, name, args, queue))
+        proc.start()
+        result = queue.get()
+        proc.join()
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     return result
+
+
+def measure(name: str, args: argparse.Namespace) -> tuple[float, float]:
+    """(peak bytes above the inputs, median ms) of one row."""
+    if args.device.startswith("cuda"):
+        return peak_bytes(name, args), median_ms(name, args)
+    # glibc otherwise keeps freed buffers below its (adaptive) mmap threshold, and RSS overstates
+    # what is live; for timing malloc keeps its defaults
+    malloc_env = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1"}
+    return in_fresh_process(peak_bytes, name, args, malloc_env), in_fresh_process(median_ms, name, args, {})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     names = ["plain"] + [f"chunked {c}" for c in args.chunks]
     print(f"device {args.device}, {args.tokens} tokens, vocab {args.vocab}, d {args.d_model}, {args.dtype}; "
           f"full fp32 logits would be {args.tokens * args.vocab * 4 / 2**20:.0f} MiB")
-    rows = {name: measure_isolated(name, args) for name in names}
+    rows = {name: measure(name, args) for name in names}
     base_mem, base_ms = rows["plain"]
     print(f"{'path':<16}{'peak MiB':>10}{'x plain':>9}{'ms':>10}{'x plain':>9}")
     for name, (mem, ms) in rows.items():
