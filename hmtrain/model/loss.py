@@ -50,7 +50,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         valid = labels != IGNORE_INDEX
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden_needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight_needs_grad else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if weight_needs_grad else None)
         for start in range(0, n_tokens, chunk_tokens):
             end = min(start + chunk_tokens, n_tokens)
             h, keep = hidden[start:end], valid[start:end]
