@@ -18,7 +18,10 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["hmtrain", "hmtrain.*", "kernels", "kernels.*"]),
+    # The kernels live in kernels/ but import as `hmtrain_kernels`: a top-level `kernels` would
+    # collide with the PyPI project of that name.
+    packages=find_packages(include=["hmtrain", "hmtrain.*"]) + ["hmtrain_kernels"],
+    package_dir={"hmtrain_kernels": "kernels"},
     install_requires=read_requirements("requirements.txt"),
     extras_require={"dev": read_requirements("requirements-dev.txt")},
     entry_points={"console_scripts": ["hmtrain=hmtrain.cli:main"]},

@@ -1,6 +1,6 @@
 """Kernels for the memory-augmented FFN (anchor SwiGLU + per-sequence fetched memory units).
 
-``import kernels`` never imports triton: the Triton implementation is loaded on first use of
+``import hmtrain_kernels`` never imports triton: the Triton implementation is loaded on first use of
 ``impl="triton"``, so CPU-only code paths work without it.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from kernels.reference import check_memory_ffn_inputs, memory_ffn_torch
+from hmtrain_kernels.reference import check_memory_ffn_inputs, memory_ffn_torch
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -29,16 +29,17 @@ def _triton_import_error() -> str | None:
 def resolve_impl(name: str, device: torch.device | str) -> str:
     """Map an impl name ("auto" | "torch" | "triton") to the one that runs on ``device``.
 
-    "auto" is "triton" on CUDA when triton imports, else "torch". "triton" raises a RuntimeError
-    saying why when it cannot run (no triton, or CPU tensors without TRITON_INTERPRET=1).
+    "auto" is "torch" on every device: the Triton kernels have passed their tests only under the
+    interpreter and have never run on a GPU. A GPU run of ``python -m hmtrain_kernels.bench_memory_ffn``
+    showing them correct and faster (recorded in docs/benchmarks.md) is what may flip this.
+    "triton" raises a RuntimeError saying why when it cannot run (no triton, or CPU tensors without
+    TRITON_INTERPRET=1).
     """
     if name not in IMPLS:
         raise ValueError(f"memory_ffn impl must be one of {IMPLS}, got {name!r}")
     device = torch.device(device)
-    if name == "torch":
+    if name in ("torch", "auto"):
         return "torch"
-    if name == "auto":
-        return "triton" if device.type == "cuda" and _triton_import_error() is None else "torch"
     error = _triton_import_error()
     if error is not None:
         raise RuntimeError(f"memory_ffn impl='triton' needs triton, which cannot be imported ({error}); "
@@ -74,6 +75,6 @@ def memory_ffn(
     """
     if resolve_impl(impl, x.device) == "torch":
         return memory_ffn_torch(x, w_gate, w_up, w_down, u_gate, u_up, u_down)
-    from kernels.memory_ffn_triton import memory_ffn_triton  # lazy: imports triton
+    from hmtrain_kernels.memory_ffn_triton import memory_ffn_triton  # lazy: imports triton
 
     return memory_ffn_triton(x, w_gate, w_up, w_down, u_gate, u_up, u_down)

@@ -2,11 +2,11 @@
 
 On a GPU (bf16, the paper's shapes, batch 8 x 2048 tokens)::
 
-    python -m kernels.bench_memory_ffn
+    python -m hmtrain_kernels.bench_memory_ffn
 
 CPU smoke run (tiny shapes, torch implementations only, timings meaningless)::
 
-    python -m kernels.bench_memory_ffn --device cpu --quick
+    python -m hmtrain_kernels.bench_memory_ffn --device cpu --quick
 
 FLOPs count the matmuls only: forward 3 GEMMs of N x d x (h+M) (gate, up, down), backward 6
 (da, dx from gate and up, and the three weight gradients): 6 and 18 * N * d * (h+M) FLOPs with
@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from kernels import memory_ffn, memory_ffn_torch
+from hmtrain_kernels import memory_ffn, memory_ffn_torch
 
 # d, anchor FFN width h, fetched memory units per layer M = sum of units on the path (DESIGN.md)
 PRESETS: dict[str, tuple[int, int, int]] = {

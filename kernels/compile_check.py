@@ -5,8 +5,8 @@ The interpreter (TRITON_INTERPRET=1) runs kernels as Python and skips the compil
 can pass kernels that do not compile. This compiles every kernel for e.g. sm_90 (H100) and reports
 what the compiler made of it::
 
-    python -m kernels.compile_check                 # first autotune config of each kernel, bf16
-    python -m kernels.compile_check --all-configs --dtype fp32 --arch 90
+    python -m hmtrain_kernels.compile_check                 # first autotune config of each kernel, bf16
+    python -m hmtrain_kernels.compile_check --all-configs --dtype fp32 --arch 90
 
 Must run without TRITON_INTERPRET=1 (the kernels are then plain JIT functions).
 """
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         p.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    from kernels import memory_ffn_triton as impl
+    from hmtrain_kernels import memory_ffn_triton as impl
 
     tuners = {"gate_up_fwd": impl._gate_up_fwd, "down_fwd": impl._down_fwd, "act_bwd": impl._act_bwd,
               "x_bwd": impl._x_bwd, "down_wgrad": impl._down_wgrad, "gate_up_wgrad": impl._gate_up_wgrad}

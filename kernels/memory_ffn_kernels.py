@@ -1,4 +1,4 @@
-"""Triton kernels of the memory-augmented SwiGLU FFN (launchers in ``kernels.memory_ffn_triton``).
+"""Triton kernels of the memory-augmented SwiGLU FFN (launchers in ``hmtrain_kernels.memory_ffn_triton``).
 
 Every kernel sees the hidden dimension as the concatenation ``[h | M]`` of the anchor's units and
 the sequence's memory units. A tile lies wholly in one part, so the weight source (shared ``W`` or

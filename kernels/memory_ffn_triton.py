@@ -11,7 +11,7 @@ Passes (N = B*T rows, H = h + M hidden units, each over the concatenated ``[h | 
 
 This is the minimum: the 3 forward and 6 backward GEMMs of a SwiGLU FFN with the elementwise
 work fused into their epilogues, and anchor and memory units handled by the same launches.
-Importing this module imports triton; ``kernels.memory_ffn`` imports it only for impl="triton".
+Importing this module imports triton; ``hmtrain_kernels.memory_ffn`` imports it only for impl="triton".
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 import triton
 
-from kernels.memory_ffn_kernels import (INTERPRET, act_bwd_kernel, down_fwd_kernel, down_wgrad_kernel,
+from hmtrain_kernels.memory_ffn_kernels import (INTERPRET, act_bwd_kernel, down_fwd_kernel, down_wgrad_kernel,
                                         gate_up_fwd_kernel, gate_up_wgrad_kernel, x_bwd_kernel)
-from kernels.reference import KERNEL_DTYPES, check_memory_ffn_inputs
+from hmtrain_kernels.reference import KERNEL_DTYPES, check_memory_ffn_inputs
 
 
 _SHAPE_KEY = ["B", "T", "d", "h", "M"]
@@ -235,7 +235,7 @@ class MemoryFFNFunction(torch.autograd.Function):
 
 
 def memory_ffn_triton(x, w_gate, w_up, w_down, u_gate, u_up, u_down) -> torch.Tensor:
-    """Triton ``memory_ffn``; shapes and semantics as in ``kernels.memory_ffn``.
+    """Triton ``memory_ffn``; shapes and semantics as in ``hmtrain_kernels.memory_ffn``.
 
     Under autocast every input is cast to the autocast dtype first, as autocast does for a matmul
     (fp32 master weights still get fp32 gradients, through the cast).

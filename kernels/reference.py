@@ -68,7 +68,7 @@ def memory_ffn_torch(
     u_up: torch.Tensor,
     u_down: torch.Tensor,
 ) -> torch.Tensor:
-    """Anchor SwiGLU FFN plus per-sequence memory SwiGLU FFN; shapes as in ``kernels.memory_ffn``."""
+    """Anchor SwiGLU FFN plus per-sequence memory SwiGLU FFN; shapes as in ``hmtrain_kernels.memory_ffn``."""
     check_memory_ffn_inputs(x, w_gate, w_up, w_down, u_gate, u_up, u_down)
     anchor = F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
     # bmm with per-sequence weights: [B, T, d] x [B, d, M] -> [B, T, M]; M = 0 gives zeros.

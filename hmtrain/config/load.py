@@ -125,6 +125,8 @@ def validate(config: Config) -> None:
     _require(m.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {m.head_dim}")
     _require(m.ffn_impl in ("auto", "torch", "triton"), "model.ffn_impl",
              f"must be auto, torch or triton, got {m.ffn_impl!r}")
+    _require(m.attention in ("auto", "flex", "sdpa"), "model.attention",
+             f"must be auto, flex or sdpa, got {m.attention!r}")
     _require(mem.kind == "ffn", "memory.kind", f"only 'ffn' memories are implemented, got {mem.kind!r}")
     _require(len(tree.branching) > 0, "tree.branching", "needs at least one level")
     _require(all(k >= 2 for k in tree.branching), "tree.branching", f"every factor must be >= 2, got {tree.branching}")

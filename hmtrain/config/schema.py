@@ -27,8 +27,12 @@ class ModelConfig:
     rope_base: float = 100_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # memory-augmented FFN implementation: auto (triton on GPU, torch on CPU) | torch | triton
+    # memory-augmented FFN implementation: auto | torch | triton. auto is torch on every device until
+    # a GPU run of the kernel benchmark shows the Triton kernels correct and faster (docs/benchmarks.md)
     ffn_impl: str = "auto"
+    # attention: auto | flex | sdpa. auto is flex (compiled FlexAttention, block-sparse document mask)
+    # on CUDA and sdpa (a dense [B,1,T,T] document mask) elsewhere: FlexAttention has no CPU backward
+    attention: str = "auto"
 
 
 @dataclass

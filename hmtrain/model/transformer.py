@@ -2,11 +2,12 @@
 
 Pre-norm decoder: gain-only RMSNorm, RoPE (positions restart at every document),
 QK-norm over the full query/key projections (OpenLM), SwiGLU FFN, causal attention
-that never crosses a document boundary. No parallelism lives here (see hmtrain/parallel).
+that never crosses a document boundary (hmtrain/model/attention.py: FlexAttention or SDPA).
+No parallelism lives here (see hmtrain/parallel).
 
 With memory, layer i's FFN is (DESIGN.md, "The memory, exactly")
     y = [W_down | U_down_b] . (silu([W_gate; U_gate_b] x) * [W_up; U_up_b] x)
-computed by `kernels.memory_ffn`, where U_b are the blocks fetched for sequence b.
+computed by `hmtrain_kernels.memory_ffn`, where U_b are the blocks fetched for sequence b.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hmtrain.config.schema import ModelConfig
-from kernels import memory_ffn, resolve_impl
+from hmtrain.model.attention import DocumentMask, attend, build_mask, resolve_attention
+from hmtrain_kernels import memory_ffn, resolve_impl
 
 
 class LayerMemory(Protocol):
@@ -64,14 +66,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.type_as(x)
 
 
-def document_mask(segments: Tensor) -> Tensor:
-    """[B, 1, T, T] boolean: causal and within the same document."""
-    T = segments.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    same_doc = segments[:, :, None] == segments[:, None, :]
-    return (same_doc & causal)[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -84,21 +78,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(inner, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(inner, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask) -> Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.wq(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_norm(self.wk(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU; with memory, the per-sequence blocks join the hidden units (kernels.memory_ffn)."""
+    """SwiGLU; with memory, the per-sequence blocks join the hidden units (hmtrain_kernels.memory_ffn)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -123,7 +114,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask,
                 memory: Optional[tuple[Tensor, Tensor, Tensor]], impl: str) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.ffn(self.ffn_norm(x), memory, impl)
@@ -155,25 +146,37 @@ class Transformer(nn.Module):
             is_residual_out = name.endswith(("attn.wo.weight", "ffn.w_down.weight"))
             nn.init.normal_(param, mean=0.0, std=out_std if is_residual_out else std)
 
-    def forward(self, tokens: Tensor, *, segments: Optional[Tensor] = None,
-                memory: Optional[LayerMemory] = None) -> Tensor:
-        """tokens [B, T] -> logits [B, T, vocab]. `segments` [B, T] marks documents (attention and RoPE
-        stay inside each); `memory` supplies each sequence's fetched blocks, layer by layer."""
+    @property
+    def output_weight(self) -> Tensor:
+        """The head's [vocab, d_model] weight: the embedding table when tied."""
+        return self.output.weight
+
+    def hidden_states(self, tokens: Tensor, *, segments: Optional[Tensor] = None,
+                      memory: Optional[LayerMemory] = None) -> Tensor:
+        """tokens [B, T] -> final-norm output [B, T, d_model], the head's input (for a chunked loss).
+        `segments` [B, T] marks documents (attention and RoPE stay inside each); `memory` supplies
+        each sequence's fetched blocks, layer by layer."""
         B, T = tokens.shape
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's max_seq_len {self.max_seq_len}")
         if segments is None:
             cos, sin = self.rope_cos[None, None, :T], self.rope_sin[None, None, :T]
-            mask = None
         else:
             pos = positions_in_document(segments)
             cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
-            mask = document_mask(segments)
+        attention = resolve_attention(self.cfg.attention, tokens.device, self.cfg.head_dim)
+        mask = build_mask(segments, attention)  # once per forward, shared by every layer
         impl = resolve_impl(self.cfg.ffn_impl, tokens.device) if memory is not None else "torch"
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, memory.layer(i) if memory is not None else None, impl)
-        return self.output(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor, *, segments: Optional[Tensor] = None,
+                memory: Optional[LayerMemory] = None) -> Tensor:
+        """tokens [B, T] -> logits [B, T, vocab] (eval, generation); training uses `hidden_states`
+        with `hmtrain.model.loss.lm_loss_sum`, which never holds the full logits."""
+        return self.output(self.hidden_states(tokens, segments=segments, memory=memory))
 
 
 def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:

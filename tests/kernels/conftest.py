@@ -1,7 +1,7 @@
 """Kernel tests run the Triton kernels on CPU through Triton's interpreter when there is no GPU.
 
 TRITON_INTERPRET must be in the environment before the kernels are decorated (module import), so
-it is set here, at collection time, before any test imports ``kernels.memory_ffn_triton``.
+it is set here, at collection time, before any test imports ``hmtrain_kernels.memory_ffn_triton``.
 """
 from __future__ import annotations
 

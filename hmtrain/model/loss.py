@@ -1,0 +1,109 @@
+"""The LM loss straight from the final hidden states, never holding the full [B, T, vocab] logits.
+
+`lm_loss_sum(hidden, weight, labels)` is cross-entropy(hidden @ weight.T, labels) summed over the
+tokens whose label is not -100. The tokens are processed in chunks of `chunk_tokens`: a chunk's
+logits are computed in the input dtype, upcast to fp32 for the log-sum-exp, and turned at once into
+the chunk's gradients for the hidden states and the head weight (the softmax minus the one-hot
+target, times the chunk's inputs). Forward keeps those two gradients, not the logits; backward only
+scales them by the incoming gradient (as Liger-Kernel's fused linear cross-entropy does). Peak memory
+is one chunk's logits, a few times chunk_tokens x vocab, instead of several copies of B*T x vocab.
+
+Under autocast the head runs in the autocast dtype, as `nn.Linear` would; the gradients flow back
+through that cast to fp32 parameters. The weight's gradient is accumulated over chunks in fp32.
+Labels must be -100 or a valid index; they are not checked here (that would sync with the GPU).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def _chunk_loss_and_grad(h: Tensor, weight: Tensor, target: Tensor, keep: Tensor,
+                         need_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """One chunk: its summed loss (fp32) and d(loss)/d(logits) in h's dtype (None without grads)."""
+    logits = (h @ weight.T).float()  # [n, V] fp32: the one large buffer, reused in place below
+    safe_target = target.masked_fill(~keep, 0)[:, None]
+    target_logit = logits.gather(1, safe_target).squeeze(1)
+    row_max = logits.amax(dim=-1)
+    exp = logits.sub_(row_max[:, None]).exp_()  # a log-sum-exp without a second [n, V] buffer
+    sum_exp = exp.sum(dim=-1)
+    loss = torch.where(keep, row_max + sum_exp.log() - target_logit, 0.0).sum()
+    if not need_grad:
+        return loss, None
+    # d(loss)/d(logits) = softmax - onehot(target), zero on ignored tokens
+    grad_logits = exp.div_(sum_exp[:, None])
+    grad_logits.scatter_add_(1, safe_target, torch.full_like(target_logit, -1.0)[:, None])
+    grad_logits.mul_(keep[:, None])
+    return loss, grad_logits.to(h.dtype)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int,
+                hidden_needs_grad: bool, weight_needs_grad: bool) -> tuple[Tensor, Tensor]:
+        # hidden [N, d], weight [V, d], labels [N]; one dtype for hidden and weight
+        n_tokens = hidden.shape[0]
+        valid = labels != IGNORE_INDEX
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden_needs_grad else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if weight_needs_grad else None)
+        for start in range(0, n_tokens, chunk_tokens):
+            end = min(start + chunk_tokens, n_tokens)
+            h, keep = hidden[start:end], valid[start:end]
+            loss, grad_logits = _chunk_loss_and_grad(h, weight, labels[start:end], keep,
+                                                     hidden_needs_grad or weight_needs_grad)
+            loss_sum += loss
+            if grad_hidden is not None:
+                torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
+            if grad_weight is not None and h.dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, h)
+            elif grad_weight is not None:  # bf16/fp16 product, fp32 sum over chunks
+                grad_weight.add_(grad_logits.T @ h)
+            del grad_logits  # free this chunk's buffer before the next chunk's logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        count = valid.sum()
+        ctx.mark_non_differentiable(count)
+        return loss_sum, count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_count: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def lm_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> tuple[Tensor, Tensor]:
+    """Sum of the next-token cross-entropies of `hidden @ weight.T` and the number of tokens counted.
+
+    hidden [B, T, d] (the model's final-norm output, `Transformer.hidden_states`), weight [V, d]
+    (`Transformer.output_weight`), labels [B, T] with -100 for tokens to ignore. Returns
+    (loss_sum, n_tokens): an fp32 scalar, differentiable in hidden and weight, and an int64 scalar,
+    both on the input's device, so a caller can add them over micro-batches without a host sync.
+    """
+    if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"lm_loss_sum: hidden must be [B, T, d] and weight [V, d], got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"lm_loss_sum: labels must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+    if chunk_tokens <= 0:
+        raise ValueError(f"lm_loss_sum: chunk_tokens must be positive, got {chunk_tokens}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    hidden, weight = hidden.flatten(0, 1).to(dtype), weight.to(dtype)
+    grad_on = torch.is_grad_enabled()
+    with torch.autocast(device_type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels.flatten(), chunk_tokens,
+                                                grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
