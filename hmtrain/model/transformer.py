@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from hmtrain.config.schema import ModelConfig
 from hmtrain.model.attention import DocumentMask, attend, build_mask, resolve_attention
+from hmtrain.model.loss import lm_loss_sum
 from hmtrain_kernels import memory_ffn, resolve_impl
 
 
@@ -172,11 +173,15 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, memory.layer(i) if memory is not None else None, impl)
         return self.norm(x)
 
-    def forward(self, tokens: Tensor, *, segments: Optional[Tensor] = None,
-                memory: Optional[LayerMemory] = None) -> Tensor:
-        """tokens [B, T] -> logits [B, T, vocab] (eval, generation); training uses `hidden_states`
-        with `hmtrain.model.loss.lm_loss_sum`, which never holds the full logits."""
-        return self.output(self.hidden_states(tokens, segments=segments, memory=memory))
+    def forward(self, tokens: Tensor, *, segments: Optional[Tensor] = None, memory: Optional[LayerMemory] = None,
+                labels: Optional[Tensor] = None):
+        """tokens [B, T] -> logits [B, T, vocab] (eval, generation); with `labels` [B, T], the training
+        path: (sum of token losses, tokens counted) from `lm_loss_sum`, which never holds the full logits.
+        The loss is computed here, inside forward, so that an FSDP-wrapped model has its head unsharded."""
+        hidden = self.hidden_states(tokens, segments=segments, memory=memory)
+        if labels is not None:
+            return lm_loss_sum(hidden, self.output_weight, labels)
+        return self.output(hidden)
 
 
 def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
