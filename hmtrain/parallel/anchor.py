@@ -36,8 +36,8 @@ class TorchAnchor:
         self.device = device
         self.optimizer = build_adamw(model, optim, device)
 
-    def reset(self, optim: OptimConfig) -> None:
-        """A new phase: fresh moments and the phase's hyper-parameters."""
+    def reset(self, optim: OptimConfig, accumulation: int = 1) -> None:
+        """A new phase: fresh moments and the phase's hyper-parameters (`accumulation` is DeepSpeed's)."""
         self.optimizer = build_adamw(self.model, optim, self.device)
 
     def set_trainable(self, trainable: bool) -> None:

@@ -69,8 +69,9 @@ class DeepSpeedAnchor:
     def model(self):
         return self.engine
 
-    def reset(self, optim: OptimConfig) -> None:
+    def reset(self, optim: OptimConfig, accumulation: int = 1) -> None:
         """A new phase: a new engine over the same module, with fresh moments and the phase's settings."""
+        self.config["gradient_accumulation_steps"] = accumulation
         self.engine.destroy()
         self.engine = self._initialize(optim)
         self._micro = 0

@@ -92,6 +92,20 @@ def micro_batches_per_step(global_batch: int, micro: int, world: int) -> int:
     return global_batch // (micro * world)
 
 
+def build_anchor(model: Transformer, cfg: Config, info: DistInfo, recipe: Recipe, step: int, precision):
+    """The anchor's engine: FSDP2 (or a plain module on one process), or DeepSpeed ZeRO."""
+    optim = recipe.anchor_optim(recipe.phase(step))
+    if info.distributed and cfg.parallel.engine == "deepspeed":
+        from hmtrain.parallel.deepspeed_engine import DeepSpeedAnchor
+
+        batch = recipe.at(step).global_batch
+        return DeepSpeedAnchor(model, optim, info.device, zero_stage=cfg.parallel.zero_stage,
+                               micro_batch=cfg.train.micro_batch_size,
+                               accumulation=micro_batches_per_step(batch, cfg.train.micro_batch_size, info.world_size),
+                               world_size=info.world_size, bf16=precision.autocast_dtype == torch.bfloat16)
+    return TorchAnchor(model, optim, info.device)
+
+
 def train(cfg: Config, *, resume: bool = False) -> Path:
     """Run (or resume) training; returns the final checkpoint directory."""
     info = init_distributed(cfg.parallel, cfg.train)
@@ -130,7 +144,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> Path:
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpointer.directory}")
     if resume:
         step = Checkpointer.read_trainer(latest)["step"]
-    anchor = TorchAnchor(model, recipe.anchor_optim(recipe.phase(step)), device)
+    anchor = build_anchor(model, cfg, info, recipe, step, precision)
 
     def loader_for(global_batch: int, state: Optional[dict] = None) -> StepLoader:
         micro = micro_batches_per_step(global_batch, tc.micro_batch_size, info.world_size)
@@ -196,7 +210,8 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> Path:
         while step < recipe.total_steps:
             now = recipe.at(step)
             if now.phase != current.phase:  # the phase switch: fresh anchor moments, maybe a new batch size
-                anchor.reset(recipe.anchor_optim(now.phase))
+                anchor.reset(recipe.anchor_optim(now.phase),
+                             accumulation=micro_batches_per_step(now.global_batch, tc.micro_batch_size, info.world_size))
                 anchor.set_trainable(now.anchor_trains)
                 if now.global_batch != current.global_batch:
                     loader = loader_for(now.global_batch, loader.state_dict())
@@ -222,8 +237,9 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> Path:
                     memory = bank.fetch(plan, k)
                     window["fetch_s"] += time.perf_counter() - fetch_started
                 with precision.autocast():
-                    micro_loss, _ = model(mb["tokens"], segments=mb["segments"], memory=memory, labels=mb["labels"])
-                (micro_loss / max(global_tokens, 1)).backward()
+                    micro_loss, _ = anchor.model(mb["tokens"], segments=mb["segments"], memory=memory,
+                                                 labels=mb["labels"])
+                anchor.backward(micro_loss / max(global_tokens, 1), last=k == len(micro_batches) - 1)
                 if memory is not None:
                     bank.return_grads(memory)
                 loss_sum += micro_loss.detach()
