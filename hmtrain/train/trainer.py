@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from tqdm.auto import tqdm
 
 from hmtrain.config import Config, flatten, to_yaml
-from hmtrain.data.loader import ShardLoader
+from hmtrain.data.loader import StepLoader
 from hmtrain.data.prepared import PreparedData
 from hmtrain.memory import MemoryBank, build_bank, uses_memory
 from hmtrain.model import Transformer, count_parameters, lm_loss, run_model_config
@@ -87,7 +87,7 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     run_dir = Path(tc.run_dir)
     precision = resolve_precision(tc)
     device = precision.device
-    data = PreparedData.open(cfg.data.prepared)
+    data = PreparedData.open(cfg.data.prepared, verify="checksums" if cfg.data.verify_checksums else "sizes")
     data.check_compatible(cfg)
     torch.manual_seed(tc.seed)
 
@@ -101,8 +101,8 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     anchor_steps = total_steps if (dense or tc.anchor == "cotrain" or bank is None) else tc.pretrain_steps
     p_generic = generic_probability(cfg) if bank is not None and bank.has_generic else 0.0
 
-    loader = ShardLoader(data.shard_dir, data.shards("train"), batch_size=tc.batch_size, seed=tc.seed,
-                         eot_id=data.manifest["eot_id"], pad_id=data.manifest["pad_id"])
+    loader = StepLoader(data, "train", global_batch=tc.batch_size * tc.grad_accum, micro_batches=tc.grad_accum,
+                        seed=tc.seed, num_workers=cfg.data.num_workers)
     generator = torch.Generator().manual_seed(tc.seed + 1)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
 
@@ -156,7 +156,8 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
                                                     "mode": tc.mode}, to_yaml(cfg))
 
     stop = StopRequest()
-    batches = iter(loader)
+    # one (micro-batch, state after its step) pair per micro-batch, as the loop below reads them
+    batches = ((batch, step_state) for micro, step_state in loader for batch in micro)
     loader_state = loader.state_dict()
     last_checkpoint: Optional[Path] = latest if resume else None
     bar = tqdm(total=total_steps, initial=step, desc=f"train ({tc.mode})", disable=not tc.progress,
