@@ -123,7 +123,7 @@ def _parquet_records(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a broken file
-        raise ValueError(f"{path}: cannot read parquet file: {e}") from e
+        raise ValueError(f"{path}: cannot read parquet file: {' '.join(str(e).split())}") from e
     present = [c for c in columns if c in pf.schema_arrow.names]
     # Stream record batches: input files can be far larger than memory.
     batches = pf.iter_batches(batch_size=4096, columns=present)
@@ -134,7 +134,8 @@ def _parquet_records(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]
         except StopIteration:
             return
         except (OSError, ValueError, pa.ArrowException) as e:  # garbled pages: thrift, decompression, decoding
-            raise ValueError(f"{path}: cannot read records from {index} on: corrupt parquet data ({e})") from e
+            raise ValueError(f"{path}: cannot read records from {index} on: corrupt parquet data "
+                             f"({' '.join(str(e).split())})") from e
         yield from batch.to_pylist()
         index += batch.num_rows
 
