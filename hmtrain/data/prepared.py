@@ -85,6 +85,6 @@ class PreparedData:
         if cfg.data.seq_len != m["seq_len"]:
             raise ValueError(f"config key 'data.seq_len' is {cfg.data.seq_len} but {self.root} was prepared "
                              f"with {m['seq_len']}")
-        if cfg.model.vocab_size < m["vocab_size"]:
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size < m["vocab_size"]:  # None: the tokenizer's
             raise ValueError(f"config key 'model.vocab_size' is {cfg.model.vocab_size}, smaller than the "
                              f"tokenizer's {m['vocab_size']} in {self.root}")
