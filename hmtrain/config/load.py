@@ -134,6 +134,15 @@ def validate(config: Config) -> None:
              f"needs one entry per tree level ({len(tree.branching)}), got {mem.units}")
     _require(all(u >= 0 for u in mem.units), "memory.units", f"must be >= 0, got {mem.units}")
     _require(tree.balance > 1.0, "tree.balance", f"must be > 1, got {tree.balance}")
+    _require(tree.em_steps >= 0, "tree.em_steps", f"must be >= 0, got {tree.em_steps}")
+    _require(tree.subsample > 0, "tree.subsample", f"must be positive, got {tree.subsample}")
+    _require(tree.fit_sample >= 0, "tree.fit_sample", f"must be >= 0 (0 = all documents), got {tree.fit_sample}")
+    _require(data.embed_batch_size > 0, "data.embed_batch_size", f"must be positive, got {data.embed_batch_size}")
+    _require(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
+    _require(bool(data.text_field), "data.text_field", "must name the documents' text field")
+    _require(bool(data.prepared), "data.prepared", "must name the prepared data directory")
+    _require(data.tokenizer != "bpe" or data.tokenizer_vocab >= 258, "data.tokenizer_vocab",
+             f"a bpe tokenizer needs >= 258 (256 bytes + 2 special tokens), got {data.tokenizer_vocab}")
     _require(0.0 <= data.heldout_fraction < 1.0, "data.heldout_fraction",
              f"must be in [0, 1), got {data.heldout_fraction}")
     _require(data.tokenizer in ("bpe", "byte"), "data.tokenizer", f"must be bpe or byte, got {data.tokenizer!r}")

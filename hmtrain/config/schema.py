@@ -80,6 +80,10 @@ class DataConfig:
     # probe questions (probes.jsonl from `hmtrain data synth`) scored by `hmtrain eval`
     probes: Optional[str] = None
     seed: int = 0
+    # DataLoader worker processes that read and assemble batches (0 = in the training process)
+    num_workers: int = 0
+    # also check every prepared file's sha256 when training / eval starts (sizes are always checked)
+    verify_checksums: bool = False
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,13 +72,32 @@ def list_document_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def _lines(path: Path, f) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line); a truncated or corrupt compressed stream fails naming the file and line."""
+    lineno = 0
+    lines = iter(f)
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except (EOFError, OSError, zlib.error) as e:
+            raise ValueError(f"{path}: cannot read past line {lineno}: truncated or corrupt file ({e})") from e
+        lineno += 1
+        yield lineno, raw
+
+
 def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
     """JSON objects of a .jsonl / .jsonl.gz file; errors name the file and line."""
     opener = gzip.open if _suffix(path) == ".jsonl.gz" else open
     index = 0
     # Read bytes and decode per line so a bad byte is reported with its line.
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+    try:
+        f = opener(path, "rb")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot open: {e.strerror or e}") from e
+    with f:
+        for lineno, raw in _lines(path, f):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -97,16 +117,27 @@ def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _parquet_records(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a broken file
-        raise ValueError(f"{path}: cannot read parquet file: {e}") from e
+        raise ValueError(f"{path}: cannot read parquet file: {' '.join(str(e).split())}") from e
     present = [c for c in columns if c in pf.schema_arrow.names]
     # Stream record batches: input files can be far larger than memory.
-    for batch in pf.iter_batches(batch_size=4096, columns=present):
+    batches = pf.iter_batches(batch_size=4096, columns=present)
+    index = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, ValueError, pa.ArrowException) as e:  # garbled pages: thrift, decompression, decoding
+            raise ValueError(f"{path}: cannot read records from {index} on: corrupt parquet data "
+                             f"({' '.join(str(e).split())})") from e
         yield from batch.to_pylist()
+        index += batch.num_rows
 
 
 def _records(path: Path, text_field: str, id_field: str | None) -> Iterator[dict[str, Any]]:

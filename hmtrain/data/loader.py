@@ -1,230 +1,174 @@
-"""Deterministic, exactly resumable shard loader, split by rank.
+"""The step loader: one rank's micro-batches for each optimizer step, cut from one global stream.
 
-Each rank sees a stream of samples fixed by (seed, epoch, rank, world_size,
-shard list); its position in that stream is three integers (epoch, shard
-cursor, sample cursor). Every batch is yielded with the position right after
-it (lingua-style), so a checkpoint stores that state and a restarted run
-continues with exactly the next sample.
+The stream is fixed by (split, seed, subtrees): stream position P holds the sequence
+`StreamOrder.ids(P, P + 1)`, a uniform shuffle of the split per epoch (order.py), so a batch is a
+sample of the whole split and level-1 nodes appear in proportion to their sequence counts (every
+sequence holds seq_len tokens but each leaf's last: token-weighted). A step takes the next
+`global_batch` positions; the loader's state is the position after the step, {epoch, position}.
+It names no rank, world size, micro-batch or worker count, so a run resumes on any of those at
+exactly the same place, and the ranks' parts of a step always add up to the same global batch.
 
-Per epoch the shard order is shuffled with (seed, epoch) and rank r takes
-every world_size-th shard from r. With fewer shards than ranks, every rank
-walks all shards and keeps the samples whose index in the epoch stream is
-congruent to r modulo world_size. Inside a shard, samples are shuffled with
-(seed, epoch, shard index).
+Placement of a step's ids on ranks:
+  gather (owner_of_subtree None): the ids, in stream order, are cut into world_size * micro_batches
+      equal chunks; micro-batch k of rank r is chunk k * world_size + r.
+  owner (owner_of_subtree[level-1 node] = rank): rank r keeps the ids of the subtrees it owns, in
+      stream order, split into micro_batches near-equal chunks. A chunk may be empty (0 rows):
+      every rank still runs every micro-batch, in lockstep.
+
+Every step is a pure function of its number (`_Steps`), so with num_workers > 0 DataLoader worker
+processes build the micro-batches, each reading only this rank's sequences of its own steps, and
+the result is identical to num_workers = 0.
 """
-
 from __future__ import annotations
 
-import hashlib
-import json
+import itertools
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
-from hmtrain.data.packing import make_batch
-from hmtrain.data.shards import read_shard
+from hmtrain.data.order import StreamOrder
+from hmtrain.data.prepared import PreparedData
+from hmtrain.data.sequences import Sequences
 
-# Domain tags keep the two kinds of seeds apart: numpy's SeedSequence maps
-# [s, e] and [s, e, 0] to the same stream, so untagged lists could collide.
-_TAG_SHARDS, _TAG_SAMPLES = 0, 1
-
-
-def shards_fingerprint(shards: Sequence[dict]) -> str:
-    """Short hash of the shard list (names, sizes, order): a resumed run must see the same list."""
-    canon = json.dumps([[s["file"], s["samples"]] for s in shards], separators=(",", ":"))
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+_IDENTITY = ("split", "seed", "shuffle", "subtrees", "fingerprint", "sequences")
 
 
-class ShardLoader:
-    """Yields (batch, state) pairs; see the module docstring for the order.
+def _identity(item):
+    return item
 
-    The loader itself holds the position: `__iter__` continues from it and
-    advances it, `state_dict` / `load_state_dict` save and restore it. Iterate
-    one iterator at a time.
+
+class _Steps(Dataset):
+    """Item k: (this rank's micro-batches of the k-th step after stream position `start`, state after it)."""
+
+    def __init__(self, sequences: Sequences, order: StreamOrder, *, start: int, stop: int | None, global_batch: int,
+                 micro_batches: int, rank: int, world_size: int, owner: np.ndarray | None, identity: dict):
+        self.sequences, self.order = sequences, order
+        self.start, self.stop = start, stop
+        self.global_batch, self.micro_batches = global_batch, micro_batches
+        self.rank, self.world_size, self.owner = rank, world_size, owner
+        self.identity = identity
+
+    def num_steps(self) -> int:
+        assert self.stop is not None
+        return -(-(self.stop - self.start) // self.global_batch)
+
+    def _mine(self, ids: np.ndarray) -> list[np.ndarray]:
+        if self.owner is None:
+            chunks = np.array_split(ids, self.world_size * self.micro_batches)
+            return [chunks[k * self.world_size + self.rank] for k in range(self.micro_batches)]
+        kept = ids[self.owner[self.sequences.level1(ids)] == self.rank]
+        return np.array_split(kept, self.micro_batches)
+
+    def __getitem__(self, k: int) -> tuple[list[dict[str, Tensor]], dict]:
+        lo = self.start + k * self.global_batch
+        hi = lo + self.global_batch if self.stop is None else min(lo + self.global_batch, self.stop)
+        micro = [self.sequences.batch(chunk) for chunk in self._mine(self.order.ids(lo, hi))]
+        epoch, position = divmod(hi, self.order.size)
+        return micro, {"epoch": epoch, "position": position, **self.identity}
+
+
+class StepLoader:
+    """Yields (this rank's micro-batches for one optimizer step, loader state right after that step).
+
+    The loader holds its position: `__iter__` continues from it and advances it as steps are
+    yielded; `state_dict` / `load_state_dict` save and restore it. Iterate one iterator at a time.
+    shuffle=False visits ids in order; infinite=False stops at the end of the current epoch (its
+    last step may be short).
     """
 
-    def __init__(
-        self,
-        root: Path,
-        shards: Sequence[dict],
-        *,
-        batch_size: int,
-        seed: int,
-        eot_id: int,
-        pad_id: int,
-        rank: int = 0,
-        world_size: int = 1,
-        infinite: bool = True,
-        shuffle: bool = True,
-    ):
-        self.root = Path(root)
-        self.shards = [dict(s) for s in shards]
-        if not self.shards:
-            raise ValueError(f"ShardLoader: no shards given (root {self.root})")
-        seen: set[str] = set()
-        for i, s in enumerate(self.shards):
-            if not isinstance(s.get("file"), str) or not isinstance(s.get("samples"), int):
-                raise ValueError(f"shard entry {i} must have 'file' (str) and 'samples' (int): {s!r}")
-            if s["samples"] < 1:
-                raise ValueError(f"shard {s['file']} lists {s['samples']} samples, need >= 1")
-            if s["file"] in seen:
-                raise ValueError(f"shard {s['file']} is listed twice")
-            seen.add(s["file"])
-            if not (self.root / s["file"]).is_file():
-                raise FileNotFoundError(f"shard not found: {self.root / s['file']}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        if eot_id == pad_id:
-            raise ValueError(f"eot_id and pad_id must differ, both are {eot_id}")
+    def __init__(self, data: PreparedData, split: str, *, global_batch: int, micro_batches: int, seed: int,
+                 rank: int = 0, world_size: int = 1, subtrees: Sequence[int] | None = None,
+                 owner_of_subtree: Sequence[int] | None = None, num_workers: int = 0,
+                 shuffle: bool = True, infinite: bool = True):
+        self.sequences = data.sequences(split)
+        k1 = self.sequences.num_level1
+        if global_batch < 1 or micro_batches < 1:
+            raise ValueError(f"global_batch ({global_batch}) and micro_batches ({micro_batches}) must be >= 1")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-        self.stride_samples = len(self.shards) < world_size
-        total = sum(s["samples"] for s in self.shards)
-        if self.stride_samples and total <= rank:
-            raise ValueError(
-                f"rank {rank} would get no samples: {total} samples in {len(self.shards)} shards "
-                f"for world_size {world_size}"
-            )
-        self.batch_size = batch_size
-        self.seed = seed
-        self.eot_id = eot_id
-        self.pad_id = pad_id
-        self.rank = rank
-        self.world_size = world_size
-        self.infinite = infinite
-        self.shuffle = shuffle
-        self.fingerprint = shards_fingerprint(self.shards)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        self.owner = None
+        if owner_of_subtree is None:
+            if global_batch % (world_size * micro_batches):
+                raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size} x "
+                                 f"micro_batches {micro_batches} = {world_size * micro_batches}")
+        else:
+            self.owner = np.asarray(owner_of_subtree, dtype=np.int64).reshape(-1)
+            if self.owner.size != k1 or self.owner.min() < 0 or self.owner.max() >= world_size:
+                raise ValueError(f"owner_of_subtree must give each of the {k1} level-1 nodes a rank in "
+                                 f"[0, {world_size}), got {list(owner_of_subtree)}")
+        if subtrees is not None:
+            subtrees = [int(s) for s in subtrees]
+            if not subtrees or len(set(subtrees)) != len(subtrees) or min(subtrees) < 0 or max(subtrees) >= k1:
+                raise ValueError(f"subtrees must be distinct level-1 nodes in [0, {k1}), got {subtrees}")
+        ranges = self.sequences.subtree_ranges(subtrees) if subtrees is not None else [(0, len(self.sequences))]
+        if sum(stop - start for start, stop in ranges) == 0:
+            where = f"level-1 subtrees {subtrees}" if subtrees is not None else f"split {split!r}"
+            raise ValueError(f"{data.root}: {where} holds no sequences")
+        self.order = StreamOrder(ranges, seed=seed, shuffle=shuffle)
+        self.split, self.seed, self.shuffle, self.infinite = split, seed, shuffle, infinite
+        self.global_batch, self.micro_batches = global_batch, micro_batches
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.identity = {"split": split, "seed": seed, "shuffle": shuffle, "sequences": self.order.size,
+                         "subtrees": subtrees, "fingerprint": self.sequences.fingerprint}
+        self._position = 0  # global stream position of the next step
 
-        self.epoch = 0
-        self.shard_cursor = 0
-        self.sample_cursor = 0
-        self._plan_epoch = -1
-        self._plan: list[int] = []
-        self._offsets: list[int] = []
-        self._cache: tuple[int, list[tuple[np.ndarray, np.ndarray]]] | None = None
+    @property
+    def sequences_per_epoch(self) -> int:
+        return self.order.size
 
-    # --- order ---------------------------------------------------------------
+    def _steps(self, start: int) -> _Steps:
+        stop = None if self.infinite else (start // self.order.size + 1) * self.order.size
+        return _Steps(self.sequences, self.order, start=start, stop=stop, global_batch=self.global_batch,
+                      micro_batches=self.micro_batches, rank=self.rank, world_size=self.world_size,
+                      owner=self.owner, identity=self.identity)
 
-    def _epoch_plan(self, epoch: int) -> list[int]:
-        """Manifest indices of this rank's shards for `epoch`, in visiting order."""
-        if self._plan_epoch != epoch:
-            order = np.arange(len(self.shards))
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch, _TAG_SHARDS]).permutation(order)
-            plan = [int(i) for i in order]
-            if not self.stride_samples:
-                plan = plan[self.rank :: self.world_size]
-            # Index in the epoch stream of each plan entry's first sample (stride mode).
-            sizes = [self.shards[i]["samples"] for i in plan]
-            self._offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-            self._plan, self._plan_epoch = plan, epoch
-        return self._plan
-
-    def _sample_order(self, epoch: int, shard: int) -> np.ndarray:
-        n = self.shards[shard]["samples"]
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch, _TAG_SAMPLES, shard]).permutation(n)
-
-    def _load(self, shard: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        # Only the current shard is kept: shards are small and visited once per epoch.
-        if self._cache is None or self._cache[0] != shard:
-            entry = self.shards[shard]
-            path = self.root / entry["file"]
-            samples = read_shard(path)
-            if len(samples) != entry["samples"]:
-                raise ValueError(
-                    f"corrupt shard {path}: holds {len(samples)} samples, "
-                    f"the manifest says {entry['samples']}"
-                )
-            self._cache = (shard, [(s["tokens"], s["path"]) for s in samples])
-        return self._cache[1]
-
-    def _samples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """This rank's samples from the current position; the cursors advance as each is yielded."""
-        start_epoch = self.epoch
-        while self.infinite or self.epoch == start_epoch:
-            plan = self._epoch_plan(self.epoch)
-            if self.shard_cursor >= len(plan):
-                self.epoch, self.shard_cursor, self.sample_cursor = self.epoch + 1, 0, 0
-                continue
-            shard = plan[self.shard_cursor]
-            order = self._sample_order(self.epoch, shard)
-            data = self._load(shard)
-            offset = self._offsets[self.shard_cursor]
-            while self.sample_cursor < len(order):
-                pos = self.sample_cursor
-                self.sample_cursor += 1
-                mine = not self.stride_samples or (offset + pos) % self.world_size == self.rank
-                if mine:
-                    sample = data[order[pos]]
-                    self._normalize()
-                    yield sample
-                    if self.sample_cursor == 0:  # _normalize moved on to the next shard
-                        break
-            else:
-                self.shard_cursor, self.sample_cursor = self.shard_cursor + 1, 0
-
-    def _normalize(self) -> None:
-        """Point at the next sample to read: a finished shard becomes (next shard, 0)."""
-        plan = self._epoch_plan(self.epoch)
-        if self.sample_cursor >= self.shards[plan[self.shard_cursor]]["samples"]:
-            self.shard_cursor, self.sample_cursor = self.shard_cursor + 1, 0
-            if self.shard_cursor >= len(plan):
-                self.epoch, self.shard_cursor = self.epoch + 1, 0
-
-    # --- iteration and state -------------------------------------------------
-
-    def __iter__(self) -> Iterator[tuple[dict[str, Tensor], dict]]:
-        batch: list[tuple[np.ndarray, np.ndarray]] = []
-        for sample in self._samples():
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield make_batch(batch, eot_id=self.eot_id, pad_id=self.pad_id), self.state_dict()
-                batch = []
-        if batch:  # only reached when infinite=False: the epoch's last, partial batch
-            yield make_batch(batch, eot_id=self.eot_id, pad_id=self.pad_id), self.state_dict()
+    def __iter__(self) -> Iterator[tuple[list[dict[str, Tensor]], dict]]:
+        steps = self._steps(self._position)
+        indices = itertools.count() if self.infinite else range(steps.num_steps())
+        if self.num_workers == 0:
+            items = (steps[k] for k in indices)
+        else:
+            items = iter(DataLoader(steps, batch_size=None, sampler=indices, num_workers=self.num_workers,
+                                    collate_fn=_identity))
+        for micro, state in items:
+            self._position = state["epoch"] * self.order.size + state["position"]
+            yield micro, state
 
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "shard_cursor": self.shard_cursor,
-            "sample_cursor": self.sample_cursor,
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "shuffle": self.shuffle,
-            "fingerprint": self.fingerprint,
-        }
+        epoch, position = divmod(self._position, self.order.size)
+        return {"epoch": epoch, "position": position, **self.identity}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "rank", "world_size", "shuffle", "fingerprint"):
-            if key not in state:
-                raise ValueError(
-                    f"loader state lacks {key!r}: not a ShardLoader state? keys: {sorted(state)}"
-                )
-            if state[key] != getattr(self, key):
-                what = "shard list" if key == "fingerprint" else key
-                raise ValueError(
-                    f"loader state is from a different config: {what} was {state[key]!r}, "
-                    f"this loader has {getattr(self, key)!r}"
-                )
-        try:
-            epoch, shard_cursor, sample_cursor = (
-                int(state["epoch"]), int(state["shard_cursor"]), int(state["sample_cursor"])
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"loader state has a missing or non-integer cursor: {e}") from e
-        plan = self._epoch_plan(epoch) if epoch >= 0 else []
-        if epoch < 0 or not 0 <= shard_cursor < len(plan) or not (
-            0 <= sample_cursor < self.shards[plan[shard_cursor]]["samples"]
-        ):
-            raise ValueError(
-                f"loader state position out of range: epoch {epoch}, shard_cursor {shard_cursor}, "
-                f"sample_cursor {sample_cursor}"
-            )
-        self.epoch, self.shard_cursor, self.sample_cursor = epoch, shard_cursor, sample_cursor
+        if not isinstance(state, dict):
+            raise ValueError(f"loader state must be a dict, got {type(state).__name__}")
+        missing = [key for key in ("epoch", "position", *_IDENTITY) if key not in state]
+        if missing:
+            raise ValueError(f"loader state lacks {missing}: not a StepLoader state? keys: {sorted(state)}")
+        for key in _IDENTITY:
+            if state[key] != self.identity[key]:
+                what = {"fingerprint": "shard list fingerprint", "sequences": "sequence count"}.get(key, key)
+                raise ValueError(f"loader state is from a different stream: {what} was {state[key]!r}, "
+                                 f"this loader has {self.identity[key]!r}")
+        epoch, position = state["epoch"], state["position"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, position)) or epoch < 0 \
+                or not 0 <= position < self.order.size:
+            raise ValueError(f"loader state position out of range: epoch {epoch!r}, position {position!r} "
+                             f"(an epoch has {self.order.size} sequences)")
+        self._position = epoch * self.order.size + position
+
+
+def sequential_batches(data: PreparedData, split: str, batch_size: int) -> Iterator[dict[str, Tensor]]:
+    """The split's sequences once, in id order, `batch_size` at a time (the last batch may be short)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sequences = data.sequences(split)
+    if len(sequences) == 0:
+        raise ValueError(f"{data.root}: split {split!r} holds no sequences")
+    for start in range(0, len(sequences), batch_size):
+        yield sequences.batch(np.arange(start, min(start + batch_size, len(sequences))))

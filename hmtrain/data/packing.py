@@ -3,7 +3,9 @@
 A training sequence never mixes paths (DESIGN.md): `pack_leaf` is called once
 per leaf, so every sequence it yields carries exactly one path. Inside a
 sequence, documents are separated by EOT and `segment_ids` numbers them so the
-model can mask attention at document boundaries.
+model can mask attention at document boundaries. Since attention cannot see
+across an EOT, the position after it is not trained to predict the next
+document's first token (its label is masked, as OpenLM's mask-across-documents).
 
 Each sequence holds seq_len + 1 tokens: inputs are tokens[:-1] and targets are
 tokens[1:], so no token is stored twice and the stream is recoverable exactly.
@@ -127,16 +129,21 @@ def make_batch(
     *,
     eot_id: int,
     pad_id: int,
+    index: Sequence[int] | None = None,
 ) -> dict[str, Tensor]:
     """Stack (tokens [seq_len + 1], path) samples into model inputs.
 
-    Returns tokens / labels / segments [B, seq_len] and paths [B, L], all int64.
-    Labels are IGNORE_INDEX where the target is padding.
+    Returns tokens / labels / segments [B, seq_len] and paths [B, L], all int64, plus index [B]
+    (the samples' sequence ids) when given. Labels are IGNORE_INDEX where the target is padding
+    and where the input is an EOT: the next document's first token cannot be predicted from a
+    context that attention masks away.
     """
     if eot_id == pad_id:
         raise ValueError(f"eot_id and pad_id must differ, both are {eot_id}")
     if len(samples) == 0:
-        raise ValueError("make_batch needs at least one sample, got none")
+        raise ValueError("make_batch needs at least one sample, got none (empty_batch makes a 0-row batch)")
+    if index is not None and len(index) != len(samples):
+        raise ValueError(f"index has {len(index)} entries for {len(samples)} samples")
     rows, paths = [], []
     for i, (tokens, path) in enumerate(samples):
         arr = np.asarray(tokens)
@@ -150,9 +157,15 @@ def make_batch(
         p = np.asarray(path).reshape(-1)
         if p.size != np.asarray(samples[0][1]).size:
             raise ValueError(f"sample {i}: path {p.tolist()} has a different depth than sample 0")
-        rows.append(arr.astype(np.int64, copy=False))
-        paths.append(p.astype(np.int64, copy=False))
-    full = torch.from_numpy(np.stack(rows))
+        rows.append(arr)
+        paths.append(p)
+    return batch_from_arrays(np.stack(rows), np.stack(paths), eot_id=eot_id, pad_id=pad_id, index=index)
+
+
+def batch_from_arrays(tokens: np.ndarray, paths: np.ndarray, *, eot_id: int, pad_id: int,
+                      index: Sequence[int] | np.ndarray | None = None) -> dict[str, Tensor]:
+    """make_batch for samples already stacked: tokens [B, seq_len + 1], paths [B, L]."""
+    full = torch.from_numpy(np.asarray(tokens).astype(np.int64, copy=False))
     inputs, targets = full[:, :-1], full[:, 1:]
 
     # Padding is only ever the trailing run of pad_id (pack_leaf pads the tail
@@ -160,11 +173,21 @@ def make_batch(
     # real text would otherwise lose its label.
     is_pad = (full == pad_id).long()
     trailing_pad = torch.flip(torch.cumprod(torch.flip(is_pad, dims=[1]), dim=1), dims=[1]).bool()
-    labels = targets.masked_fill(trailing_pad[:, 1:], IGNORE_INDEX)
+    labels = targets.masked_fill(trailing_pad[:, 1:] | (inputs == eot_id), IGNORE_INDEX)
 
-    return {
+    batch = {
         "tokens": inputs.contiguous(),
         "labels": labels.contiguous(),
         "segments": segment_ids(inputs, eot_id),
-        "paths": torch.from_numpy(np.stack(paths)),
+        "paths": torch.from_numpy(np.asarray(paths).astype(np.int64, copy=False)),
     }
+    if index is not None:
+        batch["index"] = torch.as_tensor(np.asarray(index, dtype=np.int64))
+    return batch
+
+
+def empty_batch(seq_len: int, levels: int) -> dict[str, Tensor]:
+    """A batch with 0 rows and the usual fields: a rank whose share of a step is empty still runs it."""
+    rows = torch.zeros(0, seq_len, dtype=torch.int64)
+    return {"tokens": rows, "labels": rows.clone(), "segments": rows.clone(),
+            "paths": torch.zeros(0, levels, dtype=torch.int64), "index": torch.zeros(0, dtype=torch.int64)}

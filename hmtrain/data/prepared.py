@@ -1,4 +1,4 @@
-"""Open a prepared-data directory and check that a config can train on it."""
+"""Open a prepared-data directory, check it matches its manifest, and check that a config can train on it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +8,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from hmtrain.config.schema import Config
-from hmtrain.data.shards import read_manifest
+from hmtrain.data.files import aside_names, verify_files
+from hmtrain.data.manifest import read_manifest
+from hmtrain.data.sequences import Sequences
 from hmtrain.data.tokenizer import Tokenizer
 from hmtrain.data.tree import Tree
+
+VERIFY = (None, "sizes", "checksums")
 
 
 @dataclass
@@ -19,12 +23,29 @@ class PreparedData:
     manifest: dict
 
     @classmethod
-    def open(cls, root: str | Path) -> "PreparedData":
+    def open(cls, root: str | Path, *, verify: str | None = "sizes") -> "PreparedData":
+        """Open `root`; `verify` checks every file against the manifest: "sizes" (cheap: one stat per
+        file, the default), "checksums" (reads everything) or None."""
+        if verify not in VERIFY:
+            raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
         root = Path(root)
+        if not root.exists():
+            _, old = aside_names(root)
+            if old.is_dir():
+                raise FileNotFoundError(f"{root} does not exist, but {old} does: an interrupted "
+                                        f"`hmtrain data prepare --overwrite` left the previous data there; "
+                                        f"rerun it (it puts {old.name} back first) or rename {old.name} to {root.name}")
         if not (root / "manifest.json").is_file():
             raise FileNotFoundError(f"{root}: no manifest.json; run `hmtrain data prepare` first "
                                     "(or point data.prepared at a prepared directory)")
-        return cls(root=root, manifest=read_manifest(root / "manifest.json"))
+        data = cls(root=root, manifest=read_manifest(root / "manifest.json"))
+        if verify is not None:
+            data.verify(checksums=verify == "checksums")
+        return data
+
+    def verify(self, *, checksums: bool = False) -> None:
+        """Raise naming the first file whose size (or sha256) differs from the manifest, or that is missing."""
+        verify_files(self.root, self.manifest["files"], checksums=checksums)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -35,14 +56,21 @@ class PreparedData:
         return Tree.load(self.root / self.manifest["tree"])
 
     @property
-    def shard_dir(self) -> Path:
-        return self.root / "shards"
+    def splits(self) -> dict[str, int]:
+        """Sequences per split."""
+        return {name: split["sequences"] for name, split in self.manifest["splits"].items()}
 
-    def shards(self, split: str) -> list[dict]:
-        entries = self.manifest["splits"].get(split, [])
-        if not entries:
-            raise ValueError(f"{self.root}: split {split!r} has no shards")
-        return entries
+    def sequences(self, split: str) -> Sequences:
+        """Random access to a split's sequences by id (see sequences.py)."""
+        entry = self.manifest["splits"].get(split)
+        if entry is None:
+            raise ValueError(f"{self.root} has no split {split!r} (splits: {', '.join(self.manifest['splits'])})")
+        if entry["sequences"] == 0 and split == "heldout":
+            raise ValueError(f"{self.root} has no held-out sequences (prepared with data.heldout_fraction="
+                             f"{self.manifest.get('heldout_fraction', '?')}); prepare it with a fraction > 0")
+        m = self.manifest
+        return Sequences(self.root, split, entry, m["files"], seq_len=m["seq_len"], levels=len(m["branching"]),
+                         eot_id=m["eot_id"], pad_id=m["pad_id"])
 
     def documents(self):
         """The per-document table: id, split, path, tokens."""
@@ -57,6 +85,6 @@ class PreparedData:
         if cfg.data.seq_len != m["seq_len"]:
             raise ValueError(f"config key 'data.seq_len' is {cfg.data.seq_len} but {self.root} was prepared "
                              f"with {m['seq_len']}")
-        if cfg.model.vocab_size < m["vocab_size"]:
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size < m["vocab_size"]:  # None: the tokenizer's
             raise ValueError(f"config key 'model.vocab_size' is {cfg.model.vocab_size}, smaller than the "
                              f"tokenizer's {m['vocab_size']} in {self.root}")

@@ -1,9 +1,17 @@
-"""Webdataset tar shards of packed sequences, and the manifest that lists them.
+"""Webdataset tar shards of packed sequences, each with an index for random access.
 
-Shards are grouped by level-1 node (the first entry of the path) so that
-`owner` placement can hand whole subtrees to ranks without splitting a shard.
-Every file is written under a temporary name and renamed when complete: a
-crash can leave a `.tmp` behind, never a truncated shard under a final name.
+A shard `<prefix>-NNNNN.tar` comes with `<prefix>-NNNNN.idx.npy`, one int64 row per
+sample: the byte offset of its raw tokens inside the tar (the data of the
+`tokens.npy` member, after the npy header), its real-token count and its path.
+Readers `pread` a sequence's tokens directly; the tar stays a plain webdataset
+shard that other tools can stream. Shards are written independently of each
+other, so several processes can write shards of one split side by side (each
+with its own prefix); `hmtrain.data.sequences.write_split_index` merges their
+indexes afterwards.
+
+Every file is written under a temporary name and renamed when complete, the
+index before the tar: a final-named tar always has its index. A crash leaves
+`.tmp` files behind, never a truncated shard under a final name.
 
 Sample format (one tar member per field, webdataset naming):
   <key>.tokens.npy  int32 [seq_len + 1]
@@ -15,33 +23,26 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import webdataset
 
 from hmtrain.data.packing import PackedSequence
 
-MANIFEST_VERSION = 1
-_SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
-_FIELDS = ("tokens.npy", "path.npy", "docs.json")
+FIELDS = ("tokens.npy", "path.npy", "docs.json")
+# Columns of a shard index row; the path fills the columns from INDEX_PATH on.
+INDEX_OFFSET, INDEX_REAL, INDEX_PATH = 0, 1, 2
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 
 
-def shard_name(split: str, subtree: int, index: int) -> str:
-    return f"{split}-{subtree:05d}-{index:05d}.tar"
-
-
-def _check_split(split: str) -> None:
-    # '-' separates name fields and '.' separates the key from the field in a
-    # tar member, so both would make names ambiguous.
-    if not _SPLIT_RE.match(split):
-        raise ValueError(f"split name must match [A-Za-z0-9_]+, got {split!r}")
+def shard_names(prefix: str, index: int) -> tuple[str, str]:
+    """(tar, index) file names of shard `index` of `prefix`, e.g. shards/train-00003.tar."""
+    return f"{prefix}-{index:05d}.tar", f"{prefix}-{index:05d}.idx.npy"
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -50,23 +51,60 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def _tokens_offset(f: BinaryIO, offset: int, length: int, where: str) -> int:
+    """Check the npy header of a tokens member and return where its raw data starts."""
+    f.seek(offset)
+    try:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+    except ValueError as e:
+        raise ValueError(f"{where}: tokens are not an npy array: {e}") from e
+    if dtype != np.dtype("<i4") or fortran or shape != (length,):
+        raise ValueError(f"{where}: tokens are {dtype} {shape}, expected int32 ({length},)")
+    return f.tell()
+
+
+def index_shard(path: Path, reals: list[int], paths: list[tuple[int, ...]], length: int) -> np.ndarray:
+    """The index of a finished tar whose samples were written with these real counts and paths."""
+    with tarfile.open(path, "r:") as tar:
+        members = [m for m in tar if m.isfile() and m.name.endswith(".tokens.npy")]
+    if len(members) != len(reals):
+        raise ValueError(f"{path}: holds {len(members)} token arrays, {len(reals)} samples were written")
+    index = np.empty((len(reals), INDEX_PATH + len(paths[0])), dtype=np.int64)
+    with open(path, "rb") as f:
+        for row, member in enumerate(members):
+            index[row, INDEX_OFFSET] = _tokens_offset(f, member.offset_data, length, f"{path}: {member.name}")
+    index[:, INDEX_REAL] = reals
+    index[:, INDEX_PATH:] = np.asarray(paths, dtype=np.int64)
+    return index
+
+
 class _OpenShard:
     """One tar being written under `<name>.tmp`."""
 
-    def __init__(self, final: Path):
-        self.final = final
-        self.tmp = final.with_name(final.name + ".tmp")
+    def __init__(self, tar: Path, index: Path):
+        self.tar, self.index = tar, index
+        self.tmp = tar.with_name(tar.name + ".tmp")
         self.file: BinaryIO = open(self.tmp, "wb")
         # mtime fixed so identical data gives byte-identical shards.
         self.writer = webdataset.TarWriter(self.file, encoder=False, mtime=0)
-        self.samples = 0
+        self.reals: list[int] = []
+        self.paths: list[tuple[int, ...]] = []
 
-    def commit(self) -> None:
+    def commit(self, length: int) -> None:
         self.writer.close()  # does not close a file object it did not open
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.tmp, self.final)
+        index = index_shard(self.tmp, self.reals, self.paths, length)
+        index_tmp = self.index.with_name(self.index.name + ".tmp")
+        with open(index_tmp, "wb") as f:
+            np.save(f, index, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(index_tmp, self.index)
+        os.replace(self.tmp, self.tar)
 
     def abort(self) -> None:
         try:
@@ -77,28 +115,30 @@ class _OpenShard:
         finally:
             self.file.close()
             self.tmp.unlink(missing_ok=True)
+            self.index.with_name(self.index.name + ".tmp").unlink(missing_ok=True)
 
 
 class ShardWriter:
-    """Writes packed sequences into `{split}-{subtree:05d}-{index:05d}.tar` files.
+    """Writes packed sequences, in order, into shards of at most `max_samples` under `root`.
 
-    One shard is open per level-1 subtree; it is committed (renamed to its final
-    name) when it reaches `max_samples` or on `close()`. Leaving the `with`
-    block on an exception removes the unfinished `.tmp` files.
+    `prefix` is the shards' path relative to `root` without the number, e.g. "shards/train".
+    `close()` returns one entry per shard: {"file", "index", "samples"}, paths relative to `root`.
+    Leaving the `with` block on an exception removes the unfinished `.tmp` files.
     """
 
-    def __init__(self, out_dir: Path, split: str, *, max_samples: int = 1024):
-        _check_split(split)
+    def __init__(self, root: Path, prefix: str, *, max_samples: int = 1024):
+        parts = Path(prefix).parts
+        if not parts or not all(_PREFIX_RE.match(p) for p in parts):
+            raise ValueError(f"shard prefix must be a relative path of [A-Za-z0-9_-] names, got {prefix!r}")
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.split = split
+        self.root = Path(root)
+        (self.root / prefix).parent.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
         self.max_samples = max_samples
-        self._open: dict[int, _OpenShard] = {}
-        self._next_index: dict[int, int] = {}
+        self._open: _OpenShard | None = None
         self._done: list[dict] = []
-        self._counter = 0  # global sample counter: keys are unique across all shards of the writer
+        self._counter = 0  # sample counter: keys are unique across the writer's shards
         self._shape: tuple[int, int] | None = None  # (tokens length, path depth) of the first sample
         self._closed = False
 
@@ -113,13 +153,15 @@ class ShardWriter:
 
     def write(self, seq: PackedSequence) -> None:
         if self._closed:
-            raise RuntimeError(f"ShardWriter for {self.out_dir}/{self.split} is closed")
+            raise RuntimeError(f"ShardWriter for {self.root / self.prefix} is closed")
         tokens = np.asarray(seq.tokens)
         if tokens.ndim != 1 or tokens.dtype != np.int32:
             raise ValueError(f"tokens must be a 1-D int32 array, got {tokens.dtype} {tokens.shape}")
         path = tuple(int(p) for p in seq.path)
         if not path or min(path) < 0:
             raise ValueError(f"path must be a non-empty tuple of node ids >= 0, got {path}")
+        if not 0 < seq.num_real <= tokens.size:
+            raise ValueError(f"num_real must be in [1, {tokens.size}], got {seq.num_real}")
         shape = (tokens.size, len(path))
         if self._shape is None:
             self._shape = shape
@@ -128,53 +170,60 @@ class ShardWriter:
                 f"sequence has {shape[0]} tokens and a {shape[1]}-level path, earlier ones "
                 f"{self._shape[0]} and {self._shape[1]}: one split holds one seq_len and tree"
             )
-
-        subtree = path[0]
-        shard = self._open.get(subtree)
-        if shard is None:
-            index = self._next_index.get(subtree, 0)
-            self._next_index[subtree] = index + 1
-            shard = _OpenShard(self.out_dir / shard_name(self.split, subtree, index))
-            self._open[subtree] = shard
-        shard.writer.write(
-            {
-                "__key__": f"{self._counter:010d}",
-                "tokens.npy": _npy_bytes(tokens),
-                "path.npy": _npy_bytes(np.asarray(path, dtype=np.int64)),
-                "docs.json": json.dumps([str(d) for d in seq.doc_ids]).encode("utf-8"),
-            }
-        )
+        if self._open is None:
+            tar, index = shard_names(self.prefix, len(self._done))
+            self._open = _OpenShard(self.root / tar, self.root / index)
+        shard = self._open
+        shard.writer.write({
+            "__key__": f"{self._counter:010d}",
+            "tokens.npy": _npy_bytes(tokens.astype("<i4", copy=False)),
+            "path.npy": _npy_bytes(np.asarray(path, dtype=np.int64)),
+            "docs.json": json.dumps([str(d) for d in seq.doc_ids]).encode("utf-8"),
+        })
+        shard.reals.append(int(seq.num_real))
+        shard.paths.append(path)
         self._counter += 1
-        shard.samples += 1
-        if shard.samples >= self.max_samples:
-            self._commit(subtree)
+        if len(shard.reals) >= self.max_samples:
+            self._commit()
 
-    def _commit(self, subtree: int) -> None:
-        shard = self._open.pop(subtree)
-        shard.commit()
-        self._done.append({"file": shard.final.name, "samples": shard.samples, "subtree": subtree})
+    def _commit(self) -> None:
+        shard, self._open = self._open, None
+        assert shard is not None and self._shape is not None
+        shard.commit(self._shape[0])
+        self._done.append({"file": shard.tar.relative_to(self.root).as_posix(),
+                           "index": shard.index.relative_to(self.root).as_posix(), "samples": len(shard.reals)})
 
     def close(self) -> list[dict]:
-        """Commit open shards; return every shard written, sorted by file name."""
+        """Commit the open shard; return every shard written, in order."""
         if not self._closed:
-            for subtree in sorted(self._open):
-                self._commit(subtree)
+            if self._open is not None:
+                self._commit()
             self._closed = True
-        return sorted(self._done, key=lambda e: e["file"])
+        return list(self._done)
 
     def abort(self) -> None:
-        """Drop the unfinished shards; committed ones stay (they are complete)."""
-        for shard in self._open.values():
-            shard.abort()
-        self._open.clear()
+        """Drop the open shard's `.tmp` files; committed shards stay."""
+        if self._open is not None:
+            self._open.abort()
+            self._open = None
         self._closed = True
 
 
-def read_shard(path: Path) -> list[dict[str, Any]]:
-    """All samples of one shard, in file order: {"key", "tokens", "path", "docs"}.
+def load_shard_index(root: Path, entry: dict, levels: int) -> np.ndarray:
+    """A shard's index, checked against its manifest entry."""
+    path = Path(root) / entry["index"]
+    try:
+        index = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"corrupt shard index {path}: {e}") from e
+    if index.dtype != np.int64 or index.shape != (entry["samples"], INDEX_PATH + levels):
+        raise ValueError(f"corrupt shard index {path}: {index.dtype} {index.shape}, expected int64 "
+                         f"({entry['samples']}, {INDEX_PATH + levels})")
+    return index
 
-    Raises FileNotFoundError if missing, ValueError naming the file if corrupt.
-    """
+
+def read_shard(path: Path) -> list[dict]:
+    """Every sample of a tar, in file order: {"key", "tokens", "path", "docs"} (for tools and tests)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"shard not found: {path}")
@@ -193,7 +242,7 @@ def read_shard(path: Path) -> list[dict[str, Any]]:
 
     samples = []
     for key, parts in fields.items():  # dicts keep insertion order = file order
-        missing = [f for f in _FIELDS if f not in parts]
+        missing = [f for f in FIELDS if f not in parts]
         if missing:
             raise ValueError(f"corrupt shard {path}: sample {key!r} lacks {missing}")
         try:
@@ -206,123 +255,3 @@ def read_shard(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"corrupt shard {path}: sample {key!r} has non 1-D tokens or path")
         samples.append({"key": key, "tokens": tokens, "path": node_path, "docs": docs})
     return samples
-
-
-def list_shards(out_dir: Path, split: str) -> list[dict]:
-    """Complete shards of `split` found in `out_dir` (`.tmp` leftovers are ignored).
-
-    Rebuilds the manifest's shard entries from disk, e.g. after a crashed
-    prepare step; sample counts come from the tar headers.
-    """
-    _check_split(split)
-    pattern = re.compile(rf"^{split}-(\d{{5,}})-(\d{{5,}})\.tar$")
-    entries = []
-    for p in sorted(Path(out_dir).iterdir()):
-        m = pattern.match(p.name)
-        if not m or not p.is_file():
-            continue
-        try:
-            with tarfile.open(p, "r:") as tar:
-                keys = {member.name.partition(".")[0] for member in tar if member.isfile()}
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise ValueError(f"corrupt shard {p}: {e}") from e
-        entries.append({"file": p.name, "samples": len(keys), "subtree": int(m.group(1))})
-    return entries
-
-
-def node_counts(
-    paths_and_counts: Iterable[tuple[tuple[int, ...], int]],
-    branching: Sequence[int],
-) -> list[list[int]]:
-    """Sum counts per node at every level: out[i][j] = total over paths through node j of level i."""
-    branching = [int(b) for b in branching]
-    if not branching or min(branching) < 1:
-        raise ValueError(f"branching must be a non-empty list of factors >= 1, got {branching}")
-    sizes = [math.prod(branching[: i + 1]) for i in range(len(branching))]
-    counts = [[0] * n for n in sizes]
-    for path, count in paths_and_counts:
-        path = tuple(int(p) for p in path)
-        if len(path) != len(branching):
-            raise ValueError(f"path {path} has {len(path)} levels, the tree has {len(branching)}")
-        for i, node in enumerate(path):
-            if not 0 <= node < sizes[i]:
-                raise ValueError(f"path {path}: node {node} at level {i} is outside [0, {sizes[i]})")
-            if i > 0 and node // branching[i] != path[i - 1]:
-                raise ValueError(
-                    f"path {path}: node {node} at level {i} has parent {node // branching[i]}, "
-                    f"not {path[i - 1]}"
-                )
-            counts[i][node] += int(count)
-    return counts
-
-
-def validate_manifest(manifest: dict, *, source: str = "manifest") -> None:
-    """Check the fields every reader relies on; raise ValueError naming the problem."""
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{source}: expected a JSON object, got {type(manifest).__name__}")
-    version = manifest.get("version")
-    if version != MANIFEST_VERSION:
-        raise ValueError(f"{source}: unknown manifest version {version!r}, expected {MANIFEST_VERSION}")
-    for key in ("seq_len", "branching", "splits"):
-        if key not in manifest:
-            raise ValueError(f"{source}: missing required key {key!r}")
-    seq_len = manifest["seq_len"]
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"{source}: seq_len must be an int >= 1, got {seq_len!r}")
-    branching = manifest["branching"]
-    if not isinstance(branching, list) or not branching or not all(
-        isinstance(b, int) and b >= 1 for b in branching
-    ):
-        raise ValueError(f"{source}: branching must be a non-empty list of ints >= 1, got {branching!r}")
-    splits = manifest["splits"]
-    if not isinstance(splits, dict):
-        raise ValueError(f"{source}: splits must be an object of split name -> shard list")
-    for split, entries in splits.items():
-        if not isinstance(entries, list):
-            raise ValueError(f"{source}: splits[{split!r}] must be a list of shard entries")
-        for i, entry in enumerate(entries):
-            ok = (
-                isinstance(entry, dict)
-                and isinstance(entry.get("file"), str)
-                and isinstance(entry.get("samples"), int)
-                and entry["samples"] >= 0
-                and isinstance(entry.get("subtree"), int)
-            )
-            if not ok:
-                raise ValueError(
-                    f"{source}: splits[{split!r}][{i}] must be {{'file': str, 'samples': int, "
-                    f"'subtree': int}}, got {entry!r}"
-                )
-    sizes = [math.prod(branching[: i + 1]) for i in range(len(branching))]
-    for key in ("node_tokens", "node_documents"):
-        if key not in manifest:
-            continue
-        levels = manifest[key]
-        if not isinstance(levels, list) or [len(x) if isinstance(x, list) else None for x in levels] != sizes:
-            raise ValueError(f"{source}: {key} must be one list per level with {sizes} entries")
-
-
-def write_manifest(path: Path, manifest: dict) -> None:
-    """Validate and write the manifest as JSON, atomically."""
-    path = Path(path)
-    validate_manifest(manifest, source=str(path))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_manifest(path: Path) -> dict:
-    """Read and validate a manifest written by `write_manifest`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"corrupt manifest {path}: {e}") from e
-    validate_manifest(manifest, source=str(path))
-    return manifest

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hmtrain.data.files import atomic_write, check_output_dir
+
 # ---- frequency buckets: the one place they are defined -----------------------
 BUCKETS = ["1", "2-3", "4-7", "8-15", "16+"]
 
@@ -233,6 +235,9 @@ def synthesize(
     if not 2 <= num_choices <= max_choices:
         raise ValueError(f"num_choices must be in [2, {max_choices}], got {num_choices}")
 
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, "--out")
+
     rng = np.random.default_rng(seed)
     people = _make_people(rng, num_people)
     counts = _doc_counts(num_people, num_documents, zipf_exponent, min_docs_per_person)
@@ -247,10 +252,10 @@ def synthesize(
     order = rng.permutation(len(texts)).tolist()  # interleave people across the file
     width = max(6, len(str(num_documents - 1)))
     doc_ids: list[list[str]] = [[] for _ in people]
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Each file is renamed into place when complete: a failure leaves earlier files as they were.
     # mtime=0 and no file name in the gzip header: same arguments give the same bytes.
-    with open(out_dir / "documents.jsonl.gz", "wb") as raw, \
+    with atomic_write(out_dir / "documents.jsonl.gz") as raw, \
             gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
         for i, k in enumerate(order):
             pid, text = texts[k]
@@ -275,9 +280,10 @@ def synthesize(
                            "prompt": PROMPTS[attr].format(name=name), "answer": " " + _surface(attr, value),
                            "choices": choices, "frequency": n, "bucket": person["bucket"],
                            "doc_ids": person["doc_ids"]})
-    with open(out_dir / "probes.jsonl", "w", encoding="utf-8") as f:
+    with atomic_write(out_dir / "probes.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p) + "\n" for p in probes)
-    (out_dir / "people.json").write_text(json.dumps(people, indent=1) + "\n", encoding="utf-8")
+    with atomic_write(out_dir / "people.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(people, indent=1) + "\n")
 
     summary = {
         "params": {"num_people": num_people, "num_documents": num_documents, "zipf_exponent": zipf_exponent,
@@ -290,5 +296,6 @@ def synthesize(
         "attributes": PROBED,
         "files": ["documents.jsonl.gz", "probes.jsonl", "people.json", "synth.json"],
     }
-    (out_dir / "synth.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with atomic_write(out_dir / "synth.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hmtrain.config import Config
-from hmtrain.data.loader import ShardLoader
+from hmtrain.data.loader import sequential_batches
 from hmtrain.data.prepared import PreparedData
 from hmtrain.eval.loading import Trained, load_trained
 from hmtrain.eval.probes import bucket_counts, load_probes, probe_accuracy, route_probes, routing_agreement
@@ -28,16 +28,13 @@ SHORT = {"anchor + fetched memory": "anchor+memory", "anchor + generic memory": 
 
 
 def _heldout_batches(data: PreparedData, batch_size: int):
-    loader = ShardLoader(data.shard_dir, data.shards("heldout"), batch_size=batch_size, seed=0,
-                         eot_id=data.manifest["eot_id"], pad_id=data.manifest["pad_id"], infinite=False,
-                         shuffle=False)
-    return (batch for batch, _state in loader)
+    return sequential_batches(data, "heldout", batch_size)
 
 
 def evaluate(cfg: Config, checkpoint: str | Path, baseline: Optional[str | Path] = None,
              device: Optional[str] = None, progress: bool = True) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = PreparedData.open(cfg.data.prepared)
+    data = PreparedData.open(cfg.data.prepared, verify="checksums" if cfg.data.verify_checksums else "sizes")
     trained = load_trained(checkpoint, device)
     data.check_compatible(trained.cfg)
     models: list[tuple[str, Trained, str]] = []

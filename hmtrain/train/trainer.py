@@ -117,7 +117,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> Path:
     run_dir = Path(tc.run_dir)
     precision = resolve_precision(tc, info.device)
     device = info.device
-    data = PreparedData.open(cfg.data.prepared)
+    data = PreparedData.open(cfg.data.prepared, verify="checksums" if cfg.data.verify_checksums else "sizes")
     data.check_compatible(cfg)
     cfg = resolve_vocab(cfg, data)
     comm = Comm(device=info.collective_device)

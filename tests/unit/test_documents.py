@@ -115,3 +115,26 @@ def test_duplicate_ids_across_files(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"id": "dup", "text": "three"}])
     with pytest.raises(ValueError, match=r"duplicate document id 'dup'.*b\.jsonl: record 0.*a\.jsonl: record 1"):
         list(read_documents(tmp_path))
+
+
+def test_truncated_gzip_names_the_file_and_line(tmp_path):
+    records = [{"id": f"d{i}", "text": f"document number {i} " * 20} for i in range(200)]
+    path = write_jsonl(tmp_path / "docs.jsonl.gz", records, gz=True)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"docs.jsonl.gz: cannot read past line \d+: truncated or corrupt file"):
+        list(read_documents(path))
+    path.write_bytes(b"not gzip at all\n")
+    with pytest.raises(ValueError, match=r"docs.jsonl.gz: cannot read past line 0"):
+        list(read_documents(path))
+
+
+def test_garbled_parquet_pages_name_the_file(tmp_path):
+    path = write_parquet(tmp_path / "docs.parquet", {"id": [f"d{i}" for i in range(100)],
+                                                     "text": [f"text {i}" for i in range(100)]}, row_group_size=10)
+    data = bytearray(path.read_bytes())
+    data[4:40] = b"\xff" * 36  # the first page header, right after the PAR1 magic
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"docs.parquet: cannot read records from 0 on: corrupt parquet data") as e:
+        list(read_documents(path))
+    assert "\n" not in str(e.value)  # pyarrow's multi-line message is flattened to one line

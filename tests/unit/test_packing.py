@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hmtrain.data.packing import IGNORE_INDEX, PackedSequence, make_batch, pack_leaf, segment_ids
+from hmtrain.data.packing import IGNORE_INDEX, PackedSequence, empty_batch, make_batch, pack_leaf, segment_ids
 
 EOT, PAD = 1, 0
 
@@ -82,7 +82,8 @@ def test_make_batch_two_documents_and_padding() -> None:
         assert v.dtype == torch.int64
     assert batch["tokens"].tolist() == [[5, 6, EOT, 7, 8, 9, EOT, PAD], [9, 8, 7, 6, 5, 4, 3, 2]]
     X = IGNORE_INDEX
-    assert batch["labels"].tolist() == [[6, EOT, 7, 8, 9, EOT, X, X], [8, 7, 6, 5, 4, 3, 2, 2]]
+    # After an EOT the next document's first token (7) is not a target: attention cannot see doc A.
+    assert batch["labels"].tolist() == [[6, EOT, X, 8, 9, EOT, X, X], [8, 7, 6, 5, 4, 3, 2, 2]]
     assert batch["segments"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 2], [0] * 8]
     assert batch["paths"].tolist() == [[3, 14], [1, 4]]
 
@@ -99,7 +100,30 @@ def test_make_batch_from_packed_sequences() -> None:
     seqs: list[PackedSequence] = list(pack_leaf(docs, path=(1, 5), seq_len=16, eot_id=EOT, pad_id=PAD))
     batch = make_batch([(s.tokens, s.path) for s in seqs], eot_id=EOT, pad_id=PAD)
     n_labels = (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
-    assert n_labels == [s.num_real - 1 for s in seqs]
+    # every real target but those right after an EOT
+    assert n_labels == [s.num_real - 1 - int((s.tokens[: s.num_real - 1] == EOT).sum()) for s in seqs]
+
+
+def test_no_label_crosses_a_document_boundary() -> None:
+    docs = _docs(np.random.default_rng(3), 40)
+    seqs = list(pack_leaf(docs, path=(0,), seq_len=16, eot_id=EOT, pad_id=PAD))
+    batch = make_batch([(s.tokens, s.path) for s in seqs], eot_id=EOT, pad_id=PAD, index=range(len(seqs)))
+    full = torch.from_numpy(np.stack([s.tokens for s in seqs]).astype(np.int64))
+    segments = segment_ids(full, EOT)  # segment of every input and target position
+    trained = batch["labels"] != IGNORE_INDEX
+    # A trained target sits in the same document as its input, so attention has seen its context ...
+    assert torch.equal(segments[:, 1:][trained], segments[:, :-1][trained])
+    # ... and every same-document, non-padding target is trained.
+    real = torch.arange(full.shape[1] - 1) < torch.tensor([s.num_real - 1 for s in seqs])[:, None]
+    assert torch.equal(trained, real & (segments[:, 1:] == segments[:, :-1]))
+    assert batch["index"].tolist() == list(range(len(seqs)))
+
+
+def test_empty_batch_has_every_field_with_zero_rows() -> None:
+    batch = empty_batch(8, 3)
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {
+        "tokens": (0, 8), "labels": (0, 8), "segments": (0, 8), "paths": (0, 3), "index": (0,)}
+    assert all(v.dtype == torch.int64 for v in batch.values())
 
 
 def test_make_batch_rejects_mismatched_samples() -> None:

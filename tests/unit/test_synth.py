@@ -142,3 +142,24 @@ def test_questions_and_occupation_articles(corpus):
 def test_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         synthesize(tmp_path, **kwargs)
+
+
+def test_output_under_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(ValueError, match="blocker is a file, not a directory"):
+        synthesize(tmp_path / "blocker" / "corpus", num_people=5, num_documents=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+def test_a_failed_rewrite_keeps_the_earlier_files(tmp_path, monkeypatch):
+    synthesize(tmp_path, num_people=5, num_documents=10, seed=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    import hmtrain.data.synth as synth
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(synth.json, "dumps", full_disk)  # fails inside the first file, after it is opened
+    with pytest.raises(OSError, match="No space"):
+        synthesize(tmp_path, num_people=5, num_documents=10, seed=2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no half-written file, no .tmp
