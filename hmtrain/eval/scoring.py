@@ -26,8 +26,8 @@ def fetch_for(bank: Optional[MemoryBank], variant: str, paths: Tensor):
         return None
     if bank is None:
         raise ValueError(f"variant {variant!r} needs a memory bank, and this checkpoint has none")
-    use_generic = torch.full((paths.shape[0],), variant == "generic", device=paths.device)
-    return bank.fetch(paths, use_generic, requires_grad=False)
+    use_generic = torch.full((paths.shape[0],), variant == "generic")
+    return bank.lookup(paths, use_generic)
 
 
 @torch.no_grad()

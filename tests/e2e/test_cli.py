@@ -42,7 +42,7 @@ def test_pipeline_trains_and_evaluates(prepared, tmp_path):
     losses = client.get_metric_history(memory_run.info.run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]
     assert "memory/level1_nodes" in memory_run.data.metrics
-    assert memory_run.data.params["train.batch_size"] == "4"
+    assert memory_run.data.params["train.global_batch_size"] == "4"
 
 
 def test_info_prints_the_paper_budget(tmp_path):

@@ -12,8 +12,8 @@ def test_presets_load_and_validate():
 
 
 def test_override_changes_value_and_type():
-    cfg = load_config("tiny", ["train.batch_size=3", "tree.branching=[4,4]", "logging.tracking_uri=file:/x"])
-    assert cfg.train.batch_size == 3
+    cfg = load_config("tiny", ["train.global_batch_size=3", "train.micro_batch_size=3", "tree.branching=[4,4]", "logging.tracking_uri=file:/x"])
+    assert cfg.train.global_batch_size == 3
     assert cfg.tree.branching == [4, 4]
     assert cfg.logging.tracking_uri == "file:/x"
 
@@ -29,8 +29,8 @@ def test_yaml_file_path_and_round_trip(tmp_path):
 @pytest.mark.parametrize("override, key", [
     ("train.bogus=1", "train.bogus"),
     ("model.d_modle=64", "model.d_modle"),
-    ("train.batch_size=abc", "train.batch_size"),
-    ("train.batch_size=0", "train.batch_size"),
+    ("train.global_batch_size=abc", "train.global_batch_size"),
+    ("train.micro_batch_size=0", "train.micro_batch_size"),
     ("memory.units=[1,2,3]", "memory.units"),
     ("tree.branching=[1,8]", "tree.branching"),
     ("train.anchor=melted", "train.anchor"),
@@ -44,7 +44,7 @@ def test_bad_values_name_the_key(override, key):
 
 def test_unknown_key_in_yaml_is_rejected(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("train:\n  batch_sise: 4\n")
+    path.write_text("train:\n  global_batch_sise: 4\n")
     with pytest.raises(ConfigError, match="batch_sise"):
         load_config(str(path))
 
@@ -56,4 +56,4 @@ def test_missing_preset_lists_presets():
 
 def test_override_without_equals():
     with pytest.raises(ConfigError, match="key=value"):
-        load_config("tiny", ["train.batch_size"])
+        load_config("tiny", ["train.global_batch_size"])

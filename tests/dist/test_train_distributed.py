@@ -1,0 +1,121 @@
+"""`hmtrain train` under torchrun with gloo: the loss curve and the bank do not depend on the world size,
+the placement or the engine; checkpoints reshard to another world size; a dead rank ends the job."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from tests.dist.conftest import REPO, free_port, torchrun
+from tests.e2e.conftest import run_cli
+
+pytestmark = pytest.mark.timeout(1200)
+
+# 12 sequences per step: 6 micro-batches of 2 on one rank, 3 on two ranks, 2 on three
+TRAIN = ["train.global_batch_size=12", "train.micro_batch_size=2", "train.pretrain_steps=2", "train.memory_steps=3",
+         "train.checkpoint_every=5", "train.log_every=1", "logging.mlflow=false", "train.progress=false",
+         "train.anchor=cotrain", "train.anchor_optim.lr=3e-3", "train.memory_optim.lr=3e-2", "train.clip_grad=1.0",
+         "parallel.timeout_s=60"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """A prepared corpus whose tree has 4 level-1 subtrees, so owner placement can use 3 ranks."""
+    from tests.e2e.conftest import MICRO
+
+    root = tmp_path_factory.mktemp("dist")
+    run_cli("data", "synth", "--out", str(root / "corpus"), "--people", "40", "--documents", "240", cwd=root)
+    overrides = [*MICRO, "tree.branching=[4,2]", f"data.documents={root / 'corpus' / 'documents.jsonl.gz'}",
+                 f"data.prepared={root / 'prepared'}"]
+    run_cli("data", "prepare", "--config", "tiny", *overrides, cwd=root)
+    return {"root": root, "overrides": overrides}
+
+
+def train(data, tmp_path, name, nproc, *extra, resume=False):
+    run_dir = tmp_path / name
+    args = ["-m", "hmtrain.cli", "train", "--config", "tiny", *data["overrides"], *TRAIN,
+            f"train.run_dir={run_dir}", *extra]
+    if resume:
+        args.append("--resume")
+    if nproc == 1:
+        run_cli(*args[2:], cwd=tmp_path)
+    else:
+        torchrun(nproc, args, cwd=tmp_path)
+    return run_dir
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def bank(run_dir) -> dict:
+    from hmtrain.eval.loading import load_trained
+
+    return {k: v.clone() for k, v in load_trained(run_dir).bank.tables.items()}
+
+
+def assert_same_run(a, b, what):
+    la, lb = losses(a), losses(b)
+    assert la.keys() == lb.keys() == set(range(1, 6)), what
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=2e-5, abs=1e-6), f"{what}: step {step}: {la} vs {lb}"
+    ba, bb = bank(a), bank(b)
+    for name in ba:
+        torch.testing.assert_close(ba[name], bb[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {name}: {m}")
+
+
+def test_world_size_placement_and_engine_do_not_change_training(data, tmp_path):
+    reference = train(data, tmp_path, "one", 1)
+    first = losses(reference)
+    assert first[5] < first[1], "the run must learn"
+    for name, nproc, extra in [("fsdp2", 2, []), ("fsdp3_owner", 3, ["parallel.placement=owner"]),
+                               ("fsdp2_replicated", 2, ["parallel.replicate_levels=1"]),
+                               ("zero2", 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"])]:
+        assert_same_run(reference, train(data, tmp_path, name, nproc, *extra), name)
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3)])
+def test_checkpoints_reshard_to_another_world_size(data, tmp_path, before, after):
+    straight = train(data, tmp_path, "straight", 1)
+    split = ["train.checkpoint_every=3"]
+    run = train(data, tmp_path, "run", before, *split, "train.memory_steps=1")  # stops at step 3, checkpointed
+    assert (run / "checkpoints" / "step_00000003").is_dir()
+    train(data, tmp_path, "run", after, *split, resume=True)
+    assert_same_run(straight, run, f"{before} -> {after} ranks")
+
+
+def test_a_dead_rank_ends_the_job_and_the_checkpoint_resumes(data, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "--max_restarts", "0", "-m", "hmtrain.cli", "train", "--config", "tiny",
+            *data["overrides"], *TRAIN, "train.pretrain_steps=40", "train.memory_steps=40", "train.checkpoint_every=2",
+            f"train.run_dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HMTRAIN_LOG_LEVEL": "WARNING",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    marker = run_dir / "checkpoints" / "step_00000004" / "trainer.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "no checkpoint before the kill"
+    workers = subprocess.run(["pgrep", "-f", f"train.run_dir={run_dir}"], capture_output=True, text=True).stdout.split()
+    victim = max(int(pid) for pid in workers if int(pid) != proc.pid)  # a worker, not torchrun itself
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    try:
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.monotonic() - killed_at < 60, "the job outlived its dead rank by a minute"
+    train(data, tmp_path, "killed", 2, "train.pretrain_steps=40", "train.memory_steps=40",
+          "train.checkpoint_every=2", resume=True)
+    assert sorted(losses(run_dir)) == list(range(1, 81))
