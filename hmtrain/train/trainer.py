@@ -27,6 +27,8 @@ from hmtrain.model import Transformer, count_parameters, lm_loss, run_model_conf
 from hmtrain.parallel import resolve_precision
 from hmtrain.train.checkpoint import Checkpointer
 from hmtrain.train.metrics import JsonlLogger, MLflowLogger, MultiLogger, default_tracking_uri
+from hmtrain.train.resume import load_for_resume, started_before_first_checkpoint
+from hmtrain.train.rundir import lock_run_dir
 from hmtrain.train.schedule import learning_rate
 
 log = logging.getLogger(__name__)
@@ -81,8 +83,14 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(cfg: Config, *, resume: bool = False) -> Path:
-    """Run (or resume) training; returns the final checkpoint directory."""
+def train(cfg: Config, *, resume: bool = False, fallback: bool = False) -> Path:
+    """Run (or resume) training; returns the final checkpoint directory. `fallback`: resume from
+    the newest loadable checkpoint when the latest is broken."""
+    with lock_run_dir(Path(cfg.train.run_dir), rank=0):  # one live `train` per run directory
+        return _train(cfg, resume=resume, fallback=fallback)
+
+
+def _train(cfg: Config, *, resume: bool, fallback: bool) -> Path:
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     precision = resolve_precision(tc)
@@ -116,11 +124,11 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
 
     step, run_id = 0, None
     latest = checkpointer.latest()
+    if resume and started_before_first_checkpoint(checkpointer, run_dir):
+        resume = False  # killed before its first checkpoint: run it again from step 0
     if resume:
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpointer.directory}")
-        loaded = state()
-        trainer_record = Checkpointer.load(latest, loaded)
+        latest, loaded, trainer_record = load_for_resume(checkpointer, cfg, data.fingerprints(), data.root, state,
+                                                         fallback=fallback)
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
         if bank is not None:
             bank.load_state_dict(loaded["bank"])
@@ -138,13 +146,16 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     jsonl = JsonlLogger(run_dir / "metrics.jsonl", resume_step=step if resume else None)
     tracker = None
     if cfg.logging.mlflow:
+        params = {**flatten(cfg), "model.parameters": count_parameters(model_cfg),
+                  "memory.bank_parameters": bank.num_parameters() if bank else 0,
+                  "memory.fetched_parameters": bank.fetched_parameters() if bank else 0}
         tracker = MLflowLogger(tracking_uri=cfg.logging.tracking_uri or default_tracking_uri(run_dir),
                                experiment=cfg.logging.experiment, run_name=cfg.logging.run_name or run_dir.name,
-                               run_id=run_id, artifact_dir=run_dir / "mlartifacts")
-        if run_id is None:
-            tracker.log_params({**flatten(cfg), "model.parameters": count_parameters(model_cfg),
-                                "memory.bank_parameters": bank.num_parameters() if bank else 0,
-                                "memory.fetched_parameters": bank.fetched_parameters() if bank else 0})
+                               run_id=run_id, artifact_dir=run_dir / "mlartifacts", run_dir=run_dir, resume=resume,
+                               params=params)
+        if resume:
+            tracker.backfill(jsonl.records)  # durable steps an earlier process could not send
+        if tracker.is_new:
             tracker.log_artifact(run_dir / "config.yaml")
             tracker.log_artifact(data.root / data.manifest["tree"])
             tracker.log_artifact(data.root / "manifest.json")
@@ -152,8 +163,11 @@ def train(cfg: Config, *, resume: bool = False) -> Path:
     metrics = MultiLogger(jsonl, *([tracker] if tracker else []))
 
     def save(at_step: int) -> Path:
-        return checkpointer.save(at_step, state(), {"loader": loader_state, "mlflow_run_id": run_id,
-                                                    "mode": tc.mode}, to_yaml(cfg))
+        path = checkpointer.save(at_step, state(), {"loader": loader_state, "mlflow_run_id": run_id, "mode": tc.mode,
+                                                    "data_fingerprints": data.fingerprints()}, to_yaml(cfg))
+        if tracker is not None:
+            tracker.flush(at_step)  # MLflow gets a step once a checkpoint covers it
+        return path
 
     stop = StopRequest()
     batches = iter(loader)
