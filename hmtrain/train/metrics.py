@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run.json"
 ATTEMPTS = 3  # tries per MLflow call
 RETRY_SLEEP_S = (1.0, 2.0)  # pauses between tries
-REQUEST_TIMEOUT_S = 5  # one HTTP request (MLFLOW_HTTP_REQUEST_TIMEOUT, unless set)
-START_TIMEOUT_S = 20  # start-up gives up after this long (ATTEMPTS x timeout + pauses, capped)
+START_REQUEST_TIMEOUT_S = 5  # one HTTP request at start-up (MLFLOW_HTTP_REQUEST_TIMEOUT, unless set)
+REQUEST_TIMEOUT_S = 60  # one HTTP request later on: artifact uploads can be large
+START_TIMEOUT_S = 20  # start-up gives up after this long (ATTEMPTS x 5 s + pauses, capped)
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
 
@@ -119,9 +120,11 @@ class MLflowLogger:
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._durable_step = -1  # the last step a checkpoint made durable
         self.last_error: Optional[BaseException] = None
-        # bound MLflow's own HTTP retries and timeouts (minutes by default); ours are below
+        # MLflow's own HTTP retries back off for minutes: retry here instead, with bounded timeouts
+        # (a user's MLFLOW_HTTP_REQUEST_* settings take precedence)
+        self._user_timeout = "MLFLOW_HTTP_REQUEST_TIMEOUT" in os.environ
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
+        self._request_timeout(START_REQUEST_TIMEOUT_S)
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             from mlflow.tracking import MlflowClient
@@ -130,9 +133,11 @@ class MLflowLogger:
         except Exception as exc:  # noqa: BLE001 - tracking must never kill training
             log.warning("MLflow start failed (%s); training goes on without MLflow tracking", _one_line(exc))
             self._client = None
+            self._request_timeout(REQUEST_TIMEOUT_S)
             return
         started = self._call("start", lambda: self._start(experiment, run_name, run_id, resume, dict(params or {}),
                                                            artifact_dir), deadline=deadline, warn=False)
+        self._request_timeout(REQUEST_TIMEOUT_S)
         if not started:
             log.warning("MLflow start failed (%s) against %s after %d tries (start-up waits at most %d s); "
                         "training goes on without MLflow tracking; a later `hmtrain train --resume` backfills the "
@@ -142,6 +147,10 @@ class MLflowLogger:
             return
         if self.is_new and params:
             self.log_params(params)
+
+    def _request_timeout(self, seconds: int) -> None:
+        if not self._user_timeout:
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(seconds)
 
     @property
     def enabled(self) -> bool:

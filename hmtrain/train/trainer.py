@@ -142,8 +142,9 @@ def _train(cfg: Config, *, resume: bool, fallback: bool) -> Path:
                               "continue it, or set train.run_dir to a new directory")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    # metrics.jsonl first: a bad one stops the resume before anything in run_dir is rewritten
     jsonl = JsonlLogger(run_dir / "metrics.jsonl", resume_step=step if resume else None)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker = None
     if cfg.logging.mlflow:
         params = {**flatten(cfg), "model.parameters": count_parameters(model_cfg),

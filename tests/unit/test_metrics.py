@@ -10,6 +10,14 @@ from hmtrain.train import metrics as metrics_mod
 from hmtrain.train.metrics import RUN_ID_FILE, JsonlLogger, MLflowLogger, read_metrics
 
 
+@pytest.fixture(autouse=True)
+def restore_mlflow_env(monkeypatch):
+    """MLflowLogger sets MLflow's HTTP settings in os.environ; keep them out of later tests."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "x")  # records the original value (or its absence) for teardown
+        monkeypatch.delenv(name)
+
+
 def write_lines(path, *lines, newline_at_end=True):
     path.write_text("\n".join(lines) + ("\n" if newline_at_end else ""))
 
@@ -119,9 +127,6 @@ def test_failed_calls_are_retried_then_skipped_without_switching_tracking_off(tm
 
 @pytest.mark.timeout(60)  # before: MLflow's own retries held start-up for ~4 minutes
 def test_unreachable_server_gives_up_quickly(tmp_path, monkeypatch, caplog):
-    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.setenv(name, "x")  # restored (unset) after the test
-        monkeypatch.delenv(name)
     sleeps = []
     monkeypatch.setattr(metrics_mod.time, "sleep", sleeps.append)
     with socket.socket() as sock:  # a localhost port nobody listens on
