@@ -11,7 +11,8 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from hmtrain.config import Config
 from hmtrain.memory import MemoryBank, build_bank, uses_memory
 from hmtrain.model import Transformer, count_parameters, run_model_config
-from hmtrain.train.checkpoint import Checkpointer, check_complete
+from hmtrain.train.checkpoint import Checkpointer, CheckpointError, check_complete
+from hmtrain.train.resume import broken_checkpoint
 
 
 @dataclass
@@ -45,7 +46,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Trained:
     path = resolve_checkpoint(path)
-    record, cfg = check_complete(path)
+    try:
+        record, cfg = check_complete(path)
+    except CheckpointError as exc:
+        raise broken_checkpoint(path, str(exc), hint="evaluate it with --checkpoint") from exc
     model = Transformer(run_model_config(cfg.model, cfg.train.mode, cfg.train.dense_multiplier),
                         max_seq_len=cfg.data.seq_len).to(device)
     bank = None

@@ -73,7 +73,8 @@ def check_config_change(checkpoint: Path, saved: Config, current: Config, step: 
         raise ConfigError(f"--resume: the config differs from checkpoint {checkpoint} in {shown}{hint}; "
                           f"resume with the checkpoint's values or start a new train.run_dir")
     saved_pretrain, new_pretrain = saved.train.pretrain_steps, current.train.pretrain_steps
-    if saved_pretrain != new_pretrain and step > min(saved_pretrain, new_pretrain):
+    phased = current.train.mode != "dense"  # a dense run has no phase switch
+    if phased and saved_pretrain != new_pretrain and step > min(saved_pretrain, new_pretrain):
         raise ConfigError(f"--resume: train.pretrain_steps {saved_pretrain} -> {new_pretrain} would move the "
                           f"phase switch to before the checkpoint's step {step} ({checkpoint})")
     for key, (old, new) in changes.items():
@@ -133,12 +134,19 @@ def _loadable(path: Path) -> Optional[str]:
     return None
 
 
-def _broken(path: Path, problem: str, older: list[Path]) -> CheckpointError:
-    complete = next((p for p in older if _loadable(p) is None), None)
+def older_complete(path: Path) -> Optional[Path]:
+    """The newest complete checkpoint older than `path` in its directory, if any."""
+    older = [p for p in Checkpointer(Path(path).parent).step_dirs() if p.name < Path(path).name]
+    return next((p for p in reversed(older) if _loadable(p) is None), None)
+
+
+def broken_checkpoint(path: Path, problem: str,
+                      hint: str = "resume from it with --resume --fallback") -> CheckpointError:
+    """The error for a broken checkpoint, naming the newest older complete one."""
+    complete = older_complete(path)
     if complete is None:
         return CheckpointError(f"{problem}; no older complete checkpoint in {path.parent}")
-    return CheckpointError(f"{problem}; an older complete checkpoint exists: {complete} "
-                           f"(resume from it with --resume --fallback)")
+    return CheckpointError(f"{problem}; an older complete checkpoint exists: {complete} ({hint})")
 
 
 def load_for_resume(checkpointer: Checkpointer, cfg: Config, fingerprints: dict[str, str], prepared: Path,
@@ -153,12 +161,12 @@ def load_for_resume(checkpointer: Checkpointer, cfg: Config, fingerprints: dict[
     if not candidates:
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpointer.directory}")
     skipped: list[Path] = []
-    for index, path in enumerate(candidates):
+    for path in candidates:
         try:
             record, saved = check_complete(path)
         except CheckpointError as exc:
             if not fallback:
-                raise _broken(path, str(exc), candidates[index + 1:]) from exc
+                raise broken_checkpoint(path, str(exc)) from exc
             log.warning("--fallback: skipping %s (%s)", path, exc)
             skipped.append(path)
             continue
@@ -170,7 +178,7 @@ def load_for_resume(checkpointer: Checkpointer, cfg: Config, fingerprints: dict[
             record = Checkpointer.load(path, state)
         except CheckpointError as exc:
             if not fallback:
-                raise _broken(path, str(exc), candidates[index + 1:]) from exc
+                raise broken_checkpoint(path, str(exc)) from exc
             log.warning("--fallback: skipping %s (%s)", path, exc)
             skipped.append(path)
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 LOCK_FILE = "train.lock"
+
+log = logging.getLogger(__name__)
 
 
 class RunDirLocked(RuntimeError):
@@ -55,6 +58,11 @@ class RunLock:
             os.close(fd)
             raise RunDirLocked(f"train.run_dir {Path(run_dir)} is in use by another `hmtrain train` ({holder}); "
                                "wait for it to end or stop it, or choose another train.run_dir") from None
+        except OSError as exc:  # a filesystem without flock (some NFS mounts): run, but say so
+            os.close(fd)
+            log.warning("cannot lock %s (%s): running without the run-directory lock, so make sure no other "
+                        "`hmtrain train` uses %s", self.path, exc.strerror, run_dir)
+            return
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)

@@ -85,7 +85,7 @@ def deleted_data_file(tmp, c):
 def eval_truncated_metadata(tmp, c):
     run = copy_run(c, tmp)
     truncate(run / "checkpoints" / LAST / ".metadata", 100)
-    return evaluate(c, run), [LAST, ".metadata"]
+    return evaluate(c, run), [LAST, ".metadata", OLDER, "--checkpoint"]
 
 
 def resume_changed_d_model(tmp, c):
