@@ -2,12 +2,13 @@
 
     hmtrain data synth   --out DIR [...]
     hmtrain data prepare --config CFG [key=value ...] [--overwrite]
-    hmtrain train        --config CFG [key=value ...] [--resume]
-    hmtrain eval         --config CFG --checkpoint DIR [--baseline DIR] [key=value ...]
+    hmtrain train        --config CFG [key=value ...] [--resume [--fallback]]
+    hmtrain eval         --config CFG --checkpoint DIR [--baseline DIR] [--out FILE] [key=value ...]
     hmtrain info         --config CFG [--world-size N] [key=value ...]
     hmtrain demo         [--out DIR] [key=value ...]
 
 CFG is a YAML file or a preset name from configs/ (tiny, paper-160m, ...).
+Overrides may come before or after the options.
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="pretrain the anchor, then the memory phase (or a dense baseline)")
     _config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.add_argument("--fallback", action="store_true",
+                       help="with --resume: if the latest checkpoint is broken, resume from the newest loadable one "
+                            "(the log says which were skipped and why)")
 
     evaluate = commands.add_parser("eval", help="perplexity and long-tail probes: memory vs generic vs none")
     _config_args(evaluate)
@@ -87,15 +91,19 @@ def cmd_prepare(args) -> None:
 def cmd_train(args) -> None:
     from hmtrain.train.trainer import train
 
+    if args.fallback and not args.resume:
+        raise ValueError("--fallback only applies with --resume")
     cfg = load_config(args.config, args.overrides)
-    final = train(cfg, resume=args.resume)
+    final = train(cfg, resume=args.resume, fallback=args.fallback)
     print(f"checkpoint: {final}")
 
 
 def cmd_eval(args) -> None:
-    from hmtrain.eval.evaluate import evaluate, render, write_results
+    from hmtrain.eval.evaluate import check_output_path, evaluate, render, write_results
 
     cfg = load_config(args.config, args.overrides)
+    if args.out:
+        check_output_path(args.out)  # before the evaluation, not after it
     results = evaluate(cfg, args.checkpoint, baseline=args.baseline)
     render(results)
     if args.out:
@@ -122,8 +130,24 @@ COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eva
             "demo": cmd_demo}
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, with `key=value` overrides allowed anywhere (e.g. after --resume)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("HMTRAIN_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     command = args.data_command if args.command == "data" else args.command
@@ -134,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"hmtrain {command}: {exc}", file=sys.stderr)
         return 128 + exc.signum  # the shell convention for death by signal, so schedulers requeue
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ConfigError, ValueError, OSError, RuntimeError) as exc:  # OSError: FileNotFound, FileExists, ...
         if args.debug:
             raise
-        print(f"hmtrain {command}: error: {exc}", file=sys.stderr)
+        print(f"hmtrain {command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

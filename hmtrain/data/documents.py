@@ -107,7 +107,9 @@ def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno} (record {index}) is not valid JSON: {e.msg}") from e
+                raise ValueError(  # e.msg alone ends mid-sentence ("... starting at")
+                    f"{path}: line {lineno} (record {index}) is not valid JSON: {e.msg}: column {e.colno}"
+                ) from e
             if not isinstance(record, dict):
                 raise ValueError(
                     f"{path}: line {lineno} (record {index}) is a JSON {type(record).__name__}, expected an object"

@@ -55,6 +55,24 @@ class PreparedData:
     def tree(self) -> Tree:
         return Tree.load(self.root / self.manifest["tree"])
 
+    def fingerprints(self) -> dict[str, str]:
+        """sha256 of the tokenizer and tree files (cached): checkpoints record them, and `eval`
+        and `train --resume` refuse prepared data whose fingerprints differ."""
+        if "_fingerprints" not in self.__dict__:
+            import hashlib
+
+            out = {}
+            for name in ("tokenizer", "tree"):
+                path = self.root / self.manifest[name]
+                files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+                digest = hashlib.sha256()
+                for file in files:
+                    digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+                    digest.update(file.read_bytes())
+                out[name] = digest.hexdigest()
+            self.__dict__["_fingerprints"] = out
+        return self.__dict__["_fingerprints"]
+
     @property
     def splits(self) -> dict[str, int]:
         """Sequences per split."""

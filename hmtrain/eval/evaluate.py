@@ -7,6 +7,7 @@ probe accuracy per frequency bucket (memory routed from the question alone).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +22,7 @@ from hmtrain.eval.loading import Trained, load_trained
 from hmtrain.eval.probes import bucket_counts, load_probes, probe_accuracy, route_probes, routing_agreement
 from hmtrain.eval.scoring import heldout_perplexity
 from hmtrain.info import human
+from hmtrain.train.resume import check_data_fingerprints
 
 ROWS = (("anchor + fetched memory", "fetched"), ("anchor + generic memory", "generic"), ("anchor alone", "none"))
 SHORT = {"anchor + fetched memory": "anchor+memory", "anchor + generic memory": "anchor+generic",
@@ -37,13 +39,15 @@ def evaluate(cfg: Config, checkpoint: str | Path, baseline: Optional[str | Path]
     data = PreparedData.open(cfg.data.prepared, verify="checksums" if cfg.data.verify_checksums else "sizes")
     trained = load_trained(checkpoint, device)
     data.check_compatible(trained.cfg)
+    check_data_fingerprints(trained.path, trained.record, data.fingerprints(), data.root)
     models: list[tuple[str, Trained, str]] = []
     for name, variant in ROWS:
-        if variant == "none" or trained.bank is not None:
+        if variant == "none" or (trained.bank is not None and (variant != "generic" or trained.bank.has_generic)):
             models.append((name, trained, variant))
     if baseline is not None:
         dense = load_trained(baseline, device)
         data.check_compatible(dense.cfg)
+        check_data_fingerprints(dense.path, dense.record, data.fingerprints(), data.root)
         models.append(("dense baseline", dense, "none"))
 
     probe_set = None
@@ -100,6 +104,24 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_output_path(path: Path) -> None:
+    """Fail before evaluating when the results could not be written to `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path}: is a directory; give a file name")
+    for parent in path.parents:
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise NotADirectoryError(f"--out {path}: {parent} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"--out {path}: {parent} is not writable")
+        return
+
+
 def write_results(results: dict, path: Path) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from hmtrain.config import Config, load_config
+from hmtrain.config import Config
 from hmtrain.memory import MemoryBank, build_bank, uses_memory
 from hmtrain.model import Transformer, count_parameters, run_model_config
-from hmtrain.train.checkpoint import CONFIG_FILE, Checkpointer
+from hmtrain.train.checkpoint import Checkpointer, CheckpointError, check_complete
+from hmtrain.train.resume import broken_checkpoint
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Trained:
     model: Transformer
     bank: Optional[MemoryBank]
     step: int
+    record: dict  # the checkpoint's trainer.json
 
     @property
     def parameters(self) -> int:
@@ -31,6 +32,8 @@ class Trained:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory / checkpoints directory (its latest)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path}: no such file or directory")
     for candidate in (path, path / "checkpoints"):
         if (candidate / "trainer.json").is_file():
             return candidate
@@ -43,8 +46,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Trained:
     path = resolve_checkpoint(path)
-    cfg = load_config(path / CONFIG_FILE)
-    record = Checkpointer.read_trainer(path)
+    try:
+        record, cfg = check_complete(path)
+    except CheckpointError as exc:
+        raise broken_checkpoint(path, str(exc), hint="evaluate it with --checkpoint") from exc
     model = Transformer(run_model_config(cfg.model, cfg.train.mode, cfg.train.dense_multiplier),
                         max_seq_len=cfg.data.seq_len).to(device)
     bank = None
@@ -52,10 +57,10 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Traine
     if uses_memory(cfg):
         bank = build_bank(cfg, device)
         state["bank"] = bank.state_dict()
-    dcp.load(state, checkpoint_id=str(path))
+    Checkpointer.load(path, state)
     set_model_state_dict(model, state["model"])
     if bank is not None:
         bank.load_state_dict(state["bank"])
     model.eval()
-    return Trained(path=path, cfg=cfg, model=model, bank=bank, step=int(record["step"]))
+    return Trained(path=path, cfg=cfg, model=model, bank=bank, step=int(record["step"]), record=record)
 

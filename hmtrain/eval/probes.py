@@ -5,6 +5,7 @@ alone (embed it with the data's embedder, descend the tree), as the paper does.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,6 @@ from torch import Tensor
 from hmtrain.data.documents import jsonl_records
 from hmtrain.data.embed import build_embedder, embed_texts
 from hmtrain.data.prepared import PreparedData
-from hmtrain.data.synth import BUCKETS
 from hmtrain.eval.scoring import choice_logprobs
 from hmtrain.memory import MemoryBank
 from hmtrain.model import Transformer
@@ -39,6 +39,13 @@ def load_probes(path: str | Path, limit: int = 0) -> list[dict]:
         missing = [k for k in REQUIRED if k not in probe]
         if missing:
             raise ValueError(f"{path}: probe {index} lacks {missing}")
+        choices = probe["choices"]
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{path}: probe {index}: choices must be a non-empty list of strings, "
+                             f"got {choices!r:.80}")
+        for key in ("question", "prompt", "answer", "bucket"):
+            if not isinstance(probe[key], str):
+                raise ValueError(f"{path}: probe {index}: {key} must be a string, got {probe[key]!r:.80}")
         if probe["answer"] not in probe["choices"]:
             raise ValueError(f"{path}: probe {index}: answer {probe['answer']!r} is not among its choices")
         probes.append(probe)
@@ -103,10 +110,22 @@ def probe_accuracy(model: Transformer, bank: Optional[MemoryBank], variant: str,
         hit = int(best[index][1] == probe["answer"])
         correct[probe["bucket"]].append(hit)
         correct["all"].append(hit)
-    order = [b for b in BUCKETS if b in correct] + [b for b in correct if b not in BUCKETS]
-    return {bucket: sum(correct[bucket]) / len(correct[bucket]) for bucket in order}
+    return {bucket: sum(correct[bucket]) / len(correct[bucket]) for bucket in bucket_order(correct)}
+
+
+def bucket_order(buckets) -> list[str]:
+    """Frequency buckets ("1", "2-3", "10-99", "100+", ...) by their lower bound; labels without a
+    leading number after them in first-seen order; "all" last."""
+    labels = [b for b in dict.fromkeys(buckets) if b != "all"]
+
+    def lower_bound(label: str) -> tuple[int, float]:
+        found = re.match(r"\s*(\d+(?:\.\d+)?)", label)
+        return (0, float(found.group(1))) if found else (1, 0.0)
+
+    ordered = sorted(labels, key=lower_bound)  # stable: unnumbered labels keep first-seen order
+    return ordered + (["all"] if "all" in buckets else [])
 
 
 def bucket_counts(probes: list[dict]) -> dict[str, int]:
     counts = Counter(p["bucket"] for p in probes)
-    return {b: counts[b] for b in BUCKETS if b in counts}
+    return {b: counts[b] for b in bucket_order(counts)}

@@ -6,6 +6,7 @@ other implementation): `grad_sq_norm` (global, a device scalar), `step(lr, total
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +75,12 @@ class TorchAnchor:
     def state_dict(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
+
+    def save_extra(self, directory: Path) -> None:
+        """Nothing beyond the DCP state (DeepSpeed's engine writes its optimizer partitions here)."""
+
+    def load_extra(self, directory: Path) -> None:
+        """Nothing beyond the DCP state."""
 
     def load_state_dict(self, state: dict[str, Any], with_optimizer: bool = True) -> None:
         if with_optimizer:

@@ -38,6 +38,8 @@ from hmtrain.parallel.placement import assign_subtrees
 from hmtrain.train.checkpoint import Checkpointer
 from hmtrain.train.metrics import JsonlLogger, MLflowLogger, MultiLogger, default_tracking_uri
 from hmtrain.train.recipe import MEMORY, Recipe
+from hmtrain.train.resume import load_for_resume, started_before_first_checkpoint
+from hmtrain.train.rundir import lock_run_dir
 from hmtrain.train.throughput import peak_flops, reduce_over_ranks, train_flops_per_token
 
 log = logging.getLogger(__name__)
@@ -106,13 +108,15 @@ def build_anchor(model: Transformer, cfg: Config, info: DistInfo, recipe: Recipe
     return TorchAnchor(model, optim, info.device)
 
 
-def train(cfg: Config, *, resume: bool = False) -> Path:
-    """Run (or resume) training; returns the final checkpoint directory."""
+def train(cfg: Config, *, resume: bool = False, fallback: bool = False) -> Path:
+    """Run (or resume) training; returns the final checkpoint directory. `fallback`: resume from
+    the newest loadable checkpoint when the latest is broken."""
     info = init_distributed(cfg.parallel, cfg.train)
-    return _train(cfg, info, resume)
+    with lock_run_dir(Path(cfg.train.run_dir), rank=info.rank):  # one live `train` per run directory
+        return _train(cfg, info, resume, fallback)
 
 
-def _train(cfg: Config, info: DistInfo, resume: bool) -> Path:
+def _train(cfg: Config, info: DistInfo, resume: bool, fallback: bool) -> Path:
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     precision = resolve_precision(tc, info.device)
@@ -140,11 +144,9 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> Path:
     if not resume and latest is not None:
         raise FileExistsError(f"{run_dir} already has checkpoints (latest {latest.name}); pass --resume to "
                               "continue it, or set train.run_dir to a new directory")
-    if resume and latest is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {checkpointer.directory}")
-    if resume:
-        step = Checkpointer.read_trainer(latest)["step"]
-    anchor = build_anchor(model, cfg, info, recipe, step, precision)
+    if resume and started_before_first_checkpoint(checkpointer, run_dir):
+        resume = False  # killed before its first checkpoint: run it again from step 0
+    anchor = None
 
     def loader_for(global_batch: int, state: Optional[dict] = None) -> StepLoader:
         micro = micro_batches_per_step(global_batch, tc.micro_batch_size, info.world_size)
@@ -155,31 +157,46 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> Path:
             loader.load_state_dict(state)
         return loader
 
+    def state_to_load(record: dict) -> dict:
+        nonlocal anchor  # the anchor's optimizer takes the shape of the checkpoint step's phase
+        anchor = build_anchor(model, cfg, info, recipe, int(record["step"]), precision)
+        return {**anchor.state_dict(), **({"bank": bank_state_for_load(bank)} if bank else {})}
+
     loader_state = None
     if resume:
-        loaded = {**anchor.state_dict(), **({"bank": bank_state_for_load(bank)} if bank else {})}
-        record = Checkpointer.load(latest, loaded)
+        latest, loaded, record = load_for_resume(checkpointer, cfg, data.fingerprints(), data.root, state_to_load,
+                                                 fallback=fallback)
+        step = int(record["step"])
         # the optimizer state carries over only within a phase (a new phase starts with fresh moments)
-        anchor.load_state_dict(loaded, with_optimizer=record.get("optimizer_phase") == recipe.phase(step))
+        same_phase = record.get("optimizer_phase") == recipe.phase(step)
+        anchor.load_state_dict(loaded, with_optimizer=same_phase)
+        if same_phase:
+            anchor.load_extra(latest)
         if bank is not None:
             restore_bank(bank, loaded["bank"])
         loader_state, run_id = record["loader"], record.get("mlflow_run_id")
         log.info("resumed from %s at step %d", latest, step)
+    else:
+        anchor = build_anchor(model, cfg, info, recipe, step, precision)
 
     tracker, jsonl = None, None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        # before config.yaml is rewritten: a broken metrics.jsonl stops a resume with nothing changed
         jsonl = JsonlLogger(run_dir / "metrics.jsonl", resume_step=step if resume else None)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if cfg.logging.mlflow:
+            params = {**flatten(cfg), "model.parameters": count_parameters(model_cfg),
+                      "memory.bank_parameters": bank.num_parameters() if bank else 0,
+                      "memory.fetched_parameters": bank.fetched_parameters() if bank else 0,
+                      "parallel.world_size": info.world_size}
             tracker = MLflowLogger(tracking_uri=cfg.logging.tracking_uri or default_tracking_uri(run_dir),
                                    experiment=cfg.logging.experiment, run_name=cfg.logging.run_name or run_dir.name,
-                                   run_id=run_id, artifact_dir=run_dir / "mlartifacts")
-            if run_id is None:
-                tracker.log_params({**flatten(cfg), "model.parameters": count_parameters(model_cfg),
-                                    "memory.bank_parameters": bank.num_parameters() if bank else 0,
-                                    "memory.fetched_parameters": bank.fetched_parameters() if bank else 0,
-                                    "parallel.world_size": info.world_size})
+                                   run_id=run_id, artifact_dir=run_dir / "mlartifacts", run_dir=run_dir,
+                                   resume=resume, params=params)
+            if resume:
+                tracker.backfill(jsonl.records)  # durable steps an earlier process could not send
+            if tracker.is_new:
                 for artifact in (run_dir / "config.yaml", data.root / data.manifest["tree"],
                                  data.root / "manifest.json"):
                     tracker.log_artifact(artifact)
@@ -202,9 +219,14 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> Path:
 
     def save(at_step: int, optimizer_phase: str) -> Path:
         state = {**anchor.state_dict(), **({"bank": bank_state_for_save(bank)} if bank else {})}
-        return checkpointer.save(at_step, state, {"loader": loader.state_dict(), "mlflow_run_id": run_id,
+        path = checkpointer.save(at_step, state, {"loader": loader.state_dict(), "mlflow_run_id": run_id,
                                                   "mode": tc.mode, "optimizer_phase": optimizer_phase,
-                                                  "world_size": info.world_size}, to_yaml(cfg))
+                                                  "world_size": info.world_size,
+                                                  "data_fingerprints": data.fingerprints()},
+                                 to_yaml(cfg), write_extra=anchor.save_extra)
+        if tracker is not None:
+            tracker.flush(at_step)  # MLflow gets a step once a checkpoint covers it
+        return path
 
     try:
         while step < recipe.total_steps:

@@ -18,6 +18,10 @@ def losses(run_dir):
     return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
+def mlflow_losses(client, run_id):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+
+
 def test_killed_run_resumes_exactly(prepared, tmp_path):
     overrides = [*prepared["overrides"], *STEPS, f"logging.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -29,7 +33,11 @@ def test_killed_run_resumes_exactly(prepared, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = killed / "checkpoints" / "step_00000015" / "trainer.json"  # inside the memory phase
     deadline = time.monotonic() + 240
-    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+    logged = killed / "metrics.jsonl"
+    # kill a couple of steps past the checkpoint, so the killed run logged steps the resumed run redoes
+    while proc.poll() is None and time.monotonic() < deadline:
+        if target.exists() and logged.exists() and len(logged.read_text().splitlines()) >= 17:
+            break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL, "training finished before it could be killed"
@@ -46,8 +54,8 @@ def test_killed_run_resumes_exactly(prepared, tmp_path):
     by_dir = {r.data.params["train.run_dir"]: r for r in runs}
     assert len(runs) == 2, "--resume must continue the killed run, not start a new one"
     assert by_dir[str(killed)].info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(by_dir[str(killed)].info.run_id, "loss")}
-    assert steps == set(range(1, 25))
+    # MLflow holds what metrics.jsonl holds, step for step: no step logged twice across the kill
+    assert mlflow_losses(client, by_dir[str(killed)].info.run_id) == losses(killed)
 
 
 def test_broken_tracking_does_not_stop_training_and_runs_are_not_overwritten(prepared, tmp_path):
@@ -84,3 +92,29 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(prepared, tmp_path):
     assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "trainer.json").exists()
     run_cli("train", "--config", "tiny", *overrides, "--resume", cwd=tmp_path)
     assert [s for s, _ in losses(run_dir)] == list(range(1, 61))
+
+
+def test_kill_before_the_first_checkpoint_keeps_one_mlflow_run(prepared, tmp_path):
+    run_dir, tracking = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [*prepared["overrides"], "train.pretrain_steps=12", "train.memory_steps=0",
+                 "train.checkpoint_every=1000", f"logging.tracking_uri={tracking}", f"train.run_dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HMTRAIN_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "hmtrain.cli", "train", "--config", "tiny", *overrides],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+    run_cli("train", "--config", "tiny", *overrides, "--resume", cwd=tmp_path)  # a requeued job passes --resume
+    client = MlflowClient(tracking_uri=tracking)
+    runs = client.search_runs([client.get_experiment_by_name("hmtrain").experiment_id])
+    assert len(runs) == 1, "the restart must continue the run directory's MLflow run"
+    assert runs[0].info.status == "FINISHED"
+    assert [s for s, _ in losses(run_dir)] == list(range(1, 13))
+    assert mlflow_losses(client, runs[0].info.run_id) == losses(run_dir)

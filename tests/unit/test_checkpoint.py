@@ -1,0 +1,124 @@
+"""Checkpoints: one-line errors for broken ones, a crash-safe prune, a disk full during save."""
+import errno
+import json
+import shutil
+
+import pytest
+import torch
+import torch.distributed.checkpoint.filesystem as dcp_fs
+
+from hmtrain.config import Config, to_yaml
+from hmtrain.train import checkpoint as ckpt
+from hmtrain.train.checkpoint import Checkpointer, CheckpointError, check_complete, read_config, read_trainer
+
+
+def make_state(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {"a": torch.randn(16, 8, generator=g), "b": torch.randn(32, generator=g)},
+            "rng": {"torch": torch.randint(0, 255, (20,), generator=g, dtype=torch.uint8)}}
+
+
+def save_steps(directory, steps, keep=10):
+    saver = Checkpointer(directory, keep=keep)
+    for step in steps:
+        saver.save(step, make_state(step), {"loader": {"position": step}}, to_yaml(Config()))
+    return saver
+
+
+def assert_one_line_naming(exc_info, path, *words):
+    message = str(exc_info.value)
+    assert "\n" not in message and str(path) in message, message
+    for word in words:
+        assert word in message, message
+
+
+def test_roundtrip(tmp_path):
+    saver = save_steps(tmp_path, [1, 2])
+    loaded = {k: {n: torch.zeros_like(t) for n, t in v.items()} for k, v in make_state().items()}
+    record = Checkpointer.load(saver.latest(), loaded)
+    assert record["step"] == 2 and record["loader"] == {"position": 2}
+    assert all(torch.equal(loaded["model"][k], make_state(2)["model"][k]) for k in ("a", "b"))
+
+
+@pytest.mark.parametrize("damage", ["truncate data", "delete data", "truncate metadata", "garble data"])
+def test_broken_checkpoint_is_one_line_naming_it(tmp_path, damage):
+    path = save_steps(tmp_path, [1]).latest()
+    data = path / "__0_0.distcp"
+    if damage == "truncate data":
+        data.write_bytes(data.read_bytes()[:100])
+    elif damage == "delete data":
+        data.unlink()
+    elif damage == "truncate metadata":
+        (path / ".metadata").write_bytes((path / ".metadata").read_bytes()[:50])
+    else:  # same size, bytes garbled: only the load itself can tell
+        raw = bytearray(data.read_bytes())
+        raw[:200] = b"\x00" * 200
+        data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError) as exc_info:  # DCP's own CheckpointException is a BaseException
+        Checkpointer.load(path, make_state())
+    assert_one_line_naming(exc_info, path)
+
+
+def test_truncated_trainer_json_and_config_are_refused(tmp_path):
+    path = save_steps(tmp_path, [1]).latest()
+    good_config = (path / "config.yaml").read_text()
+    (path / "trainer.json").write_text((path / "trainer.json").read_text()[:15])
+    with pytest.raises(CheckpointError) as exc_info:
+        read_trainer(path)
+    assert_one_line_naming(exc_info, path, "trainer.json")
+
+    path = save_steps(tmp_path / "b", [1]).latest()
+    record = read_trainer(path)
+    lines = good_config.splitlines(keepends=True)
+    # cut at a line boundary, before the last keys: valid YAML and a valid config once schema defaults fill
+    # the gap, which is what happened before; only strict loading notices
+    assert lines[-1].startswith("  run_name:")
+    (path / "config.yaml").write_text("".join(lines[:-2]))
+    for recorded in (record, {}):  # with and without the hash recorded in trainer.json
+        with pytest.raises(CheckpointError) as exc_info:
+            read_config(path, recorded)
+        assert_one_line_naming(exc_info, path, "config.yaml")
+    (path / "config.yaml").write_text(good_config)
+    assert read_config(path, record) == Config()
+
+
+def test_killed_prune_never_leaves_a_complete_looking_broken_checkpoint(tmp_path, monkeypatch):
+    saver = save_steps(tmp_path, [1, 2], keep=2)
+    real_rmtree = shutil.rmtree
+
+    def killed_rmtree(path, *args, **kwargs):
+        # the process dies after removing the data file but before the completeness marker
+        for name in ("__0_0.distcp", ".metadata"):
+            if (path / name).exists():
+                (path / name).unlink()
+        raise KeyboardInterrupt("killed mid-prune")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        saver.save(3, make_state(3), {"loader": {}}, to_yaml(Config()))
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    for path in saver.step_dirs():  # step 1 was being deleted: it must not be listed
+        check_complete(path)
+    assert [p.name for p in saver.step_dirs()] == ["step_00000002", "step_00000003"]
+    assert saver.latest().name == "step_00000003"
+    saver.save(4, make_state(4), {"loader": {}}, to_yaml(Config()))  # the next prune sweeps the leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    saver = save_steps(tmp_path, [1])
+    real_write_item = dcp_fs._write_item
+
+    def full_disk(transforms, stream, data, *args, **kwargs):
+        stream.write(b"\x00" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp_fs, "_write_item", full_disk)
+    with pytest.raises(CheckpointError) as exc_info:
+        saver.save(2, make_state(2), {"loader": {}}, to_yaml(Config()))
+    monkeypatch.setattr(dcp_fs, "_write_item", real_write_item)
+    assert_one_line_naming(exc_info, tmp_path / "step_00000002", "No space left", "step_00000001 is intact")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]
+    assert saver.latest().name == "step_00000001"
+    check_complete(saver.latest())
+    assert json.loads((saver.latest() / "trainer.json").read_text())["step"] == 1

@@ -1,0 +1,29 @@
+"""The command line's argument handling: overrides anywhere, one-line errors."""
+import pytest
+
+from hmtrain.cli import main, parse_args
+
+
+def test_overrides_may_follow_options():
+    args = parse_args(["train", "--config", "tiny", "train.seed=1", "--resume", "train.seed=2", "logging.mlflow=false"])
+    assert args.resume and args.overrides == ["train.seed=1", "train.seed=2", "logging.mlflow=false"]
+    args = parse_args(["eval", "--config", "tiny", "--checkpoint", "x", "eval.batch_size=2", "--out", "r.json",
+                       "eval.max_probes=3"])
+    assert args.overrides == ["eval.batch_size=2", "eval.max_probes=3"] and str(args.out) == "r.json"
+
+
+@pytest.mark.parametrize("argv", [["train", "--config", "tiny", "--resume", "--bogus"],
+                                  ["train", "--config", "tiny", "a.b=1", "--resume", "stray"],
+                                  ["data", "synth", "--out", "x", "a.b=1"]])
+def test_anything_else_is_still_refused(argv):
+    with pytest.raises(SystemExit) as exc_info:
+        parse_args(argv)
+    assert exc_info.value.code == 2
+
+
+def test_errors_are_one_line(capsys, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  d_model: [32\n")  # yaml's own message spans several lines
+    assert main(["info", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and str(config) in err

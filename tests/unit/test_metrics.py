@@ -1,0 +1,143 @@
+"""metrics.jsonl survives a torn last line; MLflow holds exactly the durable steps, once each."""
+import json
+import logging
+import socket
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from hmtrain.train import metrics as metrics_mod
+from hmtrain.train.metrics import RUN_ID_FILE, JsonlLogger, MLflowLogger, read_metrics
+
+
+@pytest.fixture(autouse=True)
+def restore_mlflow_env(monkeypatch):
+    """MLflowLogger sets MLflow's HTTP settings in os.environ; keep them out of later tests."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "x")  # records the original value (or its absence) for teardown
+        monkeypatch.delenv(name)
+
+
+def write_lines(path, *lines, newline_at_end=True):
+    path.write_text("\n".join(lines) + ("\n" if newline_at_end else ""))
+
+
+def test_torn_last_line_is_dropped_on_read_and_on_resume(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    write_lines(path, '{"step": 1, "loss": 2.0}', '{"step": 2, "loss": 1.5}', '{"step": 3, "lo',
+                newline_at_end=False)
+    with caplog.at_level(logging.WARNING):
+        assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert "torn last line 3" in caplog.text
+    logger = JsonlLogger(path, resume_step=2)
+    logger.log({"loss": 1.0}, 3)
+    logger.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    assert path.read_text().endswith("\n")
+
+
+def test_invalid_line_elsewhere_names_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_lines(path, '{"step": 1, "loss": 2.0}', '{"step": 2, "lo', '{"step": 3, "loss": 1.0}')
+    with pytest.raises(ValueError) as exc_info:
+        read_metrics(path)
+    assert str(path) in str(exc_info.value) and "line 2" in str(exc_info.value)
+    with pytest.raises(ValueError):
+        JsonlLogger(path, resume_step=3)
+    assert path.read_text().count("\n") == 3  # untouched
+
+
+def sqlite_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def make_logger(tmp_path, **kwargs) -> MLflowLogger:
+    return MLflowLogger(tracking_uri=sqlite_uri(tmp_path), experiment="t", run_name="r", run_dir=tmp_path / "run",
+                        artifact_dir=tmp_path / "art", **kwargs)
+
+
+def history(tmp_path, run_id, key="loss"):
+    return [(m.step, m.value) for m in MlflowClient(sqlite_uri(tmp_path)).get_metric_history(run_id, key)]
+
+
+def test_mlflow_gets_durable_steps_once_across_a_crash_and_resume(tmp_path):
+    first = make_logger(tmp_path, params={"a": 1})
+    for step in range(1, 6):
+        first.log({"loss": float(step)}, step)
+    first.flush(3)  # a checkpoint at step 3
+    # killed here: steps 4, 5 were never durable, and the resumed run redoes them
+    assert history(tmp_path, first.run_id) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert json.loads((tmp_path / "run" / RUN_ID_FILE).read_text())["run_id"] == first.run_id
+
+    resumed = make_logger(tmp_path, run_id=first.run_id, resume=True)
+    assert resumed.run_id == first.run_id and not resumed.is_new
+    # metrics.jsonl after the resume trim holds 1..3, plus 4 that a crash kept from MLflow
+    resumed.backfill([{"step": s, "loss": float(s)} for s in range(1, 5)])
+    for step in range(5, 8):
+        resumed.log({"loss": 10.0 + step}, step)
+    resumed.flush(7)
+    resumed.close()
+    assert history(tmp_path, first.run_id) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 15.0), (6, 16.0),
+                                               (7, 17.0)]
+    assert MlflowClient(sqlite_uri(tmp_path)).get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_restart_before_the_first_checkpoint_reuses_the_run(tmp_path):
+    first = make_logger(tmp_path, params={"a": 1})
+    first.log({"loss": 1.0}, 1)  # killed before any checkpoint: nothing durable
+    again = make_logger(tmp_path, params={"a": 1})
+    assert again.run_id == first.run_id and again.is_new
+    client = MlflowClient(sqlite_uri(tmp_path))
+    assert len(client.search_runs([client.get_experiment_by_name("t").experiment_id])) == 1
+    changed = make_logger(tmp_path, params={"a": 2})  # other params: a new run, not a param clash
+    assert changed.run_id != first.run_id
+
+
+def test_failed_calls_are_retried_then_skipped_without_switching_tracking_off(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(metrics_mod.time, "sleep", lambda s: None)
+    logger = make_logger(tmp_path)
+    calls = []
+
+    def broken_upload(*args, **kwargs):
+        calls.append(args)
+        raise OSError("artifact store unreachable")
+
+    monkeypatch.setattr(logger._client, "log_artifact", broken_upload)
+    with caplog.at_level(logging.WARNING):
+        logger.log_artifact(tmp_path / "x.txt")
+    assert len(calls) == metrics_mod.ATTEMPTS and "skipped, tracking goes on" in caplog.text
+    assert logger.enabled
+
+    real_log_batch = logger._client.log_batch
+    failures = iter([True, True, True])  # the first flush fails every try; its steps stay buffered
+
+    def flaky_log_batch(*args, **kwargs):
+        if next(failures, False):
+            raise OSError("server hiccup")
+        return real_log_batch(*args, **kwargs)
+
+    monkeypatch.setattr(logger._client, "log_batch", flaky_log_batch)
+    logger.log({"loss": 1.0}, 1)
+    logger.flush(1)
+    assert history(tmp_path, logger.run_id) == []
+    logger.log({"loss": 2.0}, 2)
+    logger.flush(2)
+    assert history(tmp_path, logger.run_id) == [(1, 1.0), (2, 2.0)]
+
+
+@pytest.mark.timeout(60)  # before: MLflow's own retries held start-up for ~4 minutes
+def test_unreachable_server_gives_up_quickly(tmp_path, monkeypatch, caplog):
+    sleeps = []
+    monkeypatch.setattr(metrics_mod.time, "sleep", sleeps.append)
+    with socket.socket() as sock:  # a localhost port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with caplog.at_level(logging.WARNING):
+        logger = MLflowLogger(tracking_uri=f"http://127.0.0.1:{port}", experiment="t", run_name="r",
+                              run_dir=tmp_path / "run")
+    assert not logger.enabled
+    assert "MLflow start failed" in caplog.text and f"at most {metrics_mod.START_TIMEOUT_S} s" in caplog.text
+    assert sum(sleeps) <= metrics_mod.START_TIMEOUT_S
+    logger.log({"loss": 1.0}, 1)
+    logger.flush(1)
+    logger.close()
