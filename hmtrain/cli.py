@@ -151,19 +151,42 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("HMTRAIN_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     command = args.data_command if args.command == "data" else args.command
-    from hmtrain.train.trainer import Interrupted
+    from hmtrain.train.signals import Interrupted
 
+    rc = 0
     try:
         COMMANDS[command](args)
     except Interrupted as exc:
         print(f"hmtrain {command}: {exc}", file=sys.stderr)
-        return 128 + exc.signum  # the shell convention for death by signal, so schedulers requeue
+        rc = 128 + exc.signum  # the shell convention for death by signal, so schedulers requeue
     except (ConfigError, ValueError, OSError, RuntimeError) as exc:  # OSError: FileNotFound, FileExists, ...
         if args.debug:
             raise
-        print(f"hmtrain {command}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    return 0
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"hmtrain {command}{where}: error: {one_line(exc)}", file=sys.stderr)
+        rc = 2
+    return _leave(rc)
+
+
+def _leave(rc: int) -> int:
+    """A torchrun worker ends its process group and leaves with os._exit: gloo's threads can abort a
+    normal interpreter exit after collectives, which would turn a clean finish into a crash."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return rc
+    from hmtrain.parallel.dist import shutdown
+
+    try:
+        if rc == 0:
+            shutdown()
+        else:
+            dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
 
 
 if __name__ == "__main__":

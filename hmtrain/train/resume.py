@@ -36,16 +36,13 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "data.prepared", "data.documents", "data.text_field", "data.id_field", "data.embed_batch_size",
 )
 # Per-step batch shape: may change as long as the global batch stays the same (memory use only).
-MICRO_BATCH_KEYS: tuple[str, ...] = ("train.micro_batch_size", "train.batch_size", "train.grad_accum")
+MICRO_BATCH_KEYS: tuple[str, ...] = ("train.micro_batch_size",)
 
 
 def global_batch(flat: dict[str, Any]) -> Optional[int]:
-    """Sequences per optimizer step, from flattened config keys (old and new schema)."""
-    if "train.global_batch_size" in flat:
-        return int(flat["train.global_batch_size"])
-    if "train.batch_size" in flat:
-        return int(flat["train.batch_size"]) * int(flat.get("train.grad_accum", 1))
-    return None
+    """Sequences per optimizer step, from flattened config keys."""
+    value = flat.get("train.global_batch_size")
+    return None if value is None else int(value)
 
 
 def may_change(key: str) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -40,39 +39,10 @@ from hmtrain.train.metrics import JsonlLogger, MLflowLogger, MultiLogger, defaul
 from hmtrain.train.recipe import MEMORY, Recipe
 from hmtrain.train.resume import load_for_resume, started_before_first_checkpoint
 from hmtrain.train.rundir import lock_run_dir
+from hmtrain.train.signals import Interrupted, StopRequest
 from hmtrain.train.throughput import peak_flops, reduce_over_ranks, train_flops_per_token
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(RuntimeError):
-    """Training stopped early on a signal, after writing a checkpoint to resume from."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path):
-        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint {checkpoint}; "
-                         "continue with --resume")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-
-
-class StopRequest:
-    """SIGTERM/SIGINT (e.g. SLURM preemption) ask for a checkpoint at the end of the step."""
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("received signal %d: checkpointing at the end of this step, then stopping", signum)
-        self.signum = signum
-
-    def agreed(self, comm: Comm) -> Optional[int]:
-        """The signal any rank got (ranks must stop at the same step to write one checkpoint)."""
-        flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=comm.device)
-        return int(comm.all_reduce_(flag, op=torch.distributed.ReduceOp.MAX)) or None
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def resolve_vocab(cfg: Config, data: PreparedData) -> Config:

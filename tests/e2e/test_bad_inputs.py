@@ -97,7 +97,8 @@ def resume_changed_memory_units(tmp, c):
 
 
 def resume_changed_batch_size(tmp, c):
-    return train(c, copy_run(c, tmp), "--resume", "train.batch_size=2"), ["train.batch_size", "global batch"]
+    return train(c, copy_run(c, tmp), "--resume", "train.global_batch_size=2", "train.micro_batch_size=2"), \
+        ["train.global_batch_size", "global batch"]
 
 
 def resume_truncated_config(tmp, c):

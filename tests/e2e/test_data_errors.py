@@ -15,7 +15,9 @@ from tests.e2e.conftest import run_cli
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    # train.lock is the run directory's lock (hmtrain/train/rundir.py): taking it writes no output
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "train.lock"}
 
 
 def _copy_prepared(prepared: dict, dest: Path) -> Path:

@@ -26,7 +26,7 @@ def changed(**keys) -> Config:
 @pytest.mark.parametrize("keys, named", [
     ({"model__d_model": 48}, "model.d_model"),
     ({"memory__units": [8, 8, 8, 8]}, "memory.units"),
-    ({"train__batch_size": 4}, "train.batch_size"),
+    ({"train__global_batch_size": 4}, "train.global_batch_size"),
     ({"train__clip_grad": 0.5, "train__memory_steps": 3000}, "train.clip_grad"),
     ({"data__seq_len": 128}, "data.seq_len"),
 ])
@@ -48,17 +48,17 @@ def test_allowed_changes_pass_and_are_logged(caplog):
 
 def test_micro_batch_may_change_when_the_global_batch_does_not(caplog):
     with caplog.at_level(logging.INFO, logger="hmtrain.train.resume"):
-        check_config_change("ckpt", Config(), changed(train__batch_size=4, train__grad_accum=2), step=10)
+        check_config_change("ckpt", Config(), changed(train__micro_batch_size=4), step=10)
     assert "same global batch of 8" in caplog.text
     with pytest.raises(ConfigError, match="global batch must stay the same"):
-        check_config_change("ckpt", Config(), changed(train__grad_accum=2), step=10)
+        check_config_change("ckpt", Config(), changed(train__global_batch_size=16), step=10)
 
 
-def test_global_batch_reads_old_and_new_schema_keys():
-    assert global_batch({"train.batch_size": 4, "train.grad_accum": 3}) == 12
+def test_global_batch_reads_the_schema_key():
     assert global_batch({"train.global_batch_size": 64, "train.micro_batch_size": 8}) == 64
+    assert global_batch({}) is None
     assert may_change("train.micro_batch_size") is False  # handled by the global-batch rule, not the allowlist
-    assert may_change("logging.tracking_uri") and may_change("parallel.world_size") and not may_change("model.d_model")
+    assert may_change("logging.tracking_uri") and may_change("parallel.placement") and not may_change("model.d_model")
 
 
 def test_phase_switch_cannot_move_once_the_memory_phase_began():
