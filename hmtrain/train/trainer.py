@@ -82,17 +82,18 @@ def train(cfg: Config, *, resume: bool = False, fallback: bool = False) -> Path:
     """Run (or resume) training; returns the final checkpoint directory. `fallback`: resume from
     the newest loadable checkpoint when the latest is broken."""
     info = init_distributed(cfg.parallel, cfg.train)
+    # read-only checks first, so a bad input leaves no trace in the run directory
+    data = PreparedData.open(cfg.data.prepared, verify="checksums" if cfg.data.verify_checksums else "sizes")
+    data.check_compatible(cfg)
     with lock_run_dir(Path(cfg.train.run_dir), rank=info.rank):  # one live `train` per run directory
-        return _train(cfg, info, resume, fallback)
+        return _train(cfg, info, data, resume, fallback)
 
 
-def _train(cfg: Config, info: DistInfo, resume: bool, fallback: bool) -> Path:
+def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallback: bool) -> Path:
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     precision = resolve_precision(tc, info.device)
     device = info.device
-    data = PreparedData.open(cfg.data.prepared, verify="checksums" if cfg.data.verify_checksums else "sizes")
-    data.check_compatible(cfg)
     cfg = resolve_vocab(cfg, data)
     comm = Comm(device=info.collective_device)
 
