@@ -47,11 +47,11 @@ class TorchAnchor:
     def backward(self, loss: Tensor, last: bool) -> None:
         loss.backward()
 
-    def _grads(self) -> list[Tensor]:
-        return [p.grad for p in self.model.parameters() if p.grad is not None]
+    def _with_grads(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.grad is not None]
 
     def grad_sq_norm(self) -> Tensor:
-        grads = self._grads()
+        grads = [p.grad for p in self._with_grads()]
         if not grads:
             return torch.zeros((), device=self.device)
         norm = torch.nn.utils.get_total_norm(grads)
@@ -61,9 +61,9 @@ class TorchAnchor:
 
     def step(self, lr: float, total_norm: Tensor, max_norm: float) -> None:
         """Clip by the global norm (anchor and bank together), then update; no host sync."""
-        grads = self._grads()
-        if grads and max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total_norm)
+        params = self._with_grads()
+        if params and max_norm > 0:  # scales each parameter's .grad by min(1, max_norm / total_norm)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from hmtrain.config.schema import ParallelConfig
 from hmtrain.parallel.dist import DistInfo
@@ -34,6 +34,10 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, info: DistInfo,
         for block in model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
-        model.set_gradient_divide_factor(1.0)
+        for module in model.modules():  # the setting is per FSDP module: every block and the root
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                # plain SUM collectives: gloo has no PreMulSum, and NCCL's zero-copy path wants SUM too
+                module.set_force_sum_reduction_for_comms(True)
         log.info("anchor sharded with FSDP2 over %d ranks", info.world_size)
     return model

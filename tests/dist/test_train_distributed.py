@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from tests.dist.conftest import REPO, free_port, torchrun
 from tests.e2e.conftest import run_cli
@@ -67,7 +66,9 @@ def assert_same_run(a, b, what):
         assert la[step] == pytest.approx(lb[step], rel=2e-5, abs=1e-6), f"{what}: step {step}: {la} vs {lb}"
     ba, bb = bank(a), bank(b)
     for name in ba:
-        torch.testing.assert_close(ba[name], bb[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {name}: {m}")
+        # Adam turns float-rounding differences of near-zero gradients into ~1e-3 of one step (lr 3e-2);
+        # a real difference (a row missed, a gradient scaled) moves whole rows by about the learning rate
+        torch.testing.assert_close(ba[name], bb[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{what}: {name}: {m}")
 
 
 def test_world_size_placement_and_engine_do_not_change_training(data, tmp_path):
