@@ -44,6 +44,9 @@ class TorchAnchor:
     def set_trainable(self, trainable: bool) -> None:
         self.model.requires_grad_(trainable)
 
+    # gradients are summed over ranks as they are (FSDP's divide factor is 1): no loss rescaling
+    loss_multiplier = 1
+
     def backward(self, loss: Tensor, last: bool) -> None:
         loss.backward()
 

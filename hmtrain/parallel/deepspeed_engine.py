@@ -2,9 +2,10 @@
 
 DeepSpeed owns the anchor's gradient reduction, partitioned optimizer state and update; the bank and
 its sparse optimizer live beside it. Three things keep it equal to one process on the same batch:
-- the loss handed to `engine.backward` is multiplied by the data-parallel size (DeepSpeed averages
-  gradients over ranks; hmtrain normalises by the global token count and wants their sum), and is not
-  divided by the accumulation steps (`scale_wrt_gas=False`: the token normalisation already did it);
+- DeepSpeed averages gradients over ranks while hmtrain normalises the loss by the global token count
+  and wants their sum: `loss_multiplier` (the data-parallel size) tells the trainer to multiply the loss
+  by it, and to divide the bank's gradients, which do not pass through DeepSpeed, by it again; the loss is
+  not divided by the accumulation steps either (`scale_wrt_gas=False`: the normalisation did that);
 - one global norm clips anchor and bank together: before the boundary step DeepSpeed's own anchor norm
   is read, and its clip threshold set so that its clip equals max_norm / global norm;
 - a client torch AdamW (no JIT-built fused op) with decoupled weight decay on matrices only.
@@ -79,8 +80,12 @@ class DeepSpeedAnchor:
     def set_trainable(self, trainable: bool) -> None:
         self._module.requires_grad_(trainable)
 
+    @property
+    def loss_multiplier(self) -> int:
+        return self.world_size
+
     def backward(self, loss: Tensor, last: bool) -> None:
-        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.engine.backward(loss, scale_wrt_gas=False)
         if not last:
             self.engine.step()  # DeepSpeed counts micro-steps here; it updates only at the boundary
 

@@ -232,9 +232,10 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
                 with precision.autocast():
                     micro_loss, _ = anchor.model(mb["tokens"], segments=mb["segments"], memory=memory,
                                                  labels=mb["labels"])
-                anchor.backward(micro_loss / max(global_tokens, 1), last=k == len(micro_batches) - 1)
+                normaliser = anchor.loss_multiplier / max(global_tokens, 1)  # the engine may average over ranks
+                anchor.backward(micro_loss * normaliser, last=k == len(micro_batches) - 1)
                 if memory is not None:
-                    bank.return_grads(memory)
+                    bank.return_grads(memory, scale=1.0 / anchor.loss_multiplier)
                 loss_sum += micro_loss.detach()
 
             anchor_sq = anchor.grad_sq_norm() if now.anchor_trains else torch.zeros((), device=device)

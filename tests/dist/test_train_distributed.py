@@ -63,7 +63,8 @@ def assert_same_run(a, b, what):
     la, lb = losses(a), losses(b)
     assert la.keys() == lb.keys() == set(range(1, 6)), what
     for step in la:
-        assert la[step] == pytest.approx(lb[step], rel=2e-5, abs=1e-6), f"{what}: step {step}: {la} vs {lb}"
+        # float tolerance: summation order differs across ranks, and Adam at lr 3e-2 amplifies it step by step
+        assert la[step] == pytest.approx(lb[step], rel=1e-4, abs=1e-6), f"{what}: step {step}: {la} vs {lb}"
     ba, bb = bank(a), bank(b)
     for name in ba:
         # Adam turns float-rounding differences of near-zero gradients into ~1e-3 of one step (lr 3e-2);
