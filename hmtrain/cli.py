@@ -6,6 +6,7 @@
     hmtrain eval         --config CFG --checkpoint DIR [--baseline DIR] [--out FILE] [key=value ...]
     hmtrain info         --config CFG [--world-size N] [key=value ...]
     hmtrain demo         [--out DIR] [key=value ...]
+    hmtrain bench placement [--ranks 1 2 4] [--steps N] [--out DIR] [key=value ...]
 
 CFG is a YAML file or a preset name from configs/ (tiny, paper-160m, ...).
 Overrides may come before or after the options.
@@ -64,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(info)
     info.add_argument("--world-size", type=int, default=1, help="ranks to size the per-rank table for")
 
+    bench = commands.add_parser("bench", help="benchmarks that print a table").add_subparsers(dest="bench_command",
+                                                                                          required=True)
+    placement = bench.add_parser("placement", help="step time of gather vs owner vs replicated bank, per world size")
+    placement.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    placement.add_argument("--steps", type=int, default=12)
+    placement.add_argument("--global-batch", type=int, default=16)
+    placement.add_argument("--out", type=Path, default=Path("runs/bench-placement"))
+    placement.add_argument("overrides", nargs="*", metavar="key=value")
+
     demo = commands.add_parser("demo", help="the whole pipeline on CPU with the tiny config")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--config", default="tiny")
@@ -118,6 +128,19 @@ def cmd_info(args) -> None:
     print_info(load_config(args.config, args.overrides), world_size=args.world_size)
 
 
+def cmd_bench(args) -> None:
+    from hmtrain.parallel.bench_placement import render, run
+
+    for ranks in args.ranks:
+        if ranks < 1 or args.global_batch % (2 * ranks):
+            raise ValueError(f"--ranks {ranks}: --global-batch {args.global_batch} must split into two micro-batches "
+                             "per rank")
+    results = run(args.out, args.ranks, args.steps, args.global_batch, args.overrides)
+    table = render(results)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+
+
 def cmd_demo(args) -> None:
     from hmtrain.demo import run_demo
 
@@ -127,7 +150,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "info": cmd_info,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "placement": cmd_bench}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("HMTRAIN_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    command = args.data_command if args.command == "data" else args.command
+    command = {"data": getattr(args, "data_command", None), "bench": getattr(args, "bench_command", None)}.get(
+        args.command, args.command)
     from hmtrain.train.signals import Interrupted
 
     rc = 0

@@ -186,7 +186,7 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
     last_checkpoint: Optional[Path] = latest if resume else None
     bar = tqdm(total=recipe.total_steps, initial=step, desc=f"train ({tc.mode})",
                disable=not (tc.progress and info.is_main), dynamic_ncols=True)
-    window = {"started": time.perf_counter(), "tokens": 0.0, "fetch_s": 0.0}
+    window = {"started": time.perf_counter(), "tokens": 0.0, "fetch_s": 0.0, "steps": 0}
     pad_id = int(data.manifest["pad_id"])
     status = "FAILED"
 
@@ -254,13 +254,14 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
                 bank.step(now.memory_lr, scale)
             step += 1
             window["tokens"] += global_tokens
+            window["steps"] += 1
 
             if step % tc.log_every == 0 or step == recipe.total_steps:
                 record = _log_record(comm, now, loss_sum, global_tokens, labels_local, grad_norm, plan,
                                      generic_used, window, flops_per_token, peak)
                 metrics.log(record, step)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", phase=now.phase)
-                window = {"started": time.perf_counter(), "tokens": 0.0, "fetch_s": 0.0}
+                window = {"started": time.perf_counter(), "tokens": 0.0, "fetch_s": 0.0, "steps": 0}
             bar.update(1)
             checkpointer.poll()  # complete a background save whose write has finished
             signum = stop.agreed(comm)
@@ -308,6 +309,7 @@ def _log_record(comm: Comm, now, loss_sum: torch.Tensor, global_tokens: int, lab
     elapsed = max(time.perf_counter() - window["started"], 1e-9)
     record = {"loss": loss, "lr/anchor": now.anchor_lr, "lr/memory": now.memory_lr,
               "grad_norm": float(grad_norm), "tokens_per_s": window["tokens"] / elapsed,
+              "step_s": elapsed / max(window["steps"], 1),
               "phase": float(now.phase == MEMORY), "global_batch": float(now.global_batch)}
     if peak:
         record["mfu"] = window["tokens"] * flops_per_token / elapsed / (peak * comm.world_size)
