@@ -40,6 +40,7 @@ from hmtrain.train.recipe import MEMORY, Recipe
 from hmtrain.train.resume import load_for_resume, started_before_first_checkpoint
 from hmtrain.train.rundir import lock_run_dir
 from hmtrain.train.signals import Interrupted, StopRequest
+from hmtrain.train.system_metrics import start_system_metrics, stop_system_metrics
 from hmtrain.train.throughput import peak_flops, reduce_over_ranks, train_flops_per_token
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,13 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
                     tracker.log_artifact(artifact)
             run_id = tracker.run_id
     metrics = MultiLogger(*(x for x in (jsonl, tracker) if x is not None))
+    monitor = None
+    if cfg.logging.mlflow and cfg.logging.system_metrics:
+        # every node's first rank logs its machine's metrics into rank 0's run
+        shared = [run_id, tracker.tracking_uri if tracker is not None else None]
+        if side is not None:
+            torch.distributed.broadcast_object_list(shared, src=0, group=side)
+        monitor = start_system_metrics(shared[0], shared[1], cfg.logging.system_metrics_interval_s, resume)
 
     flops_per_token = train_flops_per_token(model_cfg, cfg.data.seq_len, bank.fetched_parameters() if bank else 0)
     peak = peak_flops(device)
@@ -282,6 +290,7 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
             if status != "FAILED":
                 raise
             log.exception("the checkpoint in flight could not be completed")  # the loop's error is the one raised
+        stop_system_metrics(monitor)
         if jsonl is not None:
             jsonl.close()
         if tracker is not None:

@@ -16,7 +16,8 @@ def test_pipeline_trains_and_evaluates(prepared, tmp_path):
     assert manifest["branching"] == [2, 3] and manifest["splits"]["train"] and manifest["splits"]["heldout"]
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     steps = ["train.pretrain_steps=3", "train.memory_steps=3", "train.checkpoint_every=3", "train.anchor=cotrain",
-             "train.anchor_optim.warmup_steps=0", "train.seed=5", f"logging.tracking_uri={tracking}"]
+             "train.anchor_optim.warmup_steps=0", "train.seed=5", f"logging.tracking_uri={tracking}",
+             "logging.system_metrics_interval_s=0.2"]
     run_cli("train", "--config", "tiny", *overrides, *steps, f"train.run_dir={tmp_path / 'memory'}", cwd=tmp_path)
     run_cli("train", "--config", "tiny", *overrides, *steps, f"train.run_dir={tmp_path / 'dense'}",
             "train.mode=dense", cwd=tmp_path)
@@ -49,6 +50,7 @@ def test_pipeline_trains_and_evaluates(prepared, tmp_path):
     assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]
     assert "memory/level1/rows_updated" in memory_run.data.metrics and "memory/generic_sequences" in memory_run.data.metrics
     assert memory_run.data.params["train.global_batch_size"] == "4"
+    assert any(key.startswith("system/cpu_utilization") for key in memory_run.data.metrics)  # node's first rank
 
     # it learns: the loss falls by a stated margin over six steps, and the anchor moves in both phases
     curve = [json.loads(line)["loss"] for line in (tmp_path / "memory" / "metrics.jsonl").read_text().splitlines()]
