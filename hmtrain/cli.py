@@ -5,6 +5,9 @@
     hmtrain train        --config CFG [key=value ...] [--resume [--fallback]]
     hmtrain eval         --config CFG --checkpoint DIR [--baseline DIR] [--out FILE] [key=value ...]
     hmtrain info         --config CFG [--world-size N] [key=value ...]
+    hmtrain export       --checkpoint DIR --out DIR [--overwrite] [--config CFG] [key=value ...]
+    hmtrain generate     (--checkpoint DIR | --export DIR) --prompt TEXT [--max-new-tokens N --temperature T
+                         --top-k K --seed S --memory fetched|generic|none] [--config CFG] [key=value ...]
     hmtrain demo         [--out DIR] [key=value ...]
     hmtrain bench placement [--ranks 1 2 4] [--steps N] [--out DIR] [key=value ...]
 
@@ -73,6 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     placement.add_argument("--global-batch", type=int, default=16)
     placement.add_argument("--out", type=Path, default=Path("runs/bench-placement"))
     placement.add_argument("overrides", nargs="*", metavar="key=value")
+
+    export = commands.add_parser("export", help="a checkpoint as memory-mapped bank tables + anchor, tree, tokenizer")
+    export.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory)")
+    export.add_argument("--out", required=True, type=Path, help="directory to create")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _config_args(export, required=False)  # only data.prepared is read: where the tree and tokenizer are
+
+    generate = commands.add_parser("generate", help="route a prompt, fetch its memory, continue it")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint directory (or a run directory)")
+    source.add_argument("--export", type=Path, help="directory written by `hmtrain export`")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--memory", choices=("fetched", "generic", "none"), default="fetched",
+                          help="the routed path's memory, the generic memory, or the anchor alone")
+    _config_args(generate, required=False)  # with --checkpoint: only data.prepared is read
 
     demo = commands.add_parser("demo", help="the whole pipeline on CPU with the tiny config")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -149,8 +171,40 @@ def cmd_demo(args) -> None:
     run_demo(args.out, args.config, args.overrides)
 
 
+def cmd_export(args) -> None:
+    from hmtrain.eval.export import export_checkpoint
+
+    manifest = export_checkpoint(args.checkpoint, args.out, config=args.config, overrides=args.overrides,
+                                 overwrite=args.overwrite)
+    bank = manifest["bank"]
+    size = sum(entry["bytes"] for entry in manifest["files"].values())
+    tables = ", ".join(bank["tables"]) if bank else "none (trained without memory)"
+    print(f"exported step {manifest['source']['step']} to {args.out}: {size:,} bytes; bank tables: {tables}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from hmtrain.eval.generate import check_sampling, format_result, from_checkpoint, from_export
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before loading anything
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty: give some text to route and continue")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.export is not None:
+        if args.config or args.overrides:
+            raise ValueError("--config and key=value overrides apply to --checkpoint only; an export holds its "
+                             "own tree and tokenizer")
+        model = from_export(args.export, device)
+    else:
+        model = from_checkpoint(args.checkpoint, args.config, args.overrides, device)
+    result = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, seed=args.seed, memory=args.memory)
+    print(format_result(result, args.prompt))
+
+
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "info": cmd_info,
-            "demo": cmd_demo, "placement": cmd_bench}
+            "demo": cmd_demo, "placement": cmd_bench, "export": cmd_export, "generate": cmd_generate}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
