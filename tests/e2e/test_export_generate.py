@@ -26,7 +26,8 @@ def ctx(prepared, tmp_path_factory) -> dict:
     run_cli("train", "--config", "tiny", *prepared["overrides"], *STEPS, f"train.run_dir={run}", cwd=root)
     out = root / "exported"
     export_checkpoint(run, out)
-    return {"root": root, "run": run, "export": out, "overrides": prepared["overrides"]}
+    return {"root": root, "run": run, "export": out, "overrides": prepared["overrides"],
+            "prepared": Path(prepared["root"]) / "prepared"}
 
 
 def random_paths(n: int, branching=(2, 3), seed: int = 0) -> torch.Tensor:
@@ -51,7 +52,7 @@ def test_export_round_trip_equals_the_checkpoint(ctx):
     assert export.step == trained.step == 6
     assert set(mapped.tables) == set(trained.bank.tables) == {"level0", "level1", "generic"}
     for name, table in trained.bank.tables.items():
-        assert torch.equal(torch.from_numpy(np.asarray(mapped.tables[name])), table), name
+        assert torch.equal(torch.from_numpy(np.array(mapped.tables[name])), table), name
     assert trained.bank.tables["level1"][:, :, 2].abs().sum() > 0, "the memory did not train"
     model = export.load_model()
     for (key, a), (_, b) in zip(trained.model.state_dict().items(), model.state_dict().items()):
@@ -66,8 +67,8 @@ def test_export_round_trip_equals_the_checkpoint(ctx):
         paths = random_paths(7, seed=seed)
         generic = torch.from_numpy(np.random.default_rng(seed).random(7) < 0.3)
         assert_same_memory(mapped.lookup(paths, generic), trained.bank.lookup(paths, generic), n_layers=2)
-    all_generic = torch.ones(3, dtype=torch.bool)
-    assert_same_memory(mapped.lookup(random_paths(3), all_generic), trained.bank.lookup(random_paths(3), all_generic), 2)
+    all_generic, paths = torch.ones(3, dtype=torch.bool), random_paths(3)
+    assert_same_memory(mapped.lookup(paths, all_generic), trained.bank.lookup(paths, all_generic), n_layers=2)
 
 
 class Recording:
@@ -222,10 +223,25 @@ def test_bad_inputs_are_one_line_errors(ctx, tmp_path, capsys):
     assert "not valid JSON" in cli_error(capsys, "generate", "--export", str(broken), "--prompt", "x")
 
 
+def test_prepared_data_can_be_named_by_an_override(ctx, tmp_path, capsys):
+    moved = tmp_path / "moved_prepared"
+    shutil.copytree(ctx["prepared"], moved)
+    manifest = export_checkpoint(ctx["run"], tmp_path / "out", overrides=[f"data.prepared={moved}"])
+    assert manifest["source"]["prepared"] == str(moved.resolve())
+    assert Export.open(tmp_path / "out").tree.branching == (2, 3)
+    from_ckpt = from_checkpoint(ctx["run"], overrides=[f"data.prepared={moved}"])
+    assert from_ckpt.generate(PROMPT, max_new_tokens=5).new_ids == \
+        from_export(tmp_path / "out").generate(PROMPT, max_new_tokens=5).new_ids
+    err = cli_error(capsys, "export", "--checkpoint", str(ctx["run"]), "--out", str(tmp_path / "o2"),
+                    f"data.prepared={tmp_path / 'missing'}")
+    assert "missing" in err and "manifest.json" in err and not (tmp_path / "o2").exists()
+
+
 def test_a_dense_run_exports_without_a_bank(ctx, tmp_path, capsys):
     run = tmp_path / "dense"
     run_cli("train", "--config", "tiny", *ctx["overrides"], "train.mode=dense", "train.pretrain_steps=2",
-            "train.checkpoint_every=2", "logging.mlflow=false", f"train.run_dir={run}", cwd=tmp_path)
+            "train.memory_steps=2", "train.checkpoint_every=2", "logging.mlflow=false", f"train.run_dir={run}",
+            cwd=tmp_path)
     manifest = export_checkpoint(run, tmp_path / "out")
     assert manifest["bank"] is None and not (tmp_path / "out" / "bank").exists()
     model = from_export(tmp_path / "out")
