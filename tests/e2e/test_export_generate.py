@@ -236,6 +236,24 @@ def test_prepared_data_can_be_named_by_an_override(ctx, tmp_path, capsys):
     err = cli_error(capsys, "export", "--checkpoint", str(ctx["run"]), "--out", str(tmp_path / "o2"),
                     f"data.prepared={tmp_path / 'missing'}")
     assert "missing" in err and "manifest.json" in err and not (tmp_path / "o2").exists()
+    err = cli_error(capsys, "generate", "--checkpoint", str(ctx["run"]), "--prompt", "x",
+                    f"data.prepared={tmp_path / 'missing'}")
+    assert "missing" in err and "manifest.json" in err
+
+
+def test_generic_memory_is_refused_where_none_was_trained(ctx, tmp_path, capsys):
+    copy = tmp_path / "nogeneric"
+    shutil.copytree(ctx["export"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["bank"]["generic"] = False
+    del manifest["bank"]["tables"]["generic"], manifest["files"]["bank/generic.npy"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "bank" / "generic.npy").unlink()
+    assert "has no generic memory" in cli_error(capsys, "generate", "--export", str(copy), "--prompt", "x",
+                                                "--memory", "generic")
+    with pytest.raises(ValueError, match="without one"):
+        Export.open(copy).bank().lookup(torch.tensor([[0, 1]]), torch.tensor([True]))
+    assert main(["generate", "--export", str(copy), "--prompt", "x", "--max-new-tokens", "2"]) == 0
 
 
 def test_a_dense_run_exports_without_a_bank(ctx, tmp_path, capsys):
