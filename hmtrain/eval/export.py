@@ -228,15 +228,19 @@ class Export:
         missing = [k for k in ("model", "tokenizer", "tree", "embedder", "bank", "files") if k not in manifest]
         if missing:
             raise ValueError(f"export {root}: {MANIFEST} lacks {', '.join(missing)}; {AGAIN}")
-        for rel, entry in manifest["files"].items():
+        try:
+            files = {rel: (int(entry["bytes"]), str(entry["sha256"])) for rel, entry in manifest["files"].items()}
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"export {root}: the files section of {MANIFEST} is malformed ({exc!r}); {AGAIN}") from exc
+        for rel, (expected, digest) in files.items():
             target = root / rel
             if not target.is_file():
                 raise FileNotFoundError(f"export {root}: {rel} is missing (listed in {MANIFEST}); {AGAIN}")
             size = target.stat().st_size
-            if size != entry["bytes"]:
-                raise ValueError(f"export {root}: {rel} holds {size} bytes, {MANIFEST} says {entry['bytes']}: "
+            if size != expected:
+                raise ValueError(f"export {root}: {rel} holds {size} bytes, {MANIFEST} says {expected}: "
                                  f"truncated or replaced; {AGAIN}")
-            if checksums and sha256_file(target) != entry["sha256"]:
+            if checksums and sha256_file(target) != digest:
                 raise ValueError(f"export {root}: {rel}: sha256 differs from {MANIFEST}'s: corrupt; {AGAIN}")
         return cls(root, manifest)
 

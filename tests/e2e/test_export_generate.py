@@ -218,6 +218,9 @@ def test_bad_inputs_are_one_line_errors(ctx, tmp_path, capsys):
     (broken / "manifest.json").write_text(json.dumps(manifest))
     assert "level1.npy is truncated or not a .npy" in cli_error(capsys, "generate", "--export", str(broken),
                                                                 "--prompt", "x")
+    manifest["files"]["bank/level1.npy"] = 5
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert "files section" in cli_error(capsys, "generate", "--export", str(broken), "--prompt", "x")
     (broken / "manifest.json").unlink()
     assert "not an hmtrain export" in cli_error(capsys, "generate", "--export", str(broken), "--prompt", "x")
     (broken / "manifest.json").write_text("{")
