@@ -72,7 +72,7 @@ def test_truncated_trainer_json_and_config_are_refused(tmp_path):
     lines = good_config.splitlines(keepends=True)
     # cut at a line boundary, before the last keys: valid YAML and a valid config once schema defaults fill
     # the gap, which is what happened before; only strict loading notices
-    assert lines[-1].startswith("  run_name:")
+    assert lines[-1].startswith("  ") and lines[-2].startswith("  ")  # the last two are keys of the last section
     (path / "config.yaml").write_text("".join(lines[:-2]))
     for recorded in (record, {}):  # with and without the hash recorded in trainer.json
         with pytest.raises(CheckpointError) as exc_info:
