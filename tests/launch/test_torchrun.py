@@ -39,9 +39,17 @@ def test_a_python_without_torch_is_named(tmp_path):
     assert "PYTHON=/bin/true-not-a-python not found" in proc.stderr
 
 
-def launch(job, tmp_path, args, *launcher_args, marker="", check=None, timeout=300):
-    proc = subprocess.run([str(TORCHRUN_SH), "--nproc", "2", *launcher_args, "--", *args], cwd=tmp_path,
-                          env=launch_env(job, marker), capture_output=True, text=True, timeout=timeout)
+def launch(job, tmp_path, args, *launcher_args, check=None, timeout=300):
+    """Run the launcher to its end; no process of its job may outlive it."""
+    marker, left = new_marker(), []
+    try:
+        proc = subprocess.run([str(TORCHRUN_SH), "--nproc", "2", *launcher_args, "--", *args], cwd=tmp_path,
+                              env=launch_env(job, marker), capture_output=True, text=True, timeout=timeout)
+    finally:
+        left = processes_marked(marker)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes {left} outlived the launcher"
     if check is not None:
         assert proc.returncode == check, f"rc {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -118,9 +126,7 @@ def test_a_dead_rank_ends_the_whole_job_within_a_minute(job, tmp_path):
 
 @pytest.mark.multiprocess
 def test_a_job_past_its_timeout_is_stopped(job, tmp_path):
-    marker = new_marker()
     proc = launch(job, tmp_path, job.args(tmp_path / "run", steps=10_000), "--timeout", "3", "--grace", "5",
-                  marker=marker, timeout=120)
+                  timeout=60)
     assert proc.returncode == 124, proc.stderr[-4000:]
     assert "launch/torchrun.sh: the job ran past --timeout 3s and was stopped" in proc.stderr
-    assert processes_marked(marker) == []
