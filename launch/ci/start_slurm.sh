@@ -86,7 +86,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 # seconds between a job's SIGTERM and SIGKILL (scancel, time limit)
 KillWait=30
-# keep finished jobs in `scontrol show job` for 10 minutes (tests read their exit codes there)
+# keep finished jobs for 10 minutes: scontrol show job gives the tests their exit codes
 MinJobAge=600
 $hardware NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
