@@ -42,6 +42,6 @@ def test_the_time_limit_warning_checkpoints_requeues_and_the_job_finishes(job, t
     record = wait_job(job_id, output)
     log = output.read_text()
     assert (record["JobState"], exit_code(record), record["Restarts"]) == ("COMPLETED", 0, "1"), log[-6000:]
-    assert f"requeueing job {job_id}" in log and f"{run_dir} has a checkpoint: resuming from it" in log
-    assert metrics_steps(run_dir) == list(range(1, job.long_steps + 1)), "steps lost or repeated across the requeue"
+    assert f"requeueing job {job_id}" in log and f"{run_dir} has a checkpoint: resuming from it" in log, log[-6000:]
+    assert metrics_steps(run_dir) == list(range(1, job.long_steps + 1)), f"steps lost or repeated:\n{log[-6000:]}"
     assert_checkpoint(run_dir, step=job.long_steps, world=2)
