@@ -63,6 +63,8 @@ SlurmctldHost=$node(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# step credentials live 10 s (default 120); a requeued job waits this long + 1 s before it starts again
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 # no cgroups in CI containers: track a job's processes through /proc, bind nothing
@@ -71,6 +73,8 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
+# look at pending jobs every 2 s (default 60 s), so a requeued job starts as soon as it may
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2

@@ -161,16 +161,14 @@ def job_record(job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
 
 
-def wait_job(job_id: str, output: Path, timeout: float = 180) -> dict[str, str]:
-    """Poll until the job ends; a requeued job is let start at once (SLURM holds it ~2 minutes)."""
+def wait_job(job_id: str, output: Path, timeout: float = 300) -> dict[str, str]:
+    """Poll until the job ends (a requeued one starts again after SLURM's credential lifetime + 1 s:
+    11 s on the CI cluster, 121 s by default)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         record = job_record(job_id)
         if record["JobState"] in TERMINAL:
             return record
-        if record["JobState"] == "PENDING" and record.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True,
-                           timeout=30)
         time.sleep(0.2)
     subprocess.run(["scancel", job_id], timeout=30)
     log = output.read_text()[-6000:] if output.exists() else "(no output)"
