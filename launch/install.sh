@@ -41,4 +41,6 @@ else
   .venv/bin/python -m pip install --quiet -r requirements.txt
 fi
 .venv/bin/python -m pip install --quiet --no-deps -e .
-.venv/bin/python -c "import torch, hmtrain; print(f'hmtrain {hmtrain.__version__} with torch {torch.__version__}' + (f' (CUDA {torch.version.cuda})' if torch.version.cuda else '') + ' ready in .venv')"
+.venv/bin/python -c "import torch, hmtrain
+cuda = f' (CUDA {torch.version.cuda})' if torch.version.cuda else ''
+print(f'hmtrain {hmtrain.__version__} with torch {torch.__version__}{cuda} ready in .venv')"

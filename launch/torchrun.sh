@@ -7,8 +7,7 @@
 #               at the end of its step and stops; whatever still runs --grace + 30 s later is killed
 #   --grace     seconds torchrun gives the ranks to finish after SIGTERM or after one of them died,
 #               before it kills them (default 30; a dead rank ends the job within about this long)
-# Environment: PYTHON (default: this repo's .venv/bin/python, else python3); OMP_NUM_THREADS (default 1);
-# HMTRAIN_LAUNCH_MODULE runs another module than hmtrain.cli (the launcher tests use a stand-in).
+# Environment: PYTHON (default: this repo's .venv/bin/python, else python3); OMP_NUM_THREADS (default 1).
 set -euo pipefail
 
 usage() {
@@ -55,7 +54,6 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON=$PYTHON not found (run launch/install.sh first)"
 "$PYTHON" -c "import torch.distributed.run" 2>/dev/null || die "$PYTHON cannot import torch.distributed.run"
-module=${HMTRAIN_LAUNCH_MODULE:-hmtrain.cli}
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONUNBUFFERED=1
@@ -65,11 +63,16 @@ export PYTHONUNBUFFERED=1
 # background so that a signal to this script (kill, Ctrl-C, a scheduler) reaches the job the same way.
 timeout --foreground --kill-after=$((grace_s + 30)) "$timeout_s" \
   "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$nproc" --max_restarts 0 \
-  --shutdown_timeout "$grace_s" -m "$module" "$@" &
+  --shutdown_timeout "$grace_s" -m hmtrain.cli "$@" &
 job=$!
 signalled=0
+pass_on() {  # signal name
+  echo "launch/torchrun.sh: got SIG$1: passing it to the job" >&2
+  signalled=$(kill -l "$1")
+  kill -"$1" "$job" 2>/dev/null || true
+}
 for sig in TERM INT HUP; do
-  trap "echo 'launch/torchrun.sh: got SIG$sig: passing it to the job' >&2; signalled=$(kill -l $sig); kill -$sig $job 2>/dev/null || true" $sig
+  trap "pass_on $sig" $sig
 done
 while kill -0 "$job" 2>/dev/null; do
   wait "$job" || true  # returns early when a trap runs
@@ -82,6 +85,7 @@ fi
 if [ $rc -eq 124 ]; then
   echo "launch/torchrun.sh: the job ran past --timeout ${timeout_s}s and was stopped" >&2
 elif [ $rc -eq 137 ]; then
-  echo "launch/torchrun.sh: the job was killed (SIGKILL): past --timeout ${timeout_s}s + $((grace_s + 30))s, or out of memory" >&2
+  echo "launch/torchrun.sh: the job was killed (SIGKILL): past --timeout ${timeout_s}s + $((grace_s + 30))s," \
+       "or out of memory" >&2
 fi
 exit $rc

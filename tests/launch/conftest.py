@@ -1,13 +1,9 @@
-"""What the launcher tests start, and how they start it: launch/torchrun.sh and launch/slurm.sbatch.
+"""What the launcher tests start, and how: `hmtrain train` on a tiny prepared corpus, through
+launch/torchrun.sh and launch/slurm.sbatch.
 
-The training command comes from one place, the `job` fixture. It runs tests/launch/stand_in.py, which
-speaks `hmtrain train`'s command line and keeps its run directory the way the trainer does. To test the
-launchers on the trainer itself, make the fixture return
-    Job(module="hmtrain.cli", base=["train", "--config", "tiny", *<prepared-data overrides>,
-        "logging.mlflow=false", "train.progress=false", "parallel.timeout_s=30"], env={}, long_steps=<enough
-        that a job still trains a few seconds after its second step>)
-The checks read only what both write: exit codes, metrics.jsonl and checkpoints/ (step_*/trainer.json,
-one `__<rank>_0.distcp` shard per rank, `latest`).
+The training command comes from one place, the `job` fixture. The checks read what the trainer writes:
+exit codes, metrics.jsonl (one row per step, cut back to the checkpoint's step on resume) and
+checkpoints/ (step_*/trainer.json, one DCP shard `__<rank>_0.distcp` per rank, `latest`).
 """
 from __future__ import annotations
 
@@ -18,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,10 +26,8 @@ SLURM_SBATCH = REPO / "launch" / "slurm.sbatch"
 
 @dataclass
 class Job:
-    module: str  # what torchrun runs with `-m`
     base: list[str]  # `train --config ...` and the overrides every run shares
-    env: dict[str, str] = field(default_factory=dict)
-    long_steps: int = 30  # a run that a test interrupts after its second step: it must still train seconds later
+    long_steps: int  # a run that a test interrupts after its second step: it must still train seconds later
 
     def args(self, run_dir: Path, steps: int, checkpoint_every: int = 1000) -> list[str]:
         """`hmtrain train` arguments for `steps` steps (one anchor step, the rest with memory)."""
@@ -41,18 +35,33 @@ class Job:
                 f"train.checkpoint_every={checkpoint_every}"]
 
 
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> list[str]:
+    """A tiny prepared corpus (the e2e tests' micro model) and the overrides that point at it."""
+    from tests.e2e.conftest import MICRO, run_cli
+
+    root = tmp_path_factory.mktemp("launch")
+    run_cli("data", "synth", "--out", str(root / "corpus"), "--people", "40", "--documents", "200", cwd=root)
+    overrides = [*MICRO, f"data.documents={root / 'corpus' / 'documents.jsonl.gz'}",
+                 f"data.prepared={root / 'prepared'}"]
+    run_cli("data", "prepare", "--config", "tiny", *overrides, cwd=root)
+    return overrides
+
+
 @pytest.fixture
-def job() -> Job:
-    return Job(module="tests.launch.stand_in", base=["train", "--config", "tiny", "parallel.timeout_s=30"],
-               env={"STAND_IN_STEP_S": "0.2"}, long_steps=30)
+def job(prepared_data) -> Job:
+    # 2 sequences per rank and step on 2 ranks; ~0.1 s a step on 2 busy cores, so 60 steps outlast a signal
+    return Job(base=["train", "--config", "tiny", *prepared_data, "train.global_batch_size=4",
+                     "train.micro_batch_size=2", "train.log_every=1", "logging.mlflow=false", "train.progress=false",
+                     "parallel.timeout_s=30"],
+               long_steps=60)
 
 
-def launch_env(job: Job, marker: str = "") -> dict[str, str]:
+def launch_env(marker: str = "") -> dict[str, str]:
     """The environment of a launched job; `marker` tags its processes so a test can find them all."""
-    return {**os.environ, "PYTHON": sys.executable, "HMTRAIN_PYTHON": sys.executable,
-            "HMTRAIN_LAUNCH_MODULE": job.module, "OMP_NUM_THREADS": "1", "HMTRAIN_LOG_LEVEL": "WARNING",
-            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HMTRAIN_TEST_MARK": marker,
-            **job.env}
+    return {**os.environ, "PYTHON": sys.executable, "HMTRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+            "HMTRAIN_LOG_LEVEL": "WARNING", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "HMTRAIN_TEST_MARK": marker}
 
 
 def new_marker() -> str:
@@ -125,7 +134,8 @@ def slurm_unavailable() -> str | None:
     """Why no SLURM cluster can run a job here, or None when one answers with a usable node."""
     missing = [tool for tool in ("sinfo", "sbatch", "scontrol", "scancel") if shutil.which(tool) is None]
     if missing:
-        return f"no SLURM client tools ({', '.join(missing)} not on PATH); CI starts a cluster with launch/ci/start_slurm.sh"
+        return (f"no SLURM client tools ({', '.join(missing)} not on PATH); "
+                "CI starts a cluster with launch/ci/start_slurm.sh")
     try:
         proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
@@ -147,8 +157,8 @@ def slurm() -> None:
         pytest.skip(reason)
 
 
-def sbatch(job: Job, args: list[str], cwd: Path, output: Path, nproc: int = 2) -> str:
-    env = {**launch_env(job), "HMTRAIN_NPROC_PER_NODE": str(nproc)}
+def sbatch(args: list[str], cwd: Path, output: Path, nproc: int = 2) -> str:
+    env = {**launch_env(), "HMTRAIN_NPROC_PER_NODE": str(nproc)}
     proc = subprocess.run(["sbatch", "--parsable", "--export=ALL", f"--chdir={cwd}", f"--output={output}",
                            str(SLURM_SBATCH), *args], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"sbatch failed ({proc.returncode}): {proc.stderr}"

@@ -11,22 +11,22 @@ from tests.launch.conftest import (assert_checkpoint, exit_code, metrics_steps, 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.usefixtures("slurm")]
 
 
-def test_a_job_without_a_run_dir_is_refused(job, tmp_path):
+def test_a_job_without_a_run_dir_is_refused(tmp_path):
     output = tmp_path / "job.out"
-    record = wait_job(sbatch(job, ["train", "--config", "tiny"], tmp_path, output), output)
+    record = wait_job(sbatch(["train", "--config", "tiny"], tmp_path, output), output)
     assert (record["JobState"], exit_code(record)) == ("FAILED", 2)
     assert "slurm.sbatch: error: pass train.run_dir=DIR on the command line" in output.read_text()
 
 
 def test_two_ranks_train_then_a_resubmitted_job_resumes(job, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
-    record = wait_job(sbatch(job, job.args(run_dir, steps=4, checkpoint_every=2), tmp_path, output), output)
+    record = wait_job(sbatch(job.args(run_dir, steps=4, checkpoint_every=2), tmp_path, output), output)
     assert (record["JobState"], exit_code(record)) == ("COMPLETED", 0), output.read_text()[-6000:]
     assert "1 node(s) x 2 ranks" in output.read_text()
     assert metrics_steps(run_dir) == [1, 2, 3, 4]
     assert_checkpoint(run_dir, step=4, world=2)
 
-    record = wait_job(sbatch(job, job.args(run_dir, steps=6), tmp_path, output), output)  # no --resume given
+    record = wait_job(sbatch(job.args(run_dir, steps=6), tmp_path, output), output)  # no --resume given
     assert (record["JobState"], exit_code(record)) == ("COMPLETED", 0), output.read_text()[-6000:]
     assert f"{run_dir} has a checkpoint: resuming from it" in output.read_text()
     assert metrics_steps(run_dir) == [1, 2, 3, 4, 5, 6]
@@ -35,7 +35,7 @@ def test_two_ranks_train_then_a_resubmitted_job_resumes(job, tmp_path):
 
 def test_the_time_limit_warning_checkpoints_requeues_and_the_job_finishes(job, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
-    job_id = sbatch(job, job.args(run_dir, steps=job.long_steps), tmp_path, output)
+    job_id = sbatch(job.args(run_dir, steps=job.long_steps), tmp_path, output)
     wait_for_step(run_dir, 2)
     # what SLURM sends 120 s before the time limit (#SBATCH --signal=B:USR1@120)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=30)

@@ -1,5 +1,5 @@
-"""launch/torchrun.sh: argument errors, a 2-rank job that checkpoints and resumes, a signal to the launcher,
-a dead rank and a job past --timeout; none may leave a process behind."""
+"""launch/torchrun.sh: argument errors, a 2-rank job, a signal to the launcher (the ranks checkpoint; the job
+resumes), a dead rank and a job past --timeout; none may leave a process behind."""
 import os
 import signal
 import subprocess
@@ -44,7 +44,7 @@ def launch(job, tmp_path, args, *launcher_args, check=None, timeout=300):
     marker, left = new_marker(), []
     try:
         proc = subprocess.run([str(TORCHRUN_SH), "--nproc", "2", *launcher_args, "--", *args], cwd=tmp_path,
-                              env=launch_env(job, marker), capture_output=True, text=True, timeout=timeout)
+                              env=launch_env(marker), capture_output=True, text=True, timeout=timeout)
     finally:
         left = processes_marked(marker)
         for pid in left:
@@ -58,7 +58,7 @@ def launch(job, tmp_path, args, *launcher_args, check=None, timeout=300):
 def start(job, tmp_path, args, *launcher_args, marker) -> subprocess.Popen:
     log = (tmp_path / f"{marker}.log").open("w")
     return subprocess.Popen([str(TORCHRUN_SH), "--nproc", "2", *launcher_args, "--", *args], cwd=tmp_path,
-                            env=launch_env(job, marker), stdout=log, stderr=subprocess.STDOUT)
+                            env=launch_env(marker), stdout=log, stderr=subprocess.STDOUT)
 
 
 def end(proc: subprocess.Popen, marker: str) -> None:
@@ -71,16 +71,11 @@ def end(proc: subprocess.Popen, marker: str) -> None:
 
 
 @pytest.mark.multiprocess
-def test_two_ranks_train_checkpoint_and_resume(job, tmp_path):
+def test_two_ranks_train_and_checkpoint(job, tmp_path):
     run_dir = tmp_path / "run"
     launch(job, tmp_path, job.args(run_dir, steps=4, checkpoint_every=2), check=0)
     assert metrics_steps(run_dir) == [1, 2, 3, 4]
     assert_checkpoint(run_dir, step=4, world=2)
-    refused = launch(job, tmp_path, job.args(run_dir, steps=6))  # a checkpoint exists and no --resume
-    assert refused.returncode != 0
-    launch(job, tmp_path, [*job.args(run_dir, steps=6), "--resume"], check=0)
-    assert metrics_steps(run_dir) == [1, 2, 3, 4, 5, 6]
-    assert_checkpoint(run_dir, step=6, world=2)
 
 
 @pytest.mark.multiprocess
