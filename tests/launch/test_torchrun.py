@@ -39,7 +39,7 @@ def test_a_python_without_torch_is_named(tmp_path):
     assert "PYTHON=/bin/true-not-a-python not found" in proc.stderr
 
 
-def launch(job, tmp_path, args, *launcher_args, check=None, timeout=300):
+def launch(tmp_path, args, *launcher_args, check=None, timeout=300):
     """Run the launcher to its end; no process of its job may outlive it."""
     marker, left = new_marker(), []
     try:
@@ -55,7 +55,7 @@ def launch(job, tmp_path, args, *launcher_args, check=None, timeout=300):
     return proc
 
 
-def start(job, tmp_path, args, *launcher_args, marker) -> subprocess.Popen:
+def start(tmp_path, args, *launcher_args, marker) -> subprocess.Popen:
     log = (tmp_path / f"{marker}.log").open("w")
     return subprocess.Popen([str(TORCHRUN_SH), "--nproc", "2", *launcher_args, "--", *args], cwd=tmp_path,
                             env=launch_env(marker), stdout=log, stderr=subprocess.STDOUT)
@@ -73,7 +73,7 @@ def end(proc: subprocess.Popen, marker: str) -> None:
 @pytest.mark.multiprocess
 def test_two_ranks_train_and_checkpoint(job, tmp_path):
     run_dir = tmp_path / "run"
-    launch(job, tmp_path, job.args(run_dir, steps=4, checkpoint_every=2), check=0)
+    launch(tmp_path, job.args(run_dir, steps=4, checkpoint_every=2), check=0)
     assert metrics_steps(run_dir) == [1, 2, 3, 4]
     assert_checkpoint(run_dir, step=4, world=2)
 
@@ -81,7 +81,7 @@ def test_two_ranks_train_and_checkpoint(job, tmp_path):
 @pytest.mark.multiprocess
 def test_sigterm_to_the_launcher_checkpoints_and_the_job_resumes(job, tmp_path):
     run_dir, marker = tmp_path / "run", new_marker()
-    proc = start(job, tmp_path, job.args(run_dir, steps=job.long_steps), marker=marker)
+    proc = start(tmp_path, job.args(run_dir, steps=job.long_steps), marker=marker)
     try:
         wait_for_step(run_dir, 2, proc)
         proc.send_signal(signal.SIGTERM)
@@ -92,14 +92,14 @@ def test_sigterm_to_the_launcher_checkpoints_and_the_job_resumes(job, tmp_path):
     stopped_at = metrics_steps(run_dir)[-1]
     assert 2 <= stopped_at < job.long_steps
     assert_checkpoint(run_dir, step=stopped_at, world=2)
-    launch(job, tmp_path, [*job.args(run_dir, steps=job.long_steps), "--resume"], check=0)
+    launch(tmp_path, [*job.args(run_dir, steps=job.long_steps), "--resume"], check=0)
     assert metrics_steps(run_dir) == list(range(1, job.long_steps + 1))
 
 
 @pytest.mark.multiprocess
 def test_a_dead_rank_ends_the_whole_job_within_a_minute(job, tmp_path):
     run_dir, marker = tmp_path / "run", new_marker()
-    proc = start(job, tmp_path, job.args(run_dir, steps=job.long_steps), "--grace", "30", marker=marker)
+    proc = start(tmp_path, job.args(run_dir, steps=job.long_steps), "--grace", "30", marker=marker)
     try:
         wait_for_step(run_dir, 2, proc)
         workers = {pid: environ_of(pid).get("LOCAL_RANK") for pid in processes_marked(marker)}
@@ -121,7 +121,7 @@ def test_a_dead_rank_ends_the_whole_job_within_a_minute(job, tmp_path):
 
 @pytest.mark.multiprocess
 def test_a_job_past_its_timeout_is_stopped(job, tmp_path):
-    proc = launch(job, tmp_path, job.args(tmp_path / "run", steps=10_000), "--timeout", "3", "--grace", "5",
+    proc = launch(tmp_path, job.args(tmp_path / "run", steps=10_000), "--timeout", "3", "--grace", "5",
                   timeout=60)
     assert proc.returncode == 124, proc.stderr[-4000:]
     assert "launch/torchrun.sh: the job ran past --timeout 3s and was stopped" in proc.stderr
