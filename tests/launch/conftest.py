@@ -148,8 +148,10 @@ def slurm_unavailable() -> str | None:
     return None
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def slurm() -> None:
+    """Skip (or, in CI, fail) where no cluster answers; session-scoped so that it is decided once (sinfo takes
+    ~10 s to give up on a controller that is down) and before the session's data is prepared."""
     reason = slurm_unavailable()
     if reason is not None:
         if os.environ.get("HMTRAIN_REQUIRE_SLURM") == "1":  # set by .ci/run once its cluster is up

@@ -8,17 +8,17 @@ import pytest
 from tests.launch.conftest import (assert_checkpoint, exit_code, metrics_steps, sbatch, wait_for_step,
                                    wait_job)
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.usefixtures("slurm")]
+pytestmark = pytest.mark.multiprocess  # every test asks for `slurm` first: it skips before any data is prepared
 
 
-def test_a_job_without_a_run_dir_is_refused(tmp_path):
+def test_a_job_without_a_run_dir_is_refused(slurm, tmp_path):
     output = tmp_path / "job.out"
     record = wait_job(sbatch(["train", "--config", "tiny"], tmp_path, output), output)
     assert (record["JobState"], exit_code(record)) == ("FAILED", 2)
     assert "slurm.sbatch: error: pass train.run_dir=DIR on the command line" in output.read_text()
 
 
-def test_two_ranks_train_then_a_resubmitted_job_resumes(job, tmp_path):
+def test_two_ranks_train_then_a_resubmitted_job_resumes(slurm, job, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     record = wait_job(sbatch(job.args(run_dir, steps=4, checkpoint_every=2), tmp_path, output), output)
     assert (record["JobState"], exit_code(record)) == ("COMPLETED", 0), output.read_text()[-6000:]
@@ -33,7 +33,7 @@ def test_two_ranks_train_then_a_resubmitted_job_resumes(job, tmp_path):
     assert_checkpoint(run_dir, step=6, world=2)
 
 
-def test_the_time_limit_warning_checkpoints_requeues_and_the_job_finishes(job, tmp_path):
+def test_the_time_limit_warning_checkpoints_requeues_and_the_job_finishes(slurm, job, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     job_id = sbatch(job.args(run_dir, steps=job.long_steps), tmp_path, output)
     wait_for_step(run_dir, 2)
