@@ -1,0 +1,127 @@
+"""launch/torchrun.sh: argument errors, a 2-rank job, a signal to the launcher (the ranks checkpoint; the job
+resumes), a dead rank and a job past --timeout; none may leave a process behind."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.launch.conftest import (TORCHRUN_SH, assert_checkpoint, environ_of, launch_env, metrics_steps,
+                                   new_marker, processes_marked, wait_for_step)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--nproc is required"),
+    (["--nproc"], "--nproc needs a value"),
+    (["--nproc", "0", "--", "train"], "--nproc must be a positive integer, got '0'"),
+    (["--nproc", "two", "--", "train"], "--nproc must be a positive integer, got 'two'"),
+    (["--nproc", "2", "--timeout", "1h", "--", "train"], "--timeout must be a positive integer, got '1h'"),
+    (["--nproc", "2", "--grace=-5", "--", "train"], "--grace must be a positive integer, got '-5'"),
+    (["--nproc", "2"], "no hmtrain command after '--'"),
+    (["--nproc", "2", "--"], "no hmtrain command after '--'"),
+    (["--nproc", "2", "train", "--config", "tiny"], "unknown option 'train' (hmtrain's own arguments go after '--')"),
+    (["--nprocs", "2", "--", "train"], "unknown option '--nprocs'"),
+])
+def test_bad_arguments_stop_before_any_job_with_a_clear_error(args, message, tmp_path):
+    proc = subprocess.run([str(TORCHRUN_SH), *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"launch/torchrun.sh: error: {message}" in proc.stderr
+    assert "usage: launch/torchrun.sh --nproc N" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_python_without_torch_is_named(tmp_path):
+    env = {**os.environ, "PYTHON": "/bin/true-not-a-python"}
+    proc = subprocess.run([str(TORCHRUN_SH), "--nproc", "2", "--", "train"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "PYTHON=/bin/true-not-a-python not found" in proc.stderr
+
+
+def launch(tmp_path, args, *launcher_args, check=None, timeout=300):
+    """Run the launcher to its end; no process of its job may outlive it."""
+    marker, left = new_marker(), []
+    try:
+        proc = subprocess.run([str(TORCHRUN_SH), "--nproc", "2", *launcher_args, "--", *args], cwd=tmp_path,
+                              env=launch_env(marker), capture_output=True, text=True, timeout=timeout)
+    finally:
+        left = processes_marked(marker)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes {left} outlived the launcher"
+    if check is not None:
+        assert proc.returncode == check, f"rc {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def start(tmp_path, args, *launcher_args, marker) -> subprocess.Popen:
+    log = (tmp_path / f"{marker}.log").open("w")
+    return subprocess.Popen([str(TORCHRUN_SH), "--nproc", "2", *launcher_args, "--", *args], cwd=tmp_path,
+                            env=launch_env(marker), stdout=log, stderr=subprocess.STDOUT)
+
+
+def end(proc: subprocess.Popen, marker: str) -> None:
+    """Kill whatever a failed test left running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid in processes_marked(marker):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_train_and_checkpoint(job, tmp_path):
+    run_dir = tmp_path / "run"
+    launch(tmp_path, job.args(run_dir, steps=4, checkpoint_every=2), check=0)
+    assert metrics_steps(run_dir) == [1, 2, 3, 4]
+    assert_checkpoint(run_dir, step=4, world=2)
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_the_launcher_checkpoints_and_the_job_resumes(job, tmp_path):
+    run_dir, marker = tmp_path / "run", new_marker()
+    proc = start(tmp_path, job.args(run_dir, steps=job.long_steps), marker=marker)
+    try:
+        wait_for_step(run_dir, 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / f"{marker}.log").read_text()[-4000:]
+        assert processes_marked(marker) == []
+    finally:
+        end(proc, marker)
+    stopped_at = metrics_steps(run_dir)[-1]
+    assert 2 <= stopped_at < job.long_steps
+    assert_checkpoint(run_dir, step=stopped_at, world=2)
+    launch(tmp_path, [*job.args(run_dir, steps=job.long_steps), "--resume"], check=0)
+    assert metrics_steps(run_dir) == list(range(1, job.long_steps + 1))
+
+
+@pytest.mark.multiprocess
+def test_a_dead_rank_ends_the_whole_job_within_a_minute(job, tmp_path):
+    run_dir, marker = tmp_path / "run", new_marker()
+    proc = start(tmp_path, job.args(run_dir, steps=job.long_steps), "--grace", "30", marker=marker)
+    try:
+        wait_for_step(run_dir, 2, proc)
+        workers = {pid: environ_of(pid).get("LOCAL_RANK") for pid in processes_marked(marker)}
+        victim = [pid for pid, local_rank in workers.items() if local_rank == "1"]
+        assert len(victim) == 1, workers
+        os.kill(victim[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the job outlived its dead rank by a minute:\n{(tmp_path / f'{marker}.log').read_text()}")
+        assert rc != 0
+        assert processes_marked(marker) == [], "a rank outlived the job"
+        print(f"job ended {time.monotonic() - killed_at:.1f}s after rank 1 was killed")
+    finally:
+        end(proc, marker)
+    assert metrics_steps(run_dir)[-1] < job.long_steps
+
+
+@pytest.mark.multiprocess
+def test_a_job_past_its_timeout_is_stopped(job, tmp_path):
+    proc = launch(tmp_path, job.args(tmp_path / "run", steps=10_000), "--timeout", "3", "--grace", "5",
+                  timeout=60)
+    assert proc.returncode == 124, proc.stderr[-4000:]
+    assert "launch/torchrun.sh: the job ran past --timeout 3s and was stopped" in proc.stderr
