@@ -27,15 +27,10 @@ if [ $gpu = 1 ]; then
          "local +cpu wheel); remove .venv and install from PyPI" >&2
     exit 1
   fi
-  # the CUDA build pins its own triton (3.7.1 for 2.13.0); requirements.txt's triton pin is the CPU build's
-  requirements=$(mktemp)
-  trap 'rm -f "$requirements"' EXIT
-  sed '/^triton==/d' requirements.txt > "$requirements"
-  if [ $dev = 1 ]; then
-    grep -v '^-r' requirements-dev.txt >> "$requirements"
-  fi
-  .venv/bin/python -m pip install --quiet -r "$requirements"
-elif [ $dev = 1 ]; then
+fi
+# requirements.txt pins triton to the version the CUDA build of torch 2.13.0 pins (3.7.1), so one set of
+# requirements serves both builds
+if [ $dev = 1 ]; then
   .venv/bin/python -m pip install --quiet -r requirements-dev.txt
 else
   .venv/bin/python -m pip install --quiet -r requirements.txt
