@@ -169,7 +169,7 @@ class MemoryBank:
             if paths.size == 0:  # an empty micro-batch (owner placement) still takes part in the plan
                 paths = np.zeros((0, len(self.branching)), dtype=np.int64)
             host.append((paths, use_generic))
-        plan = make_plan(self.specs, host, self.comm, self.branching)
+        plan = make_plan(self.specs, host, self.comm, self.branching, element_size=self.dtype.itemsize)
         self._grads = {name: torch.zeros((len(rows), *self.spec[name].row_shape), device=self.device,
                                          dtype=torch.float32) for name, rows in plan.step_rows.items()}
         self._plan = plan

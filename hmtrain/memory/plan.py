@@ -108,8 +108,9 @@ def _requests(spec: TableSpec, paths: np.ndarray, use_generic: np.ndarray) -> tu
 
 
 def make_plan(specs: list[TableSpec], micro_batches: list[tuple[np.ndarray, np.ndarray]], comm: Comm,
-              branching: tuple[int, ...]) -> StepPlan:
-    """Plan a step from its micro-batches' (paths [B, L] int64, use_generic [B] bool), host arrays."""
+              branching: tuple[int, ...], element_size: int = 4) -> StepPlan:
+    """Plan a step from its micro-batches' (paths [B, L] int64, use_generic [B] bool), host arrays.
+    `element_size`: bytes per stored value, for the traffic figures in `stats`."""
     rank, world = comm.rank, comm.world_size
     fetches: list[dict[str, Fetch]] = []
     for paths, use_generic in micro_batches:
@@ -151,7 +152,7 @@ def make_plan(specs: list[TableSpec], micro_batches: list[tuple[np.ndarray, np.n
 
     serves = _plan_remote([s for s in specs if s.transport == "remote"], fetches, comm, step_rows)
     plan = StepPlan(fetches, serves, step_rows, [len(p) for p, _ in micro_batches])
-    plan.stats = _stats(specs, plan, rank)
+    plan.stats = _stats(specs, plan, rank, element_size)
     return plan
 
 
@@ -192,8 +193,9 @@ def _plan_remote(remote: list[TableSpec], fetches: list[dict[str, Fetch]], comm:
     return serves
 
 
-def _stats(specs: list[TableSpec], plan: StepPlan, rank: int) -> dict[str, float]:
-    """Rows and bytes-in-elements per table for the step's metrics (this rank's view)."""
+def _stats(specs: list[TableSpec], plan: StepPlan, rank: int, element_size: int) -> dict[str, float]:
+    """Rows and bytes per table for the step's metrics, as this rank sees them. Rows come from other
+    ranks and their gradients go back in the same dtype, so the bytes returned equal those fetched."""
     stats: dict[str, float] = {}
     for spec in specs:
         fetched = sum(len(f[spec.name].ids) for f in plan.fetches)
@@ -202,6 +204,7 @@ def _stats(specs: list[TableSpec], plan: StepPlan, rank: int) -> dict[str, float
             remote = sum(int(f[spec.name].per_owner.sum() - f[spec.name].per_owner[rank]) for f in plan.fetches)
         stats[f"{spec.name}/rows_fetched"] = float(fetched)
         stats[f"{spec.name}/rows_remote"] = float(remote)
-        stats[f"{spec.name}/elements_remote"] = float(remote * spec.row_numel)
+        stats[f"{spec.name}/bytes_fetched"] = float(remote * spec.row_numel * element_size)
+        stats[f"{spec.name}/bytes_returned"] = float(remote * spec.row_numel * element_size)
         stats[f"{spec.name}/rows_updated"] = float(len(plan.step_rows.get(spec.name, ())))
     return stats

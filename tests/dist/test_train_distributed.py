@@ -53,6 +53,10 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def last_metrics(run_dir) -> dict:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def bank(run_dir) -> dict:
     from hmtrain.eval.loading import load_trained
 
@@ -76,10 +80,20 @@ def test_world_size_placement_and_engine_do_not_change_training(data, tmp_path):
     reference = train(data, tmp_path, "one", 1)
     first = losses(reference)
     assert first[5] < first[1], "the run must learn"
+    runs = {}
     for name, nproc, extra in [("fsdp2", 2, []), ("fsdp3_owner", 3, ["parallel.placement=owner"]),
                                ("fsdp2_replicated", 2, ["parallel.replicate_levels=1"]),
                                ("zero2", 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"])]:
-        assert_same_run(reference, train(data, tmp_path, name, nproc, *extra), name)
+        runs[name] = train(data, tmp_path, name, nproc, *extra)
+        assert_same_run(reference, runs[name], name)
+    # only fetched rows cross the network: gather placement moves deep rows, owner placement none
+    gathered, owned = last_metrics(runs["fsdp2"]), last_metrics(runs["fsdp3_owner"])
+    row_bytes = 2 * 3 * 32 * 4 * 4  # level1: 2 layers x 3 x d 32 x 4 units, fp32
+    assert gathered["memory/level1/bytes_fetched"] > 0
+    assert gathered["memory/level1/bytes_fetched"] % row_bytes == 0
+    assert gathered["memory/level1/bytes_returned"] == gathered["memory/level1/bytes_fetched"]
+    assert owned["memory/level0/bytes_fetched"] == owned["memory/level1/bytes_fetched"] == 0
+    assert "memory/tokens/imbalance" in owned and owned["memory/tokens/imbalance"] >= 1.0
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3)])
