@@ -36,5 +36,11 @@ def stop_system_metrics(monitor) -> None:
         return
     try:
         monitor.finish()
+        if monitor._logging_step == 0:
+            # The monitor publishes after each sampling interval and drops a partial one at shutdown, so a run
+            # shorter than one interval would show no system metrics at all: log what one sample sees now.
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
     except Exception as exc:  # noqa: BLE001
         log.warning("MLflow system metrics did not stop cleanly (%s: %s)", type(exc).__name__, exc)
