@@ -141,14 +141,16 @@ class MemoryModel(nn.Module):
                     assign_(param, init_parameter(name, param, std=self.cfg.init_std, n_layers=self._depth(name)))
 
     def set_stage(self, stage: StageConfig, index: int, *, fresh: bool, seed: int = 0) -> None:
-        """Enter a curriculum stage: its objective, its frozen parts; with `fresh` (the stage begins now,
+        """Enter a curriculum stage: its objective, its frozen parts (and the parts the objective does not
+        use); with `fresh` (the stage begins now,
         not a resume inside it) its `reinit` parts get new values, from a generator fixed by
         (seed, index) so that a resumed run re-draws exactly what the uninterrupted one did."""
         if stage.objective not in OBJECTIVES:
             raise ValueError(f"stage {stage.name!r}: unknown objective {stage.objective!r}")
         if stage.objective == "autoencode" and not self.has_autoencoder:
             raise ValueError(f"stage {stage.name!r}: this model was built without an autoencoder decoder")
-        frozen = {name for part in stage.freeze for name, _ in self.parameters_of(part)}
+        frozen = {name for part in (*stage.freeze, *self.unused_parts(stage.objective))
+                  for name, _ in self.parameters_of(part)}
         for name, param in self.named_parameters():
             param.requires_grad_(name not in frozen)
         if fresh and stage.reinit:
@@ -159,6 +161,16 @@ class MemoryModel(nn.Module):
                         assign_(param, init_parameter(name, param, std=self.cfg.init_std, n_layers=self._depth(name),
                                                       generator=generator))
         self.objective = stage.objective
+
+    def unused_parts(self, objective: str) -> list[str]:
+        """Parts `objective` never runs: frozen with the stage, so that the trainable parameters are
+        exactly those that get gradients (and thus optimizer state, which a resume must find again)."""
+        if objective == "autoencode":
+            return ["decoder"]
+        unused = ["autoencoder_decoder"] if self.has_autoencoder else []
+        if self.has_encoder and self.context != "memory":
+            unused.append("encoder")
+        return unused
 
     # -- the computation -----------------------------------------------------------------------
 

@@ -132,6 +132,7 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
 
     def state_to_load(record: dict) -> dict:
         nonlocal anchor  # the anchor's optimizer takes the shape of the checkpoint step's phase
+        recipe.apply_stage(model, max(int(record["step"]) - 1, 0), fresh=False)  # its saved optimizer's params
         anchor = build_anchor(model, cfg, info, recipe, int(record["step"]), precision)
         return {**anchor.state_dict(), **({"bank": bank_state_for_load(bank)} if bank else {})}
 
@@ -146,6 +147,10 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
         stage_begins = not same_phase  # checkpointed at a phase switch: the new stage starts with this step
         if same_phase:
             anchor.load_extra(latest)
+        else:  # building the load template stepped the optimizer once (zero moments, step 1): start it afresh
+            anchor.reset(recipe.anchor_optim(recipe.phase(step)),
+                         accumulation=micro_batches_per_step(recipe.at(step).global_batch, tc.micro_batch_size,
+                                                             info.world_size))
         if bank is not None:
             restore_bank(bank, loaded["bank"])
         loader_state, run_id = record["loader"], record.get("mlflow_run_id")
