@@ -137,7 +137,7 @@ def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optio
     """Probe every encoder of `specs` with each expansion; write results.json / results.md / metrics.jsonl
     and an MLflow run in `out`; returns the results."""
     console = console or Console()
-    if not specs:
+    if not specs and deep_router is None:
         raise ValueError("name at least one --encoder (router, anchor:PATH, memory:PATH, untrained:anchor, ...)")
     parsed = [parse_spec(s) for s in specs]
     labels = [label for label, _ in parsed]
@@ -152,8 +152,8 @@ def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optio
     encoders = [build_encoder(label, spec, cfg, data, device) for label, spec in parsed]  # fail before work
     vocab_size, pad_id = int(data.manifest["vocab_size"]), int(data.manifest["pad_id"])
     expansions = ["repeat", "unrolled"] if r.expansion == "both" else [r.expansion]
-    train_windows = sample_windows(data, "train", r.n_ctx, r.train_windows, r.seed)
-    heldout_windows = sample_windows(data, "heldout", r.n_ctx, r.heldout_windows, r.seed + 1)
+    train_windows = sample_windows(data, "train", r.n_ctx, r.train_windows, r.seed) if encoders else []
+    heldout_windows = sample_windows(data, "heldout", r.n_ctx, r.heldout_windows, r.seed + 1) if encoders else []
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
@@ -196,6 +196,8 @@ def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optio
 
             results["deep_routing"] = compare_deep_routing(cfg, data, deep_router, shallow_levels=shallow_levels,
                                                            device=device)
+            logger.log({f"deep_routing.level{entry['level']}.{key}": value for entry in results["deep_routing"]["levels"]
+                        for key, value in entry.items() if key != "level"}, offset + 1)
         status = "FINISHED"
     finally:
         if tracker is not None:
@@ -220,6 +222,15 @@ def _write(path: Path, text: str) -> None:
 
 def render(results: dict, console: Optional[Console] = None) -> None:
     console = console or Console()
+    if results["rows"]:
+        _render_rows(results, console)
+    if "deep_routing" in results:
+        from hmtrain.eval.deep_routing import render_deep_routing
+
+        render_deep_routing(results["deep_routing"], console)
+
+
+def _render_rows(results: dict, console: Console) -> None:
     table = Table(title=f"information retention: {results['n_ctx']}-token windows, {results['heldout_windows']} "
                         f"held-out (I_e = 1 - CE / ln V, ln V = {results['ln_V']:.3f})")
     for column in ("encoder", "dim", "expansion", "CE", "I_e", "token acc"):
@@ -228,17 +239,28 @@ def render(results: dict, console: Optional[Console] = None) -> None:
         table.add_row(row["encoder"], str(row["dim"]), row["expansion"], f"{row['ce']:.3f}",
                       f"{row['entropy_ratio']:.3f}", f"{100 * row['token_accuracy']:.1f}%")
     console.print(table)
-    if "deep_routing" in results:
-        from hmtrain.eval.deep_routing import render_deep_routing
-
-        render_deep_routing(results["deep_routing"], console)
 
 
 def to_markdown(results: dict) -> str:
-    lines = [f"Windows of {results['n_ctx']} tokens; {results['train_windows']} train / {results['heldout_windows']} "
-             f"held-out; V = {results['vocab_size']}, ln V = {results['ln_V']:.3f}; I_e = 1 - CE / ln V.", "",
-             "| encoder | dim | expansion | CE | I_e | token acc |", "|---|---|---|---|---|---|"]
+    lines = []
+    if results["rows"]:
+        lines += [f"Windows of {results['n_ctx']} tokens; {results['train_windows']} train / "
+                  f"{results['heldout_windows']} held-out; V = {results['vocab_size']}, ln V = {results['ln_V']:.3f}; "
+                  "I_e = 1 - CE / ln V.", "", "| encoder | dim | expansion | CE | I_e | token acc |",
+                  "|---|---|---|---|---|---|"]
     for row in results["rows"]:
         lines.append(f"| {row['encoder']} | {row['dim']} | {row['expansion']} | {row['ce']:.3f} | "
                      f"{row['entropy_ratio']:.3f} | {100 * row['token_accuracy']:.1f}% |")
+    deep = results.get("deep_routing")
+    if deep:
+        probes = "probes" in deep
+        lines += [f"Deep levels routed by {deep['encoder']} (levels 1..{deep['shallow_levels']} stay MiniLM), "
+                      f"{deep['documents']} documents" + (f", {deep['probes']} probes" if probes else "") + ".", "",
+                  "| level | ARI vs MiniLM | purity |" + (" probe routing MiniLM | probe routing hybrid |" if probes else ""),
+                  "|---|---|---|" + ("---|---|" if probes else "")]
+        for e in deep["levels"]:
+            cells = [str(e["level"]), f"{e['ari']:.3f}", f"{100 * e['purity']:.1f}%"]
+            if probes:
+                cells += [f"{100 * e['probe_routing_minilm']:.1f}%", f"{100 * e['probe_routing_hybrid']:.1f}%"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -181,30 +181,43 @@ class MemoryModel(nn.Module):
         x = run_blocks(self._stack("encoder"), self.encoder_embedding(chunks), self.encoder_rope)
         return self.encoder_norm(x[:, -1])
 
-    def _slots(self, part: Part, idx: Tensor) -> Tensor:
-        """[R, C, s, d]: for each scored chunk c, the memories of chunks 0..c-1, then fillers."""
-        R, s = part.inputs.shape[0], self.chunks
-        filler = self.memory_filler
-        upto = max(part.scored)
-        if self.context == "none" or upto == 0:
-            return filler.expand(R, len(part.scored), s, -1)
-        flat = part.inputs[:, :upto].reshape(R * upto, self.n_ctx)
-        memories = self.memory_proj(self.encode(flat)).reshape(R, upto, -1)
-        padded = torch.cat([memories, filler.to(memories.dtype).expand(R, s - upto, -1)], dim=1)  # [R, s, d]
-        seen = torch.arange(s, device=idx.device)[None, :] < idx[:, None]  # [C, s]: slot j holds m_j when j < c
-        return torch.where(seen[None, :, :, None], padded[:, None], filler.to(padded.dtype))
+    def _memories(self, inputs: Tensor, upto: int) -> Tensor:
+        """[R, upto, d_decoder]: the memories of chunks 0..upto-1 of `inputs` [R, s, n]."""
+        R = inputs.shape[0]
+        flat = inputs[:, :upto].reshape(R * upto, self.n_ctx)
+        return self.memory_proj(self.encode(flat)).reshape(R, upto, -1)
 
-    def _decoder_rows(self, part: Part) -> tuple[Tensor, Tensor]:
+    def _parts_memories(self, parts: list[Part], objective: str) -> list[Optional[Tensor]]:
+        """Each part's memories of chunks 0..max(scored)-1 (None where no slot holds one). Combined reuses
+        the clm part's: blank copy's first half is the same chunks, its second half one padding chunk."""
+        if self.context != "memory":
+            return [None] * len(parts)
+        if objective != "combined":
+            return [self._memories(p.inputs, max(p.scored)) if max(p.scored) > 0 else None for p in parts]
+        clm, blank = parts
+        R, s, n = clm.inputs.shape
+        h = s // 2
+        shared = self._memories(clm.inputs, s - 1)
+        padding = self._memories(torch.full((1, 1, n), self.pad_id, dtype=clm.inputs.dtype,
+                                            device=clm.inputs.device), 1)
+        return [shared, torch.cat([shared[:, :h], padding.expand(R, s - 1 - h, -1)], dim=1)]
+
+    def _decoder_rows(self, part: Part, memories: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """(decoder input rows, their targets) of one part."""
         R, s, n = part.inputs.shape
+        filler = self.memory_filler
         if self.context == "full":
             tokens = self.decoder_embedding(part.inputs.reshape(R, s * n))
-            rows = torch.cat([self.memory_filler.to(tokens.dtype).expand(R, 1, -1), tokens], dim=1)
+            rows = torch.cat([filler.to(tokens.dtype).expand(R, 1, -1), tokens], dim=1)
             return rows, part.targets.reshape(R, s * n)
         idx = torch.tensor(part.scored, device=part.inputs.device)
         tokens = self.decoder_embedding(part.inputs[:, idx])  # [R, C, n, d]
-        slots = self._slots(part, idx)
-        rows = torch.cat([slots.to(tokens.dtype), tokens], dim=2).reshape(R * len(part.scored), s + n, -1)
+        slots = filler.to(tokens.dtype).expand(R, len(part.scored), s, -1)  # [R, C, s, d]
+        if memories is not None:  # slot j of chunk c holds memory j when j < c, else the filler
+            padded = torch.cat([memories.to(tokens.dtype), slots[:, 0, memories.shape[1]:]], dim=1)  # [R, s, d]
+            seen = torch.arange(s, device=idx.device)[None, :] < idx[:, None]  # [C, s]
+            slots = torch.where(seen[None, :, :, None], padded[:, None], slots)
+        rows = torch.cat([slots, tokens], dim=2).reshape(R * len(part.scored), s + n, -1)
         return rows, part.targets[:, idx].reshape(-1, n)
 
     def outputs(self, tokens: Tensor, objective: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -222,7 +235,8 @@ class MemoryModel(nn.Module):
             vectors = self.encode(part.inputs.reshape(R * s, n))
             hidden = run_blocks(self._stack("autoencoder"), self.ae_expansion(vectors), self.decoder_rope)
             return self.ae_norm(hidden), self.ae_head.weight, part.targets.reshape(R * s, n)
-        rows, targets = zip(*(self._decoder_rows(part) for part in parts))
+        memories = self._parts_memories(parts, objective)
+        rows, targets = zip(*(self._decoder_rows(part, mem) for part, mem in zip(parts, memories)))
         hidden = run_blocks(self._stack("decoder"), torch.cat(rows), self.decoder_rope)
         first = 0 if self.context == "full" else self.chunks - 1  # the output that emits the first target
         width = targets[0].shape[1]
