@@ -232,13 +232,15 @@ def render(results: dict, console: Optional[Console] = None) -> None:
 
 def _render_rows(results: dict, console: Console) -> None:
     table = Table(title=f"information retention: {results['n_ctx']}-token windows, {results['heldout_windows']} "
-                        f"held-out (I_e = 1 - CE / ln V, ln V = {results['ln_V']:.3f})")
+                        "held-out")
     for column in ("encoder", "dim", "expansion", "CE", "I_e", "token acc"):
         table.add_column(column, justify="left" if column in ("encoder", "expansion") else "right")
     for row in results["rows"]:
         table.add_row(row["encoder"], str(row["dim"]), row["expansion"], f"{row['ce']:.3f}",
                       f"{row['entropy_ratio']:.3f}", f"{100 * row['token_accuracy']:.1f}%")
     console.print(table)
+    console.print(f"I_e = 1 - CE / ln V, where ln V = {results['ln_V']:.3f} (V = {results['vocab_size']}) is the "
+                  "cross-entropy of a uniform guess: an input that carries no information")
 
 
 def to_markdown(results: dict) -> str:
