@@ -246,3 +246,15 @@ def test_build_model_picks_the_family_and_lm_uses_no_bank():
     assert type(build_model(lm)).__name__ == "Transformer" and uses_memory(lm)
     with pytest.raises(ValueError, match="pad_id"):
         build_model(dataclasses.replace(cfg, memory_model=dataclasses.replace(cfg.memory_model, pad_id=None)))
+
+
+def test_combined_is_clm_plus_blank_copy_with_shared_memories():
+    m = model(objective="combined")
+    tokens = torch.randint(1, V, (3, 20), generator=torch.Generator().manual_seed(5))
+    combined, count = m(tokens)
+    m.objective = "clm"
+    clm, clm_count = m(tokens)
+    m.objective = "blank_copy"
+    blank, blank_count = m(tokens)
+    assert int(count) == int(clm_count) + int(blank_count)
+    assert combined.item() == pytest.approx((clm + blank).item(), rel=1e-5)
