@@ -5,7 +5,8 @@ Specs (`hmtrain eval retention --encoder SPEC`, repeatable; `label=SPEC` names a
                     window's text; `router:minilm` / `router:hashing` pick one explicitly
   anchor:PATH       a trained anchor (LM checkpoint or run directory): the state of layer
                     `retention.anchor_layer` (-1: after the final norm) at `retention.anchor_position`
-                    (last real token, or the mean over real tokens)
+                    (last real token, or the mean over real tokens); `anchor:PATH@layer=1,position=mean`
+                    overrides both for this encoder (also for untrained:anchor)
   memory:PATH       the encoder of a memory model or autoencoder checkpoint: its memory vector
   untrained:anchor  a freshly initialised anchor of the config's `model` shape (the paper's control)
   untrained:memory  a freshly initialised memory-model encoder of the config's `memory_model` shape
@@ -62,7 +63,7 @@ def parse_spec(text: str) -> tuple[str, str]:
                          "memory:PATH, untrained:anchor or untrained:memory")
     if kind in ("anchor", "memory") and not spec.partition(":")[2]:
         raise ValueError(f"--encoder {text!r}: {kind} needs a checkpoint, e.g. {kind}:runs/NAME")
-    if kind == "untrained" and spec not in ("untrained:anchor", "untrained:memory"):
+    if kind == "untrained" and spec.partition("@")[0] not in ("untrained:anchor", "untrained:memory"):
         raise ValueError(f"--encoder {text!r}: expected untrained:anchor or untrained:memory")
     label = label or default_label(spec)
     label = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
@@ -134,10 +135,28 @@ def _router_encoder(name: str, data: PreparedData, device) -> tuple[Callable[[Te
     return encode, embedder.dim
 
 
+def anchor_options(spec: str, layer: int, position: str) -> tuple[str, int, str]:
+    """Split `anchor:PATH@layer=L,position=P` into (anchor:PATH, L, P); absent options keep the defaults."""
+    spec, sep, options = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        if key == "layer" and value.lstrip("-").isdigit():
+            layer = int(value)
+        elif key == "position" and value in ("last", "mean"):
+            position = value
+        else:
+            raise ValueError(f"--encoder {spec}@{options}: unknown option {item!r}; expected layer=INT or "
+                             "position=last|mean")
+    return spec, layer, position
+
+
 def build_encoder(label: str, spec: str, cfg: Config, data: PreparedData, device: torch.device) -> Encoder:
     """The frozen encoder a spec names (see the module docstring), checked against the prepared data."""
-    kind, _, rest = spec.partition(":")
     r = cfg.retention
+    layer, position = r.anchor_layer, r.anchor_position
+    if spec.startswith(("anchor:", "untrained:anchor")):
+        spec, layer, position = anchor_options(spec, layer, position)
+    kind, _, rest = spec.partition(":")
     pad_id = int(data.manifest["pad_id"])
     if kind == "router":
         encode, dim = _router_encoder(rest or data.manifest["embedder"], data, device)
@@ -147,8 +166,8 @@ def build_encoder(label: str, spec: str, cfg: Config, data: PreparedData, device
         model_cfg = dataclasses.replace(run_model_config(cfg.model, "hierarchical", 1.0),
                                         vocab_size=_resolved_vocab(cfg, data))
         model = Transformer(model_cfg, max_seq_len=max(r.n_ctx, cfg.data.seq_len)).to(device).eval()
-        return Encoder(label, spec, model_cfg.d_model, _anchor_encoder(model, r.anchor_layer, r.anchor_position,
-                                                                      pad_id, device), _count(model))
+        return Encoder(label, spec, model_cfg.d_model, _anchor_encoder(model, layer, position, pad_id, device),
+                       _count(model))
     if spec == "untrained:memory":
         torch.manual_seed(r.seed)
         mm = dataclasses.replace(cfg.memory_model, pad_id=pad_id, context="memory")
@@ -161,8 +180,8 @@ def build_encoder(label: str, spec: str, cfg: Config, data: PreparedData, device
         if trained.cfg.model.family != "lm":
             raise ValueError(f"--encoder {spec}: {trained.path} is a memory model; use memory:{rest}")
         model = trained.model
-        return Encoder(label, spec, model.cfg.d_model, _anchor_encoder(model, r.anchor_layer, r.anchor_position,
-                                                                      pad_id, device), _count(model))
+        return Encoder(label, spec, model.cfg.d_model, _anchor_encoder(model, layer, position, pad_id, device),
+                       _count(model))
     from hmtrain.eval.memory_eval import load_memory_model
 
     loaded = load_memory_model(rest, device)

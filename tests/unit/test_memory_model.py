@@ -50,6 +50,7 @@ def test_unrolled_expansion_matches_a_hand_computation():
     weight = torch.arange(d_out * (d // 2), dtype=torch.float32).view(d_out, d // 2) / 10
     with torch.no_grad():
         expansion.proj.weight.copy_(weight)
+        expansion.position.zero_()
     v = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
     out = expansion(v)
     assert out.shape == (1, n_ctx, d_out)
@@ -64,7 +65,7 @@ def test_repeat_expansion_is_the_same_projection_everywhere_and_odd_widths_canno
     expansion = Expansion("repeat", 4, 3, 6)
     v = torch.randn(2, 4)
     out = expansion(v)
-    assert torch.equal(out, expansion.proj(v)[:, None].expand(-1, 6, -1))
+    assert torch.equal(out, expansion.proj(v)[:, None] + expansion.position)
     with pytest.raises(ValueError, match="even"):
         Expansion("unrolled", 5, 3, 6)
 
