@@ -37,7 +37,8 @@ for SEED in $SEEDS; do
     "$HM" eval --config memory-tiny "${COMMON[@]}" --checkpoint "$arm-s$SEED" --out "eval/$arm-s$SEED.json"
   done
   "$HM" eval retention --config memory-tiny "${COMMON[@]}" retention.seed=$SEED --out "retention-s$SEED" \
-    --encoder router --encoder anchor=anchor:anchor-s$SEED --encoder untrained-anchor=untrained:anchor \
+    --encoder router --encoder anchor=anchor:anchor-s$SEED --encoder anchor-mean=anchor:anchor-s$SEED@position=mean \
+    --encoder untrained-anchor=untrained:anchor \
     --encoder untrained-memory=untrained:memory \
     --encoder autoencoder=memory:curriculum-s$SEED/checkpoints/step_00000600 \
     --encoder mixer-autoencoder=memory:mixer-ae-s$SEED \
