@@ -7,7 +7,11 @@
     hmtrain eval retention --config CFG --encoder SPEC [--encoder SPEC ...] [--out DIR]
                          [--deep-router SPEC [--shallow-levels N]] [key=value ...]   (also `hmtrain retention`)
     hmtrain info         --config CFG [--world-size N] [key=value ...]
+    hmtrain export       --checkpoint DIR --out DIR [--overwrite] [--config CFG] [key=value ...]
+    hmtrain generate     (--checkpoint DIR | --export DIR) --prompt TEXT [--max-new-tokens N --temperature T
+                         --top-k K --seed S --memory fetched|generic|none] [--config CFG] [key=value ...]
     hmtrain demo         [--out DIR] [key=value ...]
+    hmtrain bench placement [--ranks 1 2 4] [--steps N] [--out DIR] [key=value ...]
 
 CFG is a YAML file or a preset name from configs/ (tiny, paper-160m, ...).
 Overrides may come before or after the options.
@@ -79,6 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(info)
     info.add_argument("--world-size", type=int, default=1, help="ranks to size the per-rank table for")
 
+    bench = commands.add_parser("bench", help="benchmarks that print a table").add_subparsers(dest="bench_command",
+                                                                                          required=True)
+    placement = bench.add_parser("placement", help="step time of gather vs owner vs replicated bank, per world size")
+    placement.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    placement.add_argument("--steps", type=int, default=12)
+    placement.add_argument("--global-batch", type=int, default=16)
+    placement.add_argument("--out", type=Path, default=Path("runs/bench-placement"))
+    placement.add_argument("overrides", nargs="*", metavar="key=value")
+
+    export = commands.add_parser("export", help="a checkpoint as memory-mapped bank tables + anchor, tree, tokenizer")
+    export.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory)")
+    export.add_argument("--out", required=True, type=Path, help="directory to create")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _config_args(export, required=False)  # only data.prepared is read: where the tree and tokenizer are
+
+    generate = commands.add_parser("generate", help="route a prompt, fetch its memory, continue it")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint directory (or a run directory)")
+    source.add_argument("--export", type=Path, help="directory written by `hmtrain export`")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--memory", choices=("fetched", "generic", "none"), default="fetched",
+                          help="the routed path's memory, the generic memory, or the anchor alone")
+    _config_args(generate, required=False)  # with --checkpoint: only data.prepared is read
+
     demo = commands.add_parser("demo", help="the whole pipeline on CPU with the tiny config")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--config", default="tiny")
@@ -147,6 +179,19 @@ def cmd_info(args) -> None:
     print_info(load_config(args.config, args.overrides), world_size=args.world_size)
 
 
+def cmd_bench(args) -> None:
+    from hmtrain.parallel.bench_placement import render, run
+
+    for ranks in args.ranks:
+        if ranks < 1 or args.global_batch % (2 * ranks):
+            raise ValueError(f"--ranks {ranks}: --global-batch {args.global_batch} must split into two micro-batches "
+                             "per rank")
+    results = run(args.out, args.ranks, args.steps, args.global_batch, args.overrides)
+    table = render(results)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+
+
 def cmd_demo(args) -> None:
     from hmtrain.demo import run_demo
 
@@ -155,8 +200,41 @@ def cmd_demo(args) -> None:
     run_demo(args.out, args.config, args.overrides)
 
 
+def cmd_export(args) -> None:
+    from hmtrain.eval.export import export_checkpoint
+
+    manifest = export_checkpoint(args.checkpoint, args.out, config=args.config, overrides=args.overrides,
+                                 overwrite=args.overwrite)
+    bank = manifest["bank"]
+    size = sum(entry["bytes"] for entry in manifest["files"].values())
+    tables = ", ".join(bank["tables"]) if bank else "none (trained without memory)"
+    print(f"exported step {manifest['source']['step']} to {args.out}: {size:,} bytes; bank tables: {tables}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from hmtrain.eval.generate import check_sampling, format_result, from_checkpoint, from_export
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before loading anything
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty: give some text to route and continue")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.export is not None:
+        if args.config or args.overrides:
+            raise ValueError("--config and key=value overrides apply to --checkpoint only; an export holds its "
+                             "own tree and tokenizer")
+        model = from_export(args.export, device)
+    else:
+        model = from_checkpoint(args.checkpoint, args.config, args.overrides, device)
+    result = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, seed=args.seed, memory=args.memory)
+    print(format_result(result, args.prompt))
+
+
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
-            "retention": cmd_retention, "info": cmd_info, "demo": cmd_demo}
+            "retention": cmd_retention, "info": cmd_info, "demo": cmd_demo, "placement": cmd_bench,
+            "export": cmd_export, "generate": cmd_generate}
 
 
 def _eval_retention_alias(argv: list[str]) -> list[str]:
@@ -192,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("HMTRAIN_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    command = args.data_command if args.command == "data" else args.command
+    command = {"data": getattr(args, "data_command", None), "bench": getattr(args, "bench_command", None)}.get(
+        args.command, args.command)
     from hmtrain.train.signals import Interrupted
 
     rc = 0

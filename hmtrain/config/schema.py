@@ -265,6 +265,9 @@ class LoggingConfig:
     tracking_uri: Optional[str] = None
     experiment: str = "hmtrain"
     run_name: Optional[str] = None
+    # CPU, memory, disk and GPU utilisation from the first rank of every node (MLflow system metrics)
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass

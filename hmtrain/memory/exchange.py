@@ -13,12 +13,16 @@ from torch import Tensor
 
 
 class Comm:
-    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"):
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
+                 control_group: dist.ProcessGroup | None = None):
         self.group = group
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
         self.device = torch.device(device)
+        # host integers (sizes, row ids, counts) travel on a gloo group when the main group is NCCL,
+        # so exchanging them never makes the host wait for the GPU
+        self.control_group = control_group
 
     def all_to_all(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
         """Uneven all-to-all along dim 0 (both sides know the splits from the step plan)."""
@@ -33,13 +37,21 @@ class Comm:
         """Send one int64 array to every rank, receive one from every rank (sizes exchanged first)."""
         if self.world_size == 1:
             return [np.asarray(per_destination[0], dtype=np.int64)]
-        sizes = torch.tensor([len(a) for a in per_destination], dtype=torch.int64, device=self.device)
+        group, device = self._control()
+        sizes = torch.tensor([len(a) for a in per_destination], dtype=torch.int64, device=device)
         recv_sizes = torch.empty_like(sizes)
-        dist.all_to_all_single(recv_sizes, sizes, group=self.group)
+        dist.all_to_all_single(recv_sizes, sizes, group=group)
         recv_splits = recv_sizes.tolist()
-        send = torch.from_numpy(np.concatenate(per_destination).astype(np.int64)).to(self.device)
-        recv = self.all_to_all(send, [len(a) for a in per_destination], recv_splits).cpu().numpy()
-        return np.split(recv, np.cumsum(recv_splits)[:-1])
+        send = torch.from_numpy(np.concatenate(per_destination).astype(np.int64)).to(device)
+        recv = send.new_empty(sum(recv_splits))
+        dist.all_to_all_single(recv, send, output_split_sizes=recv_splits,
+                               input_split_sizes=[len(a) for a in per_destination], group=group)
+        return np.split(recv.cpu().numpy(), np.cumsum(recv_splits)[:-1])
+
+    def _control(self) -> tuple[dist.ProcessGroup | None, torch.device]:
+        if self.control_group is not None:
+            return self.control_group, torch.device("cpu")
+        return self.group, self.device
 
     def all_reduce_(self, tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
         if self.world_size > 1:
@@ -49,5 +61,7 @@ class Comm:
     def all_reduce_ints(self, values: np.ndarray, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> np.ndarray:
         if self.world_size == 1:
             return np.asarray(values, dtype=np.int64)
-        t = torch.from_numpy(np.asarray(values, dtype=np.int64)).to(self.device)
-        return self.all_reduce_(t, op).cpu().numpy()
+        group, device = self._control()
+        t = torch.from_numpy(np.asarray(values, dtype=np.int64)).to(device)
+        dist.all_reduce(t, op=op, group=group)
+        return t.cpu().numpy()

@@ -24,6 +24,8 @@ import pickle
 import re
 import shutil
 import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -183,12 +185,28 @@ def check_complete(path: Path) -> tuple[dict[str, Any], Config]:
     return record, cfg
 
 
+@dataclass
+class _Pending:
+    """A save whose shards are (being) written and whose completion is still to do."""
+
+    step: int
+    tmp: Path
+    final: Path
+    trainer: dict[str, Any]
+    config_yaml: str
+    on_durable: Optional[Callable[[int, Path], None]]
+    future: Optional[Future] = None
+
+
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int = 2):
+    def __init__(self, directory: Path, keep: int = 2, process_group: Optional[dist.ProcessGroup] = None):
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
+        # background writes use their own (gloo) group, so they never interleave with training collectives
+        self.process_group = process_group
+        self._pending: Optional[_Pending] = None
 
     def step_dirs(self) -> list[Path]:
         """Checkpoints whose completeness marker exists, oldest first. Directories being
@@ -208,9 +226,18 @@ class Checkpointer:
         return dirs[-1] if dirs else None
 
     def save(self, step: int, state: dict[str, Any], trainer: dict[str, Any], config_yaml: str,
-             write_extra: Optional[Callable[[Path], None]] = None) -> Path:
-        """Write a checkpoint (every rank calls this). `write_extra(tmp_dir)` runs on every rank after the
-        DCP shards, for state kept in another library's own format (DeepSpeed's optimizer partitions)."""
+             write_extra: Optional[Callable[[Path], None]] = None, *, async_save: bool = False,
+             on_durable: Optional[Callable[[int, Path], None]] = None) -> Path:
+        """Write a checkpoint (every rank calls this); returns its final path.
+
+        `write_extra(tmp_dir)` runs on every rank after the DCP shards, for state kept in another
+        library's own format (DeepSpeed's optimizer partitions). With `async_save`, DCP stages the
+        state in host memory and writes it in a background thread; the checkpoint is completed
+        (marker, rename, `latest`, pruning) by `poll()` or `wait()` once the write is done, and
+        `on_durable(step, path)` is called then (at once for a blocking save). One save is in
+        flight at a time: a new save first waits for the previous one.
+        """
+        self.wait()
         final = self.directory / f"step_{step:08d}"
         tmp = self.directory / f".step_{step:08d}.tmp"
         if _rank() == 0:
@@ -218,32 +245,60 @@ class Checkpointer:
             if tmp.exists():  # left by a crash during an earlier save of this step
                 shutil.rmtree(tmp)
         _barrier()
+        pending = _Pending(step, tmp, final, trainer, config_yaml, on_durable)
         try:
             with _quiet_dcp():
-                dcp.save(state, checkpoint_id=str(tmp))
+                if async_save:
+                    pending.future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+                else:
+                    dcp.save(state, checkpoint_id=str(tmp))
             if write_extra is not None:
                 write_extra(tmp)
-                _barrier()
-            if _rank() == 0:
-                (tmp / CONFIG_FILE).write_text(config_yaml)
-                record = {"step": step, **trainer,
-                          "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest()}
-                # trainer.json last: its presence marks the checkpoint complete
-                _atomic_write(tmp / TRAINER_FILE, json.dumps(record, indent=2))
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
-            if _rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            previous = self.latest()
-            kept = f"; the previous checkpoint {previous} is intact" if previous else ""
-            raise CheckpointError(f"checkpoint {final}: save failed ({describe(exc)}){kept}") from exc
-        if _rank() == 0:
-            if final.exists():
-                self._delete(final)
-            os.replace(tmp, final)
-            _atomic_write(self.directory / "latest", final.name)
-            self._prune()
-        _barrier()
+            raise self._failed(pending, exc) from exc
+        self._pending = pending
+        if not async_save:
+            _barrier()  # every rank's extra files are written
+            self.wait()
+            _barrier()
         return final
+
+    def poll(self) -> None:
+        """Complete a background save whose write has finished (cheap; call once per step)."""
+        if self._pending is not None and (self._pending.future is None or self._pending.future.done()):
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight is written, then complete it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            if pending.future is not None:
+                pending.future.result()
+            if _rank() == 0:
+                (pending.tmp / CONFIG_FILE).write_text(pending.config_yaml)
+                record = {"step": pending.step, **pending.trainer,
+                          "config_sha256": hashlib.sha256(pending.config_yaml.encode()).hexdigest()}
+                # trainer.json last: its presence marks the checkpoint complete
+                _atomic_write(pending.tmp / TRAINER_FILE, json.dumps(record, indent=2))
+        except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+            raise self._failed(pending, exc) from exc
+        if _rank() == 0:
+            if pending.final.exists():
+                self._delete(pending.final)
+            os.replace(pending.tmp, pending.final)
+            _atomic_write(self.directory / "latest", pending.final.name)
+            self._prune()
+        if pending.on_durable is not None:
+            pending.on_durable(pending.step, pending.final)
+
+    def _failed(self, pending: "_Pending", exc: BaseException) -> CheckpointError:
+        if _rank() == 0:
+            shutil.rmtree(pending.tmp, ignore_errors=True)
+        previous = self.latest()
+        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+        return CheckpointError(f"checkpoint {pending.final}: save failed ({describe(exc)}){kept}")
 
     def _delete(self, step_dir: Path) -> None:
         # rename first: a crash during rmtree then leaves a hidden directory that nothing lists

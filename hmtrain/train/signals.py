@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from hmtrain.memory.exchange import Comm
@@ -40,8 +41,7 @@ class StopRequest:
 
     def agreed(self, comm: Comm) -> Optional[int]:
         """The signal any rank got (ranks must stop at the same step to write one checkpoint)."""
-        flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=comm.device)
-        return int(comm.all_reduce_(flag, op=torch.distributed.ReduceOp.MAX)) or None
+        return int(comm.all_reduce_ints(np.array([self.signum or 0]), op=torch.distributed.ReduceOp.MAX)[0]) or None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

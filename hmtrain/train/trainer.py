@@ -31,15 +31,16 @@ from hmtrain.memory.bank_state import bank_state_for_load, bank_state_for_save, 
 from hmtrain.model import Transformer, build_model, count_parameters, counted_targets, run_model_config
 from hmtrain.parallel import resolve_precision
 from hmtrain.parallel.anchor import TorchAnchor
-from hmtrain.parallel.dist import DistInfo, init_distributed
+from hmtrain.parallel.dist import DistInfo, init_distributed, new_group
 from hmtrain.parallel.parallelize import parallelize
 from hmtrain.parallel.placement import assign_subtrees
-from hmtrain.train.checkpoint import Checkpointer
+from hmtrain.train.checkpoint import CheckpointError, Checkpointer
 from hmtrain.train.metrics import JsonlLogger, MLflowLogger, MultiLogger, default_tracking_uri
 from hmtrain.train.recipe import MEMORY, Recipe
 from hmtrain.train.resume import load_for_resume, started_before_first_checkpoint
 from hmtrain.train.rundir import lock_run_dir
 from hmtrain.train.signals import Interrupted, StopRequest
+from hmtrain.train.system_metrics import start_system_metrics, stop_system_metrics
 from hmtrain.train.throughput import peak_flops, reduce_over_ranks, train_flops_per_token
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
     precision = resolve_precision(tc, info.device)
     device = info.device
     cfg = resolve_vocab(cfg, data)
-    comm = Comm(device=info.collective_device)
+    # host-side integers go over gloo when the main group is NCCL; checkpoints write on their own gloo group
+    side = new_group("gloo", cfg.parallel.timeout_s) if info.distributed else None
+    comm = Comm(device=info.collective_device, control_group=side if info.backend == "nccl" else None)
 
     torch.manual_seed(tc.seed)  # the same initial anchor on every rank, sharded afterwards
     model_cfg = run_model_config(cfg.model, tc.mode, tc.dense_multiplier)
@@ -110,7 +113,7 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
     bank: Optional[MemoryBank] = None
     if recipe.has_memory:
         bank = build_bank(cfg, device, comm=comm, owner_of_subtree=owner_of_subtree)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, process_group=side)
 
     step, run_id = 0, None
     latest = checkpointer.latest()
@@ -183,6 +186,13 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
                     tracker.log_artifact(artifact)
             run_id = tracker.run_id
     metrics = MultiLogger(*(x for x in (jsonl, tracker) if x is not None))
+    monitor = None
+    if cfg.logging.mlflow and cfg.logging.system_metrics:
+        # every node's first rank logs its machine's metrics into rank 0's run
+        shared = [run_id, tracker.tracking_uri if tracker is not None else None]
+        if side is not None:
+            torch.distributed.broadcast_object_list(shared, src=0, group=side)
+        monitor = start_system_metrics(shared[0], shared[1], cfg.logging.system_metrics_interval_s, resume)
 
     flops_per_token = train_flops_per_token(model_cfg, cfg.data.seq_len, bank.fetched_parameters() if bank else 0)
     peak = peak_flops(device)
@@ -195,20 +205,22 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
     last_checkpoint: Optional[Path] = latest if resume else None
     bar = tqdm(total=recipe.total_steps, initial=step, desc=f"train ({tc.mode})",
                disable=not (tc.progress and info.is_main), dynamic_ncols=True)
-    window = {"started": time.perf_counter(), "tokens": 0.0, "fetch_s": 0.0}
+    window = {"started": time.perf_counter(), "tokens": 0.0, "fetch_s": 0.0, "steps": 0}
     pad_id = int(data.manifest["pad_id"])
     status = "FAILED"
 
-    def save(at_step: int, optimizer_phase: str) -> Path:
+    def durable(at_step: int, path: Path) -> None:
+        if tracker is not None:
+            tracker.flush(at_step)  # MLflow gets a step once a complete checkpoint covers it
+
+    def save(at_step: int, optimizer_phase: str, blocking: bool = False) -> Path:
         state = {**anchor.state_dict(), **({"bank": bank_state_for_save(bank)} if bank else {})}
-        path = checkpointer.save(at_step, state, {"loader": loader.state_dict(), "mlflow_run_id": run_id,
+        return checkpointer.save(at_step, state, {"loader": loader.state_dict(), "mlflow_run_id": run_id,
                                                   "mode": tc.mode, "optimizer_phase": optimizer_phase,
                                                   "world_size": info.world_size,
                                                   "data_fingerprints": data.fingerprints()},
-                                 to_yaml(cfg), write_extra=anchor.save_extra)
-        if tracker is not None:
-            tracker.flush(at_step)  # MLflow gets a step once a checkpoint covers it
-        return path
+                                 to_yaml(cfg), write_extra=anchor.save_extra,
+                                 async_save=tc.async_checkpoint and not blocking, on_durable=durable)
 
     try:
         while step < recipe.total_steps:
@@ -262,17 +274,19 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
                 bank.step(now.memory_lr, scale)
             step += 1
             window["tokens"] += global_tokens
+            window["steps"] += 1
 
             if step % tc.log_every == 0 or step == recipe.total_steps:
                 record = _log_record(comm, now, loss_sum, global_tokens, labels_local, grad_norm, plan,
                                      generic_used, window, flops_per_token, peak)
                 metrics.log(record, step)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", phase=now.phase)
-                window = {"started": time.perf_counter(), "tokens": 0.0, "fetch_s": 0.0}
+                window = {"started": time.perf_counter(), "tokens": 0.0, "fetch_s": 0.0, "steps": 0}
             bar.update(1)
+            checkpointer.poll()  # complete a background save whose write has finished
             signum = stop.agreed(comm)
             if step % tc.checkpoint_every == 0 or step == recipe.total_steps or signum:
-                last_checkpoint = save(step, now.phase)
+                last_checkpoint = save(step, now.phase, blocking=bool(signum) or step == recipe.total_steps)
             if signum:
                 stop.signum = signum
                 status = "KILLED"
@@ -282,6 +296,13 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
     finally:
         bar.close()
         stop.restore()
+        try:
+            checkpointer.wait()  # a background save in flight is completed, even when the loop failed
+        except CheckpointError:
+            if status != "FAILED":
+                raise
+            log.exception("the checkpoint in flight could not be completed")  # the loop's error is the one raised
+        stop_system_metrics(monitor)
         if jsonl is not None:
             jsonl.close()
         if tracker is not None:
@@ -309,6 +330,7 @@ def _log_record(comm: Comm, now, loss_sum: torch.Tensor, global_tokens: int, lab
     elapsed = max(time.perf_counter() - window["started"], 1e-9)
     record = {"loss": loss, "lr/anchor": now.anchor_lr, "lr/memory": now.memory_lr,
               "grad_norm": float(grad_norm), "tokens_per_s": window["tokens"] / elapsed,
+              "step_s": elapsed / max(window["steps"], 1),
               "phase": float(now.phase == MEMORY), "global_batch": float(now.global_batch)}
     if peak:
         record["mfu"] = window["tokens"] * flops_per_token / elapsed / (peak * comm.world_size)

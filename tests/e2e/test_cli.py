@@ -6,6 +6,7 @@ import torch
 
 from mlflow.tracking import MlflowClient
 
+from hmtrain.model import Transformer
 from tests.e2e.conftest import run_cli
 
 
@@ -14,8 +15,9 @@ def test_pipeline_trains_and_evaluates(prepared, tmp_path):
     manifest = json.loads((root / "prepared" / "manifest.json").read_text())
     assert manifest["branching"] == [2, 3] and manifest["splits"]["train"] and manifest["splits"]["heldout"]
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    steps = ["train.pretrain_steps=3", "train.memory_steps=3", "train.checkpoint_every=3",
-             f"logging.tracking_uri={tracking}"]
+    steps = ["train.pretrain_steps=3", "train.memory_steps=3", "train.checkpoint_every=3", "train.anchor=cotrain",
+             "train.anchor_optim.warmup_steps=0", "train.seed=5", f"logging.tracking_uri={tracking}",
+             "logging.system_metrics_interval_s=0.2"]
     run_cli("train", "--config", "tiny", *overrides, *steps, f"train.run_dir={tmp_path / 'memory'}", cwd=tmp_path)
     run_cli("train", "--config", "tiny", *overrides, *steps, f"train.run_dir={tmp_path / 'dense'}",
             "train.mode=dense", cwd=tmp_path)
@@ -27,11 +29,16 @@ def test_pipeline_trains_and_evaluates(prepared, tmp_path):
     results = json.loads(out.read_text())
     names = [row["name"] for row in results["rows"]]
     assert names == ["anchor + fetched memory", "anchor + generic memory", "anchor alone", "dense baseline"]
+    fetched, generic, alone, dense = results["rows"]
+    # the table's accounting: active parameters are the anchor plus what one sequence fetches (2 layers x 3 x d 32
+    # x (8 + 4) units), and the dense baseline is sized to twice the anchor
+    assert fetched["parameters"] == generic["parameters"] == alone["parameters"] + 2 * 3 * 32 * 12
+    assert abs(dense["parameters"] - 2 * alone["parameters"]) / (2 * alone["parameters"]) < 0.05
+    # perplexity and accuracy are what the rows say they are: nll and probe counts agree with them
     for row in results["rows"]:
-        assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
-        assert 0.0 <= row["probe_accuracy"]["all"] <= 1.0
-    fetched, _generic, alone, dense = results["rows"]
-    assert dense["parameters"] > alone["parameters"] and fetched["parameters"] > alone["parameters"]
+        assert math.isclose(row["perplexity"], math.exp(row["nll"]), rel_tol=1e-9)
+        assert round(row["probe_accuracy"]["all"] * 40) == row["probe_accuracy"]["all"] * 40
+    assert fetched["perplexity"] != alone["perplexity"]  # the memory takes part in the scores
     assert set(results["routing_agreement"]) == {"level1", "level2"}
     assert results["probes"]["count"] == 40
 
@@ -43,6 +50,23 @@ def test_pipeline_trains_and_evaluates(prepared, tmp_path):
     assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]
     assert "memory/level1/rows_updated" in memory_run.data.metrics and "memory/generic_sequences" in memory_run.data.metrics
     assert memory_run.data.params["train.global_batch_size"] == "4"
+    assert any(key.startswith("system/cpu_utilization") for key in memory_run.data.metrics)  # node's first rank
+
+    # it learns: the loss falls by a stated margin over six steps, and the anchor moves in both phases
+    curve = [json.loads(line)["loss"] for line in (tmp_path / "memory" / "metrics.jsonl").read_text().splitlines()]
+    assert curve[-1] < 0.9 * curve[0], curve
+    from hmtrain.eval.loading import load_trained
+
+    end_of_pretraining = load_trained(tmp_path / "memory" / "checkpoints" / "step_00000003")
+    end = load_trained(tmp_path / "memory" / "checkpoints" / "step_00000006")
+    torch.manual_seed(5)  # train.seed: the trainer builds its initial anchor right after seeding with it
+    initial = Transformer(end.model.cfg, max_seq_len=end.cfg.data.seq_len).state_dict()
+    for name, tensor in end_of_pretraining.model.state_dict().items():
+        if name.endswith("wq.weight"):
+            assert not torch.equal(tensor, initial[name]), f"{name} did not move in pretraining"
+            # ...by training steps (AdamW moves an element by about lr = 3e-3 a step), from this very init
+            assert float((tensor - initial[name]).abs().max()) < 2 * 3 * 3e-3
+            assert not torch.equal(end.model.state_dict()[name], tensor), f"{name} did not move while co-training"
 
 
 def test_info_prints_the_paper_budget(tmp_path):

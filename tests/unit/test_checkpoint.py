@@ -72,7 +72,7 @@ def test_truncated_trainer_json_and_config_are_refused(tmp_path):
     lines = good_config.splitlines(keepends=True)
     # cut at a line boundary, before the last keys: valid YAML and a valid config once schema defaults fill
     # the gap, which is what happened before; only strict loading notices
-    assert lines[-1].startswith("  run_name:")
+    assert lines[-1].startswith("  ") and lines[-2].startswith("  ")  # the last two are keys of the last section
     (path / "config.yaml").write_text("".join(lines[:-2]))
     for recorded in (record, {}):  # with and without the hash recorded in trainer.json
         with pytest.raises(CheckpointError) as exc_info:
@@ -122,3 +122,34 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert saver.latest().name == "step_00000001"
     check_complete(saver.latest())
     assert json.loads((saver.latest() / "trainer.json").read_text())["step"] == 1
+
+
+def test_async_save_writes_the_state_as_it_was_and_completes_on_poll(tmp_path):
+    import time
+
+    saver = Checkpointer(tmp_path, keep=2)
+    state = make_state(1)
+    expected = {k: v.clone() for k, v in state["model"].items()}
+    durable = []
+    final = saver.save(1, state, {"loader": {"position": 1}}, to_yaml(Config()), async_save=True,
+                       on_durable=lambda step, path: durable.append((step, path)))
+    for tensor in state["model"].values():  # training goes on and changes the tensors
+        tensor.add_(100.0)
+    assert saver.latest() is None  # not complete until the write is done and it is polled
+    deadline = time.monotonic() + 30
+    while not durable and time.monotonic() < deadline:
+        saver.poll()
+        time.sleep(0.01)
+    assert durable == [(1, final)] and saver.latest() == final
+    loaded = {"model": {k: torch.zeros_like(v) for k, v in expected.items()}}
+    Checkpointer.load(final, loaded)
+    assert all(torch.equal(loaded["model"][k], expected[k]) for k in expected)
+
+
+def test_a_second_save_waits_for_the_first(tmp_path):
+    saver = Checkpointer(tmp_path, keep=5)
+    saver.save(1, make_state(1), {"loader": {}}, to_yaml(Config()), async_save=True)
+    saver.save(2, make_state(2), {"loader": {}}, to_yaml(Config()), async_save=True)
+    assert [p.name for p in saver.step_dirs()] == ["step_00000001"]
+    saver.wait()
+    assert [p.name for p in saver.step_dirs()] == ["step_00000001", "step_00000002"]

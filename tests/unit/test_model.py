@@ -7,6 +7,7 @@ import torch.nn.attention.flex_attention as torch_flex
 import torch.nn.functional as F
 
 from hmtrain.config import ConfigError, ModelConfig, load_config
+from hmtrain.info import model_config
 from hmtrain.memory import build_bank
 from hmtrain.model import Transformer, count_parameters, dense_config, lm_loss
 from hmtrain.model import attention
@@ -26,7 +27,8 @@ def test_count_matches_module_for_variants():
 
 
 def test_paper_160m_anchor_is_exact():
-    cfg = load_config("paper-160m").model
+    cfg = model_config(load_config("paper-160m"))  # the vocabulary resolved from data.tokenizer_vocab
+    assert cfg.vocab_size == 50_432
     assert count_parameters(cfg) == 163_510_016
     with torch.device("meta"):
         model = Transformer(cfg, max_seq_len=2048)
@@ -69,11 +71,11 @@ def test_fresh_memory_changes_nothing_and_trained_memory_does():
     tokens = torch.randint(0, 97, (2, 9))
     paths = torch.tensor([[0, 1], [1, 5]])
     plain = model(tokens)
-    with_memory = model(tokens, memory=bank.fetch(paths, requires_grad=False))
+    with_memory = model(tokens, memory=bank.lookup(paths))
     torch.testing.assert_close(with_memory, plain)
     for table in bank.tables.values():
         table[:, :, 2].normal_()  # give the down rows weight, as training would
-    changed = model(tokens, memory=bank.fetch(paths, requires_grad=False))
+    changed = model(tokens, memory=bank.lookup(paths))
     assert not torch.allclose(changed, plain)
 
 
@@ -92,17 +94,19 @@ def test_gradients_reach_anchor_and_fetched_rows_only():
     cfg = _bank_cfg()
     model = Transformer(cfg.model, max_seq_len=16)
     bank = build_bank(cfg)
-    before = {k: v.clone() for k, v in bank.state_dict().items()}
-    fetched = bank.fetch(torch.tensor([[0, 1]]))
+    before = {k: v.clone() for k, v in bank.tables.items()}
+    plan = bank.plan_step([(torch.tensor([[0, 1]]), None)])
+    fetched = bank.fetch(plan, 0)
     logits = model(torch.randint(0, 97, (1, 8)), memory=fetched)
     logits.sum().backward()
-    bank.accumulate_grads(fetched)
+    bank.return_grads(fetched)
+    bank.finish_grads()
     bank.step(1e-2)
     assert model.layers[0].ffn.w_down.weight.grad is not None
     level1 = bank.tables["level1"]
     untouched = [n for n in range(level1.shape[0]) if n != 1]
-    assert torch.equal(level1[untouched], before["level1.weight"][untouched])
-    assert not torch.equal(level1[1], before["level1.weight"][1])
+    assert torch.equal(level1[untouched], before["level1"][untouched])
+    assert not torch.equal(level1[1], before["level1"][1])
 
 
 # flex on CPU is torch's unfused reference; it says so once per process

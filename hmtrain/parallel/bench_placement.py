@@ -1,0 +1,96 @@
+"""`hmtrain bench placement`: step time of the bank's placements at several world sizes, in one run.
+
+For each world size and placement it runs the real trainer (`hmtrain train` under torchrun, memory
+phase only) on a small synthetic corpus prepared once, and reads the per-step times it logs. Rows:
+
+- `gather`: every level sharded by row; ranks fetch the rows their batch needs (all-to-all both ways);
+- `owner`: sequences go to the rank that owns their level-1 subtree; deep levels stay local;
+- `replicated`: every level on every rank; gradients all-reduced at the end of the step.
+
+Ratios are against `gather` at the same world size, and against the 1-rank run of the same
+placement. On a CPU the ranks share cores: a wider world only shows communication overhead, not
+speed-up (say so when quoting numbers). On a GPU machine pass `train.device=cuda`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+PLACEMENTS = {"gather": ["parallel.placement=gather", "parallel.replicate_levels=0"],
+              "owner": ["parallel.placement=owner", "parallel.replicate_levels=0"],
+              "replicated": ["parallel.placement=gather", "parallel.replicate_levels=2"]}
+MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.head_dim=32", "model.ffn_hidden=192",
+         "memory.units=[64,32]", "tree.branching=[4,4]", "data.seq_len=128", "data.embedder=hashing",
+         "data.tokenizer=byte", "data.shard_samples=64", "data.heldout_fraction=0.05"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], cwd: Path, timeout: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HMTRAIN_LOG_LEVEL": "WARNING"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark step failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr[-3000:]}")
+
+
+def prepare(out: Path, overrides: Sequence[str]) -> list[str]:
+    corpus, prepared = out / "corpus", out / "prepared"
+    data = [*MODEL, f"data.documents={corpus / 'documents.jsonl.gz'}", f"data.prepared={prepared}", *overrides]
+    if not (prepared / "manifest.json").is_file():
+        cli = [sys.executable, "-m", "hmtrain.cli"]
+        _run([*cli, "data", "synth", "--out", str(corpus), "--people", "200", "--documents", "1500"], out, 600)
+        _run([*cli, "data", "prepare", "--config", "tiny", *data, "--overwrite"], out, 1200)
+    return data
+
+
+def step_times(out: Path, data: list[str], ranks: int, placement: str, steps: int, batch: int) -> list[float]:
+    run_dir = out / f"run-{placement}-{ranks}"
+    train = ["-m", "hmtrain.cli", "train", "--config", "tiny", *data, *PLACEMENTS[placement],
+             "train.pretrain_steps=0", f"train.memory_steps={steps}", f"train.global_batch_size={batch}",
+             f"train.micro_batch_size={batch // ranks // 2}", "train.log_every=1",
+             f"train.checkpoint_every={steps}", "logging.mlflow=false", "train.progress=false",
+             f"train.run_dir={run_dir}"]
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    if ranks == 1:
+        _run([sys.executable, *train], out, 1800)
+    else:
+        _run(["timeout", "1800", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+              "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *train], out, 1900)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step_s"] for r in rows[2:]]  # the first steps include start-up work
+
+
+def run(out: Path, ranks: Sequence[int], steps: int, batch: int, overrides: Sequence[str]) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare(out, overrides)
+    results = []
+    for world in ranks:
+        for placement in PLACEMENTS:
+            times = step_times(out, data, world, placement, steps, batch)
+            results.append({"ranks": world, "placement": placement, "step_s": statistics.median(times),
+                            "spread_s": statistics.pstdev(times)})
+    return results
+
+
+def render(results: list[dict]) -> str:
+    by = {(r["ranks"], r["placement"]): r["step_s"] for r in results}
+    lines = ["| ranks | placement | median step (s) | std (s) | vs gather, same ranks | vs 1 rank, same placement |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        base, one = by[(r["ranks"], "gather")], by.get((1, r["placement"]))
+        versus_one = f"{r['step_s'] / one:.2f}x" if one else "-"
+        lines.append(f"| {r['ranks']} | {r['placement']} | {r['step_s']:.3f} | {r['spread_s']:.3f} | "
+                     f"{r['step_s'] / base:.2f}x | {versus_one} |")
+    return "\n".join(lines)
