@@ -31,24 +31,27 @@ for SEED in $SEEDS; do
   run clm-s$SEED "${one[@]}" memory_model.objective=clm
   run nomemory-s$SEED "${one[@]}" memory_model.objective=combined memory_model.context=none
   run fullcontext-s$SEED "${one[@]}" memory_model.objective=combined memory_model.context=full
-  run mixer-ae-s$SEED --config memory-tiny memory_model.block=mixer \
-    "memory_model.stages=[{name: autoencoder, steps: 600, objective: autoencode, optim: {lr: 2e-3, min_lr: 2e-4, warmup_steps: 30}}]"
+  # autoencoders alone, at the arms' budget: transformer and masked-mixer blocks
+  ae=("memory_model.stages=[{name: autoencoder, steps: $STEPS, objective: autoencode, optim: {lr: 2e-3, min_lr: 2e-4, warmup_steps: 30}}]")
+  run ae-s$SEED --config memory-tiny "${ae[@]}"
+  run mixer-ae-s$SEED --config memory-tiny memory_model.block=mixer "${ae[@]}"
   for arm in curriculum combined clm nomemory fullcontext; do
-    "$HM" eval --config memory-tiny "${COMMON[@]}" --checkpoint "$arm-s$SEED" --out "eval/$arm-s$SEED.json"
+    [ -f "eval/$arm-s$SEED.json" ] || \
+      "$HM" eval --config memory-tiny "${COMMON[@]}" --checkpoint "$arm-s$SEED" --out "eval/$arm-s$SEED.json"
   done
+  [ -f "retention-s$SEED/results.json" ] || \
   "$HM" eval retention --config memory-tiny "${COMMON[@]}" retention.seed=$SEED --out "retention-s$SEED" \
     --encoder router --encoder anchor=anchor:anchor-s$SEED --encoder anchor-mean=anchor:anchor-s$SEED@position=mean \
-    --encoder untrained-anchor=untrained:anchor \
-    --encoder untrained-memory=untrained:memory \
-    --encoder autoencoder=memory:curriculum-s$SEED/checkpoints/step_00000600 \
-    --encoder mixer-autoencoder=memory:mixer-ae-s$SEED \
-    --encoder curriculum-final=memory:curriculum-s$SEED
+    --encoder untrained-anchor=untrained:anchor --encoder untrained-memory=untrained:memory \
+    --encoder autoencoder=memory:ae-s$SEED --encoder mixer-autoencoder=memory:mixer-ae-s$SEED
 done
 # beyond the paper: the autoencoder's encoder routes tree level 2, MiniLM level 1
 FIRST=${SEEDS%% *}
+[ -f deep-routing/results.json ] || \
 "$HM" eval retention --config memory-tiny "${COMMON[@]}" data.documents=corpus/documents.jsonl.gz \
   data.probes=corpus/probes.jsonl --out deep-routing \
-  --deep-router autoencoder=memory:curriculum-s$FIRST/checkpoints/step_00000600
+  --deep-router autoencoder=memory:ae-s$FIRST
+[ -f deep-routing-mixer/results.json ] || \
 "$HM" eval retention --config memory-tiny "${COMMON[@]}" data.documents=corpus/documents.jsonl.gz \
   data.probes=corpus/probes.jsonl --out deep-routing-mixer \
   --deep-router mixer-autoencoder=memory:mixer-ae-s$FIRST
