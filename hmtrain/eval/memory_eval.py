@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from hmtrain.config import Config
+from hmtrain.config import Config, ConfigError
 from hmtrain.data.loader import sequential_batches
 from hmtrain.data.prepared import PreparedData
 from hmtrain.eval.loading import resolve_checkpoint
@@ -39,11 +39,12 @@ class LoadedMemoryModel:
 
 
 def checkpoint_family(path: str | Path) -> str:
-    """`model.family` of the run a checkpoint (or run directory) belongs to."""
+    """`model.family` of the run a checkpoint (or run directory) belongs to; "lm" when that cannot be read,
+    so that the LM evaluation reports the problem in its own words and order (data first)."""
     try:
         _, cfg = check_complete(resolve_checkpoint(path))
-    except CheckpointError:
-        return "lm"  # the LM loader reports the broken checkpoint in its own words
+    except (CheckpointError, FileNotFoundError, ConfigError):
+        return "lm"
     return cfg.model.family
 
 

@@ -10,9 +10,11 @@ An expansion turns one vector per window into n_ctx decoder inputs (Badger 2026)
   repeat    the same vector at every position, through one Linear(d_in, d_out)
   unrolled  position i reads the circular window of d_in/2 features starting at feature i mod d_in,
             and one shared Linear(d_in/2, d_out) maps it to the decoder's width
-plus a learned position embedding: with `repeat`, every position of a transformer decoder would
-otherwise read the same input and, attention averaging identical values, emit the same output at
-every position (a masked mixer tells positions apart by its weights; a transformer cannot).
+`repeat` adds a learned position embedding: otherwise every position of a transformer decoder reads
+the same input and, attention averaging identical values, emits the same output at every position
+(a masked mixer tells positions apart by its weights; a transformer cannot). `unrolled` inputs
+already differ by position and get none (an extra position path lets a decoder fit positional
+statistics first and slows its learning to read the vector: measured on the e2e autoencoder).
 """
 from __future__ import annotations
 
@@ -122,10 +124,10 @@ class Expansion(nn.Module):
         if kind not in EXPANSIONS:
             raise ValueError(f"unknown expansion {kind!r}; expected one of {EXPANSIONS}")
         self.kind, self.n_ctx = kind, n_ctx
-        self.position = nn.Parameter(torch.zeros(n_ctx, d_out))
-        nn.init.normal_(self.position, std=0.02)
         if kind == "repeat":
             self.proj = nn.Linear(d_in, d_out, bias=False)
+            self.position = nn.Parameter(torch.zeros(n_ctx, d_out))
+            nn.init.normal_(self.position, std=0.02)
             return
         if d_in < 2 or d_in % 2:
             raise ValueError(f"the unrolled expansion needs an even vector width >= 2, got {d_in}")
@@ -135,7 +137,7 @@ class Expansion(nn.Module):
     def forward(self, vectors: Tensor) -> Tensor:
         if self.kind == "repeat":
             return self.proj(vectors)[:, None, :] + self.position
-        return self.proj(vectors[:, self.index]) + self.position  # [N, n_ctx, d_in/2] -> [N, n_ctx, d_out]
+        return self.proj(vectors[:, self.index])  # [N, n_ctx, d_in/2] -> [N, n_ctx, d_out]
 
 
 def unroll_index(d: int, n_ctx: int) -> Tensor:

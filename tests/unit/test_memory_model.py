@@ -50,7 +50,6 @@ def test_unrolled_expansion_matches_a_hand_computation():
     weight = torch.arange(d_out * (d // 2), dtype=torch.float32).view(d_out, d // 2) / 10
     with torch.no_grad():
         expansion.proj.weight.copy_(weight)
-        expansion.position.zero_()
     v = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
     out = expansion(v)
     assert out.shape == (1, n_ctx, d_out)
