@@ -4,6 +4,8 @@
     hmtrain data prepare --config CFG [key=value ...] [--overwrite]
     hmtrain train        --config CFG [key=value ...] [--resume [--fallback]]
     hmtrain eval         --config CFG --checkpoint DIR [--baseline DIR] [--out FILE] [key=value ...]
+    hmtrain eval retention --config CFG --encoder SPEC [--encoder SPEC ...] [--out DIR]
+                         [--deep-router SPEC [--shallow-levels N]] [key=value ...]   (also `hmtrain retention`)
     hmtrain info         --config CFG [--world-size N] [key=value ...]
     hmtrain export       --checkpoint DIR --out DIR [--overwrite] [--config CFG] [key=value ...]
     hmtrain generate     (--checkpoint DIR | --export DIR) --prompt TEXT [--max-new-tokens N --temperature T
@@ -63,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory)")
     evaluate.add_argument("--baseline", help="dense baseline checkpoint (or run directory) to compare with")
     evaluate.add_argument("--out", type=Path, help="write results as JSON here")
+
+    retention = commands.add_parser(
+        "retention", help="information retention of frozen encoders (Badger 2026); also `hmtrain eval retention`")
+    _config_args(retention)
+    retention.add_argument("--encoder", action="append", default=[], metavar="[LABEL=]SPEC",
+                           help="router[:minilm|hashing], anchor:CKPT, memory:CKPT, untrained:anchor or "
+                                "untrained:memory; repeat to compare encoders")
+    retention.add_argument("--out", type=Path, default=Path("runs/retention"),
+                           help="results.json, results.md, metrics.jsonl and the MLflow store go here")
+    retention.add_argument("--deep-router", metavar="SPEC",
+                           help="beyond the paper: route the deep tree levels by this encoder and compare with "
+                                "MiniLM routing (needs data.documents; data.probes adds probe routing)")
+    retention.add_argument("--shallow-levels", type=int, default=1, help="tree levels that stay MiniLM-routed")
 
     info = commands.add_parser("info", help="parameter counts per level, and memory and traffic per rank")
     _config_args(info)
@@ -134,14 +149,28 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from hmtrain.eval.evaluate import check_output_path, evaluate, render, write_results
+    from hmtrain.eval.memory_eval import checkpoint_family, evaluate_memory_models, render_memory
 
     cfg = load_config(args.config, args.overrides)
     if args.out:
         check_output_path(args.out)  # before the evaluation, not after it
-    results = evaluate(cfg, args.checkpoint, baseline=args.baseline)
-    render(results)
+    if checkpoint_family(args.checkpoint) == "memory_model":
+        results = evaluate_memory_models(cfg, [args.checkpoint, *([args.baseline] if args.baseline else [])])
+        render_memory(results)
+    else:
+        results = evaluate(cfg, args.checkpoint, baseline=args.baseline)
+        render(results)
     if args.out:
         write_results(results, args.out)
+
+
+def cmd_retention(args) -> None:
+    from hmtrain.eval.retention import run_retention
+
+    if args.deep_router is None and args.shallow_levels != 1:
+        raise ValueError("--shallow-levels only applies with --deep-router")
+    run_retention(load_config(args.config, args.overrides), args.encoder, args.out, deep_router=args.deep_router,
+                  shallow_levels=args.shallow_levels)
 
 
 def cmd_info(args) -> None:
@@ -205,13 +234,27 @@ def cmd_generate(args) -> None:
     print(format_result(result, args.prompt))
 
 
-COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "info": cmd_info,
-            "demo": cmd_demo, "placement": cmd_bench, "export": cmd_export, "generate": cmd_generate}
+COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
+            "retention": cmd_retention, "info": cmd_info, "demo": cmd_demo, "placement": cmd_bench,
+            "export": cmd_export, "generate": cmd_generate}
+
+
+def _eval_retention_alias(argv: list[str]) -> list[str]:
+    """`hmtrain [--debug] eval retention ...` is `hmtrain retention ...` (`eval` takes overrides positionally,
+    so a sub-subcommand there would read as an override)."""
+    for i, item in enumerate(argv):
+        if item.startswith("-"):
+            continue
+        if item == "eval" and argv[i + 1:i + 2] == ["retention"]:
+            return [*argv[:i], "retention", *argv[i + 2:]]
+        break
+    return argv
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """argparse, with `key=value` overrides allowed anywhere (e.g. after --resume)."""
     parser = build_parser()
+    argv = _eval_retention_alias(list(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(argv)
     stray = [item for item in extra if item.startswith("-") or "=" not in item]
     if stray or (extra and not hasattr(args, "overrides")):

@@ -160,6 +160,11 @@ def validate(config: Config) -> None:
     optims = [("train.anchor_optim", train.anchor_optim), ("train.memory_optim", train.memory_optim)]
     if train.cotrain_optim is not None:
         optims.append(("train.cotrain_optim", train.cotrain_optim))
+    _require(m.family in ("lm", "memory_model"), "model.family", f"must be lm or memory_model, got {m.family!r}")
+    if m.family == "memory_model":
+        optims += [(f"memory_model.stages[{i}].optim", stage.optim) for i, stage in enumerate(config.memory_model.stages)]
+        _validate_memory_model(config)
+    _validate_retention(config)
     for name, optim in optims:
         _require(optim.schedule in ("cosine", "wsd", "constant"), f"{name}.schedule",
                  f"must be cosine, wsd or constant, got {optim.schedule!r}")
@@ -168,3 +173,73 @@ def validate(config: Config) -> None:
                  f"need two values in [0, 1), got {optim.betas}")
         _require(optim.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")
         _require(0 < optim.decay_fraction <= 1, f"{name}.decay_fraction", "must be in (0, 1]")
+
+
+OBJECTIVES = ("autoencode", "clm", "copy", "blank_copy", "combined")
+MODEL_PARTS = ("encoder_embedding", "encoder_blocks", "encoder", "decoder", "autoencoder_decoder")
+
+
+def _validate_stack(key: str, stack, block: str) -> None:
+    for name in ("d_model", "n_layers", "ffn_hidden"):
+        value = getattr(stack, name)
+        _require(value > 0, f"{key}.{name}", f"must be positive, got {value}")
+    if block == "transformer":
+        _require(stack.n_heads > 0 and stack.head_dim > 0 and stack.head_dim % 2 == 0, f"{key}.head_dim",
+                 f"transformer blocks need n_heads > 0 and an even head_dim > 0, got {stack.n_heads} x {stack.head_dim}")
+
+
+def _validate_memory_model(config: Config) -> None:
+    """model.family=memory_model: the `memory_model` section, its curriculum, and what it needs elsewhere."""
+    mm, data = config.memory_model, config.data
+    _require(mm.block in ("transformer", "mixer"), "memory_model.block",
+             f"must be transformer or mixer, got {mm.block!r}")
+    _require(mm.context in ("memory", "none", "full"), "memory_model.context",
+             f"must be memory, none or full, got {mm.context!r}")
+    _require(mm.expansion in ("repeat", "unrolled"), "memory_model.expansion",
+             f"must be repeat or unrolled, got {mm.expansion!r}")
+    _require(mm.chunks > 0 and mm.n_ctx > 0, "memory_model.chunks", f"chunks and n_ctx must be positive, got "
+             f"{mm.chunks} x {mm.n_ctx}")
+    _require(data.seq_len == mm.chunks * mm.n_ctx, "data.seq_len",
+             f"a memory model reads sequences of memory_model.chunks x n_ctx = {mm.chunks} x {mm.n_ctx} = "
+             f"{mm.chunks * mm.n_ctx} tokens, got {data.seq_len}")
+    _validate_stack("memory_model.encoder", mm.encoder, mm.block)
+    _validate_stack("memory_model.decoder", mm.decoder, mm.block)
+    _require(config.parallel.engine == "fsdp", "parallel.engine",
+             "memory models train with the fsdp engine (a plain module on one process); deepspeed is not supported")
+    stages = [("memory_model.objective", mm.objective, [], [], 1)] if not mm.stages else [
+        (f"memory_model.stages[{i}]", s.objective, s.freeze, s.reinit, s.steps) for i, s in enumerate(mm.stages)]
+    for key, objective, freeze, reinit, steps in stages:
+        _require(objective in OBJECTIVES, key if key.endswith("objective") else f"{key}.objective",
+                 f"must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        _require(steps > 0, f"{key}.steps", f"must be positive, got {steps}")
+        for name, parts in (("freeze", freeze), ("reinit", reinit)):
+            bad = [p for p in parts if p not in MODEL_PARTS]
+            _require(not bad, f"{key}.{name}", f"unknown parts {bad}; parts are {', '.join(MODEL_PARTS)}")
+        if objective in ("copy", "blank_copy", "combined"):
+            _require(mm.chunks >= 2 and mm.chunks % 2 == 0, "memory_model.chunks",
+                     f"the {objective} objective copies the first half of the chunks into the second: needs an even "
+                     f"number >= 2, got {mm.chunks}")
+        if objective == "autoencode" or any(p.startswith("encoder") for p in (*freeze, *reinit)):
+            _require(mm.context == "memory" or objective == "autoencode", "memory_model.context",
+                     f"{key} uses the encoder, which a memory model with context={mm.context!r} does not have")
+        if objective == "autoencode" and mm.expansion == "unrolled":
+            _require(mm.encoder.d_model % 2 == 0, "memory_model.encoder.d_model",
+                     f"the unrolled expansion needs an even encoder width, got {mm.encoder.d_model}")
+    if not mm.stages:
+        _require(config.train.pretrain_steps + config.train.memory_steps > 0, "train.pretrain_steps",
+                 "a memory model without stages trains for train.pretrain_steps + train.memory_steps steps")
+
+
+def _validate_retention(config: Config) -> None:
+    r = config.retention
+    _require(r.n_ctx > 0, "retention.n_ctx", f"must be positive, got {r.n_ctx}")
+    _require(r.expansion in ("repeat", "unrolled", "both"), "retention.expansion",
+             f"must be repeat, unrolled or both, got {r.expansion!r}")
+    _require(r.block in ("transformer", "mixer"), "retention.block", f"must be transformer or mixer, got {r.block!r}")
+    _validate_stack("retention.decoder", r.decoder, r.block)
+    for key, value in (("retention.steps", r.steps), ("retention.batch_size", r.batch_size)):
+        _require(value > 0, key, f"must be positive, got {value}")
+    for key, value in (("retention.train_windows", r.train_windows), ("retention.heldout_windows", r.heldout_windows)):
+        _require(value >= 0, key, f"must be >= 0 (0 = all), got {value}")
+    _require(r.anchor_position in ("last", "mean"), "retention.anchor_position",
+             f"must be last or mean, got {r.anchor_position!r}")

@@ -33,6 +33,9 @@ class ModelConfig:
     # attention: auto | flex | sdpa. auto is flex (compiled FlexAttention, block-sparse document mask)
     # on CUDA and sdpa (a dense [B,1,T,T] document mask) elsewhere: FlexAttention has no CPU backward
     attention: str = "auto"
+    # lm: the anchor transformer above; memory_model: the encoder-decoder of the `memory_model`
+    # section (Badger 2026), trained by the same trainer (the sizes above are then unused)
+    family: str = "lm"
 
 
 @dataclass
@@ -100,6 +103,87 @@ class OptimConfig:
     schedule: str = "cosine"
     # wsd only: fraction of the phase spent decaying
     decay_fraction: float = 0.2
+
+
+@dataclass
+class StackConfig:
+    """One stack of blocks (an encoder or a decoder) of a memory model or a retention probe."""
+
+    d_model: int = 128
+    n_layers: int = 2
+    # transformer blocks only (a masked mixer has no heads)
+    n_heads: int = 4
+    head_dim: int = 32
+    ffn_hidden: int = 384
+
+
+@dataclass
+class StageConfig:
+    """One stage of a memory model's curriculum: its steps, objective, frozen parts and schedule."""
+
+    name: str = "train"
+    steps: int = 100
+    # autoencode | clm | copy | blank_copy | combined (= clm + blank_copy)
+    objective: str = "clm"
+    # parts whose parameters do not train in this stage: encoder_embedding | encoder_blocks | encoder |
+    # decoder | autoencoder_decoder
+    freeze: list[str] = field(default_factory=list)
+    # parts re-initialised when the stage begins (e.g. a fresh encoder_embedding in front of frozen blocks)
+    reinit: list[str] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.1,
+                                                                   warmup_steps=20))
+
+
+@dataclass
+class MemoryModelConfig:
+    """Encoder-decoder memory models (Badger 2026): each chunk of n_ctx tokens becomes one vector."""
+
+    # block type of every stack: transformer | mixer (masked mixer: a learned causal token-mixing matrix)
+    block: str = "transformer"
+    # s: chunks per sequence (data.seq_len must be chunks x n_ctx); paper: 4 x 256
+    chunks: int = 4
+    n_ctx: int = 64
+    encoder: StackConfig = field(default_factory=StackConfig)
+    decoder: StackConfig = field(default_factory=StackConfig)
+    # what the decoder of chunk c sees besides its own tokens: memory (the vectors of chunks 0..c-1) |
+    # none (fillers only: the same decoder without memory) | full (no chunking: every earlier token)
+    context: str = "memory"
+    # how the autoencoder's decoder spreads one vector over n_ctx positions: repeat | unrolled
+    expansion: str = "unrolled"
+    tie_embeddings: bool = False
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # the curriculum; empty means one stage of `train.pretrain_steps + train.memory_steps` steps on
+    # `objective` with `train.anchor_optim`
+    stages: list[StageConfig] = field(default_factory=list)
+    objective: str = "clm"
+    # the tokenizer's padding id, filled in from the prepared data (null until then)
+    pad_id: Optional[int] = None
+
+
+@dataclass
+class RetentionConfig:
+    """The information-retention probe (`hmtrain eval retention`): a fresh decoder on a frozen vector."""
+
+    # tokens per window; each window becomes one vector
+    n_ctx: int = 32
+    # repeat | unrolled | both
+    expansion: str = "both"
+    # block type of the probe's decoder: transformer | mixer
+    block: str = "transformer"
+    decoder: StackConfig = field(default_factory=lambda: StackConfig(d_model=128, n_layers=2))
+    steps: int = 300
+    batch_size: int = 32
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=2e-4, weight_decay=0.0,
+                                                                   warmup_steps=20))
+    # windows used to train / evaluate the decoder (0 = all)
+    train_windows: int = 4096
+    heldout_windows: int = 512
+    # anchor encoders: which layer's output (-1 = after the final norm) and which position (last | mean)
+    anchor_layer: int = -1
+    anchor_position: str = "last"
+    seed: int = 0
 
 
 @dataclass
@@ -196,3 +280,5 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    memory_model: MemoryModelConfig = field(default_factory=MemoryModelConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)

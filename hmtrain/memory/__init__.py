@@ -16,8 +16,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def uses_memory(cfg: Config) -> bool:
-    """Whether a run trains a bank: hierarchical mode, a memory phase, and some units."""
-    return cfg.train.mode == "hierarchical" and cfg.train.memory_steps > 0 and sum(cfg.memory.units) > 0
+    """Whether a run trains a bank: an LM (not a memory model) in hierarchical mode, a memory phase, and
+    some units."""
+    return (cfg.model.family == "lm" and cfg.train.mode == "hierarchical" and cfg.train.memory_steps > 0
+            and sum(cfg.memory.units) > 0)
 
 
 def build_bank(cfg: Config, device: torch.device | str = "cpu", comm: Comm | None = None,

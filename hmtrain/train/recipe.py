@@ -8,6 +8,12 @@
   would). A frozen anchor does not step.
 - `mode=dense`: the baseline trains for both phases' steps on one `anchor_optim` schedule.
 
+A memory model (`model.family=memory_model`) has no bank: its curriculum is a list of stages
+(`memory_model.stages`: autoencoder pretraining, then the memory decoder on blank copy over a frozen
+encoder, then the combined objective), one after the other. Each stage is a phase of its own, named
+"stage<i>:<name>": the trainer switches the model's objective and frozen parts there
+(`apply_stage`) and starts the stage's AdamW with fresh moments, as at the anchor's phase switch.
+
 While the memory trains, a sequence uses the generic memory instead of its path's with probability
 `generic_prob` (default 1/(k_1+1)). The draw is a hash of (seed, step, global sequence id), so it is the
 same however the batch is split over ranks and however often the run is resumed.
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hmtrain.config.schema import Config, OptimConfig
+from hmtrain.config.schema import Config, OptimConfig, StageConfig
 from hmtrain.train.schedule import learning_rate
 
 PRETRAIN, MEMORY, DENSE = "pretrain", "memory", "dense"
@@ -33,6 +39,19 @@ class StepRecipe:
     global_batch: int
 
 
+def memory_model_stages(cfg: Config) -> list[StageConfig]:
+    """The curriculum of a memory model; without stages, one stage of the whole run on `objective`."""
+    if cfg.memory_model.stages:
+        return list(cfg.memory_model.stages)
+    tc = cfg.train
+    return [StageConfig(name="train", steps=tc.pretrain_steps + tc.memory_steps, objective=cfg.memory_model.objective,
+                        optim=tc.anchor_optim)]
+
+
+def stage_phase(index: int, stage: StageConfig) -> str:
+    return f"stage{index}:{stage.name}"
+
+
 class Recipe:
     def __init__(self, cfg: Config, has_memory: bool):
         self.cfg = cfg
@@ -43,8 +62,30 @@ class Recipe:
         self.generic_prob = 0.0
         if has_memory and cfg.memory.generic:
             self.generic_prob = tc.generic_prob if tc.generic_prob is not None else 1.0 / (cfg.tree.branching[0] + 1)
+        self.stages: list[StageConfig] = []
+        if cfg.model.family == "memory_model":
+            self.stages = memory_model_stages(cfg)
+            self.stage_starts = np.cumsum([0] + [stage.steps for stage in self.stages]).tolist()
+            self.total_steps = self.stage_starts[-1]
+
+    def stage_index(self, step: int) -> int:
+        """The curriculum stage of `step` (past the end: the last stage)."""
+        for index in range(len(self.stages) - 1, -1, -1):
+            if step >= self.stage_starts[index]:
+                return index
+        return 0
+
+    def apply_stage(self, model, step: int, *, fresh: bool) -> None:
+        """Put a memory model in the stage of `step`; `fresh`: that stage begins now (re-initialise its
+        `reinit` parts), not a resume inside it. Nothing to do for an LM."""
+        if self.stages:
+            index = self.stage_index(step)
+            model.set_stage(self.stages[index], index, fresh=fresh, seed=self.cfg.train.seed)
 
     def phase(self, step: int) -> str:
+        if self.stages:
+            index = self.stage_index(step)
+            return stage_phase(index, self.stages[index])
         if self.dense:
             return DENSE
         if not self.has_memory or step < self.cfg.train.pretrain_steps:
@@ -53,6 +94,9 @@ class Recipe:
 
     def anchor_optim(self, phase: str) -> OptimConfig:
         tc = self.cfg.train
+        for index, stage in enumerate(self.stages):
+            if phase == stage_phase(index, stage):
+                return stage.optim
         if phase == MEMORY:
             return tc.cotrain_optim or tc.memory_optim
         return tc.anchor_optim
@@ -60,6 +104,11 @@ class Recipe:
     def at(self, step: int) -> StepRecipe:
         tc = self.cfg.train
         phase = self.phase(step)
+        if self.stages:
+            index = self.stage_index(step)
+            stage = self.stages[index]
+            lr = learning_rate(stage.optim, step - self.stage_starts[index], stage.steps)
+            return StepRecipe(phase, True, lr, 0.0, tc.global_batch_size)
         if phase == DENSE:
             return StepRecipe(phase, True, learning_rate(tc.anchor_optim, step, self.total_steps), 0.0,
                               tc.global_batch_size)

@@ -28,7 +28,7 @@ from hmtrain.data.loader import StepLoader
 from hmtrain.data.prepared import PreparedData
 from hmtrain.memory import Comm, MemoryBank, build_bank, uses_memory
 from hmtrain.memory.bank_state import bank_state_for_load, bank_state_for_save, restore_bank
-from hmtrain.model import Transformer, count_parameters, run_model_config
+from hmtrain.model import Transformer, build_model, count_parameters, counted_targets, run_model_config
 from hmtrain.parallel import resolve_precision
 from hmtrain.parallel.anchor import TorchAnchor
 from hmtrain.parallel.dist import DistInfo, init_distributed, new_group
@@ -55,6 +55,8 @@ def resolve_vocab(cfg: Config, data: PreparedData) -> Config:
     elif cfg.model.vocab_size < tokenizer_vocab:
         raise ValueError(f"config key 'model.vocab_size' is {cfg.model.vocab_size}, smaller than the tokenizer's "
                          f"{tokenizer_vocab} in {data.root}")
+    if cfg.model.family == "memory_model":  # a memory model never scores padding, and blank copy writes it
+        cfg.memory_model.pad_id = int(data.manifest["pad_id"])
     return cfg
 
 
@@ -102,7 +104,7 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
 
     torch.manual_seed(tc.seed)  # the same initial anchor on every rank, sharded afterwards
     model_cfg = run_model_config(cfg.model, tc.mode, tc.dense_multiplier)
-    model = Transformer(model_cfg, max_seq_len=cfg.data.seq_len).to(device)
+    model = build_model(cfg, model_cfg).to(device)
     model = parallelize(model, cfg.parallel, info, precision.autocast_dtype)
     recipe = Recipe(cfg, has_memory=uses_memory(cfg))
     owner_of_subtree = None
@@ -133,10 +135,11 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
 
     def state_to_load(record: dict) -> dict:
         nonlocal anchor  # the anchor's optimizer takes the shape of the checkpoint step's phase
+        recipe.apply_stage(model, max(int(record["step"]) - 1, 0), fresh=False)  # its saved optimizer's params
         anchor = build_anchor(model, cfg, info, recipe, int(record["step"]), precision)
         return {**anchor.state_dict(), **({"bank": bank_state_for_load(bank)} if bank else {})}
 
-    loader_state = None
+    loader_state, stage_begins = None, False
     if resume:
         latest, loaded, record = load_for_resume(checkpointer, cfg, data.fingerprints(), data.root, state_to_load,
                                                  fallback=fallback)
@@ -144,8 +147,13 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
         # the optimizer state carries over only within a phase (a new phase starts with fresh moments)
         same_phase = record.get("optimizer_phase") == recipe.phase(step)
         anchor.load_state_dict(loaded, with_optimizer=same_phase)
+        stage_begins = not same_phase  # checkpointed at a phase switch: the new stage starts with this step
         if same_phase:
             anchor.load_extra(latest)
+        else:  # building the load template stepped the optimizer once (zero moments, step 1): start it afresh
+            anchor.reset(recipe.anchor_optim(recipe.phase(step)),
+                         accumulation=micro_batches_per_step(recipe.at(step).global_batch, tc.micro_batch_size,
+                                                             info.world_size))
         if bank is not None:
             restore_bank(bank, loaded["bank"])
         loader_state, run_id = record["loader"], record.get("mlflow_run_id")
@@ -160,7 +168,9 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
         jsonl = JsonlLogger(run_dir / "metrics.jsonl", resume_step=step if resume else None)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if cfg.logging.mlflow:
-            params = {**flatten(cfg), "model.parameters": count_parameters(model_cfg),
+            n_params = count_parameters(model_cfg) if cfg.model.family == "lm" else sum(
+                p.numel() for p in model.parameters())
+            params = {**flatten(cfg), "model.parameters": n_params,
                       "memory.bank_parameters": bank.num_parameters() if bank else 0,
                       "memory.fetched_parameters": bank.fetched_parameters() if bank else 0,
                       "parallel.world_size": info.world_size}
@@ -191,6 +201,7 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
     loader = loader_for(current.global_batch, loader_state)
     batches = iter(loader)
     anchor.set_trainable(current.anchor_trains)
+    recipe.apply_stage(model, step, fresh=stage_begins)  # a memory model's curriculum stage (no-op for an LM)
     last_checkpoint: Optional[Path] = latest if resume else None
     bar = tqdm(total=recipe.total_steps, initial=step, desc=f"train ({tc.mode})",
                disable=not (tc.progress and info.is_main), dynamic_ncols=True)
@@ -218,12 +229,13 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
                 anchor.reset(recipe.anchor_optim(now.phase),
                              accumulation=micro_batches_per_step(now.global_batch, tc.micro_batch_size, info.world_size))
                 anchor.set_trainable(now.anchor_trains)
+                recipe.apply_stage(model, step, fresh=True)
                 if now.global_batch != current.global_batch:
                     loader = loader_for(now.global_batch, loader.state_dict())
                     batches = iter(loader)
             current = now
             micro_batches, _ = next(batches)
-            labels_local = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+            labels_local = sum(counted_targets(model, mb) for mb in micro_batches)
             global_tokens = comm.all_reduce_ints(np.array([labels_local]))[0]
             memory_phase = now.phase == MEMORY
             plan, generic_used = None, 0
