@@ -90,9 +90,12 @@ class PreparedData:
         return Sequences(self.root, split, entry, m["files"], seq_len=m["seq_len"], levels=len(m["branching"]),
                          eot_id=m["eot_id"], pad_id=m["pad_id"])
 
-    def documents(self):
-        """The per-document table: id, split, path, tokens."""
-        return pq.read_table(self.root / "documents.parquet")
+    def documents(self, columns: list[str] | None = None):
+        """The per-document table: id, split, path, tokens (input file by input file)."""
+        import pyarrow as pa
+
+        names = self.manifest.get("document_tables", ["documents.parquet"])  # one table before the streaming prepare
+        return pa.concat_tables([pq.read_table(self.root / name, columns=columns) for name in names])
 
     def check_compatible(self, cfg: Config) -> None:
         """The config must describe the tree and sequence length the data was prepared with."""
