@@ -47,9 +47,9 @@ def leaf_totals(work: Work, num_files: int, num_leaves: int) -> tuple[np.ndarray
 
 def plan_units(tokens: np.ndarray, *, seq_len: int, shard_samples: int) -> list[dict]:
     """Leaf ranges of about UNIT_SHARDS shards' tokens (fewer units for a very large corpus)."""
-    target = max(UNIT_SHARDS * shard_samples * (seq_len + 1), math.ceil(int(tokens.sum()) / MAX_UNITS))
     units = []
     for code, split in enumerate(SPLITS):
+        target = max(UNIT_SHARDS * shard_samples * (seq_len + 1), math.ceil(int(tokens[code].sum()) / MAX_UNITS))
         count, start, total = 0, None, 0
         for leaf in np.flatnonzero(tokens[code]).tolist():
             start = leaf if start is None else start
