@@ -74,7 +74,11 @@ def run_prepare(cfg: Config, *, overwrite: bool = False, progress: bool = True) 
     out = Path(data.prepared)
     check_output_dir(out, "config key 'data.prepared':")
     group = Group(timeout_s=data.prepare_timeout_s)
-    files = group.run("start", lambda: _start(cfg, out, overwrite, group.is_main))
+    try:
+        files = group.run("start", lambda: _start(cfg, out, overwrite, group.is_main))
+    except Exception:
+        group.settle()
+        raise
     work = Work.attach(out)
     meter = Meter()
     try:
@@ -82,9 +86,10 @@ def run_prepare(cfg: Config, *, overwrite: bool = False, progress: bool = True) 
     except Exception as exc:
         if group.is_main and is_input_error(exc):
             work.remove()
-        else:
+        elif group.is_main:
             log.error("prepare stopped; its finished work is kept in %s: rerun the same command to resume",
                       work.root)
+        group.settle()
         raise
     return out, meter
 
@@ -120,8 +125,10 @@ def _kill_point(stage: str, done: int) -> None:
 
 
 def _prepare(cfg: Config, group: Group, work: Work, files: list[Path], meter: Meter) -> None:
-    data = cfg.data
-    n = len(files)
+    """The stages. Every rank calls the same `group.run`s in the same order, and whatever a rank
+    decides from the work directory (what is left to do) it decides inside one, so no rank starts
+    a stage's work before every rank has read the state it starts from."""
+    data, n, main = cfg.data, len(files), group.is_main
     embedder = None
 
     def get_embedder():
@@ -130,32 +137,33 @@ def _prepare(cfg: Config, group: Group, work: Work, files: list[Path], meter: Me
             embedder = build_embedder(data.embedder)
         return embedder
 
-    # stage 1: keys of every document
-    todo = [i for i in range(n) if not work.keys(i, "json").exists()]
+    def pending(what: str, items: list, finished) -> list:
+        todo = [item for item in items if not finished(item)]
+        if main:
+            log.info("%s: %d of %d to do (%d done earlier)", what, len(todo), len(items), len(items) - len(todo))
+        return todo
+
+    def main_only(fn):
+        return lambda: fn() if main else None
+
+    # stage 1: keys of every document, the samples, the tree and the tokenizer
+    todo = group.run("plan", lambda: pending("stage 1: input files to read", list(range(n)),
+                                             lambda i: work.keys(i, "json").exists()))
     group.run("stage 1 (read)", lambda: _read_keys(work, files, group.mine(todo), data, meter))
-    counts = [read_json(work.keys(i, "json")) for i in range(n)]
-    num_train = sum(c["documents"] - c["first_train"] for c in counts)
-    num_heldout = sum(c["first_train"] for c in counts)
-    if group.is_main:
-        log.info("stage 1: %d documents in %d files (%d train, %d heldout); %d files read earlier",
-                 num_train + num_heldout, n, num_train, num_heldout, n - len(todo))
-    if num_train == 0:
-        raise ValueError(f"data.heldout_fraction={data.heldout_fraction} left no training documents "
-                         f"out of {num_heldout}")
-    if not (work.root / "sample.json").exists():
-        group.run("stage 1 (sample)", lambda: _choose_sample(cfg, work, files, num_train) if group.is_main else None)
-    limits = read_json(work.root / "sample.json")
-    todo = [i for i in range(n) if not work.sample(i).exists()]
+    num_train, num_heldout = group.run("stage 1 (count)", lambda: _count(work, n, data))
+    group.run("stage 1 (sample)", main_only(lambda: _choose_sample(cfg, work, files, num_train)))
+    limits = group.run("plan", lambda: read_json(work.root / "sample.json"))
+    todo = group.run("plan", lambda: pending("stage 1: input files to sample", list(range(n)),
+                                             lambda i: work.sample(i).exists()))
     group.run("stage 1 (embed sample)",
               lambda: _embed_sample(work, files, group.mine(todo), data, limits, get_embedder, meter))
-    if not (work.root / "fit.json").exists():
-        group.run("stage 1 (fit)", lambda: _fit(cfg, work, n, num_train, num_heldout, meter) if group.is_main else None)
+    group.run("stage 1 (fit)", main_only(lambda: _fit(cfg, work, n, num_train, num_heldout, meter)))
 
     # stage 2: route, tokenize, group by leaf
-    tree, tokenizer = Tree.load(work.out / "tree.pt"), Tokenizer.load(work.out / "tokenizer")
-    todo = [i for i in range(n) if not work.routed(i).exists()]
-    if group.is_main:
-        log.info("stage 2: %d of %d input files to route (%d done earlier)", len(todo), n, n - len(todo))
+    tree, tokenizer = group.run("stage 2 (load)", lambda: (Tree.load(work.out / "tree.pt"),
+                                                          Tokenizer.load(work.out / "tokenizer")))
+    todo = group.run("plan", lambda: pending("stage 2: input files to route", list(range(n)),
+                                             lambda i: work.routed(i).exists()))
 
     def stage2() -> None:
         for done, i in enumerate(group.mine(todo), 1):
@@ -168,13 +176,10 @@ def _prepare(cfg: Config, group: Group, work: Work, files: list[Path], meter: Me
 
     # stage 3: pack units into shards
     branching = list(cfg.tree.branching)
-    if not (work.root / "units.json").exists():
-        group.run("stage 3 (plan)", lambda: _plan_units(work, n, branching, data) if group.is_main else None)
-    units = read_json(work.root / "units.json")["units"]
-    todo = [u for u in units if not work.packed(u).exists()]
-    if group.is_main:
-        log.info("stage 3: %d of %d pack units to pack (%d done earlier)", len(todo), len(units),
-                 len(units) - len(todo))
+    group.run("stage 3 (plan)", main_only(lambda: _plan_units(work, n, branching, data)))
+    units = group.run("plan", lambda: read_json(work.root / "units.json")["units"])
+    todo = group.run("plan", lambda: pending("stage 3: pack units to pack", units,
+                                             lambda u: work.packed(u).exists()))
 
     def stage3() -> None:
         for done, unit in enumerate(group.mine(todo), 1):
@@ -186,7 +191,19 @@ def _prepare(cfg: Config, group: Group, work: Work, files: list[Path], meter: Me
             _kill_point("stage3", done)
 
     group.run("stage 3", stage3)
-    group.run("finish", lambda: _finish(cfg, work, files, units, tokenizer, meter) if group.is_main else None)
+    group.run("finish", main_only(lambda: _finish(cfg, work, files, units, tokenizer, meter)))
+
+
+def _count(work: Work, n: int, data) -> tuple[int, int]:
+    counts = [read_json(work.keys(i, "json")) for i in range(n)]
+    num_train = sum(c["documents"] - c["first_train"] for c in counts)
+    num_heldout = sum(c["first_train"] for c in counts)
+    log.debug("stage 1: %d documents in %d files (%d train, %d heldout)", num_train + num_heldout, n, num_train,
+              num_heldout)
+    if num_train == 0:
+        raise ValueError(f"data.heldout_fraction={data.heldout_fraction} left no training documents "
+                         f"out of {num_heldout}")
+    return num_train, num_heldout
 
 
 def _now() -> float:
@@ -214,6 +231,8 @@ def _load_keys(work: Work, i: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _choose_sample(cfg: Config, work: Work, files: list[Path], num_train: int) -> None:
     """Check ids are unique; the key limits of the tree's and the tokenizer's samples."""
+    if (work.root / "sample.json").exists():
+        return
     data = cfg.data
     sample.check_unique(files, lambda i: _load_keys(work, i),
                         lambda path, record: sample.id_at(path, record, text_field=data.text_field,
@@ -267,6 +286,8 @@ def _embed_sample(work: Work, files: list[Path], mine: list[int], data, limits: 
 
 
 def _fit(cfg: Config, work: Work, n: int, num_train: int, num_heldout: int, meter: Meter) -> None:
+    if (work.root / "fit.json").exists():
+        return
     data, tree_cfg = cfg.data, cfg.tree
     t = _now()
     _warn_about_shape(cfg, num_train, num_heldout)
@@ -316,6 +337,8 @@ def _warn_about_shape(cfg: Config, num_train: int, num_heldout: int) -> None:
 
 
 def _plan_units(work: Work, n: int, branching: list[int], data) -> None:
+    if (work.root / "units.json").exists():
+        return
     tokens, _ = pack.leaf_totals(work, n, math.prod(branching))
     units = pack.plan_units(tokens, seq_len=data.seq_len, shard_samples=data.shard_samples)
     write_json(work.root / "units.json", {"units": units})

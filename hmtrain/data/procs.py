@@ -52,6 +52,7 @@ class Group:
         if not 0 <= self.rank < self.world:
             raise ValueError(f"RANK={self.rank} is outside WORLD_SIZE={self.world}")
         self._dist = None
+        self.agreed_failure = False
         if self.world > 1:
             import torch.distributed as dist
 
@@ -81,11 +82,11 @@ class Group:
             mine = None if error is None else (" ".join(str(error).split()), is_input_error(error))
             reports: list = [None] * self.world
             self._dist.all_gather_object(reports, mine)
-            if error is None:
-                failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
-                if failed:
-                    rank, (message, input_error) = failed[0]
-                    raise PeerFailed(f"rank {rank} failed in {stage}: {message}", input_error)
+            failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+            self.agreed_failure = bool(failed)
+            if error is None and failed:
+                rank, (message, input_error) = failed[0]
+                raise PeerFailed(f"rank {rank} failed in {stage}: {message}", input_error)
         if error is not None:
             raise error
         return result  # type: ignore[return-value]
@@ -93,3 +94,9 @@ class Group:
     def barrier(self) -> None:
         if self._dist is not None:
             self._dist.barrier()
+
+    def settle(self) -> None:
+        """After a failure every rank agreed on: wait until all have cleaned up, so that they report
+        their errors together (torchrun stops the others as soon as one exits)."""
+        if self.agreed_failure:
+            self.barrier()
