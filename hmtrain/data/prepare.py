@@ -167,9 +167,11 @@ def _prepare(cfg: Config, group: Group, work: Work, files: list[Path], meter: Me
 
     def stage2() -> None:
         for done, i in enumerate(group.mine(todo), 1):
+            sampled = load_npz(work.sample(i))  # the tree's sample is embedded already
+            known = (sampled["records"], sampled["embeddings"]) if sampled["records"].size else None
             with building(work.routed(i)) as tmp:
                 route_file(files[i], tmp, data=data, embedder=get_embedder(), tree=tree, tokenizer=tokenizer,
-                           meter=meter)
+                           meter=meter, known=known)
             _kill_point("stage2", done)
 
     group.run("stage 2", stage2)
@@ -263,6 +265,7 @@ def _embed_sample(work: Work, files: list[Path], mine: list[int], data, limits: 
         stop = max(first, int(np.searchsorted(keys, np.uint64(limit), side="right")))
         key_of = dict(zip(records[first:stop].tolist(), keys[first:stop].tolist()))
         for_tree: list[str] = []
+        tree_records: list[int] = []
         texts_tmp = work.sample_texts(i).with_suffix(".jsonl.tmp")
         with open(texts_tmp, "w", encoding="utf-8") as out:
             found = 0
@@ -274,6 +277,7 @@ def _embed_sample(work: Work, files: list[Path], mine: list[int], data, limits: 
                         continue
                     if key <= tree_limit:
                         for_tree.append(doc.text)
+                        tree_records.append(doc.index)
                     if tok_limit is not None and key <= tok_limit:
                         out.write(json.dumps(doc.text) + "\n")
                     found += 1
@@ -281,7 +285,7 @@ def _embed_sample(work: Work, files: list[Path], mine: list[int], data, limits: 
                     break
         os.replace(texts_tmp, work.sample_texts(i))
         emb = embed_batches(get_embedder(), for_tree, data.embed_batch_size) if for_tree else torch.zeros(0, 0)
-        save_npz(work.sample(i), embeddings=emb.numpy())
+        save_npz(work.sample(i), embeddings=emb.numpy(), records=np.asarray(tree_records, dtype=np.int64))
         meter.add("1 embed sample", len(for_tree), t)
 
 

@@ -36,6 +36,10 @@ class PreparedData:
                                         f"`hmtrain data prepare --overwrite` left the previous data there; "
                                         f"rerun it (it puts {old.name} back first) or rename {old.name} to {root.name}")
         if not (root / "manifest.json").is_file():
+            work = root.with_name(root.name + ".work")
+            if work.is_dir():
+                raise FileNotFoundError(f"{root}: no prepared data yet: an unfinished `hmtrain data prepare` "
+                                        f"left its work in {work}; rerun that command to finish it")
             raise FileNotFoundError(f"{root}: no manifest.json; run `hmtrain data prepare` first "
                                     "(or point data.prepared at a prepared directory)")
         data = cls(root=root, manifest=read_manifest(root / "manifest.json"))

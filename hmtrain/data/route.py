@@ -77,8 +77,13 @@ def _doc_schema() -> pa.Schema:
                       ("tokens", pa.int64())])
 
 
-def route_file(path: Path, dest: Path, *, data, embedder, tree, tokenizer, meter: Meter) -> dict:
-    """Write `dest` (a fresh directory) for input file `path`; return its done.json record."""
+def route_file(path: Path, dest: Path, *, data, embedder, tree, tokenizer, meter: Meter,
+               known: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Write `dest` (a fresh directory) for input file `path`; return its done.json record.
+
+    `known` = (record numbers ascending, their embeddings): documents embedded already (stage 1's
+    sample), which are not embedded again."""
+    known_records, known_emb = known if known is not None else (np.zeros(0, np.int64), None)
     num_leaves = tree.num_nodes(tree.num_levels() - 1)
     splits, leaves, lengths, ids = [], [], [], []
     with open(dest / "arrival.bin", "wb") as arrival, \
@@ -88,8 +93,16 @@ def route_file(path: Path, dest: Path, *, data, embedder, tree, tokenizer, meter
             t = meter.add("2 read", len(batch), t)
             texts, batch_ids = [d.text for d in batch], [d.id for d in batch]
             held = heldout_mask(doc_keys(batch_ids, data.seed), data.heldout_fraction)
-            emb = embed_batches(embedder, texts, data.embed_batch_size)
-            t = meter.add("2 embed", len(batch), t)
+            index = np.fromiter((d.index for d in batch), dtype=np.int64, count=len(batch))
+            pos = np.searchsorted(known_records, index).clip(max=max(len(known_records) - 1, 0))
+            hit = (known_records[pos] == index) if len(known_records) else np.zeros(len(batch), dtype=bool)
+            todo = np.flatnonzero(~hit)
+            emb = torch.empty(len(batch), embedder.dim)
+            if hit.any():
+                emb[torch.from_numpy(hit)] = torch.from_numpy(known_emb[pos[hit]])
+            if len(todo):
+                emb[torch.from_numpy(todo)] = embed_batches(embedder, [texts[i] for i in todo], data.embed_batch_size)
+            t = meter.add("2 embed", len(todo), t)
             paths = tree.route(emb).numpy()
             t = meter.add("2 route", len(batch), t)
             tokens = tokenizer.encode_batch(texts)

@@ -79,6 +79,8 @@ def test_a_crash_resumes_without_redoing_finished_work(tmp_path: Path, clean, mo
         prepare(_cfg(tmp_path), progress=False)
     work = work_dir_for(tmp_path / "prepared")
     assert work.is_dir() and not (tmp_path / "prepared").exists()
+    with pytest.raises(FileNotFoundError, match="unfinished `hmtrain data prepare` left its work in .*prepared.work"):
+        PreparedData.open(tmp_path / "prepared")
     assert not list(work.rglob("*.tmp")), "an unfinished file survived the crash under a temporary name"
 
     spies = {key: Calls(getattr(m, f)) for key, (m, f, _) in STAGES.items()}
@@ -179,3 +181,22 @@ def test_tree_and_tokenizer_see_samples_of_the_stated_size(tmp_path: Path, monke
     manifest = PreparedData.open(tmp_path / "prepared").manifest
     assert manifest["sample"] == {"tree": 10, "tokenizer": 7}
     assert manifest["documents"]["train"] == len(by_key)
+
+
+def test_the_trees_sample_is_embedded_once(tmp_path: Path, monkeypatch) -> None:
+    _corpus(tmp_path / "docs")
+    embedded: list[str] = []
+    real = HashingEmbedder.embed
+
+    def counting(self, texts):
+        embedded.extend(texts)
+        return real(self, texts)
+
+    monkeypatch.setattr(HashingEmbedder, "embed", counting)
+    prepare(_cfg(tmp_path, "prepared", "tree.fit_sample=10"), progress=False)
+    texts = [json.loads(line)["text"] for f in range(4) for line in (tmp_path / "docs" / f"f{f}.jsonl").open()]
+    assert sorted(embedded) == sorted(texts)  # every document once: stage 2 reuses stage 1's vectors
+    data = PreparedData.open(tmp_path / "prepared")
+    monkeypatch.setattr(HashingEmbedder, "embed", real)
+    direct = data.tree.route(HashingEmbedder(384).embed(texts)).tolist()  # each document's own vector
+    assert data.documents().column("path").to_pylist() == direct
