@@ -7,7 +7,8 @@ so the corpus grows by more files, as a real one does), then prepares it in a fr
 (its peak RSS is wait4's ru_maxrss of that process alone). The samples are of a stated size
 (`--sample`: tree and tokenizer), as a corpus too large for memory needs, so only what is streamed
 grows with the corpus. Prints one row per size with the peak RSS and its ratio to the first size,
-then the documents/s of every stage step (each process's own seconds: read, embed, route, ...).
+then the documents/s of every stage step (read, embed, route, ...) by wall time and by the process's
+CPU time (on a shared machine wall time also counts the waits for a core).
 """
 from __future__ import annotations
 
@@ -94,10 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{size:>10,} {files:>6} {result['wall_s']:>8.1f} {rss:>12.0f} {rss / base:>9.2f}")
     steps = list(rows[-1][3]["rates"])
     print(f"\ndocuments/s per step (one process), largest size:")
-    print(f"{'step':<22} {'documents':>10} {'seconds':>9} {'docs/s':>10}")
+    print(f"{'step':<22} {'documents':>10} {'wall s':>8} {'CPU s':>8} {'docs/s':>9} {'docs/CPU s':>11}")
     for step in steps:
         r = rows[-1][3]["rates"][step]
-        print(f"{step:<22} {r['documents']:>10,} {r['seconds']:>9.2f} {r['docs_per_s']:>10,.0f}")
+        print(f"{step:<22} {r['documents']:>10,} {r['seconds']:>8.2f} {r['cpu_seconds']:>8.2f} "
+              f"{r['docs_per_s']:>9,.0f} {r['docs_per_cpu_s']:>11,.0f}")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

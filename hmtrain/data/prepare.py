@@ -185,7 +185,7 @@ def _prepare(cfg: Config, group: Group, work: Work, files: list[Path], meter: Me
 
     def stage3() -> None:
         for done, unit in enumerate(group.mine(todo), 1):
-            t = _now()
+            t = Meter.now()
             record = pack.pack_unit(work, unit, num_files=n, branching=branching, seq_len=data.seq_len,
                                     shard_samples=data.shard_samples, eot_id=tokenizer.eot_id,
                                     pad_id=tokenizer.pad_id)
@@ -208,15 +208,9 @@ def _count(work: Work, n: int, data) -> tuple[int, int]:
     return num_train, num_heldout
 
 
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
-
-
 def _read_keys(work: Work, files: list[Path], mine: list[int], data, meter: Meter) -> None:
     for done, i in enumerate(mine, 1):
-        t = _now()
+        t = Meter.now()
         keys = sample.file_keys(files[i], text_field=data.text_field, id_field=data.id_field, seed=data.seed,
                                 fraction=data.heldout_fraction)
         np.save(work.keys(i, "keys.npy"), keys["keys"], allow_pickle=False)
@@ -258,7 +252,7 @@ def _embed_sample(work: Work, files: list[Path], mine: list[int], data, limits: 
     tree_limit = int(limits["tree"])
     tok_limit = None if limits["tokenizer"] is None else int(limits["tokenizer"])
     for i in mine:
-        t = _now()
+        t = Meter.now()
         keys, records = _load_keys(work, i)
         first = read_json(work.keys(i, "json"))["first_train"]
         limit = tree_limit if tok_limit is None else max(tree_limit, tok_limit)
@@ -293,7 +287,7 @@ def _fit(cfg: Config, work: Work, n: int, num_train: int, num_heldout: int, mete
     if (work.root / "fit.json").exists():
         return
     data, tree_cfg = cfg.data, cfg.tree
-    t = _now()
+    t = Meter.now()
     _warn_about_shape(cfg, num_train, num_heldout)
     parts = [e for e in (load_npz(work.sample(i))["embeddings"] for i in range(n)) if e.size]
     emb = torch.from_numpy(np.concatenate(parts))
@@ -352,7 +346,7 @@ def _finish(cfg: Config, work: Work, files: list[Path], units: list[dict], token
             meter: Meter) -> None:
     """Merge the indexes, write the manifest, move the result to its name, remove the work."""
     data, branching, out = cfg.data, list(cfg.tree.branching), work.out
-    t = _now()
+    t = Meter.now()
     records = {}
     tables = []
     for i in range(len(files)):

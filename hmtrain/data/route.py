@@ -36,27 +36,32 @@ _COPY_DOCS = 4096  # documents copied into leaf order at once
 
 
 class Meter:
-    """Documents and seconds per step of a stage, for the throughput report."""
+    """Documents, wall seconds and CPU seconds per step of a stage, for the throughput report
+    (CPU seconds too: on a shared machine wall time also counts the waits for a core)."""
 
     def __init__(self) -> None:
         self.docs: dict[str, int] = defaultdict(int)
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
 
-    def add(self, step: str, docs: int, since: float) -> float:
-        now = time.perf_counter()
+    @staticmethod
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def add(self, step: str, docs: int, since: tuple[float, float]) -> tuple[float, float]:
+        now = self.now()
         self.docs[step] += docs
-        self.seconds[step] += now - since
+        self.seconds[step] += now[0] - since[0]
+        self.cpu[step] += now[1] - since[1]
         return now
 
-    def merge(self, other: "Meter") -> None:
-        for step in other.docs:
-            self.docs[step] += other.docs[step]
-            self.seconds[step] += other.seconds[step]
-
     def rates(self) -> dict[str, dict]:
-        return {step: {"documents": self.docs[step], "seconds": self.seconds[step],
-                       "docs_per_s": self.docs[step] / self.seconds[step] if self.seconds[step] else float("inf")}
-                for step in self.docs}
+        def rate(seconds: float, docs: int) -> float:
+            return docs / seconds if seconds > 0 else float("inf")
+
+        return {step: {"documents": self.docs[step], "seconds": self.seconds[step], "cpu_seconds": self.cpu[step],
+                       "docs_per_s": rate(self.seconds[step], self.docs[step]),
+                       "docs_per_cpu_s": rate(self.cpu[step], self.docs[step])} for step in self.docs}
 
 
 def embed_batches(embedder, texts: list[str], batch_size: int) -> torch.Tensor:
@@ -88,7 +93,7 @@ def route_file(path: Path, dest: Path, *, data, embedder, tree, tokenizer, meter
     splits, leaves, lengths, ids = [], [], [], []
     with open(dest / "arrival.bin", "wb") as arrival, \
             pq.ParquetWriter(dest / "documents.parquet", _doc_schema()) as table:
-        t = time.perf_counter()
+        t = Meter.now()
         for batch in read_file(path, text_field=data.text_field, id_field=data.id_field, batch_size=READ_BATCH):
             t = meter.add("2 read", len(batch), t)
             texts, batch_ids = [d.text for d in batch], [d.id for d in batch]
