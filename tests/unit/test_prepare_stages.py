@@ -200,3 +200,58 @@ def test_the_trees_sample_is_embedded_once(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(HashingEmbedder, "embed", real)
     direct = data.tree.route(HashingEmbedder(384).embed(texts)).tolist()  # each document's own vector
     assert data.documents().column("path").to_pylist() == direct
+
+
+def _gz_cut(path: Path) -> None:
+    import gzip
+
+    data = gzip.compress("".join(json.dumps({"id": f"g{i}", "text": f"text {i} " * 30}) + "\n"
+                                 for i in range(200)).encode())
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbled_parquet(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(50)], "text": [f"t {i}" for i in range(50)]}), path)
+    data = bytearray(path.read_bytes())
+    data[4:40] = b"\xff" * 36
+    path.write_bytes(bytes(data))
+
+
+BAD_FILES = {  # file name, how to write it, what the error must say
+    "empty file": ("f9.jsonl", lambda p: p.write_bytes(b""), r"f9.jsonl: file has no records \(the file is empty\)"),
+    "invalid JSON": ("f9.jsonl", lambda p: p.write_text('{"id": "a", "text": "x"}\n{"id": "b", text}\n'),
+                     r"f9.jsonl: line 2 \(record 1\) is not valid JSON"),
+    "missing text": ("f9.jsonl", lambda p: p.write_text('{"id": "a", "body": "x"}\n'),
+                     r"f9.jsonl: record 0 has no text field 'text'"),
+    "non-string text": ("f9.jsonl", lambda p: p.write_text('{"id": "a", "text": ["x"]}\n'),
+                        r"f9.jsonl: record 0: field 'text' must be a non-empty string"),
+    "invalid UTF-8": ("f9.jsonl", lambda p: p.write_bytes(b'{"id": "a", "text": "ok"}\n{"text": "caf\xe9"}\n'),
+                      r"f9.jsonl: line 2 is not valid UTF-8"),
+    "truncated gzip": ("f9.jsonl.gz", _gz_cut, r"f9.jsonl.gz: cannot read past line \d+: truncated or corrupt"),
+    "corrupt parquet": ("f9.parquet", _garbled_parquet, r"f9.parquet: cannot read records from 0 on: corrupt parquet"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_input_names_the_file_and_record_and_leaves_nothing(tmp_path: Path, clean, case: str) -> None:
+    name, write, message = BAD_FILES[case]
+    write(tmp_path / "docs" / name)
+    with pytest.raises(ValueError, match=message):
+        prepare(_cfg(tmp_path, "clean"), overwrite=True, progress=False)
+    assert _snapshot(tmp_path / "clean") == clean  # the earlier prepared directory is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "docs"]  # no work, no half-written directory
+
+
+def test_the_paper_vocabulary_trains_on_a_small_sample(tmp_path: Path) -> None:
+    assert load_config("paper-160m").data.tokenizer_vocab == 50_432
+    _corpus(tmp_path / "docs")
+    prepare(_cfg(tmp_path, "prepared", "data.tokenizer=bpe", "data.tokenizer_vocab=50432", "data.tokenizer_sample=20"),
+            progress=False)
+    data = PreparedData.open(tmp_path / "prepared")
+    tok = data.tokenizer
+    assert 258 < tok.vocab_size <= 50_432 and data.manifest["sample"]["tokenizer"] == 20  # no more merges exist
+    text = json.loads((tmp_path / "docs" / "f3.jsonl").read_text().splitlines()[0])["text"]
+    assert tok.decode(tok.encode(text)) == text
