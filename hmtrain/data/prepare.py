@@ -238,8 +238,10 @@ def _choose_sample(cfg: Config, work: Work, files: list[Path], num_train: int) -
     tree_limit = sample.threshold(train_keys, cfg.tree.fit_sample)
     bpe = data.tokenizer == "bpe"
     tok_limit = sample.threshold(train_keys, data.tokenizer_sample) if bpe else None
-    sizes = {"tree": min(cfg.tree.fit_sample or num_train, num_train),
-             "tokenizer": min(data.tokenizer_sample or num_train, num_train) if bpe else 0}
+    def size(limit) -> int:  # documents in the sample: training keys <= limit
+        return sum(int(np.searchsorted(keys, limit, side="right")) for keys in train_keys)
+
+    sizes = {"tree": size(tree_limit), "tokenizer": size(tok_limit) if bpe else 0}
     write_json(work.root / "sample.json", {"tree": str(tree_limit),
                                            "tokenizer": None if tok_limit is None else str(tok_limit),
                                            "documents": sizes})
