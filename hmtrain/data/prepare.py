@@ -170,8 +170,10 @@ def _prepare(cfg: Config, group: Group, work: Work, files: list[Path], meter: Me
             sampled = load_npz(work.sample(i))  # the tree's sample is embedded already
             known = (sampled["records"], sampled["embeddings"]) if sampled["records"].size else None
             with building(work.routed(i)) as tmp:
-                route_file(files[i], tmp, data=data, embedder=get_embedder(), tree=tree, tokenizer=tokenizer,
-                           meter=meter, known=known)
+                record = route_file(files[i], tmp, data=data, embedder=get_embedder(), tree=tree,
+                                    tokenizer=tokenizer, meter=meter, known=known)
+            log.info("stage 2: routed %s (%d documents; %d of this rank's %d files)", files[i],
+                     record["documents"], done, len(group.mine(todo)))
             _kill_point("stage2", done)
 
     group.run("stage 2", stage2)
@@ -282,6 +284,7 @@ def _embed_sample(work: Work, files: list[Path], mine: list[int], data, limits: 
         os.replace(texts_tmp, work.sample_texts(i))
         emb = embed_batches(get_embedder(), for_tree, data.embed_batch_size) if for_tree else torch.zeros(0, 0)
         save_npz(work.sample(i), embeddings=emb.numpy(), records=np.asarray(tree_records, dtype=np.int64))
+        log.info("stage 1: sampled %s (%d documents for the tree)", files[i], len(for_tree))
         meter.add("1 embed sample", len(for_tree), t)
 
 
