@@ -91,6 +91,9 @@ def run_prepare(cfg: Config, *, overwrite: bool = False, progress: bool = True) 
                       work.root)
         group.settle()
         raise
+    for step, r in meter.rates().items():
+        log.info("throughput of this process: %-18s %9d documents in %8.1f s (%7.1f CPU s): %9.0f docs/s",
+                 step, r["documents"], r["seconds"], r["cpu_seconds"], r["docs_per_s"])
     return out, meter
 
 
