@@ -266,7 +266,8 @@ def fit_tree(
             starts_l, counts_l = starts.tolist(), counts.tolist()
             for p in heavy:
                 g = torch.Generator(device=x.device).manual_seed(_seed(seed, level, p))
-                pts = x[order[starts_l[p] : starts_l[p] + counts_l[p]]]
+                # a node holding every point (the root's children) uses x itself: no copy of the sample
+                pts = x if counts_l[p] == n else x[order[starts_l[p] : starts_l[p] + counts_l[p]]]
                 level_c[p * k : (p + 1) * k] = kmeans(
                     pts, k, steps=steps, subsample=subsample, balance=balance, generator=g
                 )
