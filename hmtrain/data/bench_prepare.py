@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     for size, files, rss, result in rows:
         print(f"{size:>10,} {files:>6} {result['wall_s']:>8.1f} {rss:>12.0f} {rss / base:>9.2f}")
     steps = list(rows[-1][3]["rates"])
-    print(f"\ndocuments/s per step (one process), largest size:")
+    print("\ndocuments/s per step (one process), largest size:")
     print(f"{'step':<22} {'documents':>10} {'wall s':>8} {'CPU s':>8} {'docs/s':>9} {'docs/CPU s':>11}")
     for step in steps:
         r = rows[-1][3]["rates"][step]

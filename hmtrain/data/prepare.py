@@ -43,11 +43,9 @@ from hmtrain.data import pack, sample
 from hmtrain.data.documents import _suffix, list_document_files, read_file
 from hmtrain.data.embed import build_embedder
 from hmtrain.data.files import check_output_dir, recover_dir, replace_dir, sha256_file
-from hmtrain.data.manifest import MANIFEST_VERSION, write_manifest
+from hmtrain.data.finish import write_output_manifest
 from hmtrain.data.procs import Group, is_input_error
-from hmtrain.data.route import SPLITS, Meter, embed_batches, route_file
-from hmtrain.data.sample import is_heldout  # noqa: F401  (re-exported: the split rule)
-from hmtrain.data.sequences import write_split_index
+from hmtrain.data.route import Meter, embed_batches, route_file
 from hmtrain.data.tokenizer import KINDS, Tokenizer, train_tokenizer
 from hmtrain.data.tree import Tree, fit_tree
 from hmtrain.data.work import Work, building, input_stats, load_npz, read_json, save_npz, write_json
@@ -353,75 +351,11 @@ def _plan_units(work: Work, n: int, branching: list[int], data) -> None:
 def _finish(cfg: Config, work: Work, files: list[Path], units: list[dict], tokenizer: Tokenizer,
             meter: Meter) -> None:
     """Merge the indexes, write the manifest, move the result to its name, remove the work."""
-    data, branching, out = cfg.data, list(cfg.tree.branching), work.out
     t = Meter.now()
-    records = {}
-    tables = []
-    for i in range(len(files)):
-        done = read_json(work.routed(i) / "done.json")
-        name = f"documents/{i:05d}.parquet"
-        (out / "documents").mkdir(exist_ok=True)
-        if not (out / name).exists():
-            try:
-                os.link(work.routed(i) / "documents.parquet", out / name)
-            except OSError:  # a filesystem without hard links
-                shutil.copyfile(work.routed(i) / "documents.parquet", out / name)
-        records[name] = done["table"]
-        tables.append(name)
-    splits = {}
-    for split in SPLITS:
-        shards = []
-        for unit in units:
-            if unit["split"] == split:
-                packed = read_json(work.packed(unit))
-                shards += packed["shards"]
-                records.update(packed["files"])
-        splits[split] = write_split_index(out, split, shards, branching=branching)
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        rel = path.relative_to(out).as_posix()
-        if rel == "manifest.json":
-            continue
-        if rel not in records:
-            records[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        elif records[rel]["bytes"] != path.stat().st_size:
-            raise RuntimeError(f"{path}: {path.stat().st_size} bytes, its stage recorded {records[rel]['bytes']}")
-    tokens, docs = pack.leaf_totals(work, len(files), math.prod(branching))
-    counts = [read_json(work.keys(i, "json")) for i in range(len(files))]
-    num_heldout = sum(c["first_train"] for c in counts)
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "seq_len": data.seq_len,
-        "branching": branching,
-        "splits": splits,
-        "node_tokens": _node_counts(tokens[0], branching),
-        "node_documents": _node_counts(docs[0], branching),
-        "documents": {"train": sum(c["documents"] for c in counts) - num_heldout, "heldout": num_heldout},
-        "document_tables": tables,
-        "sample": read_json(work.root / "sample.json")["documents"],
-        "heldout_fraction": data.heldout_fraction,
-        "embedder": data.embedder,
-        "tokenizer": "tokenizer",
-        "tokenizer_name": tokenizer.name,
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
-        "pad_id": tokenizer.pad_id,
-        "tree": "tree.pt",
-        "source": str(data.documents),
-        "files": dict(sorted(records.items())),
-    }
-    write_manifest(out / "manifest.json", manifest)
-    meter.add("3 index+manifest", sum(s["sequences"] for s in splits.values()), t)
+    manifest = write_output_manifest(cfg, work, len(files), units, tokenizer)
+    meter.add("3 index+manifest", sum(s["sequences"] for s in manifest["splits"].values()), t)
     # A work directory holding this is discarded by the next prepare: it got as far as the move.
-    write_json(work.root / "finished.json", {"prepared": str(data.prepared)})
+    write_json(work.root / "finished.json", {"prepared": str(cfg.data.prepared)})
     _kill_point("finish", 1)
-    replace_dir(out, Path(data.prepared))
+    replace_dir(work.out, Path(cfg.data.prepared))
     work.remove()
-
-
-def _node_counts(per_leaf: np.ndarray, branching: list[int]) -> list[list[int]]:
-    """Sum leaf counts up the tree: out[i][j] = total over leaves under node j of level i."""
-    out = []
-    for i in range(len(branching)):
-        nodes = math.prod(branching[: i + 1])
-        out.append(per_leaf.reshape(nodes, -1).sum(1).tolist())
-    return out

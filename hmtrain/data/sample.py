@@ -40,11 +40,6 @@ def heldout_mask(keys: np.ndarray, fraction: float) -> np.ndarray:
     return keys.astype(np.float64) / 2.0**64 < fraction
 
 
-def is_heldout(doc_id: str, fraction: float, seed: int) -> bool:
-    """A stable split: a document's side depends only on its id and the seed."""
-    return bool(heldout_mask(doc_keys([doc_id], seed), fraction)[0])
-
-
 def file_keys(path: Path, *, text_field: str, id_field: str | None, seed: int, fraction: float,
               batch_size: int = 4096) -> dict[str, np.ndarray]:
     """Read (and so validate) every record of one file; its keys sorted, their record numbers, and
