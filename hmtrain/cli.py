@@ -1,7 +1,8 @@
 """The `hmtrain` command line.
 
     hmtrain data synth   --out DIR [...]
-    hmtrain data prepare --config CFG [key=value ...] [--overwrite]
+    hmtrain data import  dictd --out DIR [NAME ...] [--dir /usr/share/dictd]
+    hmtrain data prepare --config CFG [key=value ...] [--overwrite]     (also under torchrun)
     hmtrain train        --config CFG [key=value ...] [--resume [--fallback]]
     hmtrain eval         --config CFG --checkpoint DIR [--baseline DIR] [--out FILE] [key=value ...]
     hmtrain eval retention --config CFG --encoder SPEC [--encoder SPEC ...] [--out DIR]
@@ -49,7 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of how often a person appears")
     synth.add_argument("--choices", type=int, default=8, help="answer choices per probe")
     synth.add_argument("--seed", type=int, default=0)
-    prepare = data.add_parser("prepare", help="documents -> embeddings -> tree -> paths -> tokens -> shards")
+    importer = data.add_parser("import", help="turn other sources into documents (parquet)")
+    sources = importer.add_subparsers(dest="source", required=True)
+    dictd = sources.add_parser("dictd", help="Debian's dictd dictionaries (apt-get install dict-gcide dict-wn ...): "
+                                             "one document per headword")
+    dictd.add_argument("--out", required=True, type=Path, help="directory for NAME.parquet files")
+    dictd.add_argument("--dir", type=Path, default=Path("/usr/share/dictd"), help="where NAME.index and "
+                       "NAME.dict.dz are (default: %(default)s)")
+    dictd.add_argument("names", nargs="*", metavar="NAME", help="dictionaries, e.g. wn gcide (default: all in --dir)")
+    prepare = data.add_parser("prepare", help="documents -> embeddings -> tree -> paths -> tokens -> shards "
+                                              "(under torchrun: input files split across ranks)")
     _config_args(prepare)
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
 
@@ -129,12 +139,21 @@ def cmd_synth(args) -> None:
     print(f"wrote {args.out}: {summary}")
 
 
+def cmd_import(args) -> None:
+    from hmtrain.data.import_dictd import import_dictd
+
+    counts = import_dictd(args.out, args.names, args.dir)
+    for name, count in counts.items():
+        print(f"wrote {args.out / (name + '.parquet')}: {count} documents")
+
+
 def cmd_prepare(args) -> None:
     from hmtrain.data.prepare import prepare
 
     cfg = load_config(args.config, args.overrides)
     out = prepare(cfg, overwrite=args.overwrite)
-    print(f"prepared data in {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"prepared data in {out}")
 
 
 def cmd_train(args) -> None:
@@ -234,7 +253,7 @@ def cmd_generate(args) -> None:
     print(format_result(result, args.prompt))
 
 
-COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
+COMMANDS = {"synth": cmd_synth, "import": cmd_import, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
             "retention": cmd_retention, "info": cmd_info, "demo": cmd_demo, "placement": cmd_bench,
             "export": cmd_export, "generate": cmd_generate}
 

@@ -138,6 +138,9 @@ def validate(config: Config) -> None:
     _require(tree.subsample > 0, "tree.subsample", f"must be positive, got {tree.subsample}")
     _require(tree.fit_sample >= 0, "tree.fit_sample", f"must be >= 0 (0 = all documents), got {tree.fit_sample}")
     _require(data.embed_batch_size > 0, "data.embed_batch_size", f"must be positive, got {data.embed_batch_size}")
+    _require(data.tokenizer_sample >= 0, "data.tokenizer_sample",
+             f"must be >= 0 (0 = all training documents), got {data.tokenizer_sample}")
+    _require(data.prepare_timeout_s > 0, "data.prepare_timeout_s", f"must be positive, got {data.prepare_timeout_s}")
     _require(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
     _require(bool(data.text_field), "data.text_field", "must name the documents' text field")
     _require(bool(data.prepared), "data.prepared", "must name the prepared data directory")

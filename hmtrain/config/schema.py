@@ -59,7 +59,8 @@ class TreeConfig:
     em_steps: int = 20
     subsample: int = 6400
     balance: float = 1.5
-    # documents sampled to fit the tree (all are routed afterwards); 0 = all
+    # training documents sampled to fit the tree (all are routed afterwards); 0 = all. Their
+    # embeddings are held in memory (fit_sample x 384 floats): state a size for a large corpus
     fit_sample: int = 0
     seed: int = 0
 
@@ -77,6 +78,8 @@ class DataConfig:
     embed_batch_size: int = 64
     tokenizer: str = "bpe"
     tokenizer_vocab: int = 4096
+    # training documents sampled to train the bpe tokenizer (bounds its memory); 0 = all
+    tokenizer_sample: int = 100_000
     seq_len: int = 2048
     shard_samples: int = 1024
     heldout_fraction: float = 0.05
@@ -87,6 +90,9 @@ class DataConfig:
     num_workers: int = 0
     # also check every prepared file's sha256 when training / eval starts (sizes are always checked)
     verify_checksums: bool = False
+    # seconds a `data prepare` process waits for the others at a stage's end (under torchrun); rank 0
+    # fits the tree and trains the tokenizer meanwhile, so this must cover them
+    prepare_timeout_s: int = 3600
 
 
 @dataclass

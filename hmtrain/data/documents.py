@@ -20,7 +20,7 @@ from typing import Any
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Document:
     id: str
     text: str
@@ -118,7 +118,18 @@ def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
             index += 1
 
 
-def _parquet_records(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
+def _text_and_id(where: str, record: dict[str, Any], text_field: str, id_field: str | None,
+                 default_id: str) -> tuple[str, str]:
+    if text_field not in record:
+        raise ValueError(f"{where} has no text field {text_field!r} (fields: {sorted(record)})")
+    text = record[text_field]
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: field {text_field!r} must be a non-empty string, got {text!r:.60}")
+    raw_id = record.get(id_field) if id_field else None
+    return text, default_id if raw_id is None else str(raw_id)
+
+
+def _parquet_batches(path: Path, text_field: str, id_field: str | None, batch_size: int) -> Iterator[list[Document]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -126,29 +137,76 @@ def _parquet_records(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a broken file
         raise ValueError(f"{path}: cannot read parquet file: {' '.join(str(e).split())}") from e
-    present = [c for c in columns if c in pf.schema_arrow.names]
-    # Stream record batches: input files can be far larger than memory.
-    batches = pf.iter_batches(batch_size=4096, columns=present)
-    index = 0
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        if pf.metadata.num_rows == 0:
+            raise ValueError(f"{path}: file has no records")
+        raise ValueError(f"{path}: record 0 has no text field {text_field!r} (fields: {sorted(names)})")
+    columns = [text_field] + ([id_field] if id_field and id_field in names else [])
+    # Stream record batches, one column at a time: input files can be far larger than memory.
+    batches = pf.iter_batches(batch_size=batch_size, columns=columns)
+    stem, source, index = _stem(path), str(path), 0
     while True:
         try:
             batch = next(batches)
         except StopIteration:
-            return
+            break
         except (OSError, ValueError, pa.ArrowException) as e:  # garbled pages: thrift, decompression, decoding
             raise ValueError(f"{path}: cannot read records from {index} on: corrupt parquet data "
                              f"({' '.join(str(e).split())})") from e
-        yield from batch.to_pylist()
-        index += batch.num_rows
+        texts = batch.column(text_field).to_pylist()
+        ids = batch.column(id_field).to_pylist() if len(columns) > 1 else [None] * len(texts)
+        docs = []
+        for text, raw_id in zip(texts, ids):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}: record {index}: field {text_field!r} must be a non-empty string, "
+                                 f"got {text!r:.60}")
+            docs.append(Document(f"{stem}:{index}" if raw_id is None else str(raw_id), text, source, index))
+            index += 1
+        yield docs
+    if index == 0:
+        raise ValueError(f"{path}: file has no records")
 
 
-def _records(path: Path, text_field: str, id_field: str | None) -> Iterator[dict[str, Any]]:
+def _jsonl_batches(path: Path, text_field: str, id_field: str | None, batch_size: int) -> Iterator[list[Document]]:
+    stem, source, index = _stem(path), str(path), 0
+    docs: list[Document] = []
+    for record in jsonl_records(path):
+        text, doc_id = _text_and_id(f"{path}: record {index}", record, text_field, id_field, f"{stem}:{index}")
+        docs.append(Document(doc_id, text, source, index))
+        index += 1
+        if len(docs) == batch_size:
+            yield docs
+            docs = []
+    if docs:
+        yield docs
+    if index == 0:
+        raise ValueError(f"{path}: file has no records" + (" (the file is empty)" if _is_empty(path) else ""))
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def read_file(path: str | Path, *, text_field: str = "text", id_field: str | None = "id",
+              batch_size: int = 1024) -> Iterator[list[Document]]:
+    """The documents of one file, `batch_size` at a time, validated as they are read.
+
+    Ids come from `id_field` when present, else `"{file_stem}:{index}"`. Every error names the file
+    and the record (and, for jsonl, the line). Ids are not checked for uniqueness here: that needs
+    every file (`read_documents` does it in memory; `hmtrain data prepare` on key hashes).
+    """
+    path = Path(path)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     suffix = _suffix(path)
     if suffix == ".parquet":
-        columns = [text_field] + ([id_field] if id_field else [])
-        return _parquet_records(path, columns)
+        return _parquet_batches(path, text_field, id_field, batch_size)
     if suffix in (".jsonl", ".jsonl.gz"):
-        return jsonl_records(path)
+        return _jsonl_batches(path, text_field, id_field, batch_size)
     raise ValueError(f"{path}: unsupported file type (supported: {', '.join(SUFFIXES)})")
 
 
@@ -160,8 +218,8 @@ def read_documents(
 ) -> Iterator[Document]:
     """Yield every document of `spec` in file order, validating as it goes.
 
-    Ids come from `id_field` when present, else `"{file_stem}:{index}"`; ids
-    must be unique across all files because shards and probes refer to them.
+    Ids must be unique across all files because shards and probes refer to them; this checks
+    them with an in-memory set (for tools and small corpora: `prepare` streams with `read_file`).
     """
     files = list_document_files(spec)
     for path in files:  # fail on a bad extension before reading anything
@@ -169,24 +227,11 @@ def read_documents(
             raise ValueError(f"{path}: unsupported file type (supported: {', '.join(SUFFIXES)})")
     seen: dict[str, tuple[str, int]] = {}
     for path in files:
-        stem = _stem(path)
-        count = 0
-        for index, record in enumerate(_records(path, text_field, id_field)):
-            count += 1
-            where = f"{path}: record {index}"
-            if text_field not in record:
-                raise ValueError(f"{where} has no text field {text_field!r} (fields: {sorted(record)})")
-            text = record[text_field]
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{where}: field {text_field!r} must be a non-empty string, got {text!r:.60}")
-            raw_id = record.get(id_field) if id_field else None
-            doc_id = f"{stem}:{index}" if raw_id is None else str(raw_id)
-            if doc_id in seen:
-                first_src, first_idx = seen[doc_id]
-                raise ValueError(
-                    f"duplicate document id {doc_id!r}: {where} and {first_src}: record {first_idx}"
-                )
-            seen[doc_id] = (str(path), index)
-            yield Document(id=doc_id, text=text, source=str(path), index=index)
-        if count == 0:
-            raise ValueError(f"{path}: file has no records")
+        for batch in read_file(path, text_field=text_field, id_field=id_field):
+            for doc in batch:
+                if doc.id in seen:
+                    first_src, first_idx = seen[doc.id]
+                    raise ValueError(f"duplicate document id {doc.id!r}: {path}: record {doc.index} and "
+                                     f"{first_src}: record {first_idx}")
+                seen[doc.id] = (str(path), doc.index)
+                yield doc

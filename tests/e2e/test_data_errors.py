@@ -105,12 +105,12 @@ CASES = {
     "synth output under a file": (_synth_under_file, "blocker is a file, not a directory"),
     "embed_batch_size=0": (_bad_key("data.embed_batch_size=0"), "config key 'data.embed_batch_size'"),
     "em_steps=-1": (_bad_key("tree.em_steps=-1"), "config key 'tree.em_steps'"),
-    "train on a truncated shard": (_train_on(_truncate_shard), "train-00001.tar holds 5000 bytes"),
+    "train on a truncated shard": (_train_on(_truncate_shard), "{shard} holds 5000 bytes"),
     "train on a corrupt shard, checksums on": (_train_on(_flip_shard_byte, "data.verify_checksums=true"),
-                                               "train-00001.tar: sha256 differs"),
+                                               "{shard}: sha256 differs"),
     "train on a half-deleted directory": (_train_on(lambda root: (root / "tree.pt").unlink()), "tree.pt is missing"),
     "train on an older manifest": (_train_on(_old_manifest), "manifest version 1"),
-    "eval on a truncated shard": (_eval_on_truncated_shard, "train-00001.tar holds 5000 bytes"),
+    "eval on a truncated shard": (_eval_on_truncated_shard, "{shard} holds 5000 bytes"),
 }
 
 
@@ -121,6 +121,7 @@ def test_bad_data_is_named_and_nothing_is_lost(prepared, tmp_path: Path, name: s
     work.mkdir()
     _copy_prepared(prepared, work / "prepared")
     (work / "blocker").write_text("a regular file where a directory is expected\n")
+    named = named.format(shard=_shard(work / "prepared").name)  # a shard's name, e.g. train-00000-00001.tar
     args = build(work, prepared)
     before = _snapshot(work)
     proc = run_cli(*args, cwd=tmp_path, check=False)

@@ -95,3 +95,33 @@ def test_minilm_small(minilm):
     torch.testing.assert_close(v.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
     assert v[0] @ v[1] > 0.7
     assert v[0] @ v[1] > v[0] @ v[2] + 0.3
+
+
+class TinyPlugin:
+    """A plug-in embedder: any class with name, dim and embed, built with the device."""
+
+    name = "tiny-plugin"
+    dim = 4
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    def embed(self, texts):
+        return torch.nn.functional.normalize(torch.ones(len(texts), self.dim), dim=1)
+
+
+def test_plugin_embedders_are_built_by_module_and_class():
+    emb = build_embedder("tests.unit.test_embed:TinyPlugin", device="cpu")
+    assert isinstance(emb, TinyPlugin) and emb.device == "cpu"
+    assert embed_texts(emb, ["a", "b", "c"], batch_size=2, progress=False).shape == (3, 4)
+    with pytest.raises(ValueError, match="cannot import Nope"):
+        build_embedder("tests.unit.test_embed:Nope")
+    with pytest.raises(ValueError, match="has no 'embed'"):
+        build_embedder("tests.unit.test_embed:NotAnEmbedder")
+
+
+class NotAnEmbedder:
+    name, dim = "x", 2
+
+    def __init__(self, device: str = "cpu"):
+        pass
