@@ -155,7 +155,8 @@ def read_config(path: Path, record: Optional[dict] = None) -> Config:
         raise CheckpointError(f"{where} is missing")
     raw = config_file.read_bytes()
     expected = (record or {}).get("config_sha256")
-    if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
+    verified = expected is not None
+    if verified and hashlib.sha256(raw).hexdigest() != expected:
         raise CheckpointError(f"{where} does not match the hash recorded in {TRAINER_FILE}; "
                               "the file is truncated or was edited")
     if not raw.endswith(b"\n"):
@@ -169,7 +170,10 @@ def read_config(path: Path, record: Optional[dict] = None) -> Config:
     missing = sorted(_leaf_keys(OmegaConf.to_container(OmegaConf.structured(Config))) - _leaf_keys(loaded))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{where} lacks keys {shown}; the file is truncated")
+        if not verified:  # no hash to tell an older version's config from a truncated one: refuse
+            raise CheckpointError(f"{where} lacks keys {shown}; the file is truncated")
+        # the file is exactly what was saved, by a version of hmtrain that had fewer settings
+        log.warning("%s was written by an older hmtrain without %s; those take their defaults", where, shown)
     try:
         return load_config(config_file)
     except ConfigError as exc:

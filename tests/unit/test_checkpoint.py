@@ -1,11 +1,13 @@
 """Checkpoints: one-line errors for broken ones, a crash-safe prune, a disk full during save."""
 import errno
+import hashlib
 import json
 import shutil
 
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
+from omegaconf import OmegaConf
 
 from hmtrain.config import Config, to_yaml
 from hmtrain.train import checkpoint as ckpt
@@ -80,6 +82,23 @@ def test_truncated_trainer_json_and_config_are_refused(tmp_path):
         assert_one_line_naming(exc_info, path, "config.yaml")
     (path / "config.yaml").write_text(good_config)
     assert read_config(path, record) == Config()
+
+
+def test_a_config_saved_by_an_older_version_loads_with_defaults(tmp_path, caplog):
+    """Settings added after a checkpoint was written take their defaults, when the recorded hash shows the
+    file is whole; without a hash, the same missing keys read as a truncated file."""
+    path = save_steps(tmp_path, [1]).latest()
+    older = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+    del older["logging"]["system_metrics_interval_s"]
+    (path / "config.yaml").write_text(OmegaConf.to_yaml(older))
+    record = read_trainer(path)
+    record["config_sha256"] = hashlib.sha256((path / "config.yaml").read_bytes()).hexdigest()
+    with caplog.at_level("WARNING"):
+        assert read_config(path, record) == Config()
+    assert "logging.system_metrics_interval_s" in caplog.text and "older hmtrain" in caplog.text
+    with pytest.raises(CheckpointError) as exc_info:
+        read_config(path, {})
+    assert_one_line_naming(exc_info, path, "config.yaml")
 
 
 def test_killed_prune_never_leaves_a_complete_looking_broken_checkpoint(tmp_path, monkeypatch):
