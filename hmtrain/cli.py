@@ -270,10 +270,25 @@ def _eval_retention_alias(argv: list[str]) -> list[str]:
     return argv
 
 
+LIST_OPTIONS = ("--seeds", "--ranks")  # options taking several integers
+
+
+def _lists_last(argv: list[str]) -> list[str]:
+    """Moves a list option and its integers to the end, so that argparse does not read the overrides that
+    follow it (`demo --seeds 0 1 2 train.seed=...`) as more of its values."""
+    for i, item in enumerate(argv):
+        if item in LIST_OPTIONS:
+            end = i + 1
+            while end < len(argv) and argv[end].lstrip("-").isdigit():
+                end += 1
+            return [*argv[:i], *argv[end:], *argv[i:end]]
+    return argv
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """argparse, with `key=value` overrides allowed anywhere (e.g. after --resume)."""
     parser = build_parser()
-    argv = _eval_retention_alias(list(sys.argv[1:] if argv is None else argv))
+    argv = _lists_last(_eval_retention_alias(list(sys.argv[1:] if argv is None else argv)))
     args, extra = parser.parse_known_args(argv)
     stray = [item for item in extra if item.startswith("-") or "=" not in item]
     if stray or (extra and not hasattr(args, "overrides")):

@@ -12,6 +12,14 @@ def test_overrides_may_follow_options():
     assert args.overrides == ["eval.batch_size=2", "eval.max_probes=3"] and str(args.out) == "r.json"
 
 
+def test_overrides_may_follow_a_list_of_integers():
+    args = parse_args(["demo", "--seeds", "0", "1", "2", "train.pretrain_steps=5", "--out", "d", "model.d_model=32"])
+    assert args.seeds == [0, 1, 2] and args.overrides == ["train.pretrain_steps=5", "model.d_model=32"]
+    assert str(args.out) == "d"
+    args = parse_args(["bench", "placement", "--ranks", "1", "2", "train.memory_steps=4"])
+    assert args.ranks == [1, 2] and args.overrides == ["train.memory_steps=4"]
+
+
 @pytest.mark.parametrize("argv", [["train", "--config", "tiny", "--resume", "--bogus"],
                                   ["train", "--config", "tiny", "a.b=1", "--resume", "stray"],
                                   ["data", "synth", "--out", "x", "a.b=1"]])
