@@ -2,7 +2,7 @@
 
     <out>/manifest.json      format, shapes, dtypes, byte offsets, sizes and sha256 of every file,
                              and what produced it (checkpoint, step, data fingerprints)
-    <out>/bank/level{i}.npy  one plain .npy per bank table, rows contiguous (hmtrain/eval/mapped_bank.py)
+    <out>/bank/level{i}.npy  one plain .npy per bank table, rows contiguous (hmtrain/memory/mapped_bank.py)
     <out>/bank/generic.npy   the generic memory row, when the run trained one
     <out>/anchor.pt          the anchor's weights (torch.save of its state dict)
     <out>/config.yaml        the checkpoint's config (the model config is also in the manifest)
@@ -38,7 +38,7 @@ from hmtrain.data.prepared import PreparedData
 from hmtrain.data.tokenizer import Tokenizer
 from hmtrain.data.tree import Tree
 from hmtrain.eval.loading import resolve_checkpoint
-from hmtrain.eval.mapped_bank import STORAGE, MappedBank
+from hmtrain.memory.mapped_bank import STORAGE, MappedBank
 from hmtrain.memory import uses_memory
 from hmtrain.memory.fetched import GENERIC
 from hmtrain.memory.sizes import level_nodes

@@ -26,7 +26,7 @@ from hmtrain.data.tokenizer import Tokenizer
 from hmtrain.data.tree import Tree
 from hmtrain.eval.export import Export
 from hmtrain.eval.loading import load_trained, resolve_checkpoint
-from hmtrain.eval.mapped_bank import MappedBank
+from hmtrain.memory.mapped_bank import MappedBank
 from hmtrain.memory import MemoryBank
 from hmtrain.model import Transformer
 from hmtrain.train.checkpoint import CONFIG_FILE, CheckpointError, check_complete
