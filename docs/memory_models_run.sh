@@ -6,7 +6,7 @@
 # probes retention. Every run logs to OUT/mlflow.db. Seeds repeat the trained arms and the probes.
 set -euo pipefail
 OUT=$(realpath -m "$1"); SEEDS=${2:-0}
-HM="${HMTRAIN:-$(dirname "$0")/../.venv/bin/hmtrain}"
+HM=$(realpath "${HMTRAIN:-$(dirname "$0")/../.venv/bin/hmtrain}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HMTRAIN_LOG_LEVEL=${HMTRAIN_LOG_LEVEL:-WARNING}
 mkdir -p "$OUT"; cd "$OUT"
 COMMON=(data.prepared="$OUT/prepared" logging.tracking_uri="sqlite:///$OUT/mlflow.db" train.progress=false
