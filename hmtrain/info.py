@@ -95,7 +95,7 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
         table.add_row(name, f"{value / GiB:.2f}")
     total = sum(rows.values())
     table.add_row("total", f"{total / GiB:.2f}")
-    table.add_row(f"bank traffic per step, gather placement (expected)", f"{bank.moved_gather / GiB:.2f}")
-    table.add_row(f"bank traffic per step, owner placement (expected)", f"{bank.moved_owner / GiB:.2f}")
+    table.add_row("bank traffic per step, gather placement (expected)", f"{bank.moved_gather / GiB:.2f}")
+    table.add_row("bank traffic per step, owner placement (expected)", f"{bank.moved_owner / GiB:.2f}")
     console.print(table)
     return {"total": total, **rows, "moved_gather": bank.moved_gather, "moved_owner": bank.moved_owner}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -124,6 +125,13 @@ def atomic_write(path: Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomically (see `atomic_write`): a reader sees the old file or the whole new one."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 def sha256_file(path: Path) -> str:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from hmtrain.data.files import write_json
 
 MANIFEST_VERSION = 2
 ARRAYS = ("paths", "real", "shard", "offset")
@@ -124,15 +125,8 @@ def validate_manifest(manifest: dict, *, source: str = "manifest") -> None:
 
 def write_manifest(path: Path, manifest: dict) -> None:
     """Validate and write the manifest as JSON, atomically."""
-    path = Path(path)
     validate_manifest(manifest, source=str(path))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(path, manifest)
 
 
 def read_manifest(path: Path) -> dict:

@@ -23,7 +23,8 @@ from hmtrain.data.files import sha256_file
 from hmtrain.data.packing import pack_leaf
 from hmtrain.data.route import SPLITS, RoutedFile
 from hmtrain.data.shards import ShardWriter
-from hmtrain.data.work import Work, write_json
+from hmtrain.data.files import write_json
+from hmtrain.data.work import Work
 
 UNIT_SHARDS = 16
 # Units per split at most: a packer looks into every routed file once per unit.

@@ -42,13 +42,13 @@ from hmtrain.config.schema import Config
 from hmtrain.data import pack, sample
 from hmtrain.data.documents import _suffix, list_document_files, read_file
 from hmtrain.data.embed import build_embedder
-from hmtrain.data.files import check_output_dir, recover_dir, replace_dir, sha256_file
+from hmtrain.data.files import check_output_dir, recover_dir, replace_dir, sha256_file, write_json
 from hmtrain.data.finish import write_output_manifest
 from hmtrain.data.procs import Group, is_input_error
 from hmtrain.data.route import Meter, embed_batches, route_file
 from hmtrain.data.tokenizer import KINDS, Tokenizer, train_tokenizer
 from hmtrain.data.tree import Tree, fit_tree
-from hmtrain.data.work import Work, building, input_stats, load_npz, read_json, save_npz, write_json
+from hmtrain.data.work import Work, building, input_stats, load_npz, read_json, save_npz
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from hmtrain.data.files import fsync_dir
+from hmtrain.data.files import atomic_write, replace_dir, staging_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +41,14 @@ def work_dir_for(final: Path) -> Path:
     return final.with_name(final.name + ".work")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically: a reader sees the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """np.savez under a temporary name, renamed when complete."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -76,21 +58,10 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 @contextmanager
 def building(final: Path) -> Iterator[Path]:
-    """A fresh `<final>.tmp` directory, renamed to `final` when the block completes."""
-    final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    """A fresh `<final>.tmp` directory, put in place of `final` when the block completes."""
+    with staging_dir(final) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    replace_dir(tmp, final)
 
 
 def input_stats(files: list[Path]) -> list[dict]:
