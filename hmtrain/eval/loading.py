@@ -45,12 +45,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
                             "or a run directory holding checkpoints/)")
 
 
-def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Trained:
+def read_checkpoint(path: str | Path) -> tuple[Path, dict, Config]:
+    """(step directory, trainer record, config) of a checkpoint or run directory to evaluate; a broken
+    one is a one-line error naming it and the newest older complete one."""
     path = resolve_checkpoint(path)
     try:
         record, cfg = check_complete(path)
     except CheckpointError as exc:
         raise broken_checkpoint(path, str(exc), hint="evaluate it with --checkpoint") from exc
+    return path, record, cfg
+
+
+def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Trained:
+    path, record, cfg = read_checkpoint(path)
     model = Transformer(run_model_config(cfg.model, cfg.train.mode, cfg.train.dense_multiplier),
                         max_seq_len=cfg.data.seq_len).to(device)
     bank = None

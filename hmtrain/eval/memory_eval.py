@@ -21,10 +21,10 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from hmtrain.config import Config, ConfigError
 from hmtrain.data.loader import sequential_batches
 from hmtrain.data.prepared import PreparedData
-from hmtrain.eval.loading import resolve_checkpoint
+from hmtrain.eval.loading import read_checkpoint, resolve_checkpoint
 from hmtrain.model import MemoryModel, build_model
 from hmtrain.train.checkpoint import Checkpointer, CheckpointError, check_complete
-from hmtrain.train.resume import broken_checkpoint, check_data_fingerprints
+from hmtrain.train.resume import check_data_fingerprints
 
 EVAL_OBJECTIVES = ("clm", "copy", "blank_copy")
 
@@ -49,11 +49,7 @@ def checkpoint_family(path: str | Path) -> str:
 
 
 def load_memory_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMemoryModel:
-    path = resolve_checkpoint(path)
-    try:
-        record, cfg = check_complete(path)
-    except CheckpointError as exc:
-        raise broken_checkpoint(path, str(exc), hint="evaluate it with --checkpoint") from exc
+    path, record, cfg = read_checkpoint(path)
     if cfg.model.family != "memory_model":
         raise ValueError(f"checkpoint {path} is an LM (model.family={cfg.model.family!r}), not a memory model")
     model = build_model(cfg).to(device)

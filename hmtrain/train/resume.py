@@ -161,14 +161,18 @@ def load_for_resume(checkpointer: Checkpointer, cfg: Config, fingerprints: dict[
     if not candidates:
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpointer.directory}")
     skipped: list[Path] = []
+
+    def skip(path: Path, exc: CheckpointError) -> None:
+        if not fallback:
+            raise broken_checkpoint(path, str(exc)) from exc
+        log.warning("--fallback: skipping %s (%s)", path, exc)
+        skipped.append(path)
+
     for path in candidates:
         try:
             record, saved = check_complete(path)
         except CheckpointError as exc:
-            if not fallback:
-                raise broken_checkpoint(path, str(exc)) from exc
-            log.warning("--fallback: skipping %s (%s)", path, exc)
-            skipped.append(path)
+            skip(path, exc)
             continue
         # a changed config or other data is the user's to fix: never fall back past it
         check_config_change(path, saved, cfg, int(record["step"]))
@@ -177,10 +181,7 @@ def load_for_resume(checkpointer: Checkpointer, cfg: Config, fingerprints: dict[
         try:
             record = Checkpointer.load(path, state)
         except CheckpointError as exc:
-            if not fallback:
-                raise broken_checkpoint(path, str(exc)) from exc
-            log.warning("--fallback: skipping %s (%s)", path, exc)
-            skipped.append(path)
+            skip(path, exc)
             continue
         if skipped:
             log.warning("--fallback: resuming from %s, the newest loadable checkpoint", path)
