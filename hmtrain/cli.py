@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"hmtrain {command}: {exc}", file=sys.stderr)
         rc = 128 + exc.signum  # the shell convention for death by signal, so schedulers requeue
-    except (ConfigError, ValueError, OSError, RuntimeError) as exc:  # OSError: FileNotFound, FileExists, ...
+    # OSError: FileNotFound, FileExists, ...; ImportError: an optional package (the MiniLM model) missing
+    except (ConfigError, ValueError, OSError, RuntimeError, ImportError) as exc:
         if args.debug:
             raise
         rank = os.environ.get("RANK")

@@ -93,8 +93,10 @@ def evaluate_memory_models(cfg: Config, checkpoints: list[str | Path], device: O
         data.check_compatible(loaded.cfg)
         check_data_fingerprints(loaded.path, loaded.record, data.fingerprints(), data.root)
         mm = loaded.cfg.memory_model
+        # copy and blank copy pair chunk i with chunk i + s/2: an odd number of chunks has only clm
+        objectives = EVAL_OBJECTIVES if mm.chunks % 2 == 0 else ("clm",)
         scores = score_memory_model(loaded.model, data, batch_size=cfg.eval.batch_size, device=device,
-                                    max_sequences=cfg.eval.max_sequences)
+                                    objectives=objectives, max_sequences=cfg.eval.max_sequences)
         stages = " > ".join(s.objective for s in mm.stages) or mm.objective
         rows.append({"checkpoint": str(loaded.path), "step": loaded.step, "context": mm.context, "block": mm.block,
                      "curriculum": stages, "parameters": sum(p.numel() for p in loaded.model.parameters()),
@@ -107,9 +109,12 @@ def render_memory(results: dict, console: Optional[Console] = None) -> None:
     table = Table(title="memory models on held-out sequences: clm loss, copy and blank-copy token accuracy")
     for column in ("checkpoint", "context", "curriculum", "step", "clm CE", "clm acc", "copy acc", "blank-copy acc"):
         table.add_column(column, justify="left" if column in ("checkpoint", "context", "curriculum") else "right")
+    def percent(row: dict, key: str) -> str:
+        return f"{100 * row[key]:.1f}%" if key in row else "n/a"
+
     for row in results["rows"]:
         table.add_row(Path(row["checkpoint"]).parent.parent.name or row["checkpoint"], row["context"],
-                      row["curriculum"], str(row["step"]), f"{row['clm_ce']:.3f}", f"{100 * row['clm_accuracy']:.1f}%",
-                      f"{100 * row['copy_accuracy']:.1f}%", f"{100 * row['blank_copy_accuracy']:.1f}%")
+                      row["curriculum"], str(row["step"]), f"{row['clm_ce']:.3f}", percent(row, "clm_accuracy"),
+                      percent(row, "copy_accuracy"), percent(row, "blank_copy_accuracy"))
     console.print(table)
     console.print(f"uniform guessing: CE ln V = {math.log(results['vocab_size']):.3f} (V = {results['vocab_size']})")

@@ -175,10 +175,12 @@ def build_encoder(label: str, spec: str, cfg: Config, data: PreparedData, device
         return Encoder(label, spec, mm.encoder.d_model, _memory_encoder(model, r.n_ctx, device),
                        _count(model, "encoder"))
     if kind == "anchor":
+        from hmtrain.eval.memory_eval import checkpoint_family
+
+        if checkpoint_family(rest) != "lm":  # before loading it as an anchor, which would fail less clearly
+            raise ValueError(f"--encoder {spec}: {rest} is a memory model; use memory:{rest}")
         trained = load_trained(rest, device)
         _check_data(trained.path, trained.record, trained.cfg, data)
-        if trained.cfg.model.family != "lm":
-            raise ValueError(f"--encoder {spec}: {trained.path} is a memory model; use memory:{rest}")
         model = trained.model
         return Encoder(label, spec, model.cfg.d_model, _anchor_encoder(model, layer, position, pad_id, device),
                        _count(model))

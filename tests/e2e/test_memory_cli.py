@@ -53,3 +53,21 @@ def test_memory_model_trains_evaluates_and_refuses_a_changed_curriculum_on_resum
     row = json.loads((tmp_path / "eval.json").read_text())["rows"][0]
     assert row["context"] == "memory" and row["step"] == 4 and row["curriculum"] == "blank_copy > combined"
     assert 0 <= row["blank_copy_accuracy"] <= 1 and row["clm_positions"] > 0
+    # a memory model is no anchor: the retention probe says which spec reads it, before loading anything
+    wrong = run_cli("eval", "retention", "--config", "memory-tiny", *overrides, *PROBE, "--out", str(tmp_path / "r"),
+                    "--encoder", f"anchor:{run}", cwd=tmp_path, check=False)
+    assert wrong.returncode == 2 and f"is a memory model; use memory:{run}" in wrong.stderr, wrong.stderr
+
+
+def test_a_clm_model_with_an_odd_number_of_chunks_is_evaluated_on_clm_alone(prepared, tmp_path):
+    # one chunk of the prepared 64-token sequences: the smallest odd count the data allows
+    overrides = [*prepared["overrides"], *TINY_MM, "memory_model.chunks=1", "memory_model.n_ctx=64",
+                 "memory_model.stages=[]", "memory_model.objective=clm", "train.pretrain_steps=2",
+                 "train.memory_steps=0", "train.checkpoint_every=2"]
+    run = tmp_path / "odd"
+    run_cli("train", "--config", "memory-tiny", *overrides, f"train.run_dir={run}", cwd=tmp_path)
+    result = run_cli("eval", "--config", "memory-tiny", *overrides, "--checkpoint", str(run), "--out",
+                     str(tmp_path / "eval.json"), cwd=tmp_path)
+    assert "n/a" in result.stdout  # copy and blank-copy columns
+    row = json.loads((tmp_path / "eval.json").read_text())["rows"][0]
+    assert row["clm_positions"] > 0 and "copy_accuracy" not in row and "blank_copy_accuracy" not in row

