@@ -41,7 +41,7 @@ import torch
 from hmtrain.config.schema import Config
 from hmtrain.data import pack, sample
 from hmtrain.data.documents import _suffix, list_document_files, read_file
-from hmtrain.data.embed import build_embedder
+from hmtrain.data.embed import build_embedder, default_device
 from hmtrain.data.files import check_output_dir, recover_dir, replace_dir, sha256_file, write_json
 from hmtrain.data.finish import write_output_manifest
 from hmtrain.data.procs import Group, is_input_error
@@ -116,7 +116,10 @@ def _plan(cfg: Config, files: list[Path]) -> dict:
     return {"data": {k: getattr(d, k) for k in keys}, "documents": str(d.documents),
             "tree": {"branching": list(t.branching), "em_steps": t.em_steps, "subsample": t.subsample,
                      "balance": t.balance, "fit_sample": t.fit_sample, "seed": t.seed},
-            "files": input_stats(files)}
+            "files": input_stats(files),
+            # the embedder runs in fp16 on a GPU and fp32 on a CPU: a prepare resumed on the other kind of
+            # machine starts afresh rather than mixing the two kinds of vectors in one output
+            "embed_device": default_device().split(":")[0]}
 
 
 def _kill_point(stage: str, done: int) -> None:

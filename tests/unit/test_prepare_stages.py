@@ -124,6 +124,20 @@ def test_changed_input_discards_the_work(tmp_path: Path, monkeypatch, caplog) ->
     assert "late" in PreparedData.open(tmp_path / "prepared").documents().column("id").to_pylist()
 
 
+def test_a_prepare_resumed_on_another_kind_of_device_starts_afresh(tmp_path: Path, monkeypatch, caplog) -> None:
+    _corpus(tmp_path / "docs")
+    monkeypatch.setattr(prepare_mod, "route_file", Calls(prepare_mod.route_file, fail_on=3))
+    with pytest.raises(RuntimeError, match="injected crash"):
+        prepare(_cfg(tmp_path), progress=False)
+    monkeypatch.setattr(prepare_mod, "default_device", lambda: "cuda:0")  # resumed on a GPU machine
+    spy = Calls(prepare_mod.route_file.fn)
+    monkeypatch.setattr(prepare_mod, "route_file", spy)
+    with caplog.at_level(logging.WARNING):
+        prepare(_cfg(tmp_path), progress=False)
+    assert any("discarding" in r.getMessage() and "differ" in r.getMessage() for r in caplog.records)
+    assert len(spy.calls) == 4  # every file embedded again, on the one device
+
+
 def test_bad_input_in_the_last_file_fails_before_routing_and_keeps_nothing(tmp_path: Path, clean, monkeypatch):
     (tmp_path / "docs" / "f3.jsonl").write_text('{"id": "x", "text": "fine"}\n{"id": "y", "text": "cut\n')
     spy = Calls(prepare_mod.route_file)
