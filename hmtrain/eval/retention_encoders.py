@@ -13,7 +13,9 @@ Specs (`hmtrain eval retention --encoder SPEC`, repeatable; `label=SPEC` names a
 
 Windows arrive left-padded (the last position is always a real token). The anchor reads them with
 the padding as a separate document, so attention and RoPE see only the real tokens; a memory-model
-encoder reads them as it was trained (left padding included, as in the paper).
+encoder reads the whole window, left padding included, as the paper's probe does; it was trained on
+packed chunks without padding, so only the held-out windows shorter than n_ctx (the tail of a
+document) are padded and out of its training distribution.
 """
 from __future__ import annotations
 
