@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hmtrain.config import ModelConfig, load_config
-from hmtrain.eval.deep_routing import adjusted_rand_index, purity
+from hmtrain.eval.deep_routing import _probe_hits, adjusted_rand_index, fit_deep_levels, purity, route_deep
 from hmtrain.eval.retention import left_pad_windows, metrics, score_probe, train_probe
 from hmtrain.eval.retention_encoders import _anchor_encoder, anchor_options, parse_spec
 from hmtrain.model import Transformer
@@ -86,3 +86,31 @@ def test_adjusted_rand_index_and_purity():
     b = np.array([0, 1, 1, 2, 2, 0])
     assert adjusted_rand_index(a, b) == pytest.approx((0 - 0.6) / (3 - 0.6))
     assert purity(np.array([0, 0, 0, 1]), np.array([7, 7, 8, 9])) == pytest.approx(3 / 4)
+
+
+def test_deep_levels_refit_under_each_shallow_node_recover_its_clusters():
+    """Two shallow nodes, three well separated clusters under each: the refitted deep level finds them
+    (ARI 1 against the truth), numbers children parent * k + i, and routes new points the same way."""
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1) * 10
+    truth = torch.arange(6).repeat_interleave(20)
+    vectors = centres[truth] + 0.05 * torch.randn(120, 16, generator=g)
+    shallow = (truth // 3)[:, None]  # clusters 0-2 under node 0, 3-5 under node 1
+    fit_mask = torch.arange(120) % 4 != 0  # a quarter held out of the fit
+    cfg = load_config("tiny", ["tree.branching=[2,3]", "tree.em_steps=10"])
+    levels = fit_deep_levels(vectors, shallow, fit_mask, [2, 3], 1, cfg)
+    assert sorted(levels[0]) == [0, 1] and all(c.shape == (3, 16) for c in levels[0].values())
+    deep = route_deep(vectors, shallow[:, 0], levels, [2, 3], 1)[:, 0]
+    assert torch.equal(deep // 3, shallow[:, 0])  # children stay under their parent
+    assert adjusted_rand_index(deep.numpy(), truth.numpy()) == pytest.approx(1.0)
+    # a shallow node no training document reached routes to its first child
+    assert route_deep(vectors[:2], torch.tensor([5, 5]), levels, [2, 3], 1)[:, 0].tolist() == [15, 15]
+
+
+def test_probe_routing_hits_count_the_majority_node_of_the_persons_documents():
+    paths = {"a": [0, 1], "b": [0, 1], "c": [0, 2], "d": [1, 4]}
+    probes = [{"doc_ids": ["a", "b", "c"]}, {"doc_ids": ["d"]}, {"doc_ids": ["unknown"]}]
+    routed = torch.tensor([[0, 1], [1, 5], [0, 0]])  # hit at level 1 for the first only
+    assert _probe_hits(paths, probes, routed, level=1) == pytest.approx(1 / 2)  # the third is not counted
+    assert _probe_hits(paths, probes, routed, level=0) == pytest.approx(2 / 2)
