@@ -1,0 +1,132 @@
+"""Results over several seeds: mean and sample standard deviation per row and column, and per level-1
+subtree, from `hmtrain eval --out` files (or the demo's runs).
+
+    python -m hmtrain.eval.summary [--out results.md] runs/eval-s0.json runs/eval-s1.json ...
+
+One seed at CPU scale is one sample: these tables are what results are quoted from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from hmtrain.eval.evaluate import SHORT
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def summarize(per_seed: dict[int, dict]) -> dict:
+    """Per row and column: mean, sample standard deviation, min and max over the seeds."""
+    first = next(iter(per_seed.values()))
+    columns = ["perplexity", *[f"acc {b}" for b in first["rows"][0].get("probe_accuracy", {})]]
+    summary = {"seeds": sorted(per_seed), "columns": columns, "rows": []}
+    for index, row in enumerate(first["rows"]):
+        values = {column: [] for column in columns}
+        for results in per_seed.values():
+            other = results["rows"][index]
+            values["perplexity"].append(other["perplexity"])
+            for bucket, accuracy in other.get("probe_accuracy", {}).items():
+                values[f"acc {bucket}"].append(100 * accuracy)
+        summary["rows"].append({"name": row["name"], "parameters": row["parameters"],
+                                "stats": {column: _stats(v) for column, v in values.items()}})
+    return summary
+
+
+def _cell(stat: dict, digits: int) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def summary_markdown(summary: dict) -> str:
+    head = ["model", *summary["columns"]]
+    lines = [f"Mean ± sample standard deviation over seeds {summary['seeds']} (accuracy in %).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in summary["rows"]:
+        cells = [row["name"]] + [_cell(row["stats"][c], 2 if c == "perplexity" else 1) for c in summary["columns"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_summary(summary: dict, console: Console) -> None:
+    table = Table(title=f"mean ± std over seeds {summary['seeds']}")
+    for column in ("model", *summary["columns"]):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in summary["rows"]:
+        table.add_row(SHORT.get(row["name"], row["name"]),
+                      *[_cell(row["stats"][c], 2 if c == "perplexity" else 1) for c in summary["columns"]])
+    console.print(table)
+
+
+def subtree_summary(per_seed: dict[int, dict]) -> dict:
+    """Per level-1 subtree: held-out tokens, each row's perplexity over the seeds, and the fetched memory's
+    change against the anchor alone (per seed, then averaged), so a reader sees where the memory helps."""
+    first = next(iter(per_seed.values()))
+    names = [row["name"] for row in first["rows"] if row.get("subtrees")]
+    if not names:
+        return {"seeds": sorted(per_seed), "names": [], "nodes": []}
+    nodes = sorted({int(n) for row in first["rows"] if row.get("subtrees") for n in row["subtrees"]})
+    by_name = [{row["name"]: row for row in results["rows"]} for results in per_seed.values()]
+    out = []
+    for node in nodes:
+        key = str(node)
+        entry = {"node": node, "tokens": first["rows"][0]["subtrees"][key]["tokens"],
+                 "perplexity": {name: _stats([rows[name]["subtrees"][key]["perplexity"] for rows in by_name])
+                                for name in names}}
+        if {"anchor + fetched memory", "anchor alone"} <= set(names):
+            entry["fetched_vs_alone_pct"] = _stats([
+                100 * (rows["anchor + fetched memory"]["subtrees"][key]["perplexity"]
+                       / rows["anchor alone"]["subtrees"][key]["perplexity"] - 1) for rows in by_name])
+        out.append(entry)
+    return {"seeds": sorted(per_seed), "names": names, "nodes": out}
+
+
+def subtree_markdown(summary: dict) -> str:
+    if not summary["nodes"]:
+        return ""
+    with_change = "fetched_vs_alone_pct" in summary["nodes"][0]
+    head = ["subtree", "held-out tokens", *summary["names"], *(["fetched vs alone"] if with_change else [])]
+    lines = [f"Held-out perplexity per level-1 subtree, mean ± sample std over seeds {summary['seeds']}; the "
+             "last column is the fetched memory's perplexity change against the anchor alone, per seed.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in summary["nodes"]:
+        cells = [str(entry["node"]), f"{entry['tokens']:,}", *(_cell(entry["perplexity"][n], 2) for n in summary["names"])]
+        if with_change:
+            change = entry["fetched_vs_alone_pct"]
+            cells.append(f"{change['mean']:+.1f}% ± {change['std']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hmtrain.eval.summary", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", type=Path, help="`hmtrain eval --out` files, one per seed")
+    parser.add_argument("--out", type=Path, help="also write the tables as markdown here")
+    args = parser.parse_args(argv)
+    per_seed = {}
+    for i, path in enumerate(args.results):
+        try:
+            per_seed[i] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"{path}: not a readable results file ({exc})")
+    names = [[row["name"] for row in r["rows"]] for r in per_seed.values()]
+    if any(n != names[0] for n in names):
+        parser.error("the results files do not have the same rows: " + "; ".join(map(str, names)))
+    summary, subtrees = summarize(per_seed), subtree_summary(per_seed)
+    render_summary(summary, Console())
+    text = summary_markdown(summary) + "\n" + subtree_markdown(subtrees)
+    print(subtree_markdown(subtrees))
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
