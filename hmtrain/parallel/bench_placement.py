@@ -8,7 +8,9 @@ phase only) on a small synthetic corpus prepared once, and reads the per-step ti
 - `replicated`: every level on every rank; gradients all-reduced at the end of the step.
 
 Ratios are against `gather` at the same world size, and against the 1-rank run of the same
-placement. On a CPU the ranks share cores: a wider world only shows communication overhead, not
+placement. The last column is the bank's point-to-point traffic per step (rows fetched from other
+ranks plus their gradients sent back, from the trainer's metrics; a replicated level's all-reduce is
+not in it): bytes, so unlike the times it does not depend on the machine's load. On a CPU the ranks share cores: a wider world only shows communication overhead, not
 speed-up (say so when quoting numbers). On a GPU machine pass `train.device=cuda`.
 """
 from __future__ import annotations
@@ -54,7 +56,10 @@ def prepare(out: Path, overrides: Sequence[str]) -> list[str]:
     return data
 
 
-def step_times(out: Path, data: list[str], ranks: int, placement: str, steps: int, batch: int) -> list[float]:
+def step_times(out: Path, data: list[str], ranks: int, placement: str, steps: int,
+               batch: int) -> tuple[list[float], list[float]]:
+    """Per logged step after start-up: (seconds, bank bytes sent point to point: rows fetched plus
+    gradients returned, summed over tables and ranks)."""
     run_dir = out / f"run-{placement}-{ranks}"
     train = ["-m", "hmtrain.cli", "train", "--config", "tiny", *data, *PLACEMENTS[placement],
              "train.pretrain_steps=0", f"train.memory_steps={steps}", f"train.global_batch_size={batch}",
@@ -68,8 +73,9 @@ def step_times(out: Path, data: list[str], ranks: int, placement: str, steps: in
     else:
         _run(["timeout", "1800", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *train], out, 1900)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_s"] for r in rows[2:]]  # the first steps include start-up work
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][2:]  # start-up
+    moved = [sum(v for k, v in r.items() if k.endswith(("/bytes_fetched", "/bytes_returned"))) for r in rows]
+    return [r["step_s"] for r in rows], moved
 
 
 def run(out: Path, ranks: Sequence[int], steps: int, batch: int, overrides: Sequence[str]) -> list[dict]:
@@ -78,19 +84,19 @@ def run(out: Path, ranks: Sequence[int], steps: int, batch: int, overrides: Sequ
     results = []
     for world in ranks:
         for placement in PLACEMENTS:
-            times = step_times(out, data, world, placement, steps, batch)
+            times, moved = step_times(out, data, world, placement, steps, batch)
             results.append({"ranks": world, "placement": placement, "step_s": statistics.median(times),
-                            "spread_s": statistics.pstdev(times)})
+                            "spread_s": statistics.pstdev(times), "moved_mb": statistics.fmean(moved) / 2**20})
     return results
 
 
 def render(results: list[dict]) -> str:
     by = {(r["ranks"], r["placement"]): r["step_s"] for r in results}
-    lines = ["| ranks | placement | median step (s) | std (s) | vs gather, same ranks | vs 1 rank, same placement |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| ranks | placement | median step (s) | std (s) | vs gather, same ranks | vs 1 rank, same placement "
+             "| rows + grads sent (MiB/step) |", "|---|---|---|---|---|---|---|"]
     for r in results:
         base, one = by[(r["ranks"], "gather")], by.get((1, r["placement"]))
         versus_one = f"{r['step_s'] / one:.2f}x" if one else "-"
         lines.append(f"| {r['ranks']} | {r['placement']} | {r['step_s']:.3f} | {r['spread_s']:.3f} | "
-                     f"{r['step_s'] / base:.2f}x | {versus_one} |")
+                     f"{r['step_s'] / base:.2f}x | {versus_one} | {r['moved_mb']:.2f} |")
     return "\n".join(lines)
