@@ -37,14 +37,14 @@ from hmtrain.data.files import (aside_names, atomic_write, check_output_dir, rec
 from hmtrain.data.prepared import PreparedData
 from hmtrain.data.tokenizer import Tokenizer
 from hmtrain.data.tree import Tree
-from hmtrain.eval.loading import resolve_checkpoint
-from hmtrain.memory.mapped_bank import STORAGE, MappedBank
+from hmtrain.eval.loading import read_checkpoint
 from hmtrain.memory import uses_memory
+from hmtrain.memory.mapped_bank import STORAGE, MappedBank
 from hmtrain.memory.fetched import GENERIC
 from hmtrain.memory.sizes import level_nodes
 from hmtrain.model import Transformer, count_parameters, run_model_config
-from hmtrain.train.checkpoint import CONFIG_FILE, Checkpointer, CheckpointError, check_complete
-from hmtrain.train.resume import broken_checkpoint, check_data_fingerprints
+from hmtrain.train.checkpoint import CONFIG_FILE, Checkpointer, CheckpointError
+from hmtrain.train.resume import check_data_fingerprints
 
 FORMAT = "hmtrain.export"
 VERSION = 1
@@ -133,11 +133,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: Option
     when given (overrides alone apply to the checkpoint's own config), else of the checkpoint's config;
     its fingerprints must be the ones the checkpoint was trained with."""
     out = Path(out)
-    path = resolve_checkpoint(checkpoint)
-    try:
-        record, cfg = check_complete(path)
-    except CheckpointError as exc:
-        raise broken_checkpoint(path, str(exc), hint="export it with --checkpoint") from exc
+    path, record, cfg = read_checkpoint(checkpoint, hint="export it with --checkpoint")
     data_cfg = cfg if config is None and not overrides else load_config(config or path / CONFIG_FILE, overrides)
     prepared = Path(data_cfg.data.prepared)
     _check_out(out, overwrite, [path, prepared])

@@ -25,12 +25,12 @@ from hmtrain.data.prepared import PreparedData
 from hmtrain.data.tokenizer import Tokenizer
 from hmtrain.data.tree import Tree
 from hmtrain.eval.export import Export
-from hmtrain.eval.loading import load_trained, resolve_checkpoint
-from hmtrain.memory.mapped_bank import MappedBank
+from hmtrain.eval.loading import load_trained, read_checkpoint
 from hmtrain.memory import MemoryBank
+from hmtrain.memory.mapped_bank import MappedBank
 from hmtrain.model import Transformer
-from hmtrain.train.checkpoint import CONFIG_FILE, CheckpointError, check_complete
-from hmtrain.train.resume import broken_checkpoint, check_data_fingerprints
+from hmtrain.train.checkpoint import CONFIG_FILE
+from hmtrain.train.resume import check_data_fingerprints
 
 MEMORY_MODES = ("fetched", "generic", "none")
 
@@ -142,11 +142,7 @@ def from_checkpoint(checkpoint: str | Path, config: Optional[str] = None, overri
     """A checkpoint, with the tree and tokenizer of `data.prepared` (from `config` + `overrides` when given,
     overrides alone applying to the checkpoint's own config; else the checkpoint's config)."""
     device = torch.device(device)
-    path = resolve_checkpoint(checkpoint)
-    try:
-        record, cfg = check_complete(path)
-    except CheckpointError as exc:
-        raise broken_checkpoint(path, str(exc), hint="generate with it via --checkpoint") from exc
+    path, record, cfg = read_checkpoint(checkpoint, hint="generate with it via --checkpoint")
     data_cfg = cfg if config is None and not overrides else load_config(config or path / CONFIG_FILE, overrides)
     # the data first: a wrong data.prepared fails before the (whole) bank is loaded
     data = PreparedData.open(data_cfg.data.prepared, verify="checksums" if data_cfg.data.verify_checksums else "sizes")

@@ -45,14 +45,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
                             "or a run directory holding checkpoints/)")
 
 
-def read_checkpoint(path: str | Path) -> tuple[Path, dict, Config]:
-    """(step directory, trainer record, config) of a checkpoint or run directory to evaluate; a broken
-    one is a one-line error naming it and the newest older complete one."""
+def read_checkpoint(path: str | Path, hint: str = "evaluate it with --checkpoint") -> tuple[Path, dict, Config]:
+    """(step directory, trainer record, config) of a checkpoint or run directory to read; a broken one is
+    a one-line error naming it and the newest older complete one (which `hint` says how to use)."""
     path = resolve_checkpoint(path)
     try:
         record, cfg = check_complete(path)
     except CheckpointError as exc:
-        raise broken_checkpoint(path, str(exc), hint="evaluate it with --checkpoint") from exc
+        raise broken_checkpoint(path, str(exc), hint=hint) from exc
     return path, record, cfg
 
 
