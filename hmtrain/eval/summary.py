@@ -45,14 +45,20 @@ def _cell(stat: dict, digits: int) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def _stat_cells(row: dict, columns: list[str]) -> list[str]:
+    """A summary row's cells: perplexity to 2 decimals, accuracies (in %) to 1."""
+    return [_cell(row["stats"][c], 2 if c == "perplexity" else 1) for c in columns]
+
+
+def _markdown(caption: str, head: list[str], rows: list[list[str]]) -> str:
+    lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join([*lines, *("| " + " | ".join(cells) + " |" for cells in rows)]) + "\n"
+
+
 def summary_markdown(summary: dict) -> str:
-    head = ["model", *summary["columns"]]
-    lines = [f"Mean ± sample standard deviation over seeds {summary['seeds']} (accuracy in %).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in summary["rows"]:
-        cells = [row["name"]] + [_cell(row["stats"][c], 2 if c == "perplexity" else 1) for c in summary["columns"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _markdown(f"Mean ± sample standard deviation over seeds {summary['seeds']} (accuracy in %).",
+                     ["model", *summary["columns"]],
+                     [[row["name"], *_stat_cells(row, summary["columns"])] for row in summary["rows"]])
 
 
 def render_summary(summary: dict, console: Console) -> None:
@@ -60,8 +66,7 @@ def render_summary(summary: dict, console: Console) -> None:
     for column in ("model", *summary["columns"]):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in summary["rows"]:
-        table.add_row(SHORT.get(row["name"], row["name"]),
-                      *[_cell(row["stats"][c], 2 if c == "perplexity" else 1) for c in summary["columns"]])
+        table.add_row(SHORT.get(row["name"], row["name"]), *_stat_cells(row, summary["columns"]))
     console.print(table)
 
 
@@ -92,17 +97,17 @@ def subtree_markdown(summary: dict) -> str:
     if not summary["nodes"]:
         return ""
     with_change = "fetched_vs_alone_pct" in summary["nodes"][0]
-    head = ["subtree", "held-out tokens", *summary["names"], *(["fetched vs alone"] if with_change else [])]
-    lines = [f"Held-out perplexity per level-1 subtree, mean ± sample std over seeds {summary['seeds']}; the "
-             "last column is the fetched memory's perplexity change against the anchor alone, per seed.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for entry in summary["nodes"]:
         cells = [str(entry["node"]), f"{entry['tokens']:,}", *(_cell(entry["perplexity"][n], 2) for n in summary["names"])]
         if with_change:
             change = entry["fetched_vs_alone_pct"]
             cells.append(f"{change['mean']:+.1f}% ± {change['std']:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return _markdown(f"Held-out perplexity per level-1 subtree, mean ± sample std over seeds {summary['seeds']}; the "
+                     "last column is the fetched memory's perplexity change against the anchor alone, per seed.",
+                     ["subtree", "held-out tokens", *summary["names"], *(["fetched vs alone"] if with_change else [])],
+                     rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [[row["name"] for row in r["rows"]] for r in per_seed.values()]
     if any(n != names[0] for n in names):
         parser.error("the results files do not have the same rows: " + "; ".join(map(str, names)))
-    summary, subtrees = summarize(per_seed), subtree_summary(per_seed)
+    summary, subtrees = summarize(per_seed), subtree_markdown(subtree_summary(per_seed))
     render_summary(summary, Console())
-    text = summary_markdown(summary) + "\n" + subtree_markdown(subtrees)
-    print(subtree_markdown(subtrees))
+    print(subtrees)
+    text = summary_markdown(summary) + "\n" + subtrees
     if args.out:
         args.out.write_text(text)
     return 0
