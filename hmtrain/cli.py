@@ -11,7 +11,7 @@
     hmtrain export       --checkpoint DIR --out DIR [--overwrite] [--config CFG] [key=value ...]
     hmtrain generate     (--checkpoint DIR | --export DIR) --prompt TEXT [--max-new-tokens N --temperature T
                          --top-k K --seed S --memory fetched|generic|none] [--config CFG] [key=value ...]
-    hmtrain demo         [--out DIR] [--seeds S ...] [key=value ...]
+    hmtrain demo         [--out DIR] [--seeds S ...] [--people N --documents N] [key=value ...]
     hmtrain bench placement [--ranks 1 2 4] [--steps N] [--out DIR] [key=value ...]
 
 CFG is a YAML file or a preset name from configs/ (tiny, paper-160m, ...).
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="delete --out first")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0],
                       help="train and evaluate once per seed; with several, the table gives mean and spread")
+    demo.add_argument("--people", type=int, default=400, help="people in the synthetic corpus")
+    demo.add_argument("--documents", type=int, default=3000, help="documents in the synthetic corpus")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
@@ -218,7 +220,7 @@ def cmd_demo(args) -> None:
 
     if args.overwrite and args.out.exists():
         shutil.rmtree(args.out)
-    run_demo(args.out, args.config, args.overrides, seeds=args.seeds)
+    run_demo(args.out, args.config, args.overrides, seeds=args.seeds, people=args.people, documents=args.documents)
 
 
 def cmd_export(args) -> None:

@@ -22,7 +22,8 @@ from hmtrain.info import print_info
 from hmtrain.train.trainer import train
 
 
-def run_demo(out: Path, preset: str = "tiny", overrides: Sequence[str] = (), seeds: Sequence[int] = (0,)) -> dict:
+def run_demo(out: Path, preset: str = "tiny", overrides: Sequence[str] = (), seeds: Sequence[int] = (0,),
+             people: int = 400, documents: int = 3000) -> dict:
     console = Console()
     out = Path(out).resolve()
     started = time.perf_counter()
@@ -34,7 +35,7 @@ def run_demo(out: Path, preset: str = "tiny", overrides: Sequence[str] = (), see
     steps = 2 + 3 * len(seeds)
 
     console.rule(f"1/{steps} synthesize the long-tail facts corpus")
-    console.print(synthesize(corpus, seed=data_cfg.data.seed))
+    console.print(synthesize(corpus, num_people=people, num_documents=documents, seed=data_cfg.data.seed))
     console.rule(f"2/{steps} prepare: embed, fit the tree, route, tokenize, shard")
     prepare(data_cfg, overwrite=True)
     print_info(data_cfg, console)

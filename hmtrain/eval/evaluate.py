@@ -109,7 +109,7 @@ def subtree_table(results: dict) -> list[list[str]]:
     nodes = sorted({int(n) for r in rows for n in r["subtrees"]})
     out = [["subtree", "tokens", *(SHORT.get(r["name"], r["name"]) for r in rows)]]
     for node in nodes:
-        cells = [r["subtrees"].get(node) or r["subtrees"].get(str(node)) for r in rows]
+        cells = [r["subtrees"].get(str(node)) for r in rows]
         tokens = next(c["tokens"] for c in cells if c)
         out.append([str(node), str(tokens), *(f"{c['perplexity']:.2f}" if c else "-" for c in cells)])
     return out

@@ -34,7 +34,9 @@ def fetch_for(bank: Optional[MemoryBank], variant: str, paths: Tensor):
 def heldout_perplexity(model: Transformer, bank: Optional[MemoryBank], batches: Iterable[dict], variant: str,
                        device: torch.device, max_sequences: int = 0) -> dict:
     """Token-level perplexity over held-out packed sequences, memory routed by their documents' path;
-    also per level-1 subtree (`subtrees`: {node: {perplexity, nll, tokens}}), to show where memory helps."""
+    also per level-1 subtree (`subtrees`: {"node": {perplexity, nll, tokens}}), to show where memory helps.
+    Subtree keys are strings in node order, as they are after the JSON round trip of `eval --out`, so the
+    results in memory and on disk read the same way."""
     nll, tokens, sequences = 0.0, 0, 0
     per_node: dict[int, list[float]] = {}  # node -> [nll sum, tokens]
     for batch in batches:
@@ -54,7 +56,7 @@ def heldout_perplexity(model: Transformer, bank: Optional[MemoryBank], batches: 
             break
     if tokens == 0:
         raise ValueError("held-out split has no tokens to score")
-    subtrees = {node: {"perplexity": math.exp(s / t), "nll": s / t, "tokens": t}
+    subtrees = {str(node): {"perplexity": math.exp(s / t), "nll": s / t, "tokens": t}
                 for node, (s, t) in sorted(per_node.items()) if t}
     return {"perplexity": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens, "subtrees": subtrees}
 

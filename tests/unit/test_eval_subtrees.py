@@ -1,6 +1,7 @@
 """Held-out perplexity per level-1 subtree: each subtree's own tokens, and the tables that show it."""
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -37,11 +38,12 @@ def test_each_subtree_scores_only_its_own_sequences():
     batches, whole = _batches()
     out = heldout_perplexity(model, None, batches, "none", torch.device("cpu"))
     logits = model(whole["tokens"])
-    assert sorted(out["subtrees"]) == [0, 1, 2]
+    assert list(out["subtrees"]) == ["0", "1", "2"]  # the keys JSON gives back, so memory and disk agree
+    assert json.loads(json.dumps(out)) == out
     for node in (0, 1, 2):
         rows = whole["paths"][:, 0] == node
         nll = F.cross_entropy(logits[rows].flatten(0, 1), whole["labels"][rows].flatten(), ignore_index=-100)
-        got = out["subtrees"][node]
+        got = out["subtrees"][str(node)]
         assert got["tokens"] == int((whole["labels"][rows] != -100).sum())
         assert math.isclose(got["perplexity"], math.exp(float(nll)), rel_tol=1e-5)
     assert out["tokens"] == sum(s["tokens"] for s in out["subtrees"].values())
@@ -51,7 +53,7 @@ def test_each_subtree_scores_only_its_own_sequences():
 
 def test_tables_have_a_row_per_subtree_and_a_column_per_model():
     rows = [{"name": "anchor + fetched memory", "parameters": 10, "perplexity": 3.0,
-             "subtrees": {0: {"perplexity": 2.5, "tokens": 40}, 1: {"perplexity": 3.5, "tokens": 60}}},
+             "subtrees": {"0": {"perplexity": 2.5, "tokens": 40}, "1": {"perplexity": 3.5, "tokens": 60}}},
             {"name": "anchor alone", "parameters": 8, "perplexity": 4.0,
              "subtrees": {"0": {"perplexity": 3.25, "tokens": 40}, "1": {"perplexity": 4.5, "tokens": 60}}}]
     table = subtree_table({"rows": rows})
@@ -60,3 +62,11 @@ def test_tables_have_a_row_per_subtree_and_a_column_per_model():
     markdown = to_markdown({"rows": rows})
     assert "| 0 | 40 | 2.50 | 3.25 |" in markdown and "| 1 | 60 | 3.50 | 4.50 |" in markdown
     assert subtree_table({"rows": [{"name": "x", "perplexity": 1.0, "parameters": 1}]}) == []
+
+
+def test_subtree_keys_sort_by_node_number_past_nine():
+    paths = torch.tensor([[10, 0], [2, 0], [9, 0]])
+    batch = {"tokens": torch.zeros(3, 4, dtype=torch.long), "labels": torch.ones(3, 4, dtype=torch.long),
+             "segments": torch.zeros(3, 4, dtype=torch.long), "paths": paths}
+    out = heldout_perplexity(FixedLogits(), None, [batch], "none", torch.device("cpu"))
+    assert list(out["subtrees"]) == ["2", "9", "10"]
