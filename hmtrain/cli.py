@@ -305,6 +305,9 @@ def one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hmtrain.parallel.supervisor import stop_with_supervisor
+
+    stop_with_supervisor()  # a torchrun worker checkpoints and stops if torchrun is killed
     args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("HMTRAIN_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

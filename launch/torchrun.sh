@@ -61,10 +61,20 @@ export PYTHONUNBUFFERED=1
 # `timeout` sends SIGTERM to torchrun, which passes it to the ranks (they checkpoint and stop) and kills
 # them after --grace; the --kill-after margin only matters if torchrun itself hangs. It runs in the
 # background so that a signal to this script (kill, Ctrl-C, a scheduler) reaches the job the same way.
+# Nothing outlives its supervisor: torchrun gets SIGTERM if `timeout` dies (setpriv's parent-death signal),
+# and every rank asks for the same when torchrun dies (hmtrain/parallel/supervisor.py).
+pdeath=()
+if command -v setpriv >/dev/null 2>&1; then pdeath=(setpriv --pdeathsig TERM); fi
+# The job's stderr goes through a pipe that torchrun and every rank inherit: the pipe's reader ends only
+# when the last of them has exited, so this script never reports a job over while a rank still runs.
+# It ignores the signals a terminal or scheduler sends the whole group, so it outlasts the ranks it serves.
+exec 3> >(trap '' INT TERM HUP; exec cat >&2)
+relay=$!
 timeout --foreground --kill-after=$((grace_s + 30)) "$timeout_s" \
-  "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$nproc" --max_restarts 0 \
-  --shutdown_timeout "$grace_s" -m hmtrain.cli "$@" &
+  "${pdeath[@]}" "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$nproc" \
+  --max_restarts 0 --shutdown_timeout "$grace_s" -m hmtrain.cli "$@" 2>&3 &
 job=$!
+exec 3>&-
 signalled=0
 pass_on() {  # signal name
   echo "launch/torchrun.sh: got SIG$1: passing it to the job" >&2
@@ -79,6 +89,10 @@ while kill -0 "$job" 2>/dev/null; do
 done
 rc=0
 wait "$job" || rc=$?
+if kill -0 "$relay" 2>/dev/null; then
+  [ $rc -lt 128 ] || echo "launch/torchrun.sh: the job's supervisor ended with $rc; waiting for its ranks to stop" >&2
+  wait "$relay" || true
+fi
 if [ $signalled != 0 ] && [ $rc != 0 ] && [ $rc -lt 128 ]; then
   rc=$((128 + signalled))  # torchrun says 1; the shell's convention tells a scheduler the job was stopped
 fi

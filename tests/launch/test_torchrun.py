@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +95,40 @@ def test_sigterm_to_the_launcher_checkpoints_and_the_job_resumes(job, tmp_path):
     assert_checkpoint(run_dir, step=stopped_at, world=2)
     launch(tmp_path, [*job.args(run_dir, steps=job.long_steps), "--resume"], check=0)
     assert metrics_steps(run_dir) == list(range(1, job.long_steps + 1))
+
+
+def _supervisor(marker: str, name: str) -> int:
+    """The pid of the job's `timeout` wrapper or of torchrun (the marked processes without a LOCAL_RANK)."""
+    found = []
+    for pid in processes_marked(marker):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if "LOCAL_RANK" in environ_of(pid):
+            continue
+        program = Path(cmdline[0].decode()).name
+        if (name == "timeout" and program == "timeout") or (
+                name == "torchrun" and program != "timeout" and b"torch.distributed.run" in cmdline):
+            found.append(pid)
+    assert len(found) == 1, (name, found)
+    return found[0]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("victim", ["torchrun", "timeout"])
+def test_ranks_stop_and_checkpoint_when_their_supervisor_is_killed(job, tmp_path, victim):
+    run_dir, marker = tmp_path / "run", new_marker()
+    proc = start(tmp_path, job.args(run_dir, steps=job.long_steps), marker=marker)
+    try:
+        wait_for_step(run_dir, 2, proc)
+        os.kill(_supervisor(marker, victim), signal.SIGKILL)
+        rc = proc.wait(timeout=120)
+        log = (tmp_path / f"{marker}.log").read_text()
+        assert processes_marked(marker) == [], f"ranks outlived the launcher:\n{log[-4000:]}"
+        assert rc != 0, log[-4000:]
+    finally:
+        end(proc, marker)
+    stopped_at = metrics_steps(run_dir)[-1]
+    assert stopped_at < job.long_steps  # the ranks stopped, instead of training on to the end
+    assert_checkpoint(run_dir, step=stopped_at, world=2)  # and checkpointed first (SIGTERM, not SIGKILL)
 
 
 @pytest.mark.multiprocess
