@@ -75,7 +75,7 @@ class SwiGLUUnits(MemoryKind):
 
         Drawn in fp32 on the CPU: a row gets the same values on every device and in every dtype."""
         n_layers, _, units, width = row.shape
-        draw = torch.empty((n_layers, 2, units, width), dtype=torch.float32)
+        draw = torch.empty((n_layers, 2, units, width), dtype=torch.float32)  # slots 0 and 1: gate, up
         row[:, 0:2] = draw.normal_(0.0, init_std, generator=generator).to(device=row.device, dtype=row.dtype)
 
 
