@@ -8,6 +8,7 @@ from rich.table import Table
 
 from hmtrain.config import Config
 from hmtrain.memory import memory_sizes
+from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.sizes import rank_footprint
 from hmtrain.model import count_parameters, run_model_config
 
@@ -32,8 +33,8 @@ def model_config(cfg: Config):
 
 def size_summary(cfg: Config) -> dict:
     model = model_config(cfg)
-    levels = memory_sizes(n_layers=model.n_layers, d_model=model.d_model, branching=cfg.tree.branching,
-                          units=cfg.memory.units)
+    levels = memory_sizes(n_layers=model.n_layers, params_per_unit=memory_kind(cfg).params_per_unit,
+                          branching=cfg.tree.branching, units=cfg.memory.units)
     return {
         "anchor": count_parameters(model),
         "dense_baseline": count_parameters(run_model_config(model, "dense", cfg.train.dense_multiplier)),
@@ -75,9 +76,10 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
     model = model_config(cfg)
     par, tc = cfg.parallel, cfg.train
     weight_bytes = 2 if cfg.memory.dtype == "bf16" else 4
-    bank = rank_footprint(n_layers=model.n_layers, d_model=model.d_model, branching=cfg.tree.branching,
-                          units=cfg.memory.units, world_size=world_size, replicate_levels=par.replicate_levels,
-                          generic=cfg.memory.generic, weight_bytes=weight_bytes, micro_batch=tc.micro_batch_size,
+    bank = rank_footprint(n_layers=model.n_layers, params_per_unit=memory_kind(cfg).params_per_unit,
+                          branching=cfg.tree.branching, units=cfg.memory.units, world_size=world_size,
+                          replicate_levels=par.replicate_levels, generic=cfg.memory.generic,
+                          weight_bytes=weight_bytes, micro_batch=tc.micro_batch_size,
                           global_batch=tc.global_batch_size)
     anchor = anchor_bytes_per_rank(summary["anchor"], world_size, par.engine, par.zero_stage)
     rows = {

@@ -41,6 +41,7 @@ from hmtrain.eval.loading import read_checkpoint
 from hmtrain.memory import uses_memory
 from hmtrain.memory.mapped_bank import STORAGE, MappedBank
 from hmtrain.memory.fetched import GENERIC
+from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.sizes import level_nodes
 from hmtrain.model import Transformer, count_parameters, run_model_config
 from hmtrain.train.checkpoint import CONFIG_FILE, Checkpointer, CheckpointError
@@ -57,13 +58,13 @@ AGAIN = "export the checkpoint again (`hmtrain export --overwrite`)"
 
 def bank_tables(cfg: Config) -> dict[str, tuple[Optional[int], tuple[int, ...]]]:
     """Table name -> (tree level or None, full shape) of the bank a config trains, as MemoryBank lays it out."""
-    n_layers, d = cfg.model.n_layers, cfg.model.d_model
+    n_layers, kind = cfg.model.n_layers, memory_kind(cfg)
     tables: dict[str, tuple[Optional[int], tuple[int, ...]]] = {}
     for level, (nodes, m) in enumerate(zip(level_nodes(cfg.tree.branching), cfg.memory.units)):
         if m > 0:
-            tables[f"level{level}"] = (level, (nodes, n_layers, 3, m, d))
+            tables[f"level{level}"] = (level, (nodes, *kind.row_shape(n_layers, m)))
     if cfg.memory.generic:
-        tables[GENERIC] = (None, (1, n_layers, 3, sum(cfg.memory.units), d))
+        tables[GENERIC] = (None, (1, *kind.row_shape(n_layers, sum(cfg.memory.units))))
     return tables
 
 
@@ -158,7 +159,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: Option
             bank = {"n_layers": n_layers, "d_model": d, "branching": list(cfg.tree.branching),
                     "units": list(cfg.memory.units), "generic": cfg.memory.generic, "dtype": dtype,
                     "storage_dtype": STORAGE[dtype].str, "tables": entries,
-                    "fetched_parameters": n_layers * 3 * d * sum(cfg.memory.units),
+                    "fetched_parameters": n_layers * memory_kind(cfg).params_per_unit * sum(cfg.memory.units),
                     "bank_parameters": sum(int(np.prod(s)) for n, (_, s) in tables.items() if n != GENERIC)}
 
         model_cfg = run_model_config(cfg.model, cfg.train.mode, cfg.train.dense_multiplier)

@@ -9,6 +9,7 @@ from hmtrain.config.schema import Config
 from hmtrain.memory.bank import MemoryBank
 from hmtrain.memory.exchange import Comm
 from hmtrain.memory.fetched import FetchedMemory
+from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.sizes import LevelSize, memory_sizes
 from hmtrain.memory.sparse_adamw import SparseAdamW
 
@@ -27,7 +28,7 @@ def build_bank(cfg: Config, device: torch.device | str = "cpu", comm: Comm | Non
     """The bank a config describes, with the memory phase's optimizer settings."""
     optim = cfg.train.memory_optim
     return MemoryBank(
-        n_layers=cfg.model.n_layers, d_model=cfg.model.d_model, branching=cfg.tree.branching,
+        n_layers=cfg.model.n_layers, kind=memory_kind(cfg), branching=cfg.tree.branching,
         units=cfg.memory.units, generic=cfg.memory.generic, init_std=cfg.memory.init_std,
         seed=cfg.train.seed, device=device, dtype=DTYPES[cfg.memory.dtype],
         optimizer=SparseAdamW(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay),

@@ -1,9 +1,8 @@
 """The hierarchical memory bank: per-level tables, sharded by row, fetched by step plan.
 
-One table per level i with m_i > 0 units: N_i rows (tree nodes) of shape
-[n_layers, 3, m_i, d_model] (slot 0 gate rows, 1 up rows, 2 down rows, the down
-matrix stored transposed so the three share a shape), plus optionally the generic
-(context-free) memory: one row of the fetched size M = sum(m_i). Rows live where
+One table per level i with m_i > 0 units: N_i rows (tree nodes) of the memory kind's row
+shape for m_i units (hmtrain/memory/kind.py: for SwiGLU units, gate, up and down rows of every
+layer), plus optionally the generic (context-free) memory: one row of the fetched size M = sum(m_i). Rows live where
 their layout says (hmtrain/memory/layout.py): replicated, in torch.chunk slices
 (gather placement) or by level-1 subtree (owner placement). Optimizer moments are fp32
 beside the weights, whatever the storage dtype.
@@ -31,6 +30,7 @@ from torch import Tensor
 from hmtrain.memory import layout as layouts
 from hmtrain.memory.exchange import Comm
 from hmtrain.memory.fetched import GENERIC, FetchedMemory, Part
+from hmtrain.memory.kind import MemoryKind
 from hmtrain.memory.plan import StepPlan, TableSpec, make_plan
 from hmtrain.memory.sizes import level_nodes, validate_tree
 from hmtrain.memory.sparse_adamw import SparseAdamW
@@ -49,7 +49,7 @@ class MemoryBank:
         self,
         *,
         n_layers: int,
-        d_model: int,
+        kind: MemoryKind,
         branching: Sequence[int],
         units: Sequence[int],
         generic: bool = True,
@@ -63,9 +63,8 @@ class MemoryBank:
         replicate_levels: int = 0,
         owner_of_subtree: Sequence[int] | None = None,
     ) -> None:
-        for name, v in (("n_layers", n_layers), ("d_model", d_model)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
         validate_tree(branching, units)
         if sum(units) == 0:
             raise ValueError(f"units must give at least one level a positive number of units, got {tuple(units)}")
@@ -75,7 +74,7 @@ class MemoryBank:
             raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
         if placement not in ("gather", "owner"):
             raise ValueError(f"placement must be gather or owner, got {placement!r}")
-        self.n_layers, self.d_model = n_layers, d_model
+        self.n_layers, self.kind = n_layers, kind
         self.branching = tuple(int(k) for k in branching)
         self.units = tuple(int(m) for m in units)
         self.units_total = sum(self.units)
@@ -102,11 +101,11 @@ class MemoryBank:
                     transport = "local"
                 else:
                     lay, transport = layouts.chunked(n, world, rank), "remote"
-                self.specs.append(TableSpec(f"level{level}", level, (n_layers, 3, m, d_model), lay, transport))
+                self.specs.append(TableSpec(f"level{level}", level, kind.row_shape(n_layers, m), lay, transport))
                 self.parts.append(Part(f"level{level}", m, offset))
             offset += m
         if generic:
-            self.specs.append(TableSpec(GENERIC, None, (n_layers, 3, self.units_total, d_model),
+            self.specs.append(TableSpec(GENERIC, None, kind.row_shape(n_layers, self.units_total),
                                         layouts.replicated(1, world, rank), "replicated"))
         self.spec = {s.name: s for s in self.specs}
 
@@ -124,15 +123,13 @@ class MemoryBank:
         self._mesh = None  # the DeviceMesh checkpoints use (hmtrain/memory/bank_state.py), made on first save
 
     def _init_rows(self, spec: TableSpec, table_index: int, init_std: float, seed: int) -> Tensor:
-        """gate/up ~ N(0, init_std) like the anchor's; down = 0, so a fresh memory changes nothing."""
+        """Every row as the kind starts a fresh memory, from its own seed (a fresh memory changes nothing)."""
         rows = spec.layout.local_rows
         weight = torch.zeros((len(rows), *spec.row_shape), device=self.device, dtype=self.dtype)
         gen = torch.Generator(device="cpu")
-        draw_shape = (spec.row_shape[0], 2, *spec.row_shape[2:])
-        for slot, row in enumerate(rows.tolist()):  # drawn on CPU: the same values on every device
+        for slot, row in enumerate(rows.tolist()):
             gen.manual_seed(_row_seed(seed, table_index, row))
-            draw = torch.empty(draw_shape, dtype=torch.float32).normal_(0.0, init_std, generator=gen)
-            weight[slot, :, 0:2] = draw.to(device=self.device, dtype=self.dtype)
+            self.kind.init_row(weight[slot], init_std, gen)
         return weight
 
     # ---- sizes -------------------------------------------------------------
@@ -142,8 +139,8 @@ class MemoryBank:
         return sum(s.layout.num_rows * s.row_numel for s in self.specs if include_generic or s.name != GENERIC)
 
     def fetched_parameters(self) -> int:
-        """Parameters one sequence fetches: n_layers * 3 * d_model * M."""
-        return self.n_layers * 3 * self.d_model * self.units_total
+        """Parameters one sequence fetches: n_layers * params-per-unit * M."""
+        return self.n_layers * self.kind.params_per_unit * self.units_total
 
     @property
     def tables(self) -> dict[str, Tensor]:
@@ -202,8 +199,8 @@ class MemoryBank:
                 rows[spec.name] = buffer
         layer_major = {name: r.transpose(0, 1).contiguous() for name, r in rows.items()}
         index = {p.table: fetches[p.table].index for p in self.parts}
-        return FetchedMemory(layer_major, index, self.parts, n_layers=self.n_layers, batch_size=plan.batch_sizes[k],
-                             requires_grad=requires_grad, micro_batch=k)
+        return FetchedMemory(layer_major, index, self.parts, self.kind, n_layers=self.n_layers,
+                             batch_size=plan.batch_sizes[k], requires_grad=requires_grad, micro_batch=k)
 
     def _split_by_table(self, received: Tensor, remote: list[TableSpec], fetches, recv_splits) -> list[Tensor]:
         """The received flat buffer is [owner 0: table rows..., owner 1: ...]; regroup it per table."""
@@ -315,7 +312,7 @@ class MemoryBank:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(self.device, non_blocking=True)
 
     def __repr__(self) -> str:
-        return (f"MemoryBank(n_layers={self.n_layers}, d_model={self.d_model}, branching={self.branching}, "
+        return (f"MemoryBank(n_layers={self.n_layers}, kind={self.kind}, branching={self.branching}, "
                 f"units={self.units}, generic={self.has_generic}, placement={self.placement}, "
                 f"world={self.comm.world_size}, params={self.num_parameters():,}, "
                 f"fetched={self.fetched_parameters():,})")

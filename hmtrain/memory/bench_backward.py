@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hmtrain.memory import MemoryBank
+from hmtrain.memory.kind import SwiGLUUnits
 
 
 class AllocationCounter(TorchDispatchMode):
@@ -68,8 +69,8 @@ def sliced_leaf_layers(fetched, plan, n_layers: int):
 
 def measure(args) -> list[tuple[str, float, float]]:
     branching = [16] * len(args.units)
-    bank = MemoryBank(n_layers=args.layers, d_model=args.d, branching=branching, units=args.units, generic=False,
-                      init_std=0.02)
+    bank = MemoryBank(n_layers=args.layers, kind=SwiGLUUnits(d_model=args.d), branching=branching, units=args.units,
+                      generic=False, init_std=0.02)
     rng = np.random.default_rng(0)
     leaves = rng.integers(0, int(np.prod(branching)), size=args.batch)
     paths = np.stack([leaves // 16 ** (len(branching) - 1 - lvl) for lvl in range(len(branching))], axis=1)

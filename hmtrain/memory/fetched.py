@@ -1,8 +1,9 @@
 """What one micro-batch fetched from the bank, as the model reads it: per-layer memory blocks.
 
-The rows of a table are held layer-major, [n_layers, U, 3, m, d] (U unique rows: the set a
-distributed bank receives from owners), beside one gradient buffer of the same shape.
-`layer(i)` builds the sequences' blocks of layer i with `GatherBlocks`, whose backward adds
+The rows of a table are held layer-major, [n_layers, U, slots, m, width] (U unique rows: the set
+a distributed bank receives from owners; slots and width are the memory kind's), beside one
+gradient buffer of the same shape. `layer(i)` builds the sequences' blocks of layer i with
+`GatherBlocks`, one per slot, and hands them over as the kind's layer tensors; its backward adds
 each block gradient straight into that buffer's layer-i slice: the gradient of all fetched
 rows costs one buffer of the fetched size, however many layers and sequences share them.
 """
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hmtrain.memory.gather import GatherBlocks, Source
+from hmtrain.memory.kind import MemoryKind
 
 GENERIC = "generic"
 
@@ -29,10 +31,11 @@ class Part:
 
 
 class FetchedMemory:
-    def __init__(self, rows: dict[str, Tensor], index: dict[str, np.ndarray], parts: list[Part], *, n_layers: int,
-                 batch_size: int, requires_grad: bool, micro_batch: int = -1):
-        self.rows = rows  # table -> [n_layers, U, 3, m, d]; GENERIC -> [n_layers, 0 or 1, 3, M, d]
+    def __init__(self, rows: dict[str, Tensor], index: dict[str, np.ndarray], parts: list[Part], kind: MemoryKind, *,
+                 n_layers: int, batch_size: int, requires_grad: bool, micro_batch: int = -1):
+        self.rows = rows  # table -> [n_layers, U, slots, m, width]; GENERIC -> [n_layers, 0 or 1, slots, M, width]
         self.parts = parts
+        self.kind = kind
         self.n_layers = n_layers
         self.batch_size = batch_size
         self.requires_grad = requires_grad
@@ -54,8 +57,9 @@ class FetchedMemory:
     def units(self) -> int:
         return sum(p.units for p in self.parts)
 
-    def layer(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Blocks of transformer layer i: u_gate [B, M, d], u_up [B, M, d], u_down [B, d, M] (a view).
+    def layer(self, i: int) -> tuple[Tensor, ...]:
+        """Blocks of transformer layer i, as the kind hands them to the model (SwiGLU units:
+        u_gate [B, M, d], u_up [B, M, d], u_down [B, d, M], a view).
 
         Sequence b's units are [level0 block | level1 block | ...], or the generic row's.
         """
@@ -69,5 +73,6 @@ class FetchedMemory:
         generic = self.rows.get(GENERIC)
         generic_rows = generic[i] if generic is not None and generic.shape[1] else None
         generic_grads = self.grads[GENERIC][i] if generic_rows is not None and self.requires_grad else None
-        gate, up, down_t = GatherBlocks.apply(self._anchor, sources, generic_rows, generic_grads, self.batch_size)
-        return gate, up, down_t.transpose(1, 2)
+        blocks = GatherBlocks.apply(self._anchor, sources, generic_rows, generic_grads, self.batch_size,
+                                    len(self.kind.slots))
+        return self.kind.layer_tensors(blocks)

@@ -2,7 +2,8 @@
 adds straight into the rows' gradient buffer.
 
 Forward: for every tree level (a `Part`) each sequence's block is its row (or the generic row's
-slice) of that level; the blocks are written side by side into u_gate, u_up, u_down^T [B, M, d].
+slice) of that level; the blocks are written side by side into one [B, M, width] tensor per slot
+of the memory kind (hmtrain/memory/kind.py; SwiGLU units: u_gate, u_up, u_down^T).
 Backward: each sequence's block gradient is index-added into the preallocated gradient buffer of
 the layer's rows (`grads[i]` of hmtrain/memory/fetched.py), in place. No zero-filled gradient of
 the fetched rows, no per-layer copy and no AccumulateGrad are allocated: the only gradients the
@@ -22,8 +23,8 @@ class Source:
 
     offset: int  # first unit of this level in [level0 | level1 | ...]
     units: int
-    rows: Tensor | None  # [U, 3, m, d] this layer's rows (None if no sequence uses its own)
-    grads: Tensor | None  # [U, 3, m, d] slice of the gradient buffer for those rows
+    rows: Tensor | None  # [U, slots, m, width] this layer's rows (None if no sequence uses its own)
+    grads: Tensor | None  # [U, slots, m, width] slice of the gradient buffer for those rows
     own_seq: Tensor  # [B_own] sequences that use their own row
     own_row: Tensor  # [B_own] which row each of them uses
     generic_seq: Tensor  # [B_gen] sequences that use the generic row
@@ -32,13 +33,13 @@ class Source:
 class GatherBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor: Tensor, sources: list[Source], generic_rows: Tensor | None,
-                generic_grads: Tensor | None, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+                generic_grads: Tensor | None, batch: int, slots: int) -> tuple[Tensor, ...]:
         # `anchor` is the fetched buffer (a leaf requiring grad): it only makes autograd call backward
         units = sum(s.units for s in sources)
-        d = anchor.shape[-1]
-        out = [anchor.new_empty((batch, units, d)) for _ in range(3)]  # gate, up, down^T
+        width = anchor.shape[-1]
+        out = [anchor.new_empty((batch, units, width)) for _ in range(slots)]
         for s in sources:
-            for slot in range(3):
+            for slot in range(slots):
                 target = out[slot][:, s.offset:s.offset + s.units]
                 if s.rows is not None and s.own_seq.numel():
                     target.index_copy_(0, s.own_seq, s.rows[:, slot].index_select(0, s.own_row))
@@ -46,7 +47,7 @@ class GatherBlocks(torch.autograd.Function):
                     g = generic_rows[0, slot, s.offset:s.offset + s.units]
                     target.index_copy_(0, s.generic_seq, g.expand(s.generic_seq.numel(), -1, -1))
         ctx.sources, ctx.generic_grads = sources, generic_grads
-        return out[0], out[1], out[2]
+        return tuple(out)
 
     @staticmethod
     def backward(ctx, *grad_out: Tensor):
@@ -60,4 +61,4 @@ class GatherBlocks(torch.autograd.Function):
                 if s.generic_seq.numel():
                     summed = block.index_select(0, s.generic_seq).sum(0)
                     ctx.generic_grads[0, slot, s.offset:s.offset + s.units] += summed.to(ctx.generic_grads.dtype)
-        return None, None, None, None, None
+        return None, None, None, None, None, None

@@ -1,9 +1,8 @@
 """A trained bank read through memory maps: a lookup reads its paths' rows and nothing else.
 
 `hmtrain export` writes one plain `.npy` file per table (hmtrain/eval/export.py): `level{i}.npy`
-holds that level's N_i rows of shape [n_layers, 3, m_i, d_model] (slot 0 gate rows, 1 up rows,
-2 down rows stored transposed, as in MemoryBank), `generic.npy` the one generic row of the
-fetched size. Rows are C-contiguous, so node j of a level is the single byte range
+holds that level's N_i rows, each of the memory kind's row shape for m_i units, as in MemoryBank
+(hmtrain/memory/kind.py), `generic.npy` the one generic row of the fetched size. Rows are C-contiguous, so node j of a level is the single byte range
 `data_offset + j * row_bytes` of its file. A bf16 bank is stored as its raw bit patterns
 (`uint16`; numpy has no bfloat16) and viewed back as torch.bfloat16 here, bit for bit.
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from hmtrain.memory.fetched import GENERIC, FetchedMemory, Part
+from hmtrain.memory.kind import MemoryKind, SwiGLUUnits
 from hmtrain.memory.plan import validate_paths
 
 # what a table's elements are, and how they are stored in the .npy file
@@ -47,14 +47,14 @@ def open_table(path: Path, shape: tuple[int, ...], dtype: str) -> np.memmap:
 class MappedBank:
     """The bank section of an export's manifest, opened. Build with `MappedBank.open(root, manifest["bank"])`."""
 
-    def __init__(self, *, n_layers: int, d_model: int, branching: tuple[int, ...], units: tuple[int, ...],
+    def __init__(self, *, n_layers: int, kind: MemoryKind, branching: tuple[int, ...], units: tuple[int, ...],
                  dtype: str, tables: dict[str, np.memmap], device: str | torch.device = "cpu"):
-        self.n_layers, self.d_model = n_layers, d_model
+        self.n_layers, self.kind = n_layers, kind
         self.branching, self.units = tuple(branching), tuple(units)
         self.units_total = sum(self.units)
         self.dtype_name = dtype
         self.dtype = TORCH_DTYPES[dtype]
-        self.tables = tables  # table name -> read-only memory map [N, n_layers, 3, m, d]
+        self.tables = tables  # table name -> read-only memory map [N, *kind.row_shape(n_layers, m)]
         self.has_generic = GENERIC in tables
         self.device = torch.device(device)
         self.parts: list[Part] = []
@@ -78,18 +78,20 @@ class MappedBank:
             if set(tables) != expected:
                 raise ValueError(f"tables {sorted(tables)} do not match units {list(units)} "
                                  f"(generic={bank['generic']}): expected {sorted(expected)}")
-            return cls(n_layers=int(bank["n_layers"]), d_model=int(bank["d_model"]), branching=branching,
-                       units=units, dtype=dtype, tables=tables, device=device)
+            # the manifest names no kind: hmtrain trains only SwiGLU FFN memories (memory.kind 'ffn')
+            kind = SwiGLUUnits(d_model=int(bank["d_model"]))
+            return cls(n_layers=int(bank["n_layers"]), kind=kind, branching=branching, units=units, dtype=dtype,
+                       tables=tables, device=device)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"export {root}: the manifest's bank section is malformed ({exc!r}); "
                              "export the checkpoint again") from exc
 
     def fetched_parameters(self) -> int:
-        """Parameters one sequence fetches: n_layers * 3 * d_model * M."""
-        return self.n_layers * 3 * self.d_model * self.units_total
+        """Parameters one sequence fetches: n_layers * params-per-unit * M."""
+        return self.n_layers * self.kind.params_per_unit * self.units_total
 
     def read_rows(self, name: str, ids: np.ndarray) -> Tensor:
-        """Rows `ids` (ascending, unique) of one table as [len(ids), n_layers, 3, m, d]: only their bytes are read."""
+        """Rows `ids` (ascending, unique) of one table as [len(ids), *row shape]: only their bytes are read."""
         rows = self.tables[name][ids]  # fancy indexing a memory map copies just these rows
         tensor = torch.from_numpy(np.ascontiguousarray(rows))
         return tensor.view(self.dtype) if self.dtype == torch.bfloat16 else tensor
@@ -125,7 +127,7 @@ class MappedBank:
         if self.has_generic:
             rows[GENERIC] = self.read_rows(GENERIC, np.zeros(1 if generic.any() else 0, dtype=np.int64))
         layer_major = {name: r.to(self.device).transpose(0, 1).contiguous() for name, r in rows.items()}
-        return FetchedMemory(layer_major, index, self.parts, n_layers=self.n_layers, batch_size=batch,
+        return FetchedMemory(layer_major, index, self.parts, self.kind, n_layers=self.n_layers, batch_size=batch,
                              requires_grad=False)
 
     def __repr__(self) -> str:

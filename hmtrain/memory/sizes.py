@@ -3,8 +3,8 @@
 `hmtrain info` prints these for the paper's banks (4.6B..21B parameters), which
 are far too big to build just to count them. The formulas are DESIGN.md's:
 bank = layers * params-per-unit * sum(N_i * m_i), fetched = layers *
-params-per-unit * sum(m_i), with params-per-unit = 3 * d_model for SwiGLU
-(gate, up and down rows).
+params-per-unit * sum(m_i), where the memory kind gives params-per-unit
+(hmtrain/memory/kind.py: 3 * d_model for SwiGLU units, gate, up and down rows).
 """
 
 from __future__ import annotations
@@ -58,21 +58,19 @@ def level_nodes(branching: Sequence[int]) -> list[int]:
 def memory_sizes(
     *,
     n_layers: int,
-    d_model: int,
+    params_per_unit: int,
     branching: Sequence[int],
     units: Sequence[int],
-    params_per_unit_factor: int = 3,
 ) -> list[LevelSize]:
     """Per-level node count, bank size and fetched size (one entry per level).
 
-    `params_per_unit_factor * d_model` parameters per unit per layer: 3 for a
-    SwiGLU memory (gate, up, down). Levels with 0 units appear with 0 params.
+    `params_per_unit` parameters per unit per layer (the memory kind's).
+    Levels with 0 units appear with 0 params.
     """
     _check_int("n_layers", n_layers, minimum=1)
-    _check_int("d_model", d_model, minimum=1)
-    _check_int("params_per_unit_factor", params_per_unit_factor, minimum=1)
+    _check_int("params_per_unit", params_per_unit, minimum=1)
     validate_tree(branching, units)
-    per_unit = n_layers * params_per_unit_factor * d_model
+    per_unit = n_layers * params_per_unit
     return [
         LevelSize(level=i, nodes=n, units=m, bank_params=per_unit * n * m, fetched_params=per_unit * m)
         for i, (n, m) in enumerate(zip(level_nodes(branching), units))
@@ -96,12 +94,12 @@ def _expected_distinct(nodes: int, draws: int) -> float:
     return nodes * (1.0 - (1.0 - 1.0 / nodes) ** draws)
 
 
-def rank_footprint(*, n_layers: int, d_model: int, branching: Sequence[int], units: Sequence[int], world_size: int,
-                   replicate_levels: int, generic: bool, weight_bytes: int, micro_batch: int,
+def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[int], units: Sequence[int],
+                   world_size: int, replicate_levels: int, generic: bool, weight_bytes: int, micro_batch: int,
                    global_batch: int) -> RankFootprint:
     """Per-rank bank memory and traffic, assuming a batch's leaves spread uniformly over the tree."""
     validate_tree(branching, units)
-    per_unit = n_layers * 3 * d_model
+    per_unit = n_layers * params_per_unit
     sequences_per_rank = max(1, global_batch // world_size)
     micro_batches = max(1, sequences_per_rank // micro_batch)
     weights = optimizer = step_grads = fetched = 0

@@ -18,7 +18,7 @@ from torch import Tensor
 
 # Rows are updated in chunks of about this many elements so the fp32 copies of
 # weight, moments and gradient stay small even for a level-0 row (one row of the
-# paper's 160M bank holds 35 layers * 3 * 256 units * 512 = 13.8M values).
+# paper's 160M bank holds 35 layers * 256 units * 1,536 parameters per unit = 13.8M values).
 _CHUNK_ELEMENTS = 1 << 24
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from hmtrain.memory import Comm, MemoryBank, SparseAdamW
 from hmtrain.memory.bank_state import bank_state_for_load, bank_state_for_save, restore_bank
+from hmtrain.memory.kind import SwiGLUUnits
 from hmtrain.parallel.placement import assign_subtrees
 
 BRANCHING, UNITS, LAYERS, D = (4, 3, 2), (3, 2, 2), 2, 4
@@ -68,8 +69,8 @@ def main() -> int:
     owner = None
     if a.placement == "owner":
         owner = assign_subtrees([5, 1, 3, 2], world)
-    bank = MemoryBank(n_layers=LAYERS, d_model=D, branching=BRANCHING, units=UNITS, generic=True, seed=0,
-                      optimizer=SparseAdamW(lr=0.05, weight_decay=0.1), comm=comm, placement=a.placement,
+    bank = MemoryBank(n_layers=LAYERS, kind=SwiGLUUnits(d_model=D), branching=BRANCHING, units=UNITS, generic=True,
+                      seed=0, optimizer=SparseAdamW(lr=0.05, weight_decay=0.1), comm=comm, placement=a.placement,
                       replicate_levels=a.replicate, owner_of_subtree=owner)
     for table in bank._state.values():  # non-zero down rows, so every slot gets gradients from step 0
         w = table["weight"]

@@ -6,6 +6,7 @@ import torch.distributed.checkpoint as dcp
 
 from hmtrain.memory import MemoryBank
 from hmtrain.memory.bank_state import bank_state_for_load, restore_bank
+from hmtrain.memory.kind import SwiGLUUnits
 from tests.dist import bank_worker as worker
 from tests.dist.conftest import torchrun
 
@@ -23,8 +24,8 @@ def run(tmp_path, name, nproc, placement="gather", replicate=0, steps=4, start=0
 
 
 def load(path) -> dict:
-    bank = MemoryBank(n_layers=worker.LAYERS, d_model=worker.D, branching=worker.BRANCHING, units=worker.UNITS,
-                      seed=123)
+    bank = MemoryBank(n_layers=worker.LAYERS, kind=SwiGLUUnits(d_model=worker.D), branching=worker.BRANCHING,
+                      units=worker.UNITS, seed=123)
     state = {"bank": bank_state_for_load(bank)}
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
     restore_bank(bank, state["bank"])

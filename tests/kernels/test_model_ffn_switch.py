@@ -5,13 +5,14 @@ import torch
 
 from hmtrain.config import ModelConfig
 from hmtrain.memory import MemoryBank
+from hmtrain.memory.kind import SwiGLUUnits
 from hmtrain.model import Transformer, lm_loss
 
 CFG = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=2, head_dim=16, ffn_hidden=40)
 
 
 def make_bank(device):
-    bank = MemoryBank(n_layers=2, d_model=32, branching=[2, 2], units=[3, 2], device=device, seed=1)
+    bank = MemoryBank(n_layers=2, kind=SwiGLUUnits(d_model=32), branching=[2, 2], units=[3, 2], device=device, seed=1)
     gen = torch.Generator().manual_seed(2)
     for table in bank.tables.values():  # non-zero down rows, so the memory path matters
         table[:, :, 2] = (0.1 * torch.randn(table[:, :, 2].shape, generator=gen)).to(device)

@@ -7,11 +7,13 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
 from hmtrain.memory.bank import MemoryBank
+from hmtrain.memory.kind import SwiGLUUnits
 from hmtrain.memory.bank_state import bank_state_for_load, bank_state_for_save, restore_bank
 from hmtrain.memory.sparse_adamw import SparseAdamW
 
 # tiny tree: level 0 has 2 nodes, level 1 has 6 (parent = node // 3), level 2 has 12 (no units)
-CFG = dict(n_layers=2, d_model=4, branching=(2, 3, 2), units=(3, 2, 0))
+D = 4  # d_model
+CFG = dict(n_layers=2, kind=SwiGLUUnits(d_model=D), branching=(2, 3, 2), units=(3, 2, 0))
 UNITS = {"level0": (0, 3), "level1": (3, 2)}  # table -> (offset, units) in the concatenated memory
 M = 5
 # the three ways a table can live on a rank; on one process all of them hold every row
@@ -32,7 +34,7 @@ def toy_loss(layers, batch: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     loss = torch.zeros(())
     for gate, up, down in layers:
-        x = torch.randn(batch, 3, CFG["d_model"], generator=gen)
+        x = torch.randn(batch, 3, D, generator=gen)
         y = (F.silu(x @ gate.transpose(1, 2)) * (x @ up.transpose(1, 2))) @ down.transpose(1, 2)
         # the extra gate term gives gate rows a gradient although down starts at zero
         loss = loss + (y * x).sum() + 0.1 * (gate * up).sum()
@@ -197,7 +199,7 @@ def test_lookup_for_eval_has_no_graph():
     bank = make_bank()
     fetched = bank.lookup(torch.from_numpy(paths(1, 2)), torch.tensor([False, True]))
     gate, up, down = fetched.layer(0)
-    assert gate.shape == (2, M, CFG["d_model"]) and down.shape == (2, CFG["d_model"], M)
+    assert gate.shape == (2, M, D) and down.shape == (2, D, M)
     assert not gate.requires_grad
 
 

@@ -6,6 +6,7 @@ import torch
 from hmtrain.config.schema import ModelConfig
 from hmtrain.eval.scoring import choice_logprobs, heldout_perplexity
 from hmtrain.memory import MemoryBank
+from hmtrain.memory.kind import SwiGLUUnits
 from hmtrain.model import Transformer
 
 CFG = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, head_dim=8, ffn_hidden=24)
@@ -14,7 +15,7 @@ CFG = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, head_dim=8, 
 def model_and_bank():
     torch.manual_seed(0)
     model = Transformer(CFG, max_seq_len=32).eval()
-    bank = MemoryBank(n_layers=2, d_model=16, branching=(2, 2), units=(3, 2), seed=1)
+    bank = MemoryBank(n_layers=2, kind=SwiGLUUnits(d_model=16), branching=(2, 2), units=(3, 2), seed=1)
     gen = torch.Generator().manual_seed(2)
     for table in bank.tables.values():  # trained-looking down rows, so memory changes the scores
         table[:, :, 2] = torch.randn(table[:, :, 2].shape, generator=gen)
