@@ -53,7 +53,7 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$repo/.venv/bin/python" ]; then PYTHON=$repo/.venv/bin/python; else PYTHON=python3; fi
 fi
 command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON=$PYTHON not found (run launch/install.sh first)"
-"$PYTHON" -c "import torch.distributed.run" 2>/dev/null || die "$PYTHON cannot import torch.distributed.run"
+"$PYTHON" -c "import hmtrain.parallel.launch" 2>/dev/null || die "$PYTHON cannot import hmtrain.parallel.launch (torchrun); run launch/install.sh first"
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONUNBUFFERED=1
@@ -71,7 +71,7 @@ if command -v setpriv >/dev/null 2>&1; then pdeath=(setpriv --pdeathsig TERM); f
 exec 3> >(trap '' INT TERM HUP; exec cat >&2)
 relay=$!
 timeout --foreground --kill-after=$((grace_s + 30)) "$timeout_s" \
-  "${pdeath[@]}" "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$nproc" \
+  "${pdeath[@]}" "$PYTHON" -m hmtrain.parallel.launch --standalone --nnodes 1 --nproc_per_node "$nproc" \
   --max_restarts 0 --shutdown_timeout "$grace_s" -m hmtrain.cli "$@" 2>&3 &
 job=$!
 exec 3>&-

@@ -106,7 +106,7 @@ def _supervisor(marker: str, name: str) -> int:
             continue
         program = Path(cmdline[0].decode()).name
         if (name == "timeout" and program == "timeout") or (
-                name == "torchrun" and program != "timeout" and b"torch.distributed.run" in cmdline):
+                name == "torchrun" and program != "timeout" and b"hmtrain.parallel.launch" in cmdline):
             found.append(pid)
     assert len(found) == 1, (name, found)
     return found[0]
@@ -146,7 +146,10 @@ def test_a_dead_rank_ends_the_whole_job_within_a_minute(job, tmp_path):
             rc = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the job outlived its dead rank by a minute:\n{(tmp_path / f'{marker}.log').read_text()}")
-        assert rc != 0
+        log = (tmp_path / f"{marker}.log").read_text()
+        assert rc == 128 + signal.SIGKILL, log[-4000:]  # the dead rank's own death, not torchrun's 1
+        assert "torchrun: rank 1 ended the job (killed by SIGKILL)" in log, log[-4000:]
+        assert "Traceback" not in log, log[-4000:]
         assert processes_marked(marker) == [], "a rank outlived the job"
         print(f"job ended {time.monotonic() - killed_at:.1f}s after rank 1 was killed")
     finally:
@@ -160,3 +163,35 @@ def test_a_job_past_its_timeout_is_stopped(job, tmp_path):
                   timeout=60)
     assert proc.returncode == 124, proc.stderr[-4000:]
     assert "launch/torchrun.sh: the job ran past --timeout 3s and was stopped" in proc.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("target", ["torchrun", "rank"])
+def test_sigterm_to_torchrun_or_one_rank_stops_the_job_with_143_and_no_traceback(job, tmp_path, target):
+    run_dir, marker = tmp_path / "run", new_marker()
+    proc = start(tmp_path, job.args(run_dir, steps=job.long_steps), marker=marker)
+    try:
+        wait_for_step(run_dir, 2, proc)
+        if target == "torchrun":
+            victim = _supervisor(marker, "torchrun")
+        else:
+            victim = next(pid for pid in processes_marked(marker) if environ_of(pid).get("LOCAL_RANK") == "1")
+        os.kill(victim, signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+        log = (tmp_path / f"{marker}.log").read_text()
+        assert rc == 128 + signal.SIGTERM, log[-4000:]
+        assert "Traceback" not in log, log[-4000:]
+    finally:
+        end(proc, marker)
+    stopped_at = metrics_steps(run_dir)[-1]
+    assert stopped_at < job.long_steps
+    assert_checkpoint(run_dir, step=stopped_at, world=2)
+
+
+@pytest.mark.multiprocess
+def test_a_bad_config_under_the_launcher_is_one_line_per_rank_and_exit_2(job, tmp_path):
+    proc = launch(tmp_path, [*job.args(tmp_path / "run", steps=3), "train.no_such_key=1"])
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "train.no_such_key" in proc.stderr
+    assert "torchrun: rank 0 ended the job (exit code 2)" in proc.stderr
