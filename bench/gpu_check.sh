@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU check in one command, on a machine where hmtrain is not installed and no registry is reached:
+#
+#     bash bench/gpu_check.sh OUT [--time-limit S] [--only a,b] [--smoke]
+#
+# Installs the wheels that launch/gpu_wheels.sh put in .gpu_wheels/ (pure Python, no index) into a
+# temporary directory on PYTHONPATH, runs `python -m hmtrain.bench.gpu_check` in a scratch directory,
+# and leaves three files in OUT: gpu_check.json, gpu_check.md and gpu_check_logs.tar.gz (each
+# section's log and record). The corpus, runs and export stay in the scratch directory.
+# PYTHON picks the interpreter (default python3). Exit: gpu_check's (0 whatever its sections did).
+set -euo pipefail
+out=${1:?usage: bash bench/gpu_check.sh OUT [--time-limit S] [--only a,b] [--smoke]}
+shift
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-python3}
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/hmtrain-gpu-check.XXXXXX")
+site="$scratch/site"
+mkdir -p "$site" "$out"
+shopt -s nullglob
+wheels=("$root"/.gpu_wheels/*.whl)
+if ((${#wheels[@]})); then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}"
+fi
+ln -s "$root/kernels" "$site/hmtrain_kernels"  # setup.py's package_dir, without installing hmtrain
+export PYTHONPATH="$site:$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
+       HMTRAIN_LOG_LEVEL=${HMTRAIN_LOG_LEVEL:-WARNING}
+rc=0
+(cd "$scratch" && "$python" -m hmtrain.bench.gpu_check --out "$scratch/check" "$@") || rc=$?
+for name in gpu_check.json gpu_check.md; do
+  [[ -f "$scratch/check/$name" ]] && cp "$scratch/check/$name" "$out/"
+done
+[[ -d "$scratch/check" ]] && tar -czf "$out/gpu_check_logs.tar.gz" -C "$scratch/check" sections logs 2>/dev/null || true
+echo "gpu_check.sh: results in $out (scratch: $scratch)"
+exit "$rc"
