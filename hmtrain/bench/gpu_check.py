@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from hmtrain.bench.gpu_report import decisions, render_markdown
+from hmtrain.bench.gpu_report import comparisons, decisions, render_markdown
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Section:
 SECTIONS = (
     Section("environment", 40),
     Section("collectives", 5),  # no GPU work: it only says why it cannot run, and costs a second
-    Section("memory_ffn", 150),
+    Section("memory_ffn", 200),  # Triton autotuning compiles ~45 kernels for the first shape
     Section("attention", 60),
     Section("data", 45),
     Section("train_160m", 75, needs=("data",)),
@@ -144,7 +144,7 @@ def skipped(section: Section, why: str) -> dict:
 def write_report(out: Path, wall: str, started: float, time_limit: float, smoke: bool, records: list[dict]) -> dict:
     report = {"version": 1, "started": wall, "smoke": smoke, "time_limit_s": time_limit,
               "elapsed_s": round(time.monotonic() - started, 1), "sections": records,
-              "decisions": decisions(records)}
+              "comparisons": comparisons(records), "decisions": decisions(records)}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "gpu_check.md").write_text(render_markdown(report))
     return report

@@ -20,6 +20,9 @@ def ffn_decision(records: list[dict]) -> dict:
     if not results or not results.get("presets"):
         return {"value": "undecided", "why": "the memory_ffn section did not finish ok"}
     presets = results["presets"]
+    raised = [n for n, p in presets.items() if "error" in p]
+    if raised:
+        return {"value": "torch", "why": f"the benchmark raised on {raised}: {presets[raised[0]]['error']}"}
     if any("triton_error" not in p for p in presets.values()):
         return {"value": "undecided", "why": "triton did not run on every preset (no CUDA?)"}
     wrong = [n for n, p in presets.items() if p["triton_error"] > TRITON_TOLERANCE]
@@ -46,6 +49,29 @@ def compile_decision(records: list[dict]) -> dict:
             "first_step_s": compiled["phases"]["pretrain"].get("first_step_s")}
 
 
+def step_ratio(records: list[dict], over: tuple[str, str], under: tuple[str, str]) -> float | None:
+    """Median step time of (section, phase) `over` divided by that of `under`; None when either is missing."""
+    times = []
+    for name, phase in (over, under):
+        results = results_of(records, name)
+        times.append(((results or {}).get("phases", {}).get(phase) or {}).get("step_s"))
+    return times[0] / times[1] if all(times) else None
+
+
+def comparisons(records: list[dict]) -> dict:
+    """The ratios the training sections exist for (None where a section did not finish ok)."""
+    return {
+        "memory phase step / widened anchor step": step_ratio(records, ("train_160m", "memory"),
+                                                             ("train_160m_widened", "pretrain")),
+        "memory phase step / anchor pretraining step": step_ratio(records, ("train_160m", "memory"),
+                                                                 ("train_160m", "pretrain")),
+        "activation checkpointing step / without, memory phase": step_ratio(
+            records, ("train_160m_checkpointing", "memory"), ("train_160m", "memory")),
+        "compiled step / eager, memory phase": step_ratio(records, ("train_160m_compile", "memory"),
+                                                          ("train_160m", "memory")),
+    }
+
+
 def decisions(records: list[dict]) -> dict:
     return {"model.ffn_impl=auto": ffn_decision(records), "parallel.compile (cuda)": compile_decision(records)}
 
@@ -63,6 +89,9 @@ def render_markdown(report: dict) -> str:
         summary = record.get("results", {}).get("summary", "")
         text = "; ".join(x for x in (summary, record.get("error") or "") if x)
         lines.append(f"| {record['name']} | {record['status']} | {record.get('seconds', 0)} | {cell(text)} |")
+    for name, ratio in report["comparisons"].items():
+        value = "n/a: a section it needs did not finish ok" if ratio is None else f"{ratio:.2f}x"
+        lines.append(f"| comparison: {cell(name)} | | | {value} |")
     for name, decision in report["decisions"].items():
         lines.append(f"| decision: {cell(name)} | {decision['value']} | | {cell(decision['why'])} |")
     return "\n".join(lines) + "\n"

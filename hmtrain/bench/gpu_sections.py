@@ -82,7 +82,12 @@ def memory_ffn(run: SectionRun) -> None:
     args = bench.parse_args(argv)
     presets: dict = {}
     for name, (d, h, M) in args.shapes.items():
-        rows = {r.impl: r for r in bench.bench_preset(name, (d, h, M), args)}
+        try:
+            rows = {r.impl: r for r in bench.bench_preset(name, (d, h, M), args)}
+        except Exception as exc:  # noqa: BLE001 - a kernel that raises decides ffn_impl too; the next shape runs
+            presets[name] = {"error": one_line(exc)}
+            run.put("presets", presets)
+            continue
         eager, ceiling = rows["torch eager"], rows["dense GEMM ceiling"]
         entry = {"shape": {"d": d, "h": h, "M": M, "batch": args.batch, "seq": args.seq, "dtype": args.dtype},
                  "rows": {impl: vars(r) for impl, r in rows.items()}}
@@ -97,6 +102,9 @@ def memory_ffn(run: SectionRun) -> None:
         run.put("presets", presets)
     parts = []
     for name, p in presets.items():
+        if "error" in p:
+            parts.append(f"{name}: {p['error']}")
+            continue
         triton = (f"triton err {p['triton_error']:.1e}, {p['triton_vs_eager']:.2f}x eager, "
                   f"{100 * p['triton_of_ceiling']:.0f}% of ceiling" if "triton_error" in p else "no triton (CPU)")
         parts.append(f"{name}: {triton}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -105,7 +106,9 @@ def predicted_bytes(cfg) -> int:
     return int(print_info(cfg, console=Console(file=io.StringIO()), world_size=1)["per_rank"]["total"])
 
 
-def train_run(run, name: str, size: str, extra: list[str], steps: int = 20) -> dict:
+def train_run(run, name: str, size: str, extra: list[str], steps: int = 20, keep: bool = False) -> dict:
+    """Train one config, report it; the run directory is deleted unless `keep` (checkpoints fill the disk:
+    22 GB for 1.4b's anchor with its AdamW state)."""
     import torch
 
     from hmtrain.config import load_config
@@ -126,7 +129,9 @@ def train_run(run, name: str, size: str, extra: list[str], steps: int = 20) -> d
     lines = (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()
     phases = phase_summary([json.loads(line) for line in lines if line.strip()])
     run.put("phases", phases)
-    run.put("checkpoint", str(checkpoint))
+    run.put("checkpoint", str(checkpoint) if keep else None)
+    if not keep:
+        shutil.rmtree(cfg.train.run_dir)
     run.put("summary", train_summary(run.results))
     return run.results
 
@@ -147,7 +152,7 @@ def smoke_skip(run, why: str):
 
 
 def train_160m(run) -> None:
-    train_run(run, "160m", "160m", [])
+    train_run(run, "160m", "160m", [], keep=True)  # eval_export_generate reads its checkpoint
 
 
 def train_160m_compile(run):

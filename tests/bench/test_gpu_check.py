@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hmtrain.bench.gpu_check import SECTIONS, Section, run_all
-from hmtrain.bench.gpu_report import compile_decision, ffn_decision
+from hmtrain.bench.gpu_report import comparisons, compile_decision, ffn_decision
 from hmtrain.bench.gpu_train import SMOKE_DATA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +57,7 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert check(records, "embedder")["documents_per_s"] > 0
     assert next(r for r in records if r["name"] == "collectives")["status"] == "skipped"
     assert set(report["decisions"]) == {"model.ffn_impl=auto", "parallel.compile (cuda)"}
+    assert report["comparisons"]["memory phase step / widened anchor step"] > 0
     table = (out / "gpu_check.md").read_text()
     assert "| section | status | seconds | result |" in table
     assert all(f"| {s.name} | " in table for s in SECTIONS)
@@ -96,6 +97,9 @@ def test_ffn_decision_needs_every_shape_correct_and_faster():
     assert ffn_decision(ffn_records(0.5, 1.2))["value"] == "torch"
     assert ffn_decision(ffn_records(1e-3, 0.9))["value"] == "torch"
     assert ffn_decision([{"name": "memory_ffn", "status": "timed_out", "results": {}}])["value"] == "undecided"
+    raised = ffn_records(1e-3, 1.2)
+    raised[0]["results"]["presets"]["1.4b"] = {"error": "RuntimeError: the kernel raised"}
+    assert ffn_decision(raised)["value"] == "torch"
     no_triton = [{"name": "memory_ffn", "status": "ok", "results": {"presets": {"tiny": {"rows": {}}}}}]
     assert ffn_decision(no_triton)["value"] == "undecided"
 
@@ -107,7 +111,10 @@ def train_record(name: str, pretrain_s: float, memory_s: float) -> dict:
 
 def test_compile_decision_needs_both_phases_faster():
     eager = train_record("train_160m", 0.10, 0.20)
-    assert compile_decision([eager, train_record("train_160m_compile", 0.08, 0.15)])["value"] == "on"
+    compiled = train_record("train_160m_compile", 0.08, 0.15)
+    assert compile_decision([eager, compiled])["value"] == "on"
+    assert comparisons([eager, compiled])["compiled step / eager, memory phase"] == pytest.approx(0.75)
+    assert comparisons([eager])["compiled step / eager, memory phase"] is None
     assert compile_decision([eager, train_record("train_160m_compile", 0.08, 0.21)])["value"] == "off"
     assert compile_decision([eager])["value"] == "undecided"
 
