@@ -5,8 +5,9 @@
 #
 # Installs the wheels that launch/gpu_wheels.sh put in .gpu_wheels/ (pure Python, no index) into a
 # temporary directory on PYTHONPATH, runs `python -m hmtrain.bench.gpu_check` in a scratch directory,
-# and leaves three files in OUT: gpu_check.json, gpu_check.md and gpu_check_logs.tar.gz (each
-# section's log and record). The corpus, runs and export stay in the scratch directory.
+# and leaves three files in OUT: gpu_check.json and gpu_check.md (rewritten after every section) and
+# gpu_check_logs.tar.gz (each section's log and record, at the end). The corpus, runs and export stay
+# in the scratch directory.
 # PYTHON picks the interpreter (default python3). Exit: gpu_check's (0 whatever its sections did).
 set -euo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT [--time-limit S] [--only a,b] [--smoke]}
@@ -16,6 +17,7 @@ python=${PYTHON:-python3}
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/hmtrain-gpu-check.XXXXXX")
 site="$scratch/site"
 mkdir -p "$site" "$out"
+out=$(cd "$out" && pwd)  # the check runs from the scratch directory
 shopt -s nullglob
 wheels=("$root"/.gpu_wheels/*.whl)
 if ((${#wheels[@]})); then
@@ -27,10 +29,8 @@ ln -s "$root/kernels" "$site/hmtrain_kernels"  # setup.py's package_dir, without
 export PYTHONPATH="$site:$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
        HMTRAIN_LOG_LEVEL=${HMTRAIN_LOG_LEVEL:-WARNING}
 rc=0
-(cd "$scratch" && "$python" -m hmtrain.bench.gpu_check --out "$scratch/check" "$@") || rc=$?
-for name in gpu_check.json gpu_check.md; do
-  [[ -f "$scratch/check/$name" ]] && cp "$scratch/check/$name" "$out/"
-done
+# the report goes straight to OUT after every section: a run killed from outside still leaves its table
+(cd "$scratch" && "$python" -m hmtrain.bench.gpu_check --out "$scratch/check" --report "$out" "$@") || rc=$?
 [[ -d "$scratch/check" ]] && tar -czf "$out/gpu_check_logs.tar.gz" -C "$scratch/check" sections logs 2>/dev/null || true
 echo "gpu_check.sh: results in $out (scratch: $scratch)"
 exit "$rc"

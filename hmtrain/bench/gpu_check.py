@@ -1,6 +1,6 @@
 """The GPU check: one command, one GPU, at most ten minutes, one JSON and one markdown table.
 
-    python -m hmtrain.bench.gpu_check --out DIR [--time-limit S] [--only a,b] [--smoke]
+    python -m hmtrain.bench.gpu_check --out DIR [--report DIR] [--time-limit S] [--only a,b] [--smoke]
     bash bench/gpu_check.sh DIR                     # the same, with the carried wheels installed
 
 Sections run in order of value (`SECTIONS`), each in its own process under its own time budget,
@@ -110,10 +110,13 @@ def last_line(path: Path) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
-def run_all(sections: tuple[Section, ...], out: Path, time_limit: float, smoke: bool, runner=run_section) -> dict:
-    """Every section in order, inside `time_limit` seconds; the report (also written to `out`)."""
-    (out / "sections").mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(exist_ok=True)
+def run_all(sections: tuple[Section, ...], out: Path, time_limit: float, smoke: bool, runner=run_section,
+            report_dir: Optional[Path] = None) -> dict:
+    """Every section in order, inside `time_limit` seconds; the report, rewritten into `report_dir`
+    (default `out`) after every section, so a check killed from outside still leaves its table."""
+    report_dir = report_dir or out
+    for folder in (out / "sections", out / "logs", report_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     started, wall = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     records: list[dict] = []
     for section in sections:
@@ -129,8 +132,8 @@ def run_all(sections: tuple[Section, ...], out: Path, time_limit: float, smoke: 
         records.append(record)
         print(f"[gpu_check] {section.name}: {record['status']} ({record.get('seconds', 0)} s)"
               f"{' - ' + record['error'] if record.get('error') else ''}", flush=True)
-        write_report(out, wall, started, time_limit, smoke, records)
-    return write_report(out, wall, started, time_limit, smoke, records)
+        write_report(report_dir, wall, started, time_limit, smoke, records)
+    return write_report(report_dir, wall, started, time_limit, smoke, records)
 
 
 def status_of(records: list[dict], name: str) -> Optional[str]:
@@ -156,6 +159,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=540.0, help="seconds for the whole check (default 540)")
     p.add_argument("--only", default=None, help=f"comma list of sections (default all: "
                                                 f"{','.join(s.name for s in SECTIONS)})")
+    p.add_argument("--report", type=Path, default=None, help="where gpu_check.json and gpu_check.md go "
+                                                             "(default --out)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, seconds: numbers mean nothing")
     args = p.parse_args(argv)
     if args.time_limit <= 0:
@@ -171,8 +176,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    report = run_all(args.sections, args.out, args.time_limit, args.smoke)
-    print(f"[gpu_check] wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'} "
+    report_dir = args.report or args.out
+    report = run_all(args.sections, args.out, args.time_limit, args.smoke, report_dir=report_dir)
+    print(f"[gpu_check] wrote {report_dir / 'gpu_check.json'} and {report_dir / 'gpu_check.md'} "
           f"in {report['elapsed_s']} s")
     return 0
 

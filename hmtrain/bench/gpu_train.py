@@ -62,8 +62,11 @@ def data(run) -> None:
     manifest = json.loads((root / "prepared" / "manifest.json").read_text())
     run.put("prepare_s", time.perf_counter() - started)
     run.put("documents", documents)
+    run.put("sequences", {split: info["sequences"] for split, info in manifest["splits"].items()})
+    run.put("tree_nodes", [len(level) for level in manifest["node_tokens"]])
     run.put("summary", f"{documents} synthetic documents prepared in {run.results['prepare_s']:.1f} s "
-                       f"(hashing embedder, byte tokenizer; manifest keys: {len(manifest)})")
+                       f"(hashing embedder, byte tokenizer): {run.results['sequences']} sequences, tree nodes per "
+                       f"level {run.results['tree_nodes']}")
 
 
 def train_overrides(run, name: str, steps: int, size: str) -> list[str]:
