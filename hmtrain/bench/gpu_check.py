@@ -42,7 +42,7 @@ SECTIONS = (
     Section("environment", 40),
     Section("collectives", 5),  # no GPU work: it only says why it cannot run, and costs a second
     Section("memory_ffn", 200),  # Triton autotuning compiles ~45 kernels for the first shape
-    Section("attention", 60),
+    Section("attention", 90),  # compiling FlexAttention forward and backward, per head_dim
     Section("data", 45),
     Section("train_160m", 75, needs=("data",)),
     Section("train_160m_compile", 90, needs=("data",)),
