@@ -45,6 +45,8 @@ def compare_shape(shape: tuple[int, int, int, int], device: str, dtype: torch.dt
             y = attend(q, k, v, build_mask(segments, impl))
             grads = torch.autograd.grad(y, (q, k, v), dy) if train else ()
             outputs[impl] = (y, *grads)
+            if device == "cuda":
+                torch.cuda.synchronize()
             if impl == "flex":
                 first_call_s = time.perf_counter() - started
     entry = {"output_error": relative_error(outputs["sdpa"][0], outputs["flex"][0]),

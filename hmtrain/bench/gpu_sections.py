@@ -71,6 +71,23 @@ def environment(run: SectionRun) -> None:
                        "hmtrain's training path imports")
 
 
+def ffn_preset(bench, args, name: str, shape: tuple[int, int, int]) -> dict:
+    """One paper shape: every implementation's times, and Triton's worst error against eager."""
+    d, h, M = shape
+    rows = {r.impl: r for r in bench.bench_preset(name, shape, args)}
+    eager, ceiling = rows["torch eager"], rows["dense GEMM ceiling"]
+    entry = {"shape": {"d": d, "h": h, "M": M, "batch": args.batch, "seq": args.seq, "dtype": args.dtype},
+             "rows": {impl: vars(r) for impl, r in rows.items()}}
+    if "triton" in rows:
+        inputs = bench.make_inputs(args.batch, args.seq, d, h, M, bench.DTYPES[args.dtype], args.device)
+        entry["triton_error"] = bench.check_triton(inputs)
+        entry["triton_vs_eager"] = eager.fwdbwd_ms / rows["triton"].fwdbwd_ms
+        entry["triton_of_ceiling"] = rows["triton"].fwdbwd_tflops / ceiling.fwdbwd_tflops
+    if "torch.compile" in rows:
+        entry["compile_vs_eager"] = eager.fwdbwd_ms / rows["torch.compile"].fwdbwd_ms
+    return entry
+
+
 def memory_ffn(run: SectionRun) -> None:
     """Triton kernels vs the PyTorch reference: worst error over output and gradients, and speed."""
     from hmtrain_kernels import bench_memory_ffn as bench
@@ -81,24 +98,11 @@ def memory_ffn(run: SectionRun) -> None:
         argv = ["--device", "cuda", "--warmup", "3", "--iters", "10", "--no-check"]  # warm-up absorbs compile
     args = bench.parse_args(argv)
     presets: dict = {}
-    for name, (d, h, M) in args.shapes.items():
+    for name, shape in args.shapes.items():
         try:
-            rows = {r.impl: r for r in bench.bench_preset(name, (d, h, M), args)}
+            presets[name] = ffn_preset(bench, args, name, shape)
         except Exception as exc:  # noqa: BLE001 - a kernel that raises decides ffn_impl too; the next shape runs
             presets[name] = {"error": one_line(exc)}
-            run.put("presets", presets)
-            continue
-        eager, ceiling = rows["torch eager"], rows["dense GEMM ceiling"]
-        entry = {"shape": {"d": d, "h": h, "M": M, "batch": args.batch, "seq": args.seq, "dtype": args.dtype},
-                 "rows": {impl: vars(r) for impl, r in rows.items()}}
-        if "triton" in rows:
-            inputs = bench.make_inputs(args.batch, args.seq, d, h, M, bench.DTYPES[args.dtype], args.device)
-            entry["triton_error"] = bench.check_triton(inputs)
-            entry["triton_vs_eager"] = eager.fwdbwd_ms / rows["triton"].fwdbwd_ms
-            entry["triton_of_ceiling"] = rows["triton"].fwdbwd_tflops / ceiling.fwdbwd_tflops
-        if "torch.compile" in rows:
-            entry["compile_vs_eager"] = eager.fwdbwd_ms / rows["torch.compile"].fwdbwd_ms
-        presets[name] = entry
         run.put("presets", presets)
     parts = []
     for name, p in presets.items():
