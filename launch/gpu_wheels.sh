@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download the pure-Python wheels that the GPU machine lacks into .gpu_wheels/ (ignored by git), for
-# bench/gpu_check.sh to install there without a registry. That machine has Python 3.12 with its own
+# launch/gpu_check.sh to install there without a registry. That machine has Python 3.12 with its own
 # torch 2.11, triton, tokenizers, safetensors, pyarrow, numpy, tqdm, rich and PyYAML, but not these,
 # which hmtrain imports at module level on the training path (config loading and the data loader).
 # mlflow and deepspeed are imported only when used: the check runs with logging.mlflow=false and the

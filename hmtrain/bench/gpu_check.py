@@ -1,7 +1,7 @@
 """The GPU check: one command, one GPU, at most ten minutes, one JSON and one markdown table.
 
     python -m hmtrain.bench.gpu_check --out DIR [--report DIR] [--time-limit S] [--only a,b] [--smoke]
-    bash bench/gpu_check.sh DIR                     # the same, with the carried wheels installed
+    bash launch/gpu_check.sh DIR                     # the same, with the carried wheels installed
 
 Sections run in order of value (`SECTIONS`), each in its own process under its own time budget,
 so a Triton crash, a CUDA error or an out-of-memory leaves the next section a clean device. A

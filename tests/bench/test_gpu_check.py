@@ -1,4 +1,4 @@
-"""The GPU check on CPU: its smoke run through bench/gpu_check.sh, its time limit, a failing section,
+"""The GPU check on CPU: its smoke run through launch/gpu_check.sh, its time limit, a failing section,
 its decisions, and the memory phase trained under parallel.compile (what the GPU run times).
 
 No test asserts a timing: the smoke's numbers mean nothing, only their presence does.
@@ -35,7 +35,7 @@ def check(records: list[dict], name: str) -> dict:
 @pytest.mark.slow
 def test_smoke_run_writes_every_section(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out), "--smoke"], cwd=tmp_path,
+    proc = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), str(out), "--smoke"], cwd=tmp_path,
                           env=env(tmp_path), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_check_logs.tar.gz"]

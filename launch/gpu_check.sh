@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command, on a machine where hmtrain is not installed and no registry is reached:
 #
-#     bash bench/gpu_check.sh OUT [--time-limit S] [--only a,b] [--smoke]
+#     bash launch/gpu_check.sh OUT [--time-limit S] [--only a,b] [--smoke]
 #
 # Installs the wheels that launch/gpu_wheels.sh put in .gpu_wheels/ (pure Python, no index) into a
 # temporary directory on PYTHONPATH, runs `python -m hmtrain.bench.gpu_check` in a scratch directory,
@@ -10,7 +10,7 @@
 # in the scratch directory.
 # PYTHON picks the interpreter (default python3). Exit: gpu_check's (0 whatever its sections did).
 set -euo pipefail
-out=${1:?usage: bash bench/gpu_check.sh OUT [--time-limit S] [--only a,b] [--smoke]}
+out=${1:?usage: bash launch/gpu_check.sh OUT [--time-limit S] [--only a,b] [--smoke]}
 shift
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
