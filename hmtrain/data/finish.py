@@ -13,7 +13,7 @@ import numpy as np
 
 from hmtrain.config.schema import Config
 from hmtrain.data import pack
-from hmtrain.data.files import sha256_file
+from hmtrain.util.files import sha256_file
 from hmtrain.data.manifest import MANIFEST_VERSION, write_manifest
 from hmtrain.data.route import SPLITS
 from hmtrain.data.sequences import write_split_index

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hmtrain.data.files import sha256_file
+from hmtrain.util.files import sha256_file
 from hmtrain.data.packing import pack_leaf
 from hmtrain.data.route import SPLITS, RoutedFile
 from hmtrain.data.shards import ShardWriter
-from hmtrain.data.files import write_json
+from hmtrain.util.files import write_json
 from hmtrain.data.work import Work
 
 UNIT_SHARDS = 16

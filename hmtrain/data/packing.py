@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
+from hmtrain.util.labels import IGNORE_INDEX
+
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -141,7 +142,7 @@ def make_batch(
     if eot_id == pad_id:
         raise ValueError(f"eot_id and pad_id must differ, both are {eot_id}")
     if len(samples) == 0:
-        raise ValueError("make_batch needs at least one sample, got none (empty_batch makes a 0-row batch)")
+        raise ValueError("make_batch needs at least one sample, got none (padding_batch makes a 0-row batch)")
     if index is not None and len(index) != len(samples):
         raise ValueError(f"index has {len(index)} entries for {len(samples)} samples")
     rows, paths = [], []
@@ -186,8 +187,12 @@ def batch_from_arrays(tokens: np.ndarray, paths: np.ndarray, *, eot_id: int, pad
     return batch
 
 
-def empty_batch(seq_len: int, levels: int) -> dict[str, Tensor]:
-    """A batch with 0 rows and the usual fields: a rank whose share of a step is empty still runs it."""
-    rows = torch.zeros(0, seq_len, dtype=torch.int64)
-    return {"tokens": rows, "labels": rows.clone(), "segments": rows.clone(),
-            "paths": torch.zeros(0, levels, dtype=torch.int64), "index": torch.zeros(0, dtype=torch.int64)}
+def padding_batch(seq_len: int, levels: int, pad_id: int, rows: int = 0) -> dict[str, Tensor]:
+    """`rows` sequences of padding with the usual fields, none of it trained (labels IGNORE_INDEX).
+
+    0 rows: the micro-batch of a rank whose share of a step is empty (it still runs the step);
+    1 row: what the trainer runs in its place, so the ranks' collectives stay in step.
+    """
+    tokens = torch.full((rows, seq_len), pad_id, dtype=torch.int64)
+    return {"tokens": tokens, "labels": torch.full_like(tokens, IGNORE_INDEX), "segments": torch.zeros_like(tokens),
+            "paths": torch.zeros(rows, levels, dtype=torch.int64), "index": torch.zeros(rows, dtype=torch.int64)}

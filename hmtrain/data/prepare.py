@@ -42,7 +42,7 @@ from hmtrain.config.schema import Config
 from hmtrain.data import pack, sample
 from hmtrain.data.documents import _suffix, list_document_files, read_file
 from hmtrain.data.embed import build_embedder, default_device
-from hmtrain.data.files import check_output_dir, recover_dir, replace_dir, sha256_file, write_json
+from hmtrain.util.files import atomic_write, check_output_dir, recover_dir, replace_dir, sha256_file, write_json
 from hmtrain.data.finish import write_output_manifest
 from hmtrain.data.procs import Group, is_input_error
 from hmtrain.data.route import Meter, embed_batches, route_file
@@ -268,8 +268,7 @@ def _embed_sample(work: Work, files: list[Path], mine: list[int], data, limits: 
         key_of = dict(zip(records[first:stop].tolist(), keys[first:stop].tolist()))
         for_tree: list[str] = []
         tree_records: list[int] = []
-        texts_tmp = work.sample_texts(i).with_suffix(".jsonl.tmp")
-        with open(texts_tmp, "w", encoding="utf-8") as out:
+        with atomic_write(work.sample_texts(i), "w", encoding="utf-8") as out:
             found = 0
             batches = read_file(files[i], text_field=data.text_field, id_field=data.id_field, batch_size=4096)
             for batch in batches if key_of else ():
@@ -285,7 +284,6 @@ def _embed_sample(work: Work, files: list[Path], mine: list[int], data, limits: 
                     found += 1
                 if found == len(key_of):
                     break
-        os.replace(texts_tmp, work.sample_texts(i))
         emb = embed_batches(get_embedder(), for_tree, data.embed_batch_size) if for_tree else torch.zeros(0, 0)
         save_npz(work.sample(i), embeddings=emb.numpy(), records=np.asarray(tree_records, dtype=np.int64))
         log.info("stage 1: sampled %s (%d documents for the tree)", files[i], len(for_tree))

@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import torch
 
 from hmtrain.data.documents import read_file
-from hmtrain.data.files import sha256_file
+from hmtrain.util.files import sha256_file
 from hmtrain.data.sample import doc_keys, heldout_mask
-from hmtrain.data.files import write_json
+from hmtrain.util.files import write_json
 
 SPLITS = ("train", "heldout")
 READ_BATCH = 1024  # documents read, embedded, routed and tokenized together

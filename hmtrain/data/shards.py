@@ -33,6 +33,7 @@ import numpy as np
 import webdataset
 
 from hmtrain.data.packing import PackedSequence
+from hmtrain.util.files import atomic_write
 
 FIELDS = ("tokens.npy", "path.npy", "docs.json")
 # Columns of a shard index row; the path fills the columns from INDEX_PATH on.
@@ -98,12 +99,8 @@ class _OpenShard:
         os.fsync(self.file.fileno())
         self.file.close()
         index = index_shard(self.tmp, self.reals, self.paths, length)
-        index_tmp = self.index.with_name(self.index.name + ".tmp")
-        with open(index_tmp, "wb") as f:
+        with atomic_write(self.index) as f:
             np.save(f, index, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(index_tmp, self.index)
         os.replace(self.tmp, self.tar)
 
     def abort(self) -> None:

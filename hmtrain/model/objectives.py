@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-IGNORE = -100
+from hmtrain.util.labels import IGNORE_INDEX
+
 OBJECTIVES = ("autoencode", "clm", "copy", "blank_copy", "combined")
 COPY_OBJECTIVES = ("copy", "blank_copy", "combined")
 
@@ -44,7 +45,7 @@ def chunked(tokens: Tensor, chunks: int) -> Tensor:
 
 
 def _scored_only(x: Tensor, pad_id: int) -> Tensor:
-    return x.masked_fill(x == pad_id, IGNORE)
+    return x.masked_fill(x == pad_id, IGNORE_INDEX)
 
 
 def _copy_part(x: Tensor, pad_id: int, blank: bool) -> Part:
@@ -55,7 +56,7 @@ def _copy_part(x: Tensor, pad_id: int, blank: bool) -> Part:
     first = x[:, :h]
     second = torch.full_like(first, pad_id) if blank else first
     inputs = torch.cat([first, second], dim=1)
-    targets = torch.cat([torch.full_like(first, IGNORE), _scored_only(first, pad_id)], dim=1)
+    targets = torch.cat([torch.full_like(first, IGNORE_INDEX), _scored_only(first, pad_id)], dim=1)
     return Part(inputs, targets, tuple(range(h, s)))
 
 
@@ -76,4 +77,4 @@ def layout(tokens: Tensor, objective: str, chunks: int, pad_id: int) -> list[Par
 
 def count_targets(tokens: Tensor, objective: str, chunks: int, pad_id: int) -> Tensor:
     """Positions scored by `objective` (an int64 scalar on tokens' device): the loss's normaliser."""
-    return sum((part.targets != IGNORE).sum() for part in layout(tokens, objective, chunks, pad_id))
+    return sum((part.targets != IGNORE_INDEX).sum() for part in layout(tokens, objective, chunks, pad_id))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hmtrain.data.files import record_files
+from hmtrain.util.files import record_files
 from hmtrain.data.manifest import MANIFEST_VERSION, write_manifest
 from hmtrain.data.packing import PackedSequence
 from hmtrain.data.prepared import PreparedData

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from hmtrain.data.files import (
+from hmtrain.data.manifest import verify_manifest_files
+from hmtrain.util.files import (
     atomic_write,
     check_output_dir,
     record_files,
     recover_dir,
     replace_dir,
     staging_dir,
-    verify_files,
 )
 
 # Runs replace_dir(new, final) and SIGKILLs itself at the n-th file-system step (before or after each
@@ -24,7 +24,7 @@ from hmtrain.data.files import (
 _KILLER = """
 import os, shutil, signal, sys
 from pathlib import Path
-import hmtrain.data.files as files
+import hmtrain.util.files as files
 
 kill_at, exchange = int(sys.argv[3]), sys.argv[4] == "1"
 count = 0
@@ -137,18 +137,18 @@ def test_record_and_verify_files(tmp_path: Path) -> None:
     _make(tmp_path, "x")
     files = record_files(tmp_path)
     assert "manifest.json" not in files and files["tree.pt"]["bytes"] == len("tree x")
-    verify_files(tmp_path, files, checksums=True)
+    verify_manifest_files(tmp_path, files, checksums=True)
 
     shard = tmp_path / "shards" / "s1.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[:-1] + b"!")  # same size, one byte changed
-    verify_files(tmp_path, files)  # sizes alone cannot see it
+    verify_manifest_files(tmp_path, files)  # sizes alone cannot see it
     with pytest.raises(ValueError, match=f"{shard}: sha256 differs"):
-        verify_files(tmp_path, files, checksums=True)
+        verify_manifest_files(tmp_path, files, checksums=True)
     shard.write_bytes(data[:100])
     with pytest.raises(ValueError, match=f"{shard} holds 100 bytes, the manifest says {len(data)}"):
-        verify_files(tmp_path, files)
+        verify_manifest_files(tmp_path, files)
     shard.write_bytes(data)
     (tmp_path / "tree.pt").unlink()
     with pytest.raises(FileNotFoundError, match="tree.pt is missing"):
-        verify_files(tmp_path, files)
+        verify_manifest_files(tmp_path, files)
