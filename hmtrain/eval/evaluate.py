@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from hmtrain.config import Config
-from hmtrain.data.loader import sequential_batches
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.loading.loader import sequential_batches
 from hmtrain.eval.loading import Trained, load_trained
 from hmtrain.eval.probes import bucket_counts, load_probes, probe_accuracy, route_probes, routing_agreement
 from hmtrain.eval.scoring import heldout_perplexity

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hmtrain.config import Config, flatten, to_yaml
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
 from hmtrain.eval.retention_encoders import Encoder, build_encoder, parse_spec
 from hmtrain.model.stacks import ProbeDecoder
 from hmtrain.parallel.anchor import build_adamw

@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from hmtrain.config import Config, flatten, to_yaml
-from hmtrain.data.loader import StepLoader
-from hmtrain.data.packing import padding_batch
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.loading.batch import padding_batch
+from hmtrain.data.loading.loader import StepLoader
 from hmtrain.memory import Comm, MemoryBank, build_bank, uses_memory
 from hmtrain.memory.bank_state import bank_state_for_load, bank_state_for_save, restore_bank
 from hmtrain.model import Transformer, build_model, count_parameters, counted_targets, run_model_config

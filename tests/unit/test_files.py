@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hmtrain.data.manifest import verify_manifest_files
+from hmtrain.data.format.manifest import verify_manifest_files
 from hmtrain.util.files import (
     atomic_write,
     check_output_dir,

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from hmtrain.data.packing import PackedSequence, make_batch, pack_leaf, padding_batch, segment_ids
+from hmtrain.data.format.shards import PackedSequence
+from hmtrain.data.loading.batch import make_batch, padding_batch, segment_ids
+from hmtrain.data.prepare.pack import pack_leaf
 from hmtrain.util.labels import IGNORE_INDEX
 
 EOT, PAD = 1, 0

@@ -8,10 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from hmtrain.config.schema import Config
-from hmtrain.data.manifest import read_manifest, verify_manifest_files
-from hmtrain.data.sequences import Sequences
+from hmtrain.data.format.manifest import read_manifest, verify_manifest_files
+from hmtrain.data.format.sequences import Sequences
+from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
-from hmtrain.data.tree import Tree
 from hmtrain.util.files import aside_names
 
 VERIFY = (None, "sizes", "checksums")

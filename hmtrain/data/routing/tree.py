@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from hmtrain.data.kmeans import jitter_scale, kmeans, validate_kmeans_args
+from hmtrain.data.routing.kmeans import jitter_scale, kmeans, validate_kmeans_args
 from hmtrain.util.files import atomic_write
 
 _FORMAT = "hmtrain.tree"

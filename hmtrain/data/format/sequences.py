@@ -8,7 +8,7 @@ at a time:
   index/{split}.shard.npy   int32 [N]     position of its shard in the split's shard list
   index/{split}.offset.npy  int64 [N]     byte offset of its raw int32 tokens in that shard
 
-`Sequences` memory-maps these arrays and reads a sequence's seq_len + 1 tokens with one `pread`.
+`Sequences` memory-maps these arrays and reads a sequence's seq_len + 1 tokens with one `pread` (shards.read_tokens).
 It holds no per-sequence Python objects, and pickles without its open files, so DataLoader
 workers reopen them lazily.
 """
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from hmtrain.data.manifest import ARRAYS
-from hmtrain.data.packing import batch_from_arrays, padding_batch
-from hmtrain.data.shards import INDEX_OFFSET, INDEX_PATH, INDEX_REAL, load_shard_index
+from hmtrain.data.format.manifest import ARRAYS
+from hmtrain.data.format.shards import INDEX_OFFSET, INDEX_PATH, INDEX_REAL, load_shard_index, read_tokens
+from hmtrain.data.loading.batch import batch_from_arrays, padding_batch
 from hmtrain.util.files import atomic_path
 
 _DTYPES = {"paths": np.int32, "real": np.int32, "shard": np.int32, "offset": np.int64}
@@ -168,16 +168,12 @@ class Sequences:
         out = np.empty((ids.size, width), dtype=np.int32)
         shards, offsets = arrays["shard"][ids], arrays["offset"][ids]
         for row, (i, shard, offset) in enumerate(zip(ids.tolist(), shards.tolist(), offsets.tolist())):
-            raw = os.pread(self._fd(shard), 4 * width, offset)
-            if len(raw) != 4 * width:
-                raise ValueError(f"{self.shard_files[shard]}: sequence {i} of split {self.split!r} ends after "
-                                 f"{len(raw)} of {4 * width} bytes at offset {offset}: the shard is truncated; "
-                                 "prepare the data again (`hmtrain data prepare --overwrite`)")
-            out[row] = np.frombuffer(raw, dtype="<i4")
+            out[row] = read_tokens(self._fd(shard), offset, width,
+                                   f"{self.shard_files[shard]}: sequence {i} of split {self.split!r}")
         return out
 
     def batch(self, ids) -> dict[str, Tensor]:
-        """Model inputs for these sequences (see packing.make_batch), with `index` = the ids."""
+        """Model inputs for these sequences (see loading/batch.py), with `index` = the ids."""
         ids = self._check_ids(ids)
         if ids.size == 0:
             return padding_batch(self.seq_len, self.levels, self.pad_id)

@@ -21,6 +21,7 @@ from pathlib import Path
 from hmtrain.util.files import sha256_file, write_json
 
 MANIFEST_VERSION = 2
+SPLITS = ("train", "heldout")  # every prepared directory has both (heldout may hold no sequences)
 ARRAYS = ("paths", "real", "shard", "offset")
 
 
