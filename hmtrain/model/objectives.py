@@ -30,13 +30,13 @@ COPY_OBJECTIVES = ("copy", "blank_copy", "combined")
 
 
 @dataclass(frozen=True)
-class Part:
+class ObjectivePart:
     inputs: Tensor  # [R, s, n]
     targets: Tensor  # [R, s, n], -100 where nothing is scored
     scored: tuple[int, ...]
 
 
-def chunked(tokens: Tensor, chunks: int) -> Tensor:
+def to_chunks(tokens: Tensor, chunks: int) -> Tensor:
     """[B, s*n] -> [B, s, n]."""
     B, T = tokens.shape
     if T % chunks:
@@ -48,7 +48,7 @@ def _scored_only(x: Tensor, pad_id: int) -> Tensor:
     return x.masked_fill(x == pad_id, IGNORE_INDEX)
 
 
-def _copy_part(x: Tensor, pad_id: int, blank: bool) -> Part:
+def _copy_part(x: Tensor, pad_id: int, blank: bool) -> ObjectivePart:
     s = x.shape[1]
     if s % 2:  # the config validates this; kept exact for direct callers
         raise ValueError(f"copy objectives need an even number of chunks, got {s}")
@@ -57,21 +57,21 @@ def _copy_part(x: Tensor, pad_id: int, blank: bool) -> Part:
     second = torch.full_like(first, pad_id) if blank else first
     inputs = torch.cat([first, second], dim=1)
     targets = torch.cat([torch.full_like(first, IGNORE_INDEX), _scored_only(first, pad_id)], dim=1)
-    return Part(inputs, targets, tuple(range(h, s)))
+    return ObjectivePart(inputs, targets, tuple(range(h, s)))
 
 
-def layout(tokens: Tensor, objective: str, chunks: int, pad_id: int) -> list[Part]:
+def layout(tokens: Tensor, objective: str, chunks: int, pad_id: int) -> list[ObjectivePart]:
     """The parts of `objective` for a batch of sequences `tokens` [B, chunks * n]."""
-    x = chunked(tokens, chunks)
+    x = to_chunks(tokens, chunks)
     everything = tuple(range(chunks))
     if objective in ("autoencode", "clm"):
-        return [Part(x, _scored_only(x, pad_id), everything)]
+        return [ObjectivePart(x, _scored_only(x, pad_id), everything)]
     if objective == "copy":
         return [_copy_part(x, pad_id, blank=False)]
     if objective == "blank_copy":
         return [_copy_part(x, pad_id, blank=True)]
     if objective == "combined":
-        return [Part(x, _scored_only(x, pad_id), everything), _copy_part(x, pad_id, blank=True)]
+        return [ObjectivePart(x, _scored_only(x, pad_id), everything), _copy_part(x, pad_id, blank=True)]
     raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
 
 

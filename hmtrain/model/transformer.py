@@ -187,4 +187,5 @@ class Transformer(nn.Module):
 
 def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
     """Next-token cross entropy in fp32; labels of -100 (padding) are ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
