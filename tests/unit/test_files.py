@@ -11,12 +11,14 @@ import pytest
 
 from hmtrain.data.format.manifest import verify_manifest_files
 from hmtrain.util.files import (
+    atomic_path,
     atomic_write,
     check_output_dir,
     record_files,
     recover_dir,
     replace_dir,
     staging_dir,
+    write_text,
 )
 
 # Runs replace_dir(new, final) and SIGKILLs itself at the n-th file-system step (before or after each
@@ -131,6 +133,21 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
     with atomic_write(path, "w") as f:
         f.write("new")
     assert path.read_text() == "new"
+    write_text(path, "newer")
+    assert path.read_text() == "newer" and sorted(os.listdir(tmp_path)) == ["probes.jsonl"]
+
+
+def test_atomic_path_renames_when_done_and_removes_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "train.real.npy"
+    with atomic_path(path) as tmp:  # a writer that needs a path, such as a memory map
+        tmp.write_bytes(b"new")
+        assert not path.exists()
+    assert path.read_bytes() == b"new"
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert path.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["train.real.npy"]
 
 
 def test_record_and_verify_files(tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ def batch_from_arrays(tokens: np.ndarray, paths: np.ndarray, *, eot_id: int, pad
     full = torch.from_numpy(np.asarray(tokens).astype(np.int64, copy=False))
     inputs, targets = full[:, :-1], full[:, 1:]
 
-    # Padding is only ever the trailing run of pad_id (pack_leaf pads the tail
+    # Padding is only ever the trailing run of pad_id (prepare/pack.py pack_leaf pads the tail
     # after an EOT), so mask that run rather than every pad_id: a pad_id inside
     # real text would otherwise lose its label.
     is_pad = (full == pad_id).long()
