@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_synth(args) -> None:
-    from hmtrain.data.synth import synthesize
+    from hmtrain.data.corpus.synth import synthesize
 
     summary = synthesize(args.out, num_people=args.people, num_documents=args.documents, zipf_exponent=args.zipf,
                          num_choices=args.choices, seed=args.seed)
@@ -142,7 +142,7 @@ def cmd_synth(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from hmtrain.data.import_dictd import import_dictd
+    from hmtrain.data.corpus.import_dictd import import_dictd
 
     counts = import_dictd(args.out, args.names, args.dir)
     for name, count in counts.items():
@@ -150,7 +150,7 @@ def cmd_import(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from hmtrain.data.prepare import prepare
+    from hmtrain.data.prepare.pipeline import prepare
 
     cfg = load_config(args.config, args.overrides)
     out = prepare(cfg, overwrite=args.overwrite)

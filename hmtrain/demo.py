@@ -14,8 +14,8 @@ from typing import Sequence
 from rich.console import Console
 
 from hmtrain.config import load_config
-from hmtrain.data.prepare import prepare
-from hmtrain.data.synth import synthesize
+from hmtrain.data.corpus.synth import synthesize
+from hmtrain.data.prepare.pipeline import prepare
 from hmtrain.eval.evaluate import evaluate, render, to_markdown
 from hmtrain.eval.summary import render_summary, subtree_markdown, subtree_summary, summarize, summary_markdown
 from hmtrain.info import print_info

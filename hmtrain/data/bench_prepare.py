@@ -49,7 +49,7 @@ def child(argv: list[str]) -> None:
     import logging
 
     from hmtrain.config import load_config
-    from hmtrain.data.prepare import run_prepare
+    from hmtrain.data.prepare.pipeline import run_prepare
 
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config("tiny", argv)

@@ -21,7 +21,7 @@ import time
 def child(n: int, dim: int, branching: list[int], steps: int, subsample: int) -> None:
     import torch
 
-    from hmtrain.data.tree import fit_tree
+    from hmtrain.data.routing.tree import fit_tree
 
     torch.manual_seed(0)
     x = torch.randn(n, dim)

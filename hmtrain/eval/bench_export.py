@@ -49,9 +49,9 @@ def make_checkpoint(workdir: Path, args) -> tuple[Path, dict[str, int]]:
 
     from hmtrain.config import load_config
     from hmtrain.config.load import to_yaml
-    from hmtrain.data.prepare import prepare
-    from hmtrain.data.prepared import PreparedData
-    from hmtrain.data.synth import synthesize
+    from hmtrain.data.prepare.pipeline import prepare
+    from hmtrain.data.format.prepared import PreparedData
+    from hmtrain.data.corpus.synth import synthesize
     from hmtrain.eval.export import bank_tables
     from hmtrain.memory import build_bank
     from hmtrain.memory.bank_state import bank_state_for_save

@@ -1,9 +1,9 @@
 """Beyond the paper: a high-retention encoder as the router of the deep tree levels.
 
-The tree routes every document by its MiniLM vector (hmtrain/data/tree.py). Here the first
+The tree routes every document by its MiniLM vector (hmtrain/data/routing/tree.py). Here the first
 `shallow_levels` levels keep that routing, and each deeper level is refitted on another encoder's
 vectors (`hmtrain eval retention --deep-router SPEC`, e.g. a memory model's encoder): the children of
-every node are k-means (hmtrain/data/kmeans.py, the tree's own balance rule) on the training
+every node are k-means (hmtrain/data/routing/kmeans.py, the tree's own balance rule) on the training
 documents that reach it, and documents and questions descend to the nearest child. A document's
 vector is the mean of the encoder's vectors of its consecutive windows of `retention.n_ctx` tokens.
 
@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.table import Table
 
 from hmtrain.config import Config
-from hmtrain.data.documents import read_documents
-from hmtrain.data.embed import build_embedder, embed_texts
-from hmtrain.data.kmeans import assign, kmeans
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.corpus.documents import read_documents
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.routing.embed import build_embedder, embed_texts
+from hmtrain.data.routing.kmeans import assign, kmeans
 from hmtrain.eval.probes import load_probes
 from hmtrain.eval.retention import encode_all, left_pad_windows
 from hmtrain.eval.retention_encoders import build_encoder, parse_spec

@@ -16,13 +16,14 @@ from rich.console import Console
 from rich.table import Table
 
 from hmtrain.config import Config
-from hmtrain.data.loader import sequential_batches
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.loading.loader import sequential_batches
 from hmtrain.eval.loading import Trained, load_trained
 from hmtrain.eval.probes import bucket_counts, load_probes, probe_accuracy, route_probes, routing_agreement
 from hmtrain.eval.scoring import heldout_perplexity
 from hmtrain.info import human
 from hmtrain.train.resume import check_data_fingerprints
+from hmtrain.util.files import write_text
 
 ROWS = (("anchor + fetched memory", "fetched"), ("anchor + generic memory", "generic"), ("anchor alone", "none"))
 SHORT = {"anchor + fetched memory": "anchor+memory", "anchor + generic memory": "anchor+generic",
@@ -149,6 +150,4 @@ def check_output_path(path: Path) -> None:
 def write_results(results: dict, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(results, indent=2))

@@ -32,11 +32,11 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 import hmtrain
 from hmtrain.config import Config, load_config
 from hmtrain.config.schema import ModelConfig
-from hmtrain.data.files import (aside_names, atomic_write, check_output_dir, recover_dir, record_files, replace_dir,
+from hmtrain.util.files import (aside_names, atomic_write, check_output_dir, recover_dir, record_files, replace_dir,
                                 sha256_file, staging_dir)
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
-from hmtrain.data.tree import Tree
 from hmtrain.eval.loading import read_checkpoint
 from hmtrain.memory import uses_memory
 from hmtrain.memory.mapped_bank import STORAGE, MappedBank

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from hmtrain.config import load_config
-from hmtrain.data.embed import build_embedder
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.routing.embed import build_embedder
+from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
-from hmtrain.data.tree import Tree
 from hmtrain.eval.export import Export
 from hmtrain.eval.loading import load_trained, read_checkpoint
 from hmtrain.memory import MemoryBank

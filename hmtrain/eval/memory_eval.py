@@ -19,8 +19,8 @@ from rich.table import Table
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from hmtrain.config import Config, ConfigError
-from hmtrain.data.loader import sequential_batches
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.loading.loader import sequential_batches
 from hmtrain.eval.loading import read_checkpoint, resolve_checkpoint
 from hmtrain.model import MemoryModel, build_model
 from hmtrain.train.checkpoint import Checkpointer, CheckpointError, check_complete

@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from hmtrain.data.documents import jsonl_records
-from hmtrain.data.embed import build_embedder, embed_texts
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.corpus.documents import jsonl_records
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.routing.embed import build_embedder, embed_texts
 from hmtrain.eval.scoring import choice_logprobs
 from hmtrain.memory import MemoryBank
 from hmtrain.model import Transformer

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,12 +30,14 @@ from rich.console import Console
 from rich.table import Table
 
 from hmtrain.config import Config, flatten, to_yaml
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
 from hmtrain.eval.retention_encoders import Encoder, build_encoder, parse_spec
 from hmtrain.model.stacks import ProbeDecoder
 from hmtrain.parallel.anchor import build_adamw
 from hmtrain.train.metrics import JsonlLogger, MLflowLogger, MultiLogger, default_tracking_uri
 from hmtrain.train.schedule import learning_rate
+from hmtrain.util.files import write_text
+from hmtrain.util.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def encode_all(encoder: Encoder, windows: torch.Tensor, batch_size: int = 256) -
 
 
 def targets_of(windows: torch.Tensor, pad_id: int) -> torch.Tensor:
-    return windows.masked_fill(windows == pad_id, -100)
+    return windows.masked_fill(windows == pad_id, IGNORE_INDEX)
 
 
 def train_probe(cfg: Config, vectors: torch.Tensor, windows: torch.Tensor, *, expansion: str, vocab_size: int,
@@ -205,19 +206,13 @@ def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optio
         jsonl.close()
         if tracker is not None:
             tracker.close(status=status)
-    _write(out / "results.json", json.dumps(results, indent=2))
-    _write(out / "results.md", to_markdown(results))
+    write_text(out / "results.json", json.dumps(results, indent=2))
+    write_text(out / "results.md", to_markdown(results))
     if tracker is not None and tracker.enabled:
         for name in ("results.json", "results.md"):
             tracker.log_artifact(out / name)
     render(results, console)
     return results
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def render(results: dict, console: Optional[Console] = None) -> None:

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from hmtrain.config import Config
-from hmtrain.data.embed import build_embedder, embed_texts
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.routing.embed import build_embedder, embed_texts
 from hmtrain.eval.loading import load_trained
 from hmtrain.model import MemoryModel, Transformer, run_model_config
 from hmtrain.train.resume import check_data_fingerprints

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from hmtrain.memory import MemoryBank
 from hmtrain.model import Transformer, lm_loss
+from hmtrain.util.labels import IGNORE_INDEX
 
 VARIANTS = ("fetched", "generic", "none")
 
@@ -44,7 +45,7 @@ def heldout_perplexity(model: Transformer, bank: Optional[MemoryBank], batches: 
         memory = fetch_for(bank, variant, batch["paths"])
         logits = model(batch["tokens"], segments=batch["segments"], memory=memory)
         row_nll = lm_loss(logits, batch["labels"], reduction="none").view(batch["labels"].shape).sum(1)
-        row_tokens = (batch["labels"] != -100).sum(1)
+        row_tokens = (batch["labels"] != IGNORE_INDEX).sum(1)
         nll += float(row_nll.sum())
         tokens += int(row_tokens.sum())
         for node, n, t in zip(batch["paths"][:, 0].tolist(), row_nll.tolist(), row_tokens.tolist()):

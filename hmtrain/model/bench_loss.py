@@ -25,6 +25,7 @@ import torch
 
 from hmtrain.model.loss import lm_loss_sum
 from hmtrain.model.transformer import lm_loss
+from hmtrain.util.labels import IGNORE_INDEX
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -34,7 +35,7 @@ def make_inputs(tokens: int, vocab: int, d_model: int, dtype: torch.dtype, devic
     hidden = torch.randn(1, tokens, d_model, generator=gen).to(device, dtype).requires_grad_()
     weight = (torch.randn(vocab, d_model, generator=gen) * d_model ** -0.5).to(device, dtype).requires_grad_()
     labels = torch.randint(0, vocab, (1, tokens), generator=gen)
-    labels[:, ::16] = -100  # some ignored tokens, as padding gives
+    labels[:, ::16] = IGNORE_INDEX  # some ignored tokens, as padding gives
     return hidden, weight, labels.to(device)
 
 

@@ -10,6 +10,7 @@ from hmtrain.config.schema import Config, ModelConfig
 from hmtrain.model.memory_model import MemoryModel
 from hmtrain.model.sizes import run_model_config
 from hmtrain.model.transformer import Transformer
+from hmtrain.util.labels import IGNORE_INDEX
 
 FAMILIES = ("lm", "memory_model")
 
@@ -34,4 +35,4 @@ def counted_targets(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> i
     count = getattr(model, "count_targets", None)
     if count is not None:
         return int(count(micro_batch["tokens"]))
-    return int((micro_batch["labels"] != -100).sum())
+    return int((micro_batch["labels"] != IGNORE_INDEX).sum())

@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from hmtrain.util.labels import IGNORE_INDEX
+
 
 
 def _chunk_loss_and_grad(h: Tensor, weight: Tensor, target: Tensor, keep: Tensor,

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from hmtrain.config.schema import MemoryModelConfig, StageConfig
 from hmtrain.model.loss import lm_loss_sum
-from hmtrain.model.objectives import OBJECTIVES, Part, count_targets, layout
+from hmtrain.model.objectives import OBJECTIVES, ObjectivePart, count_targets, layout
 from hmtrain.model.stacks import Expansion, Rope, assign_, build_blocks, init_parameter, run_blocks, score_logits
 from hmtrain.model.transformer import RMSNorm
 
@@ -187,7 +187,7 @@ class MemoryModel(nn.Module):
         flat = inputs[:, :upto].reshape(R * upto, self.n_ctx)
         return self.memory_proj(self.encode(flat)).reshape(R, upto, -1)
 
-    def _parts_memories(self, parts: list[Part], objective: str) -> list[Optional[Tensor]]:
+    def _parts_memories(self, parts: list[ObjectivePart], objective: str) -> list[Optional[Tensor]]:
         """Each part's memories of chunks 0..max(scored)-1 (None where no slot holds one). Combined reuses
         the clm part's: blank copy's first half is the same chunks, its second half one padding chunk."""
         if self.context != "memory":
@@ -202,7 +202,7 @@ class MemoryModel(nn.Module):
                                             device=clm.inputs.device), 1)
         return [shared, torch.cat([shared[:, :h], padding.expand(R, s - 1 - h, -1)], dim=1)]
 
-    def _decoder_rows(self, part: Part, memories: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def _decoder_rows(self, part: ObjectivePart, memories: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """(decoder input rows, their targets) of one part."""
         R, s, n = part.inputs.shape
         filler = self.memory_filler

@@ -23,19 +23,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-IGNORE = -100
+from hmtrain.util.labels import IGNORE_INDEX
+
 OBJECTIVES = ("autoencode", "clm", "copy", "blank_copy", "combined")
 COPY_OBJECTIVES = ("copy", "blank_copy", "combined")
 
 
 @dataclass(frozen=True)
-class Part:
+class ObjectivePart:
     inputs: Tensor  # [R, s, n]
     targets: Tensor  # [R, s, n], -100 where nothing is scored
     scored: tuple[int, ...]
 
 
-def chunked(tokens: Tensor, chunks: int) -> Tensor:
+def to_chunks(tokens: Tensor, chunks: int) -> Tensor:
     """[B, s*n] -> [B, s, n]."""
     B, T = tokens.shape
     if T % chunks:
@@ -44,10 +45,10 @@ def chunked(tokens: Tensor, chunks: int) -> Tensor:
 
 
 def _scored_only(x: Tensor, pad_id: int) -> Tensor:
-    return x.masked_fill(x == pad_id, IGNORE)
+    return x.masked_fill(x == pad_id, IGNORE_INDEX)
 
 
-def _copy_part(x: Tensor, pad_id: int, blank: bool) -> Part:
+def _copy_part(x: Tensor, pad_id: int, blank: bool) -> ObjectivePart:
     s = x.shape[1]
     if s % 2:  # the config validates this; kept exact for direct callers
         raise ValueError(f"copy objectives need an even number of chunks, got {s}")
@@ -55,25 +56,25 @@ def _copy_part(x: Tensor, pad_id: int, blank: bool) -> Part:
     first = x[:, :h]
     second = torch.full_like(first, pad_id) if blank else first
     inputs = torch.cat([first, second], dim=1)
-    targets = torch.cat([torch.full_like(first, IGNORE), _scored_only(first, pad_id)], dim=1)
-    return Part(inputs, targets, tuple(range(h, s)))
+    targets = torch.cat([torch.full_like(first, IGNORE_INDEX), _scored_only(first, pad_id)], dim=1)
+    return ObjectivePart(inputs, targets, tuple(range(h, s)))
 
 
-def layout(tokens: Tensor, objective: str, chunks: int, pad_id: int) -> list[Part]:
+def layout(tokens: Tensor, objective: str, chunks: int, pad_id: int) -> list[ObjectivePart]:
     """The parts of `objective` for a batch of sequences `tokens` [B, chunks * n]."""
-    x = chunked(tokens, chunks)
+    x = to_chunks(tokens, chunks)
     everything = tuple(range(chunks))
     if objective in ("autoencode", "clm"):
-        return [Part(x, _scored_only(x, pad_id), everything)]
+        return [ObjectivePart(x, _scored_only(x, pad_id), everything)]
     if objective == "copy":
         return [_copy_part(x, pad_id, blank=False)]
     if objective == "blank_copy":
         return [_copy_part(x, pad_id, blank=True)]
     if objective == "combined":
-        return [Part(x, _scored_only(x, pad_id), everything), _copy_part(x, pad_id, blank=True)]
+        return [ObjectivePart(x, _scored_only(x, pad_id), everything), _copy_part(x, pad_id, blank=True)]
     raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
 
 
 def count_targets(tokens: Tensor, objective: str, chunks: int, pad_id: int) -> Tensor:
     """Positions scored by `objective` (an int64 scalar on tokens' device): the loss's normaliser."""
-    return sum((part.targets != IGNORE).sum() for part in layout(tokens, objective, chunks, pad_id))
+    return sum((part.targets != IGNORE_INDEX).sum() for part in layout(tokens, objective, chunks, pad_id))

@@ -28,6 +28,7 @@ from hmtrain.config.schema import ModelConfig, StackConfig
 from hmtrain.model.loss import lm_loss_sum
 from hmtrain.model.mixer import MaskedMixerBlock
 from hmtrain.model.transformer import Block, RMSNorm, rope_tables
+from hmtrain.util.labels import IGNORE_INDEX
 
 BLOCKS = ("transformer", "mixer")
 EXPANSIONS = ("repeat", "unrolled")
@@ -176,8 +177,8 @@ class ProbeDecoder(nn.Module):
 
 def score_logits(logits: Tensor, targets: Tensor) -> dict[str, float]:
     """{'loss_sum', 'count', 'correct'} of logits [..., V] against targets [...] (-100 ignored)."""
-    keep = targets != -100
+    keep = targets != IGNORE_INDEX
     flat, labels = logits.flatten(0, -2), targets.flatten()
-    loss = torch.nn.functional.cross_entropy(flat, labels, ignore_index=-100, reduction="sum")
+    loss = torch.nn.functional.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     correct = ((flat.argmax(-1) == labels) & keep.flatten()).sum()
     return {"loss_sum": float(loss), "count": int(keep.sum()), "correct": int(correct)}

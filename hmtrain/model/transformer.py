@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from hmtrain.config.schema import ModelConfig
 from hmtrain.model.attention import DocumentMask, attend, build_mask, resolve_attention
 from hmtrain.model.loss import lm_loss_sum
+from hmtrain.util.labels import IGNORE_INDEX
 from hmtrain_kernels import memory_ffn, resolve_impl
 
 
@@ -186,4 +187,5 @@ class Transformer(nn.Module):
 
 def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
     """Next-token cross entropy in fp32; labels of -100 (padding) are ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)

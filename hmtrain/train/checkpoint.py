@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
 from hmtrain.config import Config, ConfigError, load_config
+from hmtrain.util.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def describe(exc: BaseException) -> str:
@@ -285,14 +280,14 @@ class Checkpointer:
                 record = {"step": pending.step, **pending.trainer,
                           "config_sha256": hashlib.sha256(pending.config_yaml.encode()).hexdigest()}
                 # trainer.json last: its presence marks the checkpoint complete
-                _atomic_write(pending.tmp / TRAINER_FILE, json.dumps(record, indent=2))
+                write_text(pending.tmp / TRAINER_FILE, json.dumps(record, indent=2))
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
             raise self._failed(pending, exc) from exc
         if _rank() == 0:
             if pending.final.exists():
                 self._delete(pending.final)
             os.replace(pending.tmp, pending.final)
-            _atomic_write(self.directory / "latest", pending.final.name)
+            write_text(self.directory / "latest", pending.final.name)
             self._prune()
         if pending.on_durable is not None:
             pending.on_durable(pending.step, pending.final)

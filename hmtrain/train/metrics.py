@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
+from hmtrain.util.files import write_text
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run.json"
@@ -82,9 +84,7 @@ class JsonlLogger:
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
             self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a")
@@ -170,9 +170,7 @@ class MLflowLogger:
     def _persist(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / RUN_ID_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri}) + "\n")
-        os.replace(tmp, path)
+        write_text(path, json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri}) + "\n")
 
     def _existing_run(self, run_id: str):
         from mlflow.exceptions import MlflowException

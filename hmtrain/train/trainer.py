@@ -24,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from hmtrain.config import Config, flatten, to_yaml
-from hmtrain.data.loader import StepLoader
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.loading.batch import padding_batch
+from hmtrain.data.loading.loader import StepLoader
 from hmtrain.memory import Comm, MemoryBank, build_bank, uses_memory
 from hmtrain.memory.bank_state import bank_state_for_load, bank_state_for_save, restore_bank
 from hmtrain.model import Transformer, build_model, count_parameters, counted_targets, run_model_config
@@ -246,7 +247,8 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
             loss_sum = torch.zeros((), device=device)
             for k, mb in enumerate(micro_batches):
                 if len(mb["tokens"]) == 0:  # owner placement can leave a rank without sequences: run a
-                    mb = _padding_batch(mb, pad_id)  # sequence of padding so FSDP's collectives stay in step
+                    # sequence of padding so FSDP's collectives stay in step
+                    mb = padding_batch(mb["tokens"].shape[1], mb["paths"].shape[1], pad_id, rows=1)
                 mb = {key: value.to(device, non_blocking=True) for key, value in mb.items()}
                 memory = None
                 if plan is not None and plan.batch_sizes[k] > 0:
@@ -312,15 +314,6 @@ def _train(cfg: Config, info: DistInfo, data: PreparedData, resume: bool, fallba
     if last_checkpoint is None:
         raise RuntimeError("training ended without writing a checkpoint")
     return last_checkpoint
-
-
-def _padding_batch(empty: dict, pad_id: int) -> dict:
-    seq_len = empty["tokens"].shape[1]
-    levels = empty["paths"].shape[1]
-    return {"tokens": torch.full((1, seq_len), pad_id, dtype=torch.int64),
-            "labels": torch.full((1, seq_len), -100, dtype=torch.int64),
-            "segments": torch.zeros((1, seq_len), dtype=torch.int64),
-            "paths": torch.zeros((1, levels), dtype=torch.int64), "index": torch.zeros(1, dtype=torch.int64)}
 
 
 def _log_record(comm: Comm, now, loss_sum: torch.Tensor, global_tokens: int, labels_local: int, grad_norm: torch.Tensor,

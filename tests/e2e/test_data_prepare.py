@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
 from tests.dist.conftest import torchrun
 from tests.e2e.conftest import MICRO, run_cli
 from tests.unit.test_import_dictd import write_dictionary

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hmtrain.data.files import record_files
-from hmtrain.data.manifest import MANIFEST_VERSION, write_manifest
-from hmtrain.data.packing import PackedSequence
-from hmtrain.data.prepared import PreparedData
-from hmtrain.data.sequences import write_split_index
-from hmtrain.data.shards import ShardWriter
+from hmtrain.data.format.manifest import MANIFEST_VERSION, write_manifest
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.format.sequences import write_split_index
+from hmtrain.data.format.shards import PackedSequence, ShardWriter
+from hmtrain.util.files import record_files
 
 EOT, PAD = 1, 0
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hmtrain.data.documents import Document, list_document_files, read_documents
+from hmtrain.data.corpus.documents import Document, list_document_files, read_documents
 
 
 def write_jsonl(path: Path, records: list, gz: bool = False) -> Path:

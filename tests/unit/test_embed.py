@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hmtrain.data.embed import Embedder, HashingEmbedder, build_embedder, embed_texts
+from hmtrain.data.routing.embed import Embedder, HashingEmbedder, build_embedder, embed_texts
 
 TEXTS = [
     "The cat sat on the warm mat by the fire.",
@@ -37,7 +37,8 @@ def test_hashing_stable_across_processes():
 
     root = str(Path(hmtrain.__file__).resolve().parents[1])
 
-    code = "from hmtrain.data.embed import HashingEmbedder; print(HashingEmbedder(32).embed(['alpha beta'])[0].tolist())"
+    code = ("from hmtrain.data.routing.embed import HashingEmbedder; "
+            "print(HashingEmbedder(32).embed(['alpha beta'])[0].tolist())")
     outs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={"PYTHONHASHSEED": str(seed), "PYTHONPATH": root}).stdout

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from hmtrain.data.files import (
+from hmtrain.data.format.manifest import verify_manifest_files
+from hmtrain.util.files import (
+    atomic_path,
     atomic_write,
     check_output_dir,
     record_files,
     recover_dir,
     replace_dir,
     staging_dir,
-    verify_files,
+    write_text,
 )
 
 # Runs replace_dir(new, final) and SIGKILLs itself at the n-th file-system step (before or after each
@@ -24,7 +26,7 @@ from hmtrain.data.files import (
 _KILLER = """
 import os, shutil, signal, sys
 from pathlib import Path
-import hmtrain.data.files as files
+import hmtrain.util.files as files
 
 kill_at, exchange = int(sys.argv[3]), sys.argv[4] == "1"
 count = 0
@@ -131,24 +133,39 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
     with atomic_write(path, "w") as f:
         f.write("new")
     assert path.read_text() == "new"
+    write_text(path, "newer")
+    assert path.read_text() == "newer" and sorted(os.listdir(tmp_path)) == ["probes.jsonl"]
+
+
+def test_atomic_path_renames_when_done_and_removes_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "train.real.npy"
+    with atomic_path(path) as tmp:  # a writer that needs a path, such as a memory map
+        tmp.write_bytes(b"new")
+        assert not path.exists()
+    assert path.read_bytes() == b"new"
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert path.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["train.real.npy"]
 
 
 def test_record_and_verify_files(tmp_path: Path) -> None:
     _make(tmp_path, "x")
     files = record_files(tmp_path)
     assert "manifest.json" not in files and files["tree.pt"]["bytes"] == len("tree x")
-    verify_files(tmp_path, files, checksums=True)
+    verify_manifest_files(tmp_path, files, checksums=True)
 
     shard = tmp_path / "shards" / "s1.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[:-1] + b"!")  # same size, one byte changed
-    verify_files(tmp_path, files)  # sizes alone cannot see it
+    verify_manifest_files(tmp_path, files)  # sizes alone cannot see it
     with pytest.raises(ValueError, match=f"{shard}: sha256 differs"):
-        verify_files(tmp_path, files, checksums=True)
+        verify_manifest_files(tmp_path, files, checksums=True)
     shard.write_bytes(data[:100])
     with pytest.raises(ValueError, match=f"{shard} holds 100 bytes, the manifest says {len(data)}"):
-        verify_files(tmp_path, files)
+        verify_manifest_files(tmp_path, files)
     shard.write_bytes(data)
     (tmp_path / "tree.pt").unlink()
     with pytest.raises(FileNotFoundError, match="tree.pt is missing"):
-        verify_files(tmp_path, files)
+        verify_manifest_files(tmp_path, files)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hmtrain.data import import_dictd
-from hmtrain.data.import_dictd import decode_number, encode_number, import_dictd as run_import
+from hmtrain.data.corpus import import_dictd
+from hmtrain.data.corpus.import_dictd import decode_number, encode_number, import_dictd as run_import
 
 
 def dictzip(data: bytes) -> bytes:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hmtrain.data.kmeans as kmeans_module
-from hmtrain.data.kmeans import assign, kmeans, kmeans_plus_plus
+from hmtrain.data.routing.kmeans import assign, kmeans, kmeans_plus_plus
+import hmtrain.data.routing.kmeans as kmeans_module
 
 
 def gen(seed: int) -> torch.Generator:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hmtrain.data.loader import StepLoader, sequential_batches
+from hmtrain.data.loading.loader import StepLoader, sequential_batches
 from tests.unit.prepared_helper import leaf_paths, make_prepared
 
 pytestmark = pytest.mark.timeout(120)  # a position bug shows up as an endless loop

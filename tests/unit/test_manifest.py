@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hmtrain.data.manifest import node_counts, read_manifest, write_manifest
+from hmtrain.data.format.manifest import node_counts, read_manifest, write_manifest
 
 
 def test_node_counts_aggregates_every_level() -> None:

@@ -7,8 +7,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from hmtrain.config import load_config
+from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
-from hmtrain.data.tree import Tree
 from hmtrain.model import build_model
 from hmtrain.train.checkpoint import Checkpointer, read_trainer
 from hmtrain.train.recipe import Recipe

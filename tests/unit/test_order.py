@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hmtrain.data.order import Permutation, StreamOrder
+from hmtrain.data.loading.order import Permutation, StreamOrder
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hmtrain.data import pack
+from hmtrain.data.prepare import pack
 
 
 def test_units_cover_every_leaf_with_tokens_once_in_order_without_splitting_one():

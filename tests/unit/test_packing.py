@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from hmtrain.data.packing import IGNORE_INDEX, PackedSequence, empty_batch, make_batch, pack_leaf, segment_ids
+from hmtrain.data.format.shards import PackedSequence
+from hmtrain.data.loading.batch import make_batch, padding_batch, segment_ids
+from hmtrain.data.prepare.pack import pack_leaf
+from hmtrain.util.labels import IGNORE_INDEX
 
 EOT, PAD = 1, 0
 
@@ -120,10 +123,17 @@ def test_no_label_crosses_a_document_boundary() -> None:
 
 
 def test_empty_batch_has_every_field_with_zero_rows() -> None:
-    batch = empty_batch(8, 3)
+    batch = padding_batch(8, 3, PAD)
     assert {k: tuple(v.shape) for k, v in batch.items()} == {
         "tokens": (0, 8), "labels": (0, 8), "segments": (0, 8), "paths": (0, 3), "index": (0,)}
     assert all(v.dtype == torch.int64 for v in batch.values())
+
+
+def test_padding_batch_is_padding_that_trains_nothing() -> None:
+    batch = padding_batch(4, 2, PAD, rows=1)  # what the trainer runs for an empty micro-batch
+    assert batch["tokens"].tolist() == [[PAD] * 4] and batch["labels"].tolist() == [[IGNORE_INDEX] * 4]
+    assert batch["segments"].tolist() == [[0] * 4] and batch["paths"].tolist() == [[0, 0]]
+    assert batch["index"].tolist() == [0] and all(v.dtype == torch.int64 for v in batch.values())
 
 
 def test_make_batch_rejects_mismatched_samples() -> None:

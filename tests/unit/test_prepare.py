@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from hmtrain.config import load_config
-from hmtrain.data.prepare import prepare
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.prepare.pipeline import prepare
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 
@@ -117,7 +117,7 @@ def test_a_damaged_directory_is_refused_at_open(prepared: PreparedData) -> None:
 
 def test_warnings_for_a_tree_larger_than_the_data_and_no_heldout(tmp_path: Path, caplog) -> None:
     _corpus(tmp_path / "docs.jsonl.gz", n=20)
-    with caplog.at_level(logging.WARNING, logger="hmtrain.data.prepare"):
+    with caplog.at_level(logging.WARNING, logger="hmtrain.data.prepare.pipeline"):
         prepare(_cfg(tmp_path, "tree.branching=[4,8]", "memory.units=[4,4]", "data.heldout_fraction=0"),
                 progress=False)
     messages = [r.getMessage() for r in caplog.records]
@@ -129,7 +129,7 @@ def test_warnings_for_a_tree_larger_than_the_data_and_no_heldout(tmp_path: Path,
         data.sequences("heldout")
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hmtrain.data.prepare"):
+    with caplog.at_level(logging.WARNING, logger="hmtrain.data.prepare.pipeline"):
         prepare(_cfg(tmp_path), overwrite=True, progress=False)
     assert not caplog.records
 

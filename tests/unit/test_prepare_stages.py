@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-import hmtrain.data.prepare as prepare_mod
 from hmtrain.config import load_config
-from hmtrain.data import pack, sample
-from hmtrain.data.embed import HashingEmbedder
-from hmtrain.data.prepare import prepare
-from hmtrain.data.prepared import PreparedData
-from hmtrain.data.work import work_dir_for
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.prepare import pack, sample
+from hmtrain.data.prepare.pipeline import prepare
+import hmtrain.data.prepare.pipeline as prepare_mod
+from hmtrain.data.prepare.work import work_dir_for
+from hmtrain.data.routing.embed import HashingEmbedder
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 

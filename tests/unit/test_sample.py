@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hmtrain.data import sample
+from hmtrain.data.prepare import sample
 
 
 def test_keys_are_the_split_rules_hash_and_the_same_in_every_call():

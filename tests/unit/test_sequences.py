@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hmtrain.data.shards import read_shard
+from hmtrain.data.format.shards import read_shard
 from tests.unit.prepared_helper import make_prepared
 
 BRANCHING = [3, 2]

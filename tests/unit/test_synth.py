@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from hmtrain.data.documents import read_documents
-from hmtrain.data.synth import BUCKETS, PROBED, TEMPLATES, frequency_bucket, synthesize
+from hmtrain.data.corpus.documents import read_documents
+from hmtrain.data.corpus.synth import BUCKETS, PROBED, TEMPLATES, frequency_bucket, synthesize
 
 FILES = ["documents.jsonl.gz", "probes.jsonl", "people.json", "synth.json"]
 
@@ -111,7 +111,7 @@ def test_probes(corpus):
 
 def test_probe_prompts_are_unambiguous():
     # No other attribute's canonical sentence may begin with a probe's prompt.
-    from hmtrain.data.synth import PROMPTS
+    from hmtrain.data.corpus.synth import PROMPTS
 
     for attr, prompt in PROMPTS.items():
         stem = prompt.format(name="X")
@@ -154,7 +154,7 @@ def test_output_under_a_file_is_refused_before_any_work(tmp_path):
 def test_a_failed_rewrite_keeps_the_earlier_files(tmp_path, monkeypatch):
     synthesize(tmp_path, num_people=5, num_documents=10, seed=1)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    import hmtrain.data.synth as synth
+    import hmtrain.data.corpus.synth as synth
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hmtrain.data.tree import Tree, fit_tree, validate_branching
+from hmtrain.data.routing.tree import Tree, fit_tree, validate_branching
 
 
 def gen(seed: int) -> torch.Generator:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hmtrain.data.files import check_output_dir
+from hmtrain.util.files import atomic_write, check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +208,7 @@ def import_dictd(out: Path, names: list[str] | None = None, directory: Path = DI
     out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         final = out / f"{name}.parquet"
-        tmp = final.with_name(final.name + ".tmp")
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(final) as f:
+            pq.write_table(table, f)
         log.info("%s: %d documents from %s", final, table.num_rows, directory / f"{name}.index")
     return {name: table.num_rows for name, table in tables.items()}

@@ -28,9 +28,9 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from hmtrain.data.order import StreamOrder
-from hmtrain.data.prepared import PreparedData
-from hmtrain.data.sequences import Sequences
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.format.sequences import Sequences
+from hmtrain.data.loading.order import StreamOrder
 
 _IDENTITY = ("split", "seed", "shuffle", "subtrees", "fingerprint", "sequences")
 

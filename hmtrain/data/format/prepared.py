@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from hmtrain.config.schema import Config
-from hmtrain.data.files import aside_names, verify_files
-from hmtrain.data.manifest import read_manifest
-from hmtrain.data.sequences import Sequences
+from hmtrain.data.format.manifest import read_manifest, verify_manifest_files
+from hmtrain.data.format.sequences import Sequences
+from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
-from hmtrain.data.tree import Tree
+from hmtrain.util.files import aside_names
 
 VERIFY = (None, "sizes", "checksums")
 
@@ -49,7 +49,7 @@ class PreparedData:
 
     def verify(self, *, checksums: bool = False) -> None:
         """Raise naming the first file whose size (or sha256) differs from the manifest, or that is missing."""
-        verify_files(self.root, self.manifest["files"], checksums=checksums)
+        verify_manifest_files(self.root, self.manifest["files"], checksums=checksums)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +20,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from hmtrain.data.kmeans import jitter_scale, kmeans, validate_kmeans_args
+from hmtrain.data.routing.kmeans import jitter_scale, kmeans, validate_kmeans_args
+from hmtrain.util.files import atomic_write
 
 _FORMAT = "hmtrain.tree"
 _VERSION = 1
@@ -162,8 +161,7 @@ class Tree:
         )
 
     def save(self, path: str | Path) -> None:
-        """torch.save plain tensors/lists; written to a temp file then renamed, so a crash never
-        leaves a half-written tree."""
+        """torch.save plain tensors/lists, atomically: a crash never leaves a half-written tree."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
@@ -172,16 +170,8 @@ class Tree:
             "branching": list(self.branching),
             "centroids": [c.detach().cpu().contiguous() for c in self.centroids],
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            torch.save(state, f)
 
     @classmethod
     def load(cls, path: str | Path) -> "Tree":

@@ -1,4 +1,9 @@
-"""Stage 3 of `prepare`: routed files -> shards, one pack unit at a time.
+"""Stage 3 of `prepare`: routed files -> packed sequences -> shards, one pack unit at a time.
+
+A training sequence never mixes paths (DESIGN.md): `pack_leaf` is called once per leaf, so every
+sequence it yields carries exactly one path; its documents are separated by EOT (what the labels
+make of that at train time: loading/batch.py). Each sequence holds seq_len + 1 tokens, so no token
+is stored twice and the stream is recoverable exactly.
 
 A pack unit is a range of leaves of one split. Units are cut from the token count per leaf alone
 (about UNIT_SHARDS full shards each, never splitting a leaf), never from the number of processes,
@@ -13,23 +18,102 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import groupby
 from pathlib import Path
 
 import numpy as np
 
-from hmtrain.data.files import sha256_file
-from hmtrain.data.packing import pack_leaf
-from hmtrain.data.route import SPLITS, RoutedFile
-from hmtrain.data.shards import ShardWriter
-from hmtrain.data.files import write_json
-from hmtrain.data.work import Work
+from hmtrain.data.format.manifest import SPLITS
+from hmtrain.data.format.shards import PackedSequence, ShardWriter
+from hmtrain.data.prepare.route import RoutedFile
+from hmtrain.data.prepare.work import Work
+from hmtrain.util.files import sha256_file, write_json
 
 UNIT_SHARDS = 16
 # Units per split at most: a packer looks into every routed file once per unit.
 MAX_UNITS = 4096
 _OPEN_FILES = 64
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def _check_ids(*, seq_len: int, eot_id: int, pad_id: int) -> None:
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    for name, value in (("eot_id", eot_id), ("pad_id", pad_id)):
+        if not 0 <= value <= _INT32_MAX:
+            raise ValueError(f"{name} must be in [0, 2**31), got {value}")
+    if eot_id == pad_id:
+        # Padding must be distinguishable from the EOT that ends the last
+        # document, otherwise that EOT's label would be masked (or padding trained).
+        raise ValueError(f"eot_id and pad_id must differ, both are {eot_id}")
+
+
+def _doc_array(doc_id: str, tokens: Sequence[int]) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"document {doc_id!r}: tokens must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return arr.astype(np.int32)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"document {doc_id!r}: tokens must be integers, got dtype {arr.dtype}")
+    if arr.min() < 0 or arr.max() > _INT32_MAX:
+        raise ValueError(
+            f"document {doc_id!r}: token ids must be in [0, 2**31), "
+            f"got range [{arr.min()}, {arr.max()}]"
+        )
+    return arr.astype(np.int32, copy=False)
+
+
+def pack_leaf(
+    docs: Iterable[tuple[str, Sequence[int]]],
+    *,
+    path: tuple[int, ...],
+    seq_len: int,
+    eot_id: int,
+    pad_id: int,
+) -> Iterator[PackedSequence]:
+    """Greedily pack one leaf's documents (each followed by EOT) into sequences.
+
+    A document longer than the room left continues in the next sequence (its id
+    appears in both). Only the final sequence is padded. Empty documents are
+    skipped: a lone EOT would spend a position and teach nothing.
+    """
+    _check_ids(seq_len=seq_len, eot_id=eot_id, pad_id=pad_id)
+    path = tuple(int(p) for p in path)
+    if not path or min(path) < 0:
+        raise ValueError(f"path must be a non-empty tuple of node ids >= 0, got {path}")
+    window = seq_len + 1
+    buf = np.empty(window, dtype=np.int32)
+    fill = 0
+    doc_ids: list[str] = []
+    last_doc = -1  # index (not id) of the document last written to buf: ids may repeat
+
+    for doc_index, (doc_id, doc_tokens) in enumerate(docs):
+        arr = _doc_array(doc_id, doc_tokens)
+        if arr.size == 0:
+            continue
+        pos = 0
+        total = arr.size + 1  # the document plus its EOT
+        while pos < total:
+            take = min(window - fill, total - pos)
+            body = min(take, arr.size - pos)  # part of `take` that is document tokens
+            if body > 0:
+                buf[fill : fill + body] = arr[pos : pos + body]
+            if body < take:  # the EOT fits in this chunk (it is always its last token)
+                buf[fill + body] = eot_id
+            if last_doc != doc_index:
+                doc_ids.append(str(doc_id))
+                last_doc = doc_index
+            fill += take
+            pos += take
+            if fill == window:
+                yield PackedSequence(buf.copy(), path, doc_ids, window)
+                fill, doc_ids, last_doc = 0, [], -1
+
+    if fill > 0:
+        buf[fill:] = pad_id
+        yield PackedSequence(buf.copy(), path, doc_ids, fill)
 
 
 def leaf_totals(work: Work, num_files: int, num_leaves: int) -> tuple[np.ndarray, np.ndarray]:

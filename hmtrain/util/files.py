@@ -1,5 +1,5 @@
 """Crash-safe outputs: check an output path before any work, write files and swap directories atomically,
-record and verify the size and checksum of every file a prepared directory holds.
+record the size and checksum of every file a directory holds.
 
 The directory swap keeps one promise: at every instant the final name holds a complete directory,
 the old one or the new one. On Linux that is one `renameat2(RENAME_EXCHANGE)` call; elsewhere it
@@ -112,19 +112,26 @@ def staging_dir(final: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_write(path: Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
-    """Write `path` under `<path>.tmp` and rename it on success: readers never see half a file."""
+def atomic_path(path: Path) -> Iterator[Path]:
+    """`<path>.tmp` to write in full, renamed to `path` when the block completes (removed if it raises):
+    readers never see half a file. For writers that need a path (a memory map); the caller syncs it."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
+    """`path` opened for writing under `<path>.tmp`, synced and renamed when the block completes."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path: Path, obj) -> None:
@@ -132,6 +139,12 @@ def write_json(path: Path, obj) -> None:
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically (see `atomic_write`), as utf-8."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def sha256_file(path: Path) -> str:
@@ -148,20 +161,3 @@ def record_files(root: Path, *, exclude: tuple[str, ...] = ("manifest.json",)) -
         if rel not in exclude:
             out[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     return out
-
-
-def verify_files(root: Path, files: dict[str, dict], *, checksums: bool = False) -> None:
-    """Every recorded file exists with its recorded size (and checksum); ValueError naming the first that differs."""
-    root = Path(root)
-    again = "prepare it again (`hmtrain data prepare --overwrite`)"
-    for rel, record in files.items():
-        path = root / rel
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} is missing (listed in {root / 'manifest.json'}); {again}") from None
-        if size != record["bytes"]:
-            raise ValueError(f"{path} holds {size} bytes, the manifest says {record['bytes']}: truncated or "
-                             f"replaced; {again}")
-        if checksums and sha256_file(path) != record["sha256"]:
-            raise ValueError(f"{path}: sha256 differs from the manifest's: the file is corrupt; {again}")

@@ -8,7 +8,7 @@ at a time:
   index/{split}.shard.npy   int32 [N]     position of its shard in the split's shard list
   index/{split}.offset.npy  int64 [N]     byte offset of its raw int32 tokens in that shard
 
-`Sequences` memory-maps these arrays and reads a sequence's seq_len + 1 tokens with one `pread`.
+`Sequences` memory-maps these arrays and reads a sequence's seq_len + 1 tokens with one `pread` (shards.read_tokens).
 It holds no per-sequence Python objects, and pickles without its open files, so DataLoader
 workers reopen them lazily.
 """
@@ -18,14 +18,16 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
-from hmtrain.data.manifest import ARRAYS
-from hmtrain.data.packing import batch_from_arrays, empty_batch
-from hmtrain.data.shards import INDEX_OFFSET, INDEX_PATH, INDEX_REAL, load_shard_index
+from hmtrain.data.format.manifest import ARRAYS
+from hmtrain.data.format.shards import INDEX_OFFSET, INDEX_PATH, INDEX_REAL, load_shard_index, read_tokens
+from hmtrain.data.loading.batch import batch_from_arrays, padding_batch
+from hmtrain.util.files import atomic_path
 
 _DTYPES = {"paths": np.int32, "real": np.int32, "shard": np.int32, "offset": np.int64}
 _MAX_OPEN = 128  # open shard files kept per process
@@ -53,8 +55,17 @@ def write_split_index(root: Path, split: str, shards: list[dict], *, branching: 
 
     names = {key: f"{array_dir}/{split}.{key}.npy" for key in ARRAYS}
     (root / array_dir).mkdir(parents=True, exist_ok=True)
-    tmp = {key: root / (names[key] + ".tmp") for key in ARRAYS}
-    out = {key: _open_out(tmp[key], _DTYPES[key], (n, levels) if key == "paths" else (n,)) for key in ARRAYS}
+    with ExitStack() as renamed_when_done:
+        tmp = {key: renamed_when_done.enter_context(atomic_path(root / names[key])) for key in ARRAYS}
+        _merge_rows(root, shards, levels, k1, offsets, {
+            key: _open_out(tmp[key], _DTYPES[key], (n, levels) if key == "paths" else (n,)) for key in ARRAYS})
+    return {"sequences": n, "tokens": tokens, "level1_offsets": offsets.tolist(), "shards": list(shards),
+            "arrays": names}
+
+
+def _merge_rows(root: Path, shards: list[dict], levels: int, k1: int, offsets: np.ndarray,
+                out: dict[str, np.memmap]) -> None:
+    """Pass 2 of `write_split_index`: every shard's rows to their places, written through to disk."""
     cursor = offsets[:-1].copy()
     for shard_no, entry in enumerate(shards):  # pass 2: each row to its place within its level-1 node
         index = load_shard_index(root, entry, levels)
@@ -70,10 +81,7 @@ def write_split_index(root: Path, split: str, shards: list[dict], *, branching: 
         cursor += np.bincount(level1, minlength=k1)
     for key in ARRAYS:
         out[key].flush()
-        del out[key]
-        os.replace(tmp[key], root / names[key])
-    return {"sequences": n, "tokens": tokens, "level1_offsets": offsets.tolist(), "shards": list(shards),
-            "arrays": names}
+    out.clear()
 
 
 class Sequences:
@@ -160,19 +168,15 @@ class Sequences:
         out = np.empty((ids.size, width), dtype=np.int32)
         shards, offsets = arrays["shard"][ids], arrays["offset"][ids]
         for row, (i, shard, offset) in enumerate(zip(ids.tolist(), shards.tolist(), offsets.tolist())):
-            raw = os.pread(self._fd(shard), 4 * width, offset)
-            if len(raw) != 4 * width:
-                raise ValueError(f"{self.shard_files[shard]}: sequence {i} of split {self.split!r} ends after "
-                                 f"{len(raw)} of {4 * width} bytes at offset {offset}: the shard is truncated; "
-                                 "prepare the data again (`hmtrain data prepare --overwrite`)")
-            out[row] = np.frombuffer(raw, dtype="<i4")
+            out[row] = read_tokens(self._fd(shard), offset, width,
+                                   f"{self.shard_files[shard]}: sequence {i} of split {self.split!r}")
         return out
 
     def batch(self, ids) -> dict[str, Tensor]:
-        """Model inputs for these sequences (see packing.make_batch), with `index` = the ids."""
+        """Model inputs for these sequences (see loading/batch.py), with `index` = the ids."""
         ids = self._check_ids(ids)
         if ids.size == 0:
-            return empty_batch(self.seq_len, self.levels)
+            return padding_batch(self.seq_len, self.levels, self.pad_id)
         return batch_from_arrays(self.tokens(ids), self.paths(ids), eot_id=self.eot_id, pad_id=self.pad_id,
                                  index=ids)
 

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from hmtrain.data.files import atomic_write, replace_dir, staging_dir, write_json
+from hmtrain.util.files import atomic_write, replace_dir, staging_dir, write_json
 
 log = logging.getLogger(__name__)
 

@@ -170,7 +170,7 @@ def embed_texts(
     progress: bool = True,
     desc: str = "embed",
 ) -> Tensor:
-    """Embed `texts` in batches of `batch_size`; returns [n, dim] float32."""
+    """Embed `texts` in batches of `batch_size` from the first; returns [n, dim] float32 on the CPU."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     from tqdm.auto import tqdm
@@ -185,7 +185,7 @@ def embed_texts(
                     f"embedder {embedder.name!r} returned shape {tuple(vecs.shape)} "
                     f"for {len(batch)} texts, expected ({len(batch)}, {embedder.dim})"
                 )
-            parts.append(vecs.to(torch.float32))
+            parts.append(vecs.detach().to("cpu", torch.float32))
             bar.update(len(batch))
     if not parts:
         return torch.zeros(0, embedder.dim, dtype=torch.float32)

@@ -18,9 +18,10 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from hmtrain.data.files import write_json
+from hmtrain.util.files import sha256_file, write_json
 
 MANIFEST_VERSION = 2
+SPLITS = ("train", "heldout")  # every prepared directory has both (heldout may hold no sequences)
 ARRAYS = ("paths", "real", "shard", "offset")
 
 
@@ -140,3 +141,21 @@ def read_manifest(path: Path) -> dict:
         raise ValueError(f"corrupt manifest {path}: {e}") from e
     validate_manifest(manifest, source=str(path))
     return manifest
+
+
+def verify_manifest_files(root: Path, files: dict[str, dict], *, checksums: bool = False) -> None:
+    """Every file of the manifest's `files` exists with its recorded size (and checksum); ValueError naming the
+    first that differs."""
+    root = Path(root)
+    again = "prepare it again (`hmtrain data prepare --overwrite`)"
+    for rel, record in files.items():
+        path = root / rel
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is missing (listed in {root / 'manifest.json'}); {again}") from None
+        if size != record["bytes"]:
+            raise ValueError(f"{path} holds {size} bytes, the manifest says {record['bytes']}: truncated or "
+                             f"replaced; {again}")
+        if checksums and sha256_file(path) != record["sha256"]:
+            raise ValueError(f"{path}: sha256 differs from the manifest's: the file is corrupt; {again}")

@@ -16,8 +16,6 @@ disk in arrival order as they are made, then are copied in leaf order a chunk at
 from __future__ import annotations
 
 import os
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -25,56 +23,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from hmtrain.data.documents import read_file
-from hmtrain.data.files import sha256_file
-from hmtrain.data.sample import doc_keys, heldout_mask
-from hmtrain.data.files import write_json
+from hmtrain.data.corpus.documents import read_file
+from hmtrain.data.format.manifest import SPLITS
+from hmtrain.data.prepare.meter import Meter
+from hmtrain.data.prepare.sample import doc_keys, heldout_mask
+from hmtrain.data.routing.embed import embed_texts
+from hmtrain.util.files import sha256_file, write_json
 
-SPLITS = ("train", "heldout")
 READ_BATCH = 1024  # documents read, embedded, routed and tokenized together
 _COPY_DOCS = 4096  # documents copied into leaf order at once
-
-
-class Meter:
-    """Documents, wall seconds and CPU seconds per step of a stage, for the throughput report
-    (CPU seconds too: on a shared machine wall time also counts the waits for a core)."""
-
-    def __init__(self) -> None:
-        self.docs: dict[str, int] = defaultdict(int)
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.cpu: dict[str, float] = defaultdict(float)
-
-    @staticmethod
-    def now() -> tuple[float, float]:
-        return time.perf_counter(), time.process_time()
-
-    def add(self, step: str, docs: int, since: tuple[float, float]) -> tuple[float, float]:
-        now = self.now()
-        self.docs[step] += docs
-        self.seconds[step] += now[0] - since[0]
-        self.cpu[step] += now[1] - since[1]
-        return now
-
-    def rates(self) -> dict[str, dict]:
-        def rate(seconds: float, docs: int) -> float:
-            return docs / seconds if seconds > 0 else float("inf")
-
-        return {step: {"documents": self.docs[step], "seconds": self.seconds[step], "cpu_seconds": self.cpu[step],
-                       "docs_per_s": rate(self.seconds[step], self.docs[step]),
-                       "docs_per_cpu_s": rate(self.cpu[step], self.docs[step])} for step in self.docs}
-
-
-def embed_batches(embedder, texts: list[str], batch_size: int) -> torch.Tensor:
-    """[n, dim] float32 on the CPU, `batch_size` texts at a time from the first."""
-    parts = []
-    for start in range(0, len(texts), batch_size):
-        batch = texts[start : start + batch_size]
-        vecs = embedder.embed(batch)
-        if tuple(vecs.shape) != (len(batch), embedder.dim):
-            raise ValueError(f"embedder {embedder.name!r} returned shape {tuple(vecs.shape)} for {len(batch)} texts, "
-                             f"expected ({len(batch)}, {embedder.dim})")
-        parts.append(vecs.detach().to("cpu", torch.float32))
-    return torch.cat(parts) if parts else torch.zeros(0, embedder.dim)
 
 
 def _doc_schema() -> pa.Schema:
@@ -106,7 +63,8 @@ def route_file(path: Path, dest: Path, *, data, embedder, tree, tokenizer, meter
             if hit.any():
                 emb[torch.from_numpy(hit)] = torch.from_numpy(known_emb[pos[hit]])
             if len(todo):
-                emb[torch.from_numpy(todo)] = embed_batches(embedder, [texts[i] for i in todo], data.embed_batch_size)
+                emb[torch.from_numpy(todo)] = embed_texts(embedder, [texts[i] for i in todo],
+                                                          batch_size=data.embed_batch_size, progress=False)
             t = meter.add("2 embed", len(todo), t)
             paths = tree.route(emb).numpy()
             t = meter.add("2 route", len(batch), t)

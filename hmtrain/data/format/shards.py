@@ -3,10 +3,10 @@
 A shard `<prefix>-NNNNN.tar` comes with `<prefix>-NNNNN.idx.npy`, one int64 row per
 sample: the byte offset of its raw tokens inside the tar (the data of the
 `tokens.npy` member, after the npy header), its real-token count and its path.
-Readers `pread` a sequence's tokens directly; the tar stays a plain webdataset
+Readers `pread` a sequence's tokens directly (`read_tokens`); the tar stays a plain webdataset
 shard that other tools can stream. Shards are written independently of each
 other, so several processes can write shards of one split side by side (each
-with its own prefix); `hmtrain.data.sequences.write_split_index` merges their
+with its own prefix); `hmtrain.data.format.sequences.write_split_index` merges their
 indexes afterwards.
 
 Every file is written under a temporary name and renamed when complete, the
@@ -26,17 +26,27 @@ import json
 import os
 import re
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import webdataset
 
-from hmtrain.data.packing import PackedSequence
+from hmtrain.util.files import atomic_write
+
+@dataclass
+class PackedSequence:
+    tokens: np.ndarray  # int32 [seq_len + 1]: inputs are tokens[:-1], targets tokens[1:]
+    path: tuple[int, ...]  # the leaf's full path (one node per level)
+    doc_ids: list[str]  # documents (or parts of documents) inside, in order
+    num_real: int  # tokens that are not padding
+
 
 FIELDS = ("tokens.npy", "path.npy", "docs.json")
 # Columns of a shard index row; the path fills the columns from INDEX_PATH on.
 INDEX_OFFSET, INDEX_REAL, INDEX_PATH = 0, 1, 2
+TOKEN_DTYPE = np.dtype("<i4")  # a tokens member's raw data, which readers pread at INDEX_OFFSET
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 
 
@@ -60,7 +70,7 @@ def _tokens_offset(f: BinaryIO, offset: int, length: int, where: str) -> int:
         shape, fortran, dtype = read_header(f)
     except ValueError as e:
         raise ValueError(f"{where}: tokens are not an npy array: {e}") from e
-    if dtype != np.dtype("<i4") or fortran or shape != (length,):
+    if dtype != TOKEN_DTYPE or fortran or shape != (length,):
         raise ValueError(f"{where}: tokens are {dtype} {shape}, expected int32 ({length},)")
     return f.tell()
 
@@ -98,12 +108,8 @@ class _OpenShard:
         os.fsync(self.file.fileno())
         self.file.close()
         index = index_shard(self.tmp, self.reals, self.paths, length)
-        index_tmp = self.index.with_name(self.index.name + ".tmp")
-        with open(index_tmp, "wb") as f:
+        with atomic_write(self.index) as f:
             np.save(f, index, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(index_tmp, self.index)
         os.replace(self.tmp, self.tar)
 
     def abort(self) -> None:
@@ -176,7 +182,7 @@ class ShardWriter:
         shard = self._open
         shard.writer.write({
             "__key__": f"{self._counter:010d}",
-            "tokens.npy": _npy_bytes(tokens.astype("<i4", copy=False)),
+            "tokens.npy": _npy_bytes(tokens.astype(TOKEN_DTYPE, copy=False)),
             "path.npy": _npy_bytes(np.asarray(path, dtype=np.int64)),
             "docs.json": json.dumps([str(d) for d in seq.doc_ids]).encode("utf-8"),
         })
@@ -207,6 +213,17 @@ class ShardWriter:
             self._open.abort()
             self._open = None
         self._closed = True
+
+
+def read_tokens(fd: int, offset: int, length: int, where: str) -> np.ndarray:
+    """The `length` tokens of one sample, read with one pread from its open shard at the byte `offset`
+    its index row holds (INDEX_OFFSET); ValueError starting with `where` if the shard ends first."""
+    size = TOKEN_DTYPE.itemsize * length
+    raw = os.pread(fd, size, offset)
+    if len(raw) != size:
+        raise ValueError(f"{where} ends after {len(raw)} of {size} bytes at offset {offset}: the shard is truncated; "
+                         "prepare the data again (`hmtrain data prepare --overwrite`)")
+    return np.frombuffer(raw, dtype=TOKEN_DTYPE)
 
 
 def load_shard_index(root: Path, entry: dict, levels: int) -> np.ndarray:

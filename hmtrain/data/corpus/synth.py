@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hmtrain.data.files import atomic_write, check_output_dir
+from hmtrain.util.files import atomic_write, check_output_dir
 
 # ---- frequency buckets: the one place they are defined -----------------------
 BUCKETS = ["1", "2-3", "4-7", "8-15", "16+"]

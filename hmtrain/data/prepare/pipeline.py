@@ -17,7 +17,7 @@ repeat (bad input, bad settings) removes the work directory; anything else keeps
 The prepared directory appears under its name complete, or not at all; an existing one is
 replaced, atomically, only with `--overwrite`.
 
-Layout of the result (manifest.py describes the manifest, sequences.py the index):
+Layout of the result (format/manifest.py describes the manifest, format/sequences.py the index):
   manifest.json        splits, per-node token and document counts, size and sha256 of every file
   tree.pt              the hierarchical k-means tree (routes prompts at evaluation)
   tokenizer/           the tokenizer, trained on a sample of the train split
@@ -39,16 +39,17 @@ import numpy as np
 import torch
 
 from hmtrain.config.schema import Config
-from hmtrain.data import pack, sample
-from hmtrain.data.documents import _suffix, list_document_files, read_file
-from hmtrain.data.embed import build_embedder, default_device
-from hmtrain.data.files import check_output_dir, recover_dir, replace_dir, sha256_file, write_json
-from hmtrain.data.finish import write_output_manifest
-from hmtrain.data.procs import Group, is_input_error
-from hmtrain.data.route import Meter, embed_batches, route_file
+from hmtrain.data.corpus.documents import _suffix, list_document_files, read_file
+from hmtrain.data.prepare import pack, sample
+from hmtrain.data.prepare.finish import write_output_manifest
+from hmtrain.data.prepare.meter import Meter
+from hmtrain.data.prepare.procs import Group, is_input_error
+from hmtrain.data.prepare.route import route_file
+from hmtrain.data.prepare.work import Work, building, input_stats, load_npz, read_json, save_npz
+from hmtrain.data.routing.embed import build_embedder, default_device, embed_texts
+from hmtrain.data.routing.tree import Tree, fit_tree
 from hmtrain.data.tokenizer import KINDS, Tokenizer, train_tokenizer
-from hmtrain.data.tree import Tree, fit_tree
-from hmtrain.data.work import Work, building, input_stats, load_npz, read_json, save_npz
+from hmtrain.util.files import atomic_write, check_output_dir, recover_dir, replace_dir, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +269,7 @@ def _embed_sample(work: Work, files: list[Path], mine: list[int], data, limits: 
         key_of = dict(zip(records[first:stop].tolist(), keys[first:stop].tolist()))
         for_tree: list[str] = []
         tree_records: list[int] = []
-        texts_tmp = work.sample_texts(i).with_suffix(".jsonl.tmp")
-        with open(texts_tmp, "w", encoding="utf-8") as out:
+        with atomic_write(work.sample_texts(i), "w", encoding="utf-8") as out:
             found = 0
             batches = read_file(files[i], text_field=data.text_field, id_field=data.id_field, batch_size=4096)
             for batch in batches if key_of else ():
@@ -285,8 +285,8 @@ def _embed_sample(work: Work, files: list[Path], mine: list[int], data, limits: 
                     found += 1
                 if found == len(key_of):
                     break
-        os.replace(texts_tmp, work.sample_texts(i))
-        emb = embed_batches(get_embedder(), for_tree, data.embed_batch_size) if for_tree else torch.zeros(0, 0)
+        emb = (embed_texts(get_embedder(), for_tree, batch_size=data.embed_batch_size, progress=False) if for_tree
+               else torch.zeros(0, 0))
         save_npz(work.sample(i), embeddings=emb.numpy(), records=np.asarray(tree_records, dtype=np.int64))
         log.info("stage 1: sampled %s (%d documents for the tree)", files[i], len(for_tree))
         meter.add("1 embed sample", len(for_tree), t)

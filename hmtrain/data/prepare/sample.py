@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hmtrain.data.documents import read_file
+from hmtrain.data.corpus.documents import read_file
 
 # Keys compared at once by the duplicate check: memory stays a few tens of MB whatever the corpus.
 _CHECK_BUCKET = 1 << 22

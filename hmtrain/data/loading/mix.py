@@ -1,4 +1,4 @@
-"""How well do batches mix the tree? `python -m hmtrain.data.mix --prepared DIR [--batch 16 --batches 60]`
+"""How well do batches mix the tree? `python -m hmtrain.data.loading.mix --prepared DIR [--batch 16 --batches 60]`
 
 Prints how many of the StepLoader's batches hold a single level-1 node or a single leaf, and the
 mean number of distinct level-1 nodes per batch, beside what uniform sampling with replacement gives.
@@ -9,8 +9,8 @@ import argparse
 
 import numpy as np
 
-from hmtrain.data.loader import StepLoader
-from hmtrain.data.prepared import PreparedData
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.loading.loader import StepLoader
 
 
 def _row(name: str, paths: list[np.ndarray]) -> tuple[str, int, int, float]:

@@ -12,13 +12,12 @@ import shutil
 import numpy as np
 
 from hmtrain.config.schema import Config
-from hmtrain.data import pack
-from hmtrain.data.files import sha256_file
-from hmtrain.data.manifest import MANIFEST_VERSION, write_manifest
-from hmtrain.data.route import SPLITS
-from hmtrain.data.sequences import write_split_index
+from hmtrain.data.format.manifest import MANIFEST_VERSION, SPLITS, write_manifest
+from hmtrain.data.format.sequences import write_split_index
+from hmtrain.data.prepare import pack
+from hmtrain.data.prepare.work import Work, read_json
 from hmtrain.data.tokenizer import Tokenizer
-from hmtrain.data.work import Work, read_json
+from hmtrain.util.files import sha256_file
 
 
 def write_output_manifest(cfg: Config, work: Work, num_files: int, units: list[dict], tokenizer: Tokenizer) -> dict:

@@ -1,0 +1,1 @@
+"""Where documents come from: readers (documents.py), importers (import_dictd.py), the synthetic corpus."""

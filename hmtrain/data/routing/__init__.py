@@ -1,0 +1,1 @@
+"""Routing documents to tree paths: embedders, hierarchical k-means, the tree."""
