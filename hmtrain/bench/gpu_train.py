@@ -49,8 +49,8 @@ def preset(run, size: str) -> str:
 
 def data(run) -> None:
     from hmtrain.config import load_config
-    from hmtrain.data.prepare import prepare
-    from hmtrain.data.synth import synthesize
+    from hmtrain.data.prepare.pipeline import prepare
+    from hmtrain.data.corpus.synth import synthesize
 
     root = work_dir(run)
     started = time.perf_counter()
