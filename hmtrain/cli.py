@@ -186,7 +186,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_retention(args) -> None:
-    from hmtrain.eval.retention import run_retention
+    from hmtrain.retention.probe import run_retention
 
     if args.deep_router is None and args.shallow_levels != 1:
         raise ValueError("--shallow-levels only applies with --deep-router")
@@ -224,7 +224,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from hmtrain.eval.export import export_checkpoint
+    from hmtrain.serve.export import export_checkpoint
 
     manifest = export_checkpoint(args.checkpoint, args.out, config=args.config, overrides=args.overrides,
                                  overwrite=args.overwrite)
@@ -237,7 +237,7 @@ def cmd_export(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from hmtrain.eval.generate import check_sampling, format_result, from_checkpoint, from_export
+    from hmtrain.serve.generate import check_sampling, format_result, from_checkpoint, from_export
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before loading anything
     if not args.prompt.strip():

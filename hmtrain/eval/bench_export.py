@@ -29,13 +29,13 @@ def sample():
     while True:
         peak[0] = max(peak[0], rss_anon()); time.sleep(0.002)
 threading.Thread(target=sample, daemon=True).start()
-import torch, hmtrain.eval.export, hmtrain.eval.loading
+import torch, hmtrain.serve.export, hmtrain.eval.loading
 time.sleep(0.05)
 task, ckpt, out = sys.argv[1:4]
 if task == "load":
     hmtrain.eval.loading.load_trained(ckpt)
 elif task == "export":
-    hmtrain.eval.export.export_checkpoint(ckpt, out)
+    hmtrain.serve.export.export_checkpoint(ckpt, out)
 time.sleep(0.05)
 peak[0] = max(peak[0], rss_anon())
 hwm = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
@@ -52,7 +52,7 @@ def make_checkpoint(workdir: Path, args) -> tuple[Path, dict[str, int]]:
     from hmtrain.data.prepare import prepare
     from hmtrain.data.prepared import PreparedData
     from hmtrain.data.synth import synthesize
-    from hmtrain.eval.export import bank_tables
+    from hmtrain.serve.export import bank_tables
     from hmtrain.memory import build_bank
     from hmtrain.memory.bank_state import bank_state_for_save
     from hmtrain.model import Transformer

@@ -1,6 +1,6 @@
 """A trained bank read through memory maps: a lookup reads its paths' rows and nothing else.
 
-`hmtrain export` writes one plain `.npy` file per table (hmtrain/eval/export.py): `level{i}.npy`
+`hmtrain export` writes one plain `.npy` file per table (hmtrain/serve/export.py): `level{i}.npy`
 holds that level's N_i rows of shape [n_layers, 3, m_i, d_model] (slot 0 gate rows, 1 up rows,
 2 down rows stored transposed, as in MemoryBank), `generic.npy` the one generic row of the
 fetched size. Rows are C-contiguous, so node j of a level is the single byte range
