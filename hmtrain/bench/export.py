@@ -1,6 +1,6 @@
 """Benchmark: the memory `hmtrain export` needs, against loading the checkpoint whole (`load_trained`).
 
-    python -m hmtrain.eval.bench_export [--workdir DIR] [--units 2048 128] [--branching 4 16] [--d 256 --layers 4]
+    python -m hmtrain.bench.export [--workdir DIR] [--units 2048 128] [--branching 4 16] [--d 256 --layers 4]
 
 Writes a checkpoint of an untrained bank (weights and both fp32 Adam moments, as training saves
 them) on tiny prepared data, then runs, each in a fresh process: importing hmtrain (the floor),
@@ -84,8 +84,9 @@ def measure(task: str, checkpoint: Path, out: Path) -> tuple[int, int]:
     return int(anon), int(hwm)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hmtrain bench export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--units", type=int, nargs="+", default=[2048, 128])
     parser.add_argument("--branching", type=int, nargs="+", default=[4, 16])
