@@ -26,7 +26,7 @@ import torch
 
 from hmtrain_kernels import memory_ffn, memory_ffn_torch
 
-# d, anchor FFN width h, fetched memory units per layer M = sum of units on the path (DESIGN.md)
+# d, anchor FFN width h, fetched memory units per layer M = sum of units on the path (docs/design.md)
 PRESETS: dict[str, tuple[int, int, int]] = {
     "160m": (512, 2048, 256 + 64 + 16),
     "410m": (1024, 2816, 512 + 128 + 32),

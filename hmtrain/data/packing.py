@@ -1,6 +1,6 @@
 """Packing one leaf's documents into fixed-length training sequences.
 
-A training sequence never mixes paths (DESIGN.md): `pack_leaf` is called once
+A training sequence never mixes paths (docs/design.md): `pack_leaf` is called once
 per leaf, so every sequence it yields carries exactly one path. Inside a
 sequence, documents are separated by EOT and `segment_ids` numbers them so the
 model can mask attention at document boundaries. Since attention cannot see
