@@ -93,6 +93,20 @@ def metrics(totals: dict, vocab_size: int) -> dict[str, float]:
             totals["correct"] / max(totals["count"], 1), "tokens": float(totals["count"])}
 
 
+def deep_routing(cfg: Config, data: PreparedData, spec: str, *, shallow_levels: int, device: torch.device) -> dict:
+    """The deep tree levels refitted and routed by the encoder `spec` (hmtrain/eval/deep_routing.py), a
+    document's vector being the mean of its windows' vectors."""
+    label, spec = parse_spec(spec)
+    router = build_encoder(label, spec, cfg, data, device)
+    pad_id = int(data.manifest["pad_id"])
+
+    def vectors_of(token_lists: list[list[int]]) -> torch.Tensor:
+        return window_vectors(router, token_lists, cfg.retention.n_ctx, pad_id)
+
+    return compare_deep_routing(cfg, data, vectors_of, label=label, spec=spec, shallow_levels=shallow_levels,
+                                device=device)
+
+
 def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optional[str] = None,
                   deep_router: Optional[str] = None, shallow_levels: int = 1, console: Optional[Console] = None) -> dict:
     """Probe every encoder of `specs` with each expansion; write results.json / results.md / metrics.jsonl
@@ -153,14 +167,8 @@ def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optio
                 console.print(f"{name}: CE {scores['ce']:.3f}, I_e {scores['entropy_ratio']:.3f}, "
                               f"acc {100 * scores['token_accuracy']:.1f}%")
         if deep_router is not None:
-            label, spec = parse_spec(deep_router)
-            router = build_encoder(label, spec, cfg, data, device)
-
-            def vectors_of(token_lists: list[list[int]]) -> torch.Tensor:
-                return window_vectors(router, token_lists, r.n_ctx, pad_id)
-
-            results["deep_routing"] = compare_deep_routing(cfg, data, vectors_of, label=label, spec=spec,
-                                                           shallow_levels=shallow_levels, device=device)
+            results["deep_routing"] = deep_routing(cfg, data, deep_router, shallow_levels=shallow_levels,
+                                                   device=device)
             logger.log({f"deep_routing.level{entry['level']}.{key}": value for entry in results["deep_routing"]["levels"]
                         for key, value in entry.items() if key != "level"}, offset + 1)
         status = "FINISHED"
