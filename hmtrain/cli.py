@@ -12,7 +12,7 @@
     hmtrain generate     (--checkpoint DIR | --export DIR) --prompt TEXT [--max-new-tokens N --temperature T
                          --top-k K --seed S --memory fetched|generic|none] [--config CFG] [key=value ...]
     hmtrain demo         [--out DIR] [--seeds S ...] [--people N --documents N] [key=value ...]
-    hmtrain bench placement [--ranks 1 2 4] [--steps N] [--out DIR] [key=value ...]
+    hmtrain bench        NAME [its options]    (hmtrain bench --help lists them; hmtrain bench NAME --help)
 
 CFG is a YAML file or a preset name from configs/ (tiny, paper-160m, ...).
 Overrides may come before or after the options.
@@ -20,12 +20,14 @@ Overrides may come before or after the options.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from hmtrain.bench import NAMES as BENCHMARKS
 from hmtrain.config import ConfigError, load_config
 
 log = logging.getLogger("hmtrain")
@@ -93,14 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(info)
     info.add_argument("--world-size", type=int, default=1, help="ranks to size the per-rank table for")
 
-    bench = commands.add_parser("bench", help="benchmarks that print a table").add_subparsers(dest="bench_command",
-                                                                                          required=True)
-    placement = bench.add_parser("placement", help="step time of gather vs owner vs replicated bank, per world size")
-    placement.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    placement.add_argument("--steps", type=int, default=12)
-    placement.add_argument("--global-batch", type=int, default=16)
-    placement.add_argument("--out", type=Path, default=Path("runs/bench-placement"))
-    placement.add_argument("overrides", nargs="*", metavar="key=value")
+    benchmarks = f"benchmarks that print a table: {', '.join(BENCHMARKS)} (hmtrain/bench/NAME.py)"
+    bench = commands.add_parser("bench", help=benchmarks, description=benchmarks)
+    bench.add_argument("benchmark", choices=BENCHMARKS, metavar="NAME", help="one of: " + ", ".join(BENCHMARKS))
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own (hmtrain bench NAME --help)")
 
     export = commands.add_parser("export", help="a checkpoint as memory-mapped bank tables + anchor, tree, tokenizer")
     export.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory)")
@@ -186,7 +184,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_retention(args) -> None:
-    from hmtrain.eval.retention import run_retention
+    from hmtrain.retention.probe import run_retention
 
     if args.deep_router is None and args.shallow_levels != 1:
         raise ValueError("--shallow-levels only applies with --deep-router")
@@ -203,16 +201,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from hmtrain.parallel.bench_placement import render, run
-
-    for ranks in args.ranks:
-        if ranks < 1 or args.global_batch % (2 * ranks):
-            raise ValueError(f"--ranks {ranks}: --global-batch {args.global_batch} must split into two micro-batches "
-                             "per rank")
-    results = run(args.out, args.ranks, args.steps, args.global_batch, args.overrides)
-    table = render(results)
-    (args.out / "results.md").write_text(table + "\n")
-    print(table)
+    importlib.import_module(f"hmtrain.bench.{args.benchmark}").main(args.options)
 
 
 def cmd_demo(args) -> None:
@@ -224,7 +213,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from hmtrain.eval.export import export_checkpoint
+    from hmtrain.serve.export import export_checkpoint
 
     manifest = export_checkpoint(args.checkpoint, args.out, config=args.config, overrides=args.overrides,
                                  overwrite=args.overwrite)
@@ -237,7 +226,7 @@ def cmd_export(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from hmtrain.eval.generate import check_sampling, format_result, from_checkpoint, from_export
+    from hmtrain.serve.generate import check_sampling, format_result, from_checkpoint, from_export
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before loading anything
     if not args.prompt.strip():
@@ -256,7 +245,7 @@ def cmd_generate(args) -> None:
 
 
 COMMANDS = {"synth": cmd_synth, "import": cmd_import, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
-            "retention": cmd_retention, "info": cmd_info, "demo": cmd_demo, "placement": cmd_bench,
+            "retention": cmd_retention, "info": cmd_info, "demo": cmd_demo, "bench": cmd_bench,
             "export": cmd_export, "generate": cmd_generate}
 
 
@@ -311,8 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("HMTRAIN_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    command = {"data": getattr(args, "data_command", None), "bench": getattr(args, "bench_command", None)}.get(
-        args.command, args.command)
+    command = args.data_command if args.command == "data" else args.command
     from hmtrain.train.signals import Interrupted
 
     rc = 0

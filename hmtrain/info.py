@@ -11,15 +11,9 @@ from hmtrain.memory import memory_sizes
 from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.sizes import rank_footprint
 from hmtrain.model import count_parameters, run_model_config
+from hmtrain.model.sizes import human
 
 GiB = 2**30
-
-
-def human(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
 
 
 def model_config(cfg: Config):

@@ -30,7 +30,7 @@ def resolve_impl(name: str, device: torch.device | str) -> str:
     """Map an impl name ("auto" | "torch" | "triton") to the one that runs on ``device``.
 
     "auto" is "torch" on every device: the Triton kernels have passed their tests only under the
-    interpreter and have never run on a GPU. A GPU run of ``python -m hmtrain_kernels.bench_memory_ffn``
+    interpreter and have never run on a GPU. A GPU run of ``python -m hmtrain.bench.memory_ffn``
     showing them correct and faster (recorded in docs/benchmarks.md) is what may flip this.
     "triton" raises a RuntimeError saying why when it cannot run (no triton, or CPU tensors without
     TRITON_INTERPRET=1).

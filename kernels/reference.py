@@ -1,6 +1,6 @@
 """Plain PyTorch memory-augmented SwiGLU FFN: the reference the Triton kernels are checked against.
 
-For one sequence ``b`` (DESIGN.md, "The memory, exactly")::
+For one sequence ``b`` (docs/design.md, "The memory, exactly")::
 
     y_b = [W_down | U_down_b] · (silu([W_gate; U_gate_b] x_b) ⊙ [W_up; U_up_b] x_b)
 

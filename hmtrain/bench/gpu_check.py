@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from hmtrain.bench.gpu_report import comparisons, decisions, render_markdown
+from hmtrain.bench.gpu.report import comparisons, decisions, render_markdown
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def run_section(section: Section, out: Path, smoke: bool, timeout: float) -> dic
     """Run one section in a child process; its record, whatever happened to it."""
     path = out / "sections" / f"{section.name}.json"
     path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "hmtrain.bench.gpu_sections", section.name, "--out", str(out),
+    cmd = [sys.executable, "-m", "hmtrain.bench.gpu.sections", section.name, "--out", str(out),
            *(["--smoke"] if smoke else [])]
     started = time.monotonic()
     log = (out / "logs" / f"{section.name}.log").open("w")

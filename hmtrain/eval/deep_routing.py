@@ -18,7 +18,7 @@ Reported per deep level, against MiniLM routing of the same documents:
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -31,8 +31,6 @@ from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.routing.embed import build_embedder, embed_texts
 from hmtrain.data.routing.kmeans import assign, kmeans
 from hmtrain.eval.probes import load_probes
-from hmtrain.eval.retention import encode_all, left_pad_windows
-from hmtrain.eval.retention_encoders import build_encoder, parse_spec
 
 
 def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
@@ -59,24 +57,6 @@ def purity(hybrid: np.ndarray, reference: np.ndarray) -> float:
     for h, r in zip(hybrid.tolist(), reference.tolist()):
         groups.setdefault(h, Counter())[r] += 1
     return sum(c.most_common(1)[0][1] for c in groups.values()) / len(hybrid)
-
-
-def window_vectors(encoder, token_lists: list[list[int]], n_ctx: int, pad_id: int) -> torch.Tensor:
-    """One vector per token list: the mean over its consecutive n_ctx windows (left-padded)."""
-    rows, owner = [], []
-    for i, tokens in enumerate(token_lists):
-        tokens = tokens or [pad_id]
-        padded = np.full(-(-len(tokens) // n_ctx) * n_ctx, pad_id, dtype=np.int64)
-        padded[:len(tokens)] = tokens
-        windows = left_pad_windows(padded[None], n_ctx, pad_id)
-        if len(windows) == 0:
-            windows = np.full((1, n_ctx), pad_id, dtype=np.int64)
-        rows.append(windows)
-        owner += [i] * len(windows)
-    vectors = encode_all(encoder, torch.from_numpy(np.concatenate(rows)))
-    owner_t = torch.tensor(owner)
-    sums = torch.zeros(len(token_lists), vectors.shape[1]).index_add_(0, owner_t, vectors)
-    return sums / torch.bincount(owner_t, minlength=len(token_lists)).clamp(min=1)[:, None].float()
 
 
 def fit_deep_levels(vectors: torch.Tensor, shallow_paths: torch.Tensor, fit_mask: torch.Tensor,
@@ -136,8 +116,10 @@ def _probe_hits(paths: dict[str, list[int]], probes: list[dict], question_paths:
     return hits / counted if counted else float("nan")
 
 
-def compare_deep_routing(cfg: Config, data: PreparedData, spec: str, *, shallow_levels: int = 1,
-                         device: Optional[torch.device] = None) -> dict:
+def compare_deep_routing(cfg: Config, data: PreparedData, vectors_of: Callable[[list[list[int]]], torch.Tensor], *,
+                         label: str, spec: str, shallow_levels: int = 1, device: Optional[torch.device] = None) -> dict:
+    """`vectors_of` maps token lists to one vector each: the deep levels' router, built by the caller (the
+    retention probe's encoders, hmtrain/retention), named `label` (`spec`) in the result."""
     branching = list(data.manifest["branching"])
     if not 1 <= shallow_levels < len(branching):
         raise ValueError(f"--shallow-levels must be in [1, {len(branching) - 1}] for a tree of {len(branching)} "
@@ -145,8 +127,6 @@ def compare_deep_routing(cfg: Config, data: PreparedData, spec: str, *, shallow_
     if not cfg.data.documents:
         raise ValueError("deep routing re-embeds the documents: set data.documents to the corpus")
     device = device or torch.device("cpu")
-    label, spec = parse_spec(spec)
-    encoder = build_encoder(label, spec, cfg, data, device)
     table = data.documents().select(["id", "split", "path"]).to_pydict()
     row_of = {doc_id: i for i, doc_id in enumerate(table["id"])}
     texts = [""] * len(row_of)
@@ -157,8 +137,8 @@ def compare_deep_routing(cfg: Config, data: PreparedData, spec: str, *, shallow_
     if missing:
         raise ValueError(f"data.documents {cfg.data.documents} lacks {len(missing)} documents of {data.root} "
                          f"(e.g. {missing[0]!r}): not the corpus this data was prepared from")
-    tokenizer, n_ctx, pad_id = data.tokenizer, cfg.retention.n_ctx, int(data.manifest["pad_id"])
-    vectors = window_vectors(encoder, tokenizer.encode_batch(texts), n_ctx, pad_id)
+    tokenizer = data.tokenizer
+    vectors = vectors_of(tokenizer.encode_batch(texts))
     minilm_paths = torch.tensor(table["path"], dtype=torch.int64)
     fit_mask = torch.tensor([s == "train" for s in table["split"]])
     levels = fit_deep_levels(vectors, minilm_paths, fit_mask, branching, shallow_levels, cfg)
@@ -172,7 +152,7 @@ def compare_deep_routing(cfg: Config, data: PreparedData, spec: str, *, shallow_
         questions = [p["question"] for p in probes]
         embedder = build_embedder(data.manifest["embedder"], device=str(device))
         q_minilm = data.tree.route(embed_texts(embedder, questions, progress=False))
-        q_vectors = window_vectors(encoder, tokenizer.encode_batch(questions), n_ctx, pad_id)
+        q_vectors = vectors_of(tokenizer.encode_batch(questions))
         q_deep = route_deep(q_vectors, q_minilm[:, shallow_levels - 1], levels, branching, shallow_levels)
         q_hybrid = torch.cat([q_minilm[:, :shallow_levels], q_deep], dim=1)
         doc_minilm = dict(zip(table["id"], minilm_paths.tolist()))

@@ -1,6 +1,6 @@
 """The bank in a checkpoint: every table as `Shard(0)` DTensors in the torch.chunk layout.
 
-DCP reshards that layout to any world size (DESIGN.md), so a bank saved on N ranks
+DCP reshards that layout to any world size (docs/design.md), so a bank saved on N ranks
 loads on M, with either placement. Tables stored in another layout at run time are
 converted on the way: replicated tables save their chunk slice and load the whole
 table; subtree-placed tables are moved to chunk rows by one all-to-all per tensor.

@@ -1,6 +1,6 @@
 """Which rank stores which rows of a memory table.
 
-Three layouts (DESIGN.md, "The bank in a distributed job"):
+Three layouts (docs/design.md, "The bank in a distributed job"):
 
 - ``replicated``: every rank stores every row (small top levels, the generic row);
   gradients are all-reduced and every rank applies the same sparse update.

@@ -1,6 +1,6 @@
 """A trained bank read through memory maps: a lookup reads its paths' rows and nothing else.
 
-`hmtrain export` writes one plain `.npy` file per table (hmtrain/eval/export.py): `level{i}.npy`
+`hmtrain export` writes one plain `.npy` file per table (hmtrain/serve/export.py): `level{i}.npy`
 holds that level's N_i rows, each of the memory kind's row shape for m_i units, as in MemoryBank
 (hmtrain/memory/kind.py), `generic.npy` the one generic row of the fetched size. Rows are C-contiguous, so node j of a level is the single byte range
 `data_offset + j * row_bytes` of its file. A bf16 bank is stored as its raw bit patterns

@@ -1,7 +1,7 @@
 """Sizes of a hierarchical memory bank: pure arithmetic, nothing allocated.
 
 `hmtrain info` prints these for the paper's banks (4.6B..21B parameters), which
-are far too big to build just to count them. The formulas are DESIGN.md's:
+are far too big to build just to count them. The formulas are docs/design.md's:
 bank = layers * params-per-unit * sum(N_i * m_i), fetched = layers *
 params-per-unit * sum(m_i), where the memory kind gives params-per-unit
 (hmtrain/memory/kind.py: 3 * d_model for SwiGLU units, gate, up and down rows).

@@ -12,7 +12,7 @@ own). A query attends to keys at or before it in the same segment. Two implement
 
 `auto` is `flex` on CUDA (head_dim >= 16, the Triton kernels' minimum) and `sdpa` elsewhere.
 On CPU, torch 2.13's FlexAttention has no backward (eager or compiled: NotImplementedError), so it
-cannot train there; for the forward, `python -m hmtrain.model.bench_attention` measured (1 thread,
+cannot train there; for the forward, `python -m hmtrain.bench.attention` measured (1 thread,
 4 x 4 heads x 256 x 32, ~5 documents per row) the eager path 20x slower than SDPA with the dense
 mask, and the compiled one 1.07x SDPA's time after 12.7 s of compilation (2.2x faster at 2 x 1,024
 tokens, after 8 s). `flex` on CPU stays selectable, forward only, to check the flex path.

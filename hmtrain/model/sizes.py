@@ -19,6 +19,14 @@ def count_parameters(cfg: ModelConfig) -> int:
     return embeddings + cfg.n_layers * per_layer + cfg.d_model  # final norm
 
 
+def human(n: int) -> str:
+    """A parameter count for people: 163.51M, 4.62B."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
 def _round_to(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 

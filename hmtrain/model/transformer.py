@@ -5,7 +5,7 @@ QK-norm over the full query/key projections (OpenLM), SwiGLU FFN, causal attenti
 that never crosses a document boundary (hmtrain/model/attention.py: FlexAttention or SDPA).
 No parallelism lives here (see hmtrain/parallel).
 
-With memory, layer i's FFN is (DESIGN.md, "The memory, exactly")
+With memory, layer i's FFN is (docs/design.md, "The memory, exactly")
     y = [W_down | U_down_b] . (silu([W_gate; U_gate_b] x) * [W_up; U_up_b] x)
 computed by `hmtrain_kernels.memory_ffn`, where U_b are the blocks fetched for sequence b.
 """

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hmtrain.cli import main
-from hmtrain.eval import export as export_module
-from hmtrain.eval.export import Export, export_checkpoint
-from hmtrain.eval.generate import from_checkpoint, from_export
+from hmtrain.serve import export as export_module
+from hmtrain.serve.export import Export, export_checkpoint
+from hmtrain.serve.generate import from_checkpoint, from_export
 from hmtrain.eval.loading import load_trained
 from tests.e2e.conftest import run_cli
 

@@ -217,11 +217,11 @@ def test_resolve_impl(monkeypatch):
 
 
 def test_benchmark_smoke_mode_prints_table_without_importing_triton():
-    """``python -m hmtrain_kernels.bench_memory_ffn --device cpu --quick`` runs the torch impls on CPU,
+    """``python -m hmtrain.bench.memory_ffn --device cpu --quick`` runs the torch impls on CPU,
     and neither it nor ``import hmtrain_kernels`` pulls in triton (one subprocess: python start-up is slow)."""
     code = ("import runpy, sys\n"
             "sys.argv = ['bench_memory_ffn', '--device', 'cpu', '--quick', '--presets', 'tiny-odd']\n"
-            "runpy.run_module('hmtrain_kernels.bench_memory_ffn', run_name='__main__')\n"
+            "runpy.run_module('hmtrain.bench.memory_ffn', run_name='__main__')\n"
             "assert 'triton' not in sys.modules, 'impl=torch imported triton'\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,

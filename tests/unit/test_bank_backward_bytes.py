@@ -1,7 +1,7 @@
 """The bank's backward allocates about one fetched-size buffer of row gradients, not one per layer."""
 from types import SimpleNamespace
 
-from hmtrain.memory.bench_backward import measure
+from hmtrain.bench.bank_backward import measure
 
 
 def test_row_gradients_cost_at_most_twice_the_fetched_bytes():

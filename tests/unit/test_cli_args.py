@@ -1,6 +1,7 @@
 """The command line's argument handling: overrides anywhere, one-line errors."""
 import pytest
 
+from hmtrain.bench.placement import parse_args as placement_args
 from hmtrain.cli import main, parse_args
 
 
@@ -17,6 +18,8 @@ def test_overrides_may_follow_a_list_of_integers():
     assert args.seeds == [0, 1, 2] and args.overrides == ["train.pretrain_steps=5", "model.d_model=32"]
     assert str(args.out) == "d"
     args = parse_args(["bench", "placement", "--ranks", "1", "2", "train.memory_steps=4"])
+    assert args.benchmark == "placement"
+    args = placement_args(args.options)  # a benchmark parses its own options
     assert args.ranks == [1, 2] and args.overrides == ["train.memory_steps=4"]
 
 

@@ -8,9 +8,10 @@ import torch
 
 from hmtrain.config import ModelConfig, load_config
 from hmtrain.eval.deep_routing import _probe_hits, adjusted_rand_index, fit_deep_levels, purity, route_deep
-from hmtrain.eval.retention import left_pad_windows, metrics, score_probe, train_probe
-from hmtrain.eval.retention_encoders import _anchor_encoder, anchor_options, parse_spec
 from hmtrain.model import Transformer
+from hmtrain.retention.encoders import _anchor_encoder, anchor_options, parse_spec
+from hmtrain.retention.probe import metrics, score_probe, train_probe
+from hmtrain.retention.windows import left_pad_windows
 
 PAD = 0
 

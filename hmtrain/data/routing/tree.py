@@ -1,6 +1,6 @@
 """The routing tree: hierarchical k-means centroids and greedy descent.
 
-Numbering (DESIGN.md, "The memory, exactly"): level index i = 0..L-1 has
+Numbering (docs/design.md, "The memory, exactly"): level index i = 0..L-1 has
 branching k_i and N_i = k_0 * ... * k_i nodes; node j at level i >= 1 has
 parent j // k_i, so the children of parent p are p*k_i .. p*k_i + k_i - 1.
 A path is one node id per level, consistent with parents. The tree is fitted

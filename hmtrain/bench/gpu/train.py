@@ -14,11 +14,12 @@ the fetched units: the memory phase's cost over a dense model of the same active
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,8 +50,8 @@ def preset(run, size: str) -> str:
 
 def data(run) -> None:
     from hmtrain.config import load_config
-    from hmtrain.data.prepare.pipeline import prepare
     from hmtrain.data.corpus.synth import synthesize
+    from hmtrain.data.prepare.pipeline import prepare
 
     root = work_dir(run)
     started = time.perf_counter()
@@ -191,8 +192,6 @@ def train_1_4b(run):
 
 def eval_export_generate(run) -> None:
     """`hmtrain eval`, `export` and `generate` on the 160m smoke run, through the CLI; seconds and exit codes."""
-    from hmtrain.cli import main as cli
-
     root, overrides = work_dir(run), data_overrides(run)
     checkpoint = root / "runs" / "160m"
     limits = [] if run.smoke else ["eval.max_sequences=64", "eval.max_probes=200"]
@@ -203,13 +202,13 @@ def eval_export_generate(run) -> None:
         "generate": ["generate", "--export", str(root / "export"), "--prompt", "The person born in", "--max-new-tokens",
                      "16"],
     }
-    for name, argv in commands.items():
-        started, stderr = time.perf_counter(), io.StringIO()
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()) as stdout:
-            rc = cli(argv)
-        run.put(name, {"rc": rc, "seconds": time.perf_counter() - started, "output": stdout.getvalue()[-300:]})
-        if rc != 0:
-            raise RuntimeError(f"hmtrain {name} exited {rc}: {stderr.getvalue().strip().splitlines()[-1:]}")
+    for name, argv in commands.items():  # as a user runs them: the CLI in a process of its own
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "hmtrain.cli", *argv], capture_output=True, text=True)
+        run.put(name, {"rc": proc.returncode, "seconds": time.perf_counter() - started,
+                       "output": proc.stdout[-300:]})
+        if proc.returncode != 0:
+            raise RuntimeError(f"hmtrain {name} exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
     run.put("summary", ", ".join(f"{name} {run.results[name]['seconds']:.1f} s" for name in commands) + ", all exit 0")
 
 

@@ -2,7 +2,7 @@
 
 The prompt is embedded with the embedder the data was prepared with and routed down the same
 tree (greedy nearest-centroid descent, as training paths were), so it gets the memory blocks of
-the documents it resembles. The model is read from an export (hmtrain/eval/export.py; the bank
+the documents it resembles. The model is read from an export (hmtrain/serve/export.py; the bank
 through memory maps, only the path's rows) or from a checkpoint (the whole bank in memory).
 
 Decoding re-runs the full context every token (no KV cache: the models this runs on CPU are
@@ -24,7 +24,7 @@ from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.routing.embed import build_embedder
 from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
-from hmtrain.eval.export import Export
+from hmtrain.serve.export import Export
 from hmtrain.eval.loading import load_trained, read_checkpoint
 from hmtrain.memory import MemoryBank
 from hmtrain.memory.mapped_bank import MappedBank

@@ -1,6 +1,6 @@
 """`hmtrain data prepare` at two corpus sizes: peak RSS per process, and documents/s per stage.
 
-    python -m hmtrain.data.bench_prepare --sizes 10000 100000 --per-file 5000
+    python -m hmtrain.bench.prepare --sizes 10000 100000 --per-file 5000
 
 Writes a synthetic corpus per size (jsonl files of `--per-file` documents of Zipf-distributed words,
 so the corpus grows by more files, as a real one does), then prepares it in a fresh child process
@@ -59,7 +59,8 @@ def child(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="hmtrain bench prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--per-file", type=int, default=5_000)
     parser.add_argument("--sample", type=int, default=5_000, help="tree and tokenizer sample (documents)")
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         if not corpus.exists():
             write_corpus(corpus, size, args.per_file)
         shutil.rmtree(prepared, ignore_errors=True)
-        cmd = [sys.executable, "-m", "hmtrain.data.bench_prepare", "--child", *overrides(args, corpus, prepared)]
+        cmd = [sys.executable, "-m", "hmtrain.bench.prepare", "--child", *overrides(args, corpus, prepared)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)

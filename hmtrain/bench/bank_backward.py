@@ -1,6 +1,6 @@
 """Benchmark: bytes that the backward pass allocates for the fetched memory, per fetched byte.
 
-    python -m hmtrain.memory.bench_backward [--layers 35 --d 512 --units 256 64 16 --batch 16]
+    python -m hmtrain.bench.bank_backward [--layers 35 --d 512 --units 256 64 16 --batch 16]
 
 Runs the memory part of the FFN (per-sequence blocks of every layer) forward and backward and counts,
 with a dispatch mode, the bytes of every tensor the backward pass allocates (plus, for the bank, the
@@ -97,14 +97,15 @@ def measure(args) -> list[tuple[str, float, float]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hmtrain bench bank_backward", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--units", type=int, nargs="+", default=[64, 16, 4])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = measure(args)
     print(f"layers {args.layers}, d {args.d}, units {args.units}, batch {args.batch} sequences x {args.tokens} tokens")
     baseline = rows[0][2]

@@ -1,6 +1,6 @@
 """`hmtrain eval retention`: how much of its input window an embedding keeps (Badger 2026).
 
-For each frozen encoder (hmtrain/eval/retention_encoders.py) every window of `retention.n_ctx`
+For each frozen encoder (hmtrain/retention/encoders.py) every window of `retention.n_ctx`
 tokens becomes one vector. A fresh decoder (hmtrain/model/stacks.py: ProbeDecoder) is trained on
 the training windows to emit the window's own tokens, unshifted, from the vector alone, expanded
 over the window (repeat, or unrolled: position i reads a circular window of d/2 features starting
@@ -24,62 +24,23 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from hmtrain.config import Config, flatten, to_yaml
 from hmtrain.data.format.prepared import PreparedData
-from hmtrain.eval.retention_encoders import Encoder, build_encoder, parse_spec
+from hmtrain.eval.deep_routing import compare_deep_routing, render_deep_routing
 from hmtrain.model.stacks import ProbeDecoder
 from hmtrain.parallel.anchor import build_adamw
+from hmtrain.retention.encoders import build_encoder, parse_spec
+from hmtrain.retention.windows import encode_all, sample_windows, window_vectors
 from hmtrain.train.metrics import JsonlLogger, MLflowLogger, MultiLogger, default_tracking_uri
 from hmtrain.train.schedule import learning_rate
 from hmtrain.util.files import write_text
 from hmtrain.util.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-
-def left_pad_windows(tokens: np.ndarray, n_ctx: int, pad_id: int) -> np.ndarray:
-    """[B, T] sequences -> [W, n_ctx] windows (T cut into consecutive windows, the tail dropped), each with
-    its padding moved to the front; windows holding no real token are dropped."""
-    B, T = tokens.shape
-    if T < n_ctx:
-        raise ValueError(f"retention.n_ctx {n_ctx} is longer than the prepared sequences ({T} tokens)")
-    windows = tokens[:, : (T // n_ctx) * n_ctx].reshape(-1, n_ctx)
-    real = windows != pad_id
-    order = np.argsort(real, axis=1, kind="stable")  # padding first, real tokens after, each in order
-    shifted = np.take_along_axis(windows, order, axis=1)
-    return shifted[real.any(axis=1)]
-
-
-def sample_windows(data: PreparedData, split: str, n_ctx: int, limit: int, seed: int) -> torch.Tensor:
-    """Up to `limit` (0: all) windows of one split, from a seeded random choice of its sequences."""
-    sequences = data.sequences(split)
-    per_sequence = max(1, data.manifest["seq_len"] // n_ctx)
-    rng = np.random.default_rng(seed)
-    ids = rng.permutation(len(sequences))
-    if limit:
-        ids = np.sort(ids[: -(-limit // per_sequence) + 1])
-    pad_id = int(data.manifest["pad_id"])
-    windows = left_pad_windows(sequences.tokens(ids)[:, :-1].astype(np.int64), n_ctx, pad_id)
-    windows = windows[rng.permutation(len(windows))]
-    if limit:
-        windows = windows[:limit]
-    if len(windows) == 0:
-        raise ValueError(f"{data.root}: split {split!r} has no window of {n_ctx} tokens with a real token")
-    return torch.from_numpy(np.ascontiguousarray(windows))
-
-
-def encode_all(encoder: Encoder, windows: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    parts = [encoder.encode(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
-    vectors = torch.cat(parts).float()
-    if vectors.shape != (len(windows), encoder.dim) or not torch.isfinite(vectors).all():
-        raise RuntimeError(f"encoder {encoder.label}: expected finite vectors of shape "
-                           f"{(len(windows), encoder.dim)}, got {tuple(vectors.shape)}")
-    return vectors
 
 
 def targets_of(windows: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -131,6 +92,20 @@ def metrics(totals: dict, vocab_size: int) -> dict[str, float]:
     ce = totals["loss_sum"] / max(totals["count"], 1)
     return {"ce": ce, "entropy_ratio": 1.0 - ce / math.log(vocab_size), "token_accuracy":
             totals["correct"] / max(totals["count"], 1), "tokens": float(totals["count"])}
+
+
+def deep_routing(cfg: Config, data: PreparedData, spec: str, *, shallow_levels: int, device: torch.device) -> dict:
+    """The deep tree levels refitted and routed by the encoder `spec` (hmtrain/eval/deep_routing.py), a
+    document's vector being the mean of its windows' vectors."""
+    label, spec = parse_spec(spec)
+    router = build_encoder(label, spec, cfg, data, device)
+    pad_id = int(data.manifest["pad_id"])
+
+    def vectors_of(token_lists: list[list[int]]) -> torch.Tensor:
+        return window_vectors(router, token_lists, cfg.retention.n_ctx, pad_id)
+
+    return compare_deep_routing(cfg, data, vectors_of, label=label, spec=spec, shallow_levels=shallow_levels,
+                                device=device)
 
 
 def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optional[str] = None,
@@ -193,10 +168,8 @@ def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optio
                 console.print(f"{name}: CE {scores['ce']:.3f}, I_e {scores['entropy_ratio']:.3f}, "
                               f"acc {100 * scores['token_accuracy']:.1f}%")
         if deep_router is not None:
-            from hmtrain.eval.deep_routing import compare_deep_routing
-
-            results["deep_routing"] = compare_deep_routing(cfg, data, deep_router, shallow_levels=shallow_levels,
-                                                           device=device)
+            results["deep_routing"] = deep_routing(cfg, data, deep_router, shallow_levels=shallow_levels,
+                                                   device=device)
             logger.log({f"deep_routing.level{entry['level']}.{key}": value for entry in results["deep_routing"]["levels"]
                         for key, value in entry.items() if key != "level"}, offset + 1)
         status = "FINISHED"
@@ -220,8 +193,6 @@ def render(results: dict, console: Optional[Console] = None) -> None:
     if results["rows"]:
         _render_rows(results, console)
     if "deep_routing" in results:
-        from hmtrain.eval.deep_routing import render_deep_routing
-
         render_deep_routing(results["deep_routing"], console)
 
 

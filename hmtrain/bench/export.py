@@ -1,6 +1,6 @@
 """Benchmark: the memory `hmtrain export` needs, against loading the checkpoint whole (`load_trained`).
 
-    python -m hmtrain.eval.bench_export [--workdir DIR] [--units 2048 128] [--branching 4 16] [--d 256 --layers 4]
+    python -m hmtrain.bench.export [--workdir DIR] [--units 2048 128] [--branching 4 16] [--d 256 --layers 4]
 
 Writes a checkpoint of an untrained bank (weights and both fp32 Adam moments, as training saves
 them) on tiny prepared data, then runs, each in a fresh process: importing hmtrain (the floor),
@@ -29,13 +29,13 @@ def sample():
     while True:
         peak[0] = max(peak[0], rss_anon()); time.sleep(0.002)
 threading.Thread(target=sample, daemon=True).start()
-import torch, hmtrain.eval.export, hmtrain.eval.loading
+import torch, hmtrain.serve.export, hmtrain.eval.loading
 time.sleep(0.05)
 task, ckpt, out = sys.argv[1:4]
 if task == "load":
     hmtrain.eval.loading.load_trained(ckpt)
 elif task == "export":
-    hmtrain.eval.export.export_checkpoint(ckpt, out)
+    hmtrain.serve.export.export_checkpoint(ckpt, out)
 time.sleep(0.05)
 peak[0] = max(peak[0], rss_anon())
 hwm = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
@@ -52,7 +52,7 @@ def make_checkpoint(workdir: Path, args) -> tuple[Path, dict[str, int]]:
     from hmtrain.data.prepare.pipeline import prepare
     from hmtrain.data.format.prepared import PreparedData
     from hmtrain.data.corpus.synth import synthesize
-    from hmtrain.eval.export import bank_tables
+    from hmtrain.serve.export import bank_tables
     from hmtrain.memory import build_bank
     from hmtrain.memory.bank_state import bank_state_for_save
     from hmtrain.model import Transformer
@@ -84,8 +84,9 @@ def measure(task: str, checkpoint: Path, out: Path) -> tuple[int, int]:
     return int(anon), int(hwm)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hmtrain bench export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--units", type=int, nargs="+", default=[2048, 128])
     parser.add_argument("--branching", type=int, nargs="+", default=[4, 16])

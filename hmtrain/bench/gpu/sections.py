@@ -1,8 +1,8 @@
-"""One section of the GPU check, run in its own process (`python -m hmtrain.bench.gpu_sections NAME --out DIR`).
+"""One section of the GPU check, run in its own process (`python -m hmtrain.bench.gpu.sections NAME --out DIR`).
 
 Each section puts its numbers into `SectionRun.results` as it measures them; every put rewrites
 DIR/sections/NAME.json, so a section stopped at its budget keeps what it had. The kernel and
-attention sections are here; the data, training and eval sections in hmtrain/bench/gpu_train.py.
+attention sections are here; the data, training and eval sections in hmtrain/bench/gpu/train.py.
 """
 from __future__ import annotations
 
@@ -53,9 +53,8 @@ def environment(run: SectionRun) -> None:
             run.put(package, metadata.version(package))
         except metadata.PackageNotFoundError:
             run.put(package, "missing")
-    import hmtrain.cli  # noqa: F401
     import hmtrain.data.prepare.pipeline  # noqa: F401
-    import hmtrain.eval.export  # noqa: F401
+    import hmtrain.serve.export  # noqa: F401
     import hmtrain.train.trainer  # noqa: F401
     from hmtrain.train.throughput import peak_flops
 
@@ -90,7 +89,7 @@ def ffn_preset(bench, args, name: str, shape: tuple[int, int, int]) -> dict:
 
 def memory_ffn(run: SectionRun) -> None:
     """Triton kernels vs the PyTorch reference: worst error over output and gradients, and speed."""
-    from hmtrain_kernels import bench_memory_ffn as bench
+    from hmtrain.bench import memory_ffn as bench
 
     if run.smoke:
         argv = ["--device", "cpu", "--quick", "--presets", "tiny"]
@@ -117,7 +116,7 @@ def memory_ffn(run: SectionRun) -> None:
 
 def attention(run: SectionRun) -> None:
     """FlexAttention with the document BlockMask vs SDPA with the dense mask: outputs, gradients, speed, compiles."""
-    from hmtrain.bench.gpu_attention import compare_attention
+    from hmtrain.bench.gpu.attention import compare_attention
 
     compare_attention(run)
 
@@ -162,7 +161,7 @@ def collectives(run: SectionRun) -> str:
 
 def run_named(name: str, run: SectionRun) -> str | None:
     """Run section `name`; a string back is why it skipped itself."""
-    from hmtrain.bench import gpu_train
+    from hmtrain.bench.gpu import train as gpu_train
 
     table = {"environment": environment, "memory_ffn": memory_ffn, "attention": attention, "embedder": embedder,
              "collectives": collectives, **gpu_train.SECTIONS}

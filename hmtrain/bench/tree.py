@@ -1,7 +1,7 @@
 """Fit time and memory of the paper's tree (4 levels x 16: 16 / 256 / 4,096 / 65,536 nodes) on a
 synthetic sample of random unit vectors (384-d, MiniLM's size), one size per child process.
 
-    python -m hmtrain.data.bench_tree --sizes 62500 250000 1000000
+    python -m hmtrain.bench.tree --sizes 62500 250000 1000000
 
 Each size runs in a fresh process, so its peak RSS (wait4's ru_maxrss) is its own; the table gives
 wall and CPU time of the fit and of routing the whole sample, and the peak RSS beside the sample's
@@ -37,7 +37,8 @@ def child(n: int, dim: int, branching: list[int], steps: int, subsample: int) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="hmtrain bench tree", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[62_500, 250_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--branching", type=int, nargs="+", default=[16, 16, 16, 16])
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'vectors':>10} {'sample MB':>10} {'fit s':>8} {'fit CPU s':>10} {'route s':>8} {'route CPU s':>12} "
           f"{'peak RSS MB':>12} {'leaves used':>12} {'largest leaf':>13}", flush=True)
     for n in args.sizes:
-        cmd = [sys.executable, "-m", "hmtrain.data.bench_tree", "--child", str(n), "--dim", str(args.dim),
+        cmd = [sys.executable, "-m", "hmtrain.bench.tree", "--child", str(n), "--dim", str(args.dim),
                "--branching", *map(str, args.branching), "--steps", str(args.steps),
                "--subsample", str(args.subsample)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

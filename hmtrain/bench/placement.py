@@ -1,5 +1,8 @@
 """`hmtrain bench placement`: step time of the bank's placements at several world sizes, in one run.
 
+    hmtrain bench placement [--ranks 1 2 4] [--steps N] [--out DIR] [key=value ...]
+    python -m hmtrain.bench.placement [key=value ...] [--ranks 1 2 4] [--steps N] [--out DIR]
+
 For each world size and placement it runs the real trainer (`hmtrain train` under torchrun, memory
 phase only) on a small synthetic corpus prepared once, and reads the per-step times it logs. Rows:
 
@@ -15,6 +18,7 @@ speed-up (say so when quoting numbers). On a GPU machine pass `train.device=cuda
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -100,3 +104,30 @@ def render(results: list[dict]) -> str:
         lines.append(f"| {r['ranks']} | {r['placement']} | {r['step_s']:.3f} | {r['spread_s']:.3f} | "
                      f"{r['step_s'] / base:.2f}x | {versus_one} | {r['moved_mb']:.2f} |")
     return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hmtrain bench placement", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-placement"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    for ranks in args.ranks:
+        if ranks < 1 or args.global_batch % (2 * ranks):
+            raise ValueError(f"--ranks {ranks}: --global-batch {args.global_batch} must split into two micro-batches "
+                             "per rank")
+    results = run(args.out, args.ranks, args.steps, args.global_batch, args.overrides)
+    table = render(results)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

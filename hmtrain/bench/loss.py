@@ -1,7 +1,7 @@
 """Peak memory and time of the LM loss, forward + backward: full logits vs `lm_loss_sum`'s chunks.
 
-    python -m hmtrain.model.bench_loss                       # CPU: 4,096 tokens, vocab 16,384, d 256
-    python -m hmtrain.model.bench_loss --device cuda --tokens 16384 --vocab 50432 --d-model 512 --dtype bf16
+    python -m hmtrain.bench.loss                       # CPU: 4,096 tokens, vocab 16,384, d 256
+    python -m hmtrain.bench.loss --device cuda --tokens 16384 --vocab 50432 --d-model 512 --dtype bf16
 
 `plain` is what training did before: logits = hidden @ weight.T for all tokens, then fp32
 cross-entropy (`lm_loss`), then backward. `chunked N` is `lm_loss_sum(..., chunk_tokens=N)`.
@@ -128,7 +128,7 @@ def measure(name: str, args: argparse.Namespace) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="hmtrain bench loss", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokens", type=int, default=4096, help="B*T tokens in the micro-batch")
     p.add_argument("--vocab", type=int, default=16384)

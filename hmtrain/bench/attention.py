@@ -1,7 +1,7 @@
 """Document-causal attention: SDPA with a dense mask vs FlexAttention with a BlockMask.
 
-    python -m hmtrain.model.bench_attention                      # CPU, forward only
-    python -m hmtrain.model.bench_attention --device cuda --batch 8 --seq-len 2048 --heads 12 --head-dim 32
+    python -m hmtrain.bench.attention                      # CPU, forward only
+    python -m hmtrain.bench.attention --device cuda --batch 8 --seq-len 2048 --heads 12 --head-dim 32
 
 Each row times one attention call over a packed batch (several documents per row, the same
 seeded segments for every row of the table), including building its mask. On CPU only the
@@ -53,7 +53,7 @@ def timed(fn: Callable[[], object], device: str, iters: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="hmtrain bench attention", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)

@@ -2,11 +2,11 @@
 
 On a GPU (bf16, the paper's shapes, batch 8 x 2048 tokens)::
 
-    python -m hmtrain_kernels.bench_memory_ffn
+    python -m hmtrain.bench.memory_ffn
 
 CPU smoke run (tiny shapes, torch implementations only, timings meaningless)::
 
-    python -m hmtrain_kernels.bench_memory_ffn --device cpu --quick
+    python -m hmtrain.bench.memory_ffn --device cpu --quick
 
 FLOPs count the matmuls only: forward 3 GEMMs of N x d x (h+M) (gate, up, down), backward 6
 (da, dx from gate and up, and the three weight gradients): 6 and 18 * N * d * (h+M) FLOPs with
@@ -26,7 +26,7 @@ import torch
 
 from hmtrain_kernels import memory_ffn, memory_ffn_torch
 
-# d, anchor FFN width h, fetched memory units per layer M = sum of units on the path (DESIGN.md)
+# d, anchor FFN width h, fetched memory units per layer M = sum of units on the path (docs/design.md)
 PRESETS: dict[str, tuple[int, int, int]] = {
     "160m": (512, 2048, 256 + 64 + 16),
     "410m": (1024, 2816, 512 + 128 + 32),
@@ -183,7 +183,8 @@ def print_targets(rows: list[Row]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="hmtrain bench memory_ffn", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few iterations (smoke test)")
     p.add_argument("--presets", default=None,

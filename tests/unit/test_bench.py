@@ -1,0 +1,38 @@
+"""Every benchmark lives in hmtrain/bench/ and runs from `hmtrain bench NAME`, with its own options."""
+import importlib
+import inspect
+
+import pytest
+
+from hmtrain.bench import NAMES
+from hmtrain.cli import build_parser, main
+
+EXPECTED = ("attention", "bank_backward", "export", "gpu_check", "loss", "memory_ffn", "placement", "prepare", "tree")
+
+
+def test_the_benchmarks_are_the_modules_of_hmtrain_bench_each_with_main_of_argv():
+    assert NAMES == EXPECTED
+    for name in NAMES:
+        module = importlib.import_module(f"hmtrain.bench.{name}")
+        assert list(inspect.signature(module.main).parameters) == ["argv"], name
+
+
+def test_bench_help_lists_every_benchmark(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert ", ".join(EXPECTED) in out
+
+
+def test_hmtrain_bench_runs_the_benchmark_with_its_options(capsys):
+    rc = main(["bench", "bank_backward", "--layers", "2", "--d", "16", "--units", "4", "2", "--batch", "2",
+               "--tokens", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "layers 2, d 16, units [4, 2], batch 2 sequences x 3 tokens" in out and "bank (GatherBlocks)" in out
+
+
+def test_an_unknown_benchmark_is_refused():
+    with pytest.raises(SystemExit) as exc_info:
+        build_parser().parse_args(["bench", "nonesuch"])
+    assert exc_info.value.code == 2
