@@ -56,7 +56,7 @@ def make_checkpoint(workdir: Path, args) -> tuple[Path, dict[str, int]]:
     from hmtrain.memory import build_bank
     from hmtrain.memory.bank_state import bank_state_for_save
     from hmtrain.model import Transformer
-    from hmtrain.train.checkpoint import Checkpointer
+    from hmtrain.checkpoint.checkpointer import Checkpointer
 
     synthesize(workdir / "corpus", num_people=40, num_documents=200, zipf_exponent=1.1, num_choices=4, seed=0)
     overrides = [f"model.d_model={args.d}", f"model.n_layers={args.layers}", "model.n_heads=2",

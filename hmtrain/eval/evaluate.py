@@ -22,7 +22,7 @@ from hmtrain.eval.loading import Trained, load_trained
 from hmtrain.eval.probes import bucket_counts, load_probes, probe_accuracy, route_probes, routing_agreement
 from hmtrain.eval.scoring import heldout_perplexity
 from hmtrain.info import human
-from hmtrain.train.resume import check_data_fingerprints
+from hmtrain.checkpoint.resume import check_data_fingerprints
 
 ROWS = (("anchor + fetched memory", "fetched"), ("anchor + generic memory", "generic"), ("anchor alone", "none"))
 SHORT = {"anchor + fetched memory": "anchor+memory", "anchor + generic memory": "anchor+generic",

@@ -43,8 +43,9 @@ from hmtrain.memory.mapped_bank import STORAGE, MappedBank
 from hmtrain.memory.fetched import GENERIC
 from hmtrain.memory.sizes import level_nodes
 from hmtrain.model import Transformer, count_parameters, run_model_config
-from hmtrain.train.checkpoint import CONFIG_FILE, Checkpointer, CheckpointError
-from hmtrain.train.resume import check_data_fingerprints
+from hmtrain.checkpoint.checkpointer import Checkpointer
+from hmtrain.checkpoint.resume import check_data_fingerprints
+from hmtrain.checkpoint.verify import CONFIG_FILE, CheckpointError
 
 FORMAT = "hmtrain.export"
 VERSION = 1

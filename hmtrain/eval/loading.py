@@ -12,8 +12,9 @@ from hmtrain.config import Config
 from hmtrain.memory import MemoryBank, build_bank, uses_memory
 from hmtrain.memory.bank_state import bank_state_for_load, restore_bank
 from hmtrain.model import Transformer, count_parameters, run_model_config
-from hmtrain.train.checkpoint import Checkpointer, CheckpointError, check_complete
-from hmtrain.train.resume import broken_checkpoint
+from hmtrain.checkpoint.checkpointer import Checkpointer
+from hmtrain.checkpoint.resume import broken_checkpoint
+from hmtrain.checkpoint.verify import CheckpointError, check_complete
 
 
 @dataclass

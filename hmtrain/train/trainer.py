@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hmtrain.checkpoint.checkpointer import Checkpointer
+from hmtrain.checkpoint.resume import load_for_resume, started_before_first_checkpoint
+from hmtrain.checkpoint.verify import CheckpointError
 from hmtrain.config import Config, flatten, to_yaml
 from hmtrain.data.loader import StepLoader
 from hmtrain.data.prepared import PreparedData
@@ -34,10 +37,8 @@ from hmtrain.parallel.anchor import TorchAnchor
 from hmtrain.parallel.dist import DistInfo, init_distributed, new_group
 from hmtrain.parallel.parallelize import parallelize
 from hmtrain.parallel.placement import assign_subtrees
-from hmtrain.train.checkpoint import CheckpointError, Checkpointer
 from hmtrain.train.metrics import JsonlLogger, MLflowLogger, MultiLogger, default_tracking_uri
 from hmtrain.train.recipe import MEMORY, Recipe
-from hmtrain.train.resume import load_for_resume, started_before_first_checkpoint
 from hmtrain.train.rundir import lock_run_dir
 from hmtrain.train.signals import Interrupted, StopRequest
 from hmtrain.train.system_metrics import start_system_metrics, stop_system_metrics

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from hmtrain.config import Config, ConfigError, flatten
-from hmtrain.train.checkpoint import Checkpointer, CheckpointError, _rank, check_complete
+from hmtrain.checkpoint.checkpointer import Checkpointer, _rank
+from hmtrain.checkpoint.verify import CheckpointError, check_complete
 
 log = logging.getLogger(__name__)
 
