@@ -54,7 +54,6 @@ def make_checkpoint(workdir: Path, args) -> tuple[Path, dict[str, int]]:
     from hmtrain.data.synth import synthesize
     from hmtrain.eval.export import bank_tables
     from hmtrain.memory import build_bank
-    from hmtrain.memory.bank_state import bank_state_for_save
     from hmtrain.model import Transformer
     from hmtrain.checkpoint.checkpointer import Checkpointer
 
@@ -68,7 +67,7 @@ def make_checkpoint(workdir: Path, args) -> tuple[Path, dict[str, int]]:
     prepare(cfg, progress=False)
     data = PreparedData.open(cfg.data.prepared)
     model, bank = Transformer(cfg.model, max_seq_len=cfg.data.seq_len), build_bank(cfg)
-    state = {"model": get_model_state_dict(model), "bank": bank_state_for_save(bank)}
+    state = {"model": get_model_state_dict(model), "bank": bank.state_dict()}
     path = Checkpointer(workdir / "run" / "checkpoints").save(
         cfg.train.pretrain_steps, state, {"loader": {}, "data_fingerprints": data.fingerprints()}, to_yaml(cfg))
     sizes = {name: 4 * int(torch.Size(shape).numel()) for name, (_, shape) in bank_tables(cfg).items()}

@@ -34,7 +34,7 @@ from hmtrain.config import Config, flatten, to_yaml
 from hmtrain.data.prepared import PreparedData
 from hmtrain.eval.retention_encoders import Encoder, build_encoder, parse_spec
 from hmtrain.model.stacks import ProbeDecoder
-from hmtrain.parallel.anchor import build_adamw
+from hmtrain.parallel.torch_engine import build_adamw
 from hmtrain.train.metrics import JsonlLogger, MLflowLogger, MultiLogger, default_tracking_uri
 from hmtrain.train.schedule import learning_rate
 

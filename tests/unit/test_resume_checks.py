@@ -85,10 +85,13 @@ def _state(value: float) -> dict:
 def test_fallback_resumes_from_the_newest_loadable_checkpoint(tmp_path, caplog):
     saver = Checkpointer(tmp_path, keep=5)
     for step in (2, 4, 6):
-        saver.save(step, _state(step), {"loader": {}}, to_yaml(Config()))
+        saver.write(step, _state(step), {"loader": {}}, to_yaml(Config()))
     data = tmp_path / "step_00000006" / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[:40])
-    fresh = lambda record: _state(0.0)  # noqa: E731
+    state = _state(0.0)
+
+    def fresh(path, record):
+        return Checkpointer.load(path, state)
 
     with pytest.raises(CheckpointError) as exc_info:
         load_for_resume(saver, Config(), {}, tmp_path, fresh)
@@ -96,7 +99,7 @@ def test_fallback_resumes_from_the_newest_loadable_checkpoint(tmp_path, caplog):
     assert "step_00000006" in message and "step_00000004" in message and "--fallback" in message
 
     with caplog.at_level(logging.WARNING, logger="hmtrain.checkpoint.resume"):
-        path, state, record = load_for_resume(saver, Config(), {}, tmp_path, fresh, fallback=True)
+        path, record = load_for_resume(saver, Config(), {}, tmp_path, fresh, fallback=True)
     assert path.name == "step_00000004" and record["step"] == 4
     assert torch.equal(state["model"]["w"], _state(4)["model"]["w"])
     assert "skipping" in caplog.text and "step_00000006" in caplog.text
@@ -107,6 +110,6 @@ def test_fallback_resumes_from_the_newest_loadable_checkpoint(tmp_path, caplog):
 
 def test_config_change_is_refused_even_with_fallback(tmp_path):
     saver = Checkpointer(tmp_path, keep=5)
-    saver.save(2, _state(2), {"loader": {}}, to_yaml(Config()))
+    saver.write(2, _state(2), {"loader": {}}, to_yaml(Config()))
     with pytest.raises(ConfigError, match="model.d_model"):
-        load_for_resume(saver, changed(model__d_model=48), {}, tmp_path, lambda: _state(0.0), fallback=True)
+        load_for_resume(saver, changed(model__d_model=48), {}, tmp_path, lambda path, record: {}, fallback=True)
