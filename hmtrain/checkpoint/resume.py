@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from hmtrain.config import Config, ConfigError, flatten
 from hmtrain.checkpoint.checkpointer import Checkpointer, _rank
 from hmtrain.checkpoint.verify import CheckpointError, check_complete
+from hmtrain.config import Config, ConfigError, flatten
 
 log = logging.getLogger(__name__)
 

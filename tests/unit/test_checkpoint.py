@@ -9,10 +9,10 @@ import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
 from omegaconf import OmegaConf
 
-from hmtrain.config import Config, to_yaml
 from hmtrain.checkpoint import checkpointer as ckpt
 from hmtrain.checkpoint.checkpointer import Checkpointer
 from hmtrain.checkpoint.verify import CheckpointError, check_complete, read_config, read_trainer
+from hmtrain.config import Config, to_yaml
 
 
 def make_state(seed: int = 0) -> dict:

@@ -4,9 +4,7 @@ import logging
 import pytest
 import torch
 
-from hmtrain.config import Config, ConfigError, to_yaml
 from hmtrain.checkpoint.checkpointer import Checkpointer
-from hmtrain.checkpoint.verify import CheckpointError
 from hmtrain.checkpoint.resume import (
     check_config_change,
     check_data_fingerprints,
@@ -14,6 +12,8 @@ from hmtrain.checkpoint.resume import (
     load_for_resume,
     may_change,
 )
+from hmtrain.checkpoint.verify import CheckpointError
+from hmtrain.config import Config, ConfigError, to_yaml
 
 
 def changed(**keys) -> Config:
