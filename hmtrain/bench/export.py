@@ -54,9 +54,8 @@ def make_checkpoint(workdir: Path, args) -> tuple[Path, dict[str, int]]:
     from hmtrain.data.corpus.synth import synthesize
     from hmtrain.serve.export import bank_tables
     from hmtrain.memory import build_bank
-    from hmtrain.memory.bank_state import bank_state_for_save
     from hmtrain.model import Transformer
-    from hmtrain.train.checkpoint import Checkpointer
+    from hmtrain.checkpoint.checkpointer import Checkpointer
 
     synthesize(workdir / "corpus", num_people=40, num_documents=200, zipf_exponent=1.1, num_choices=4, seed=0)
     overrides = [f"model.d_model={args.d}", f"model.n_layers={args.layers}", "model.n_heads=2",
@@ -68,7 +67,7 @@ def make_checkpoint(workdir: Path, args) -> tuple[Path, dict[str, int]]:
     prepare(cfg, progress=False)
     data = PreparedData.open(cfg.data.prepared)
     model, bank = Transformer(cfg.model, max_seq_len=cfg.data.seq_len), build_bank(cfg)
-    state = {"model": get_model_state_dict(model), "bank": bank_state_for_save(bank)}
+    state = {"model": get_model_state_dict(model), "bank": bank.state_dict()}
     path = Checkpointer(workdir / "run" / "checkpoints").save(
         cfg.train.pretrain_steps, state, {"loader": {}, "data_fingerprints": data.fingerprints()}, to_yaml(cfg))
     sizes = {name: 4 * int(torch.Size(shape).numel()) for name, (_, shape) in bank_tables(cfg).items()}

@@ -10,10 +10,10 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from hmtrain.config import Config
 from hmtrain.memory import MemoryBank, build_bank, uses_memory
-from hmtrain.memory.bank_state import bank_state_for_load, restore_bank
 from hmtrain.model import Transformer, count_parameters, run_model_config
-from hmtrain.train.checkpoint import Checkpointer, CheckpointError, check_complete
-from hmtrain.train.resume import broken_checkpoint
+from hmtrain.checkpoint.checkpointer import Checkpointer
+from hmtrain.checkpoint.resume import broken_checkpoint
+from hmtrain.checkpoint.verify import CheckpointError, check_complete
 
 
 @dataclass
@@ -64,11 +64,11 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Traine
     state = {"model": get_model_state_dict(model)}
     if uses_memory(cfg):
         bank = build_bank(cfg, device)
-        state["bank"] = bank_state_for_load(bank)
+        state["bank"] = bank.load_template()
     Checkpointer.load(path, state)
     set_model_state_dict(model, state["model"])
     if bank is not None:
-        restore_bank(bank, state["bank"])
+        bank.load_state_dict(state["bank"])
     model.eval()
     return Trained(path=path, cfg=cfg, model=model, bank=bank, step=int(record["step"]), record=record)
 

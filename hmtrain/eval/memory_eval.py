@@ -23,8 +23,9 @@ from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.loading.loader import sequential_batches
 from hmtrain.eval.loading import read_checkpoint, resolve_checkpoint
 from hmtrain.model import MemoryModel, build_model
-from hmtrain.train.checkpoint import Checkpointer, CheckpointError, check_complete
-from hmtrain.train.resume import check_data_fingerprints
+from hmtrain.checkpoint.checkpointer import Checkpointer
+from hmtrain.checkpoint.resume import check_data_fingerprints
+from hmtrain.checkpoint.verify import CheckpointError, check_complete
 
 EVAL_OBJECTIVES = ("clm", "copy", "blank_copy")
 

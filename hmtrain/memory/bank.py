@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hmtrain.memory import bank_state
 from hmtrain.memory import layout as layouts
 from hmtrain.memory.exchange import Comm
 from hmtrain.memory.fetched import GENERIC, FetchedMemory, Part
@@ -101,8 +102,8 @@ class MemoryBank:
                     transport = "local"
                 else:
                     lay, transport = layouts.chunked(n, world, rank), "remote"
-                self.specs.append(TableSpec(f"level{level}", level, kind.row_shape(n_layers, m), lay, transport))
-                self.parts.append(Part(f"level{level}", m, offset))
+                self.specs.append(TableSpec(f"level{level + 1}", level, kind.row_shape(n_layers, m), lay, transport))
+                self.parts.append(Part(f"level{level + 1}", m, offset))
             offset += m
         if generic:
             self.specs.append(TableSpec(GENERIC, None, kind.row_shape(n_layers, self.units_total),
@@ -120,7 +121,7 @@ class MemoryBank:
             }
         self._plan: StepPlan | None = None
         self._grads: dict[str, Tensor] = {}
-        self._mesh = None  # the DeviceMesh checkpoints use (hmtrain/memory/bank_state.py), made on first save
+        self._mesh = None  # the DeviceMesh checkpoints use (hmtrain/memory/bank_state.py), made on first use
 
     def _init_rows(self, spec: TableSpec, table_index: int, init_std: float, seed: int) -> Tensor:
         """Every row as the kind starts a fresh memory, from its own seed (a fresh memory changes nothing)."""
@@ -293,6 +294,34 @@ class MemoryBank:
     def abandon_step(self) -> None:
         """Drop a planned step without updating (e.g. evaluation inside a step)."""
         self._plan, self._grads = None, {}
+
+    # ---- checkpoint state (hmtrain/memory/bank_state.py) ----------------------
+
+    def _checkpoint_mesh(self):
+        if self._mesh is None:
+            self._mesh = bank_state.checkpoint_mesh(self.comm)
+        return self._mesh
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat `<table>.<field>` -> tensor (one process) or chunk-layout Shard(0) DTensor."""
+        mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
+        return {f"{spec.name}.{field}": bank_state.saved(self._state[spec.name][field], spec.layout, self.comm, mesh)
+                for spec in self.specs for field in STATE_FIELDS}
+
+    def load_template(self) -> dict[str, Tensor]:
+        """The tensors a checkpoint's bank loads into (`load_state_dict` then finishes the load)."""
+        mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
+        return {f"{spec.name}.{field}": bank_state.to_load(self._state[spec.name][field], spec.layout, self.comm,
+                                                           mesh)
+                for spec in self.specs for field in STATE_FIELDS}
+
+    def load_state_dict(self, loaded: dict[str, Tensor]) -> None:
+        """Finish loading `load_template()`'s tensors: rows into subtree-placed tables; drop any planned step."""
+        for spec in self.specs:
+            for field in STATE_FIELDS:
+                bank_state.restore(self._state[spec.name][field], loaded[f"{spec.name}.{field}"], spec.layout,
+                                   self.comm)
+        self.abandon_step()
 
     # ---- evaluation (one process) ------------------------------------------
 

@@ -44,7 +44,7 @@ class FetchedMemory:
         self.grads: dict[str, Tensor] = {name: torch.zeros_like(r) for name, r in rows.items()} if requires_grad else {}
         device = next(iter(rows.values())).device
         # the buffer itself is the autograd input that makes backward reach GatherBlocks
-        self._anchor = next(iter(rows.values())).detach().requires_grad_(requires_grad)
+        self._autograd_input = next(iter(rows.values())).detach().requires_grad_(requires_grad)
         self._routes = {}
         for part in parts:
             idx = np.asarray(index[part.table], dtype=np.int64)
@@ -73,6 +73,6 @@ class FetchedMemory:
         generic = self.rows.get(GENERIC)
         generic_rows = generic[i] if generic is not None and generic.shape[1] else None
         generic_grads = self.grads[GENERIC][i] if generic_rows is not None and self.requires_grad else None
-        blocks = GatherBlocks.apply(self._anchor, sources, generic_rows, generic_grads, self.batch_size,
+        blocks = GatherBlocks.apply(self._autograd_input, sources, generic_rows, generic_grads, self.batch_size,
                                     len(self.kind.slots))
         return self.kind.layer_tensors(blocks)

@@ -61,7 +61,7 @@ class MappedBank:
         offset = 0
         for level, m in enumerate(self.units):
             if m > 0:
-                self.parts.append(Part(f"level{level}", m, offset))
+                self.parts.append(Part(f"level{level + 1}", m, offset))
             offset += m
 
     @classmethod
@@ -74,7 +74,8 @@ class MappedBank:
             units, branching = tuple(bank["units"]), tuple(bank["branching"])
             tables = {name: open_table(root / entry["file"], tuple(entry["shape"]), dtype)
                       for name, entry in bank["tables"].items()}
-            expected = {f"level{i}" for i, m in enumerate(units) if m > 0} | ({GENERIC} if bank["generic"] else set())
+            expected = {f"level{i + 1}" for i, m in enumerate(units) if m > 0}
+            expected |= {GENERIC} if bank["generic"] else set()
             if set(tables) != expected:
                 raise ValueError(f"tables {sorted(tables)} do not match units {list(units)} "
                                  f"(generic={bank['generic']}): expected {sorted(expected)}")
@@ -119,7 +120,7 @@ class MappedBank:
         rows: dict[str, Tensor] = {}
         index: dict[str, np.ndarray] = {}
         for part in self.parts:
-            level = int(part.table[len("level"):])
+            level = int(part.table[len("level"):]) - 1  # tables are numbered from 1, path columns from 0
             ids, inverse = np.unique(host[own, level], return_inverse=True)
             index[part.table] = np.full(batch, len(ids), dtype=np.int64)  # generic sequences: one past the rows
             index[part.table][own] = inverse.reshape(-1)

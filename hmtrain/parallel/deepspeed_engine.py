@@ -1,4 +1,4 @@
-"""The anchor under DeepSpeed ZeRO (stage 1, 2 or 3), behind the same interface as TorchAnchor.
+"""The anchor's engine under DeepSpeed ZeRO (stage 1, 2 or 3), behind the `Engine` interface (engine.py).
 
 DeepSpeed owns the anchor's gradient reduction, partitioned optimizer state and update; the bank and
 its sparse optimizer live beside it. Three things keep it equal to one process on the same batch:
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from hmtrain.config.schema import OptimConfig
-from hmtrain.parallel.anchor import build_adamw
+from hmtrain.parallel.torch_engine import build_adamw
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _skip_shm_build() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-class DeepSpeedAnchor:
+class DeepSpeedEngine:
     def __init__(self, model: nn.Module, optim: OptimConfig, device: torch.device, *, zero_stage: int,
                  micro_batch: int, accumulation: int, world_size: int, bf16: bool):
         import deepspeed
@@ -120,7 +120,7 @@ class DeepSpeedAnchor:
                 return {"model": {k: v.detach().clone() for k, v in self._module.state_dict().items()}}
         return {"model": self._module.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any], with_optimizer: bool = True) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.config["zero_optimization"]["stage"] == 3:
             from deepspeed.runtime.zero import GatheredParameters
             with GatheredParameters(list(self._module.parameters()), modifier_rank=0):

@@ -32,7 +32,7 @@ from hmtrain.config import Config, flatten, to_yaml
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.eval.deep_routing import compare_deep_routing, render_deep_routing
 from hmtrain.model.stacks import ProbeDecoder
-from hmtrain.parallel.anchor import build_adamw
+from hmtrain.parallel.torch_engine import build_adamw
 from hmtrain.retention.encoders import build_encoder, parse_spec
 from hmtrain.retention.windows import encode_all, sample_windows, window_vectors
 from hmtrain.train.metrics import JsonlLogger, MLflowLogger, MultiLogger, default_tracking_uri

@@ -2,7 +2,7 @@
 
     <out>/manifest.json      format, shapes, dtypes, byte offsets, sizes and sha256 of every file,
                              and what produced it (checkpoint, step, data fingerprints)
-    <out>/bank/level{i}.npy  one plain .npy per bank table, rows contiguous (hmtrain/memory/mapped_bank.py)
+    <out>/bank/level{i}.npy  one plain .npy per bank table (levels from 1), rows contiguous (memory/mapped_bank.py)
     <out>/bank/generic.npy   the generic memory row, when the run trained one
     <out>/anchor.pt          the anchor's weights (torch.save of its state dict)
     <out>/config.yaml        the checkpoint's config (the model config is also in the manifest)
@@ -44,8 +44,10 @@ from hmtrain.memory.fetched import GENERIC
 from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.sizes import level_nodes
 from hmtrain.model import Transformer, count_parameters, run_model_config
-from hmtrain.train.checkpoint import CONFIG_FILE, Checkpointer, CheckpointError
-from hmtrain.train.resume import check_data_fingerprints
+from hmtrain.checkpoint.checkpointer import Checkpointer
+from hmtrain.checkpoint.formats import saved_name
+from hmtrain.checkpoint.resume import check_data_fingerprints
+from hmtrain.checkpoint.verify import CONFIG_FILE, CheckpointError
 
 FORMAT = "hmtrain.export"
 VERSION = 1
@@ -62,13 +64,13 @@ def bank_tables(cfg: Config) -> dict[str, tuple[Optional[int], tuple[int, ...]]]
     tables: dict[str, tuple[Optional[int], tuple[int, ...]]] = {}
     for level, (nodes, m) in enumerate(zip(level_nodes(cfg.tree.branching), cfg.memory.units)):
         if m > 0:
-            tables[f"level{level}"] = (level, (nodes, *kind.row_shape(n_layers, m)))
+            tables[f"level{level + 1}"] = (level, (nodes, *kind.row_shape(n_layers, m)))
     if cfg.memory.generic:
         tables[GENERIC] = (None, (1, *kind.row_shape(n_layers, sum(cfg.memory.units))))
     return tables
 
 
-def _saved_tables(path: Path, tables: dict) -> str:
+def _saved_tables(path: Path, tables: dict, record: dict) -> str:
     """Check the checkpoint holds every table with the config's shape; return their dtype name."""
     try:
         saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -76,7 +78,7 @@ def _saved_tables(path: Path, tables: dict) -> str:
         raise CheckpointError(f"checkpoint {path}: its DCP metadata is unreadable ({exc})") from exc
     dtypes = set()
     for name, (_, shape) in tables.items():
-        entry = saved.get(f"bank.{name}.weight")
+        entry = saved.get(f"bank.{saved_name(name, record)}.weight")
         if entry is None or not hasattr(entry, "size"):
             raise CheckpointError(f"checkpoint {path}: bank table {name} is missing, although its config trains it")
         if tuple(entry.size) != shape:
@@ -142,7 +144,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: Option
     data.check_compatible(cfg)
     check_data_fingerprints(path, record, data.fingerprints(), data.root)
     tables = bank_tables(cfg) if uses_memory(cfg) else {}
-    dtype = _saved_tables(path, tables)
+    dtype = _saved_tables(path, tables, record)
 
     with staging_dir(out) as tmp:
         bank = None

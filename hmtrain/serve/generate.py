@@ -29,8 +29,8 @@ from hmtrain.eval.loading import load_trained, read_checkpoint
 from hmtrain.memory import MemoryBank
 from hmtrain.memory.mapped_bank import MappedBank
 from hmtrain.model import Transformer
-from hmtrain.train.checkpoint import CONFIG_FILE
-from hmtrain.train.resume import check_data_fingerprints
+from hmtrain.checkpoint.resume import check_data_fingerprints
+from hmtrain.checkpoint.verify import CONFIG_FILE
 
 MEMORY_MODES = ("fetched", "generic", "none")
 

@@ -8,12 +8,20 @@ vendors' data sheets; a device not in the table gets no MFU rather than a made-u
 """
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from hmtrain.config.schema import ModelConfig
 from hmtrain.memory.exchange import Comm
+from hmtrain.train.recipe import MEMORY
+
+log = logging.getLogger(__name__)
 
 PEAK_BF16_FLOPS = {  # substring of torch.cuda.get_device_name() -> dense bf16 FLOP/s
     "H200": 989e12,
@@ -58,3 +66,47 @@ def reduce_over_ranks(comm: Comm, local: Mapping[str, float]) -> dict[str, float
         if comm.world_size > 1:
             out[f"{key}/imbalance"] = top / mean if mean > 0 else 1.0
     return out
+
+
+@dataclass
+class Window:
+    """What the steps since the last logged one did: their tokens, fetch time and wall time."""
+
+    started: float = field(default_factory=time.perf_counter)
+    tokens: float = 0.0
+    fetch_s: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's numbers, on this rank, for its metrics."""
+
+    loss_sum: torch.Tensor  # the summed token losses of this rank's micro-batches (a device scalar)
+    global_tokens: int  # scored tokens of the whole global batch
+    labels_local: int  # scored tokens on this rank
+    grad_norm: torch.Tensor
+    plan: object = None  # the bank's step plan (memory phase only)
+    generic_used: int = 0  # sequences that used the generic memory
+
+
+def step_record(comm: Comm, now, result: StepResult, window: Window, flops_per_token: float,
+                peak: Optional[float]) -> dict[str, float]:
+    """The step's metrics, aggregated over ranks (the one host sync of a logged step)."""
+    loss = float(comm.all_reduce_(result.loss_sum.to(comm.device))) / max(result.global_tokens, 1)
+    elapsed = max(time.perf_counter() - window.started, 1e-9)
+    record = {"loss": loss, "lr/anchor": now.anchor_lr, "lr/memory": now.memory_lr,
+              "grad_norm": float(result.grad_norm), "tokens_per_s": window.tokens / elapsed,
+              "step_s": elapsed / max(window.steps, 1),
+              "phase": float(now.phase == MEMORY), "global_batch": float(now.global_batch)}
+    if peak:
+        record["mfu"] = window.tokens * flops_per_token / elapsed / (peak * comm.world_size)
+    plan = result.plan
+    if plan is not None:
+        local = {**plan.stats, "fetch_s": window.fetch_s, "tokens": float(result.labels_local),
+                 "sequences": float(sum(plan.batch_sizes)), "generic_sequences": float(result.generic_used)}
+        for key, value in reduce_over_ranks(comm, local).items():
+            record[f"memory/{key}"] = value
+    if not all(math.isfinite(v) for v in record.values()):
+        log.warning("non-finite metrics at this step: %s", {k: v for k, v in record.items() if not math.isfinite(v)})
+    return record

@@ -16,7 +16,6 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
 from hmtrain.memory import Comm, MemoryBank, SparseAdamW
-from hmtrain.memory.bank_state import bank_state_for_load, bank_state_for_save, restore_bank
 from hmtrain.memory.kind import SwiGLUUnits
 from hmtrain.parallel.placement import assign_subtrees
 
@@ -76,9 +75,9 @@ def main() -> int:
         w = table["weight"]
         w[:, :, 2] = 0.5
     if a.resume:
-        state = {"bank": bank_state_for_load(bank)}
+        state = {"bank": bank.load_template()}
         dcp.load(state, checkpoint_id=a.resume)
-        restore_bank(bank, state["bank"])
+        bank.load_state_dict(state["bank"])
     for step in range(a.first_step, a.first_step + a.steps):
         ids, paths = my_share(*global_batch(step), comm.rank, world, owner)
         generic = (ids % 5 == 0) if a.generic else np.zeros(len(ids), dtype=bool)
@@ -91,7 +90,7 @@ def main() -> int:
             bank.return_grads(fetched)
         norm = bank.finish_grads().sqrt()
         bank.step(lr=0.05, grad_scale=torch.clamp(1.0 / (norm + 1e-6), max=1.0))
-    dcp.save({"bank": bank_state_for_save(bank)}, checkpoint_id=a.out)
+    dcp.save({"bank": bank.state_dict()}, checkpoint_id=a.out)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -88,11 +88,11 @@ def test_world_size_placement_and_engine_do_not_change_training(data, tmp_path):
         assert_same_run(reference, runs[name], name)
     # only fetched rows cross the network: gather placement moves deep rows, owner placement none
     gathered, owned = last_metrics(runs["fsdp2"]), last_metrics(runs["fsdp3_owner"])
-    row_bytes = 2 * 3 * 32 * 4 * 4  # level1: 2 layers x 3 x d 32 x 4 units, fp32
-    assert gathered["memory/level1/bytes_fetched"] > 0
-    assert gathered["memory/level1/bytes_fetched"] % row_bytes == 0
-    assert gathered["memory/level1/bytes_returned"] == gathered["memory/level1/bytes_fetched"]
-    assert owned["memory/level0/bytes_fetched"] == owned["memory/level1/bytes_fetched"] == 0
+    row_bytes = 2 * 3 * 32 * 4 * 4  # level2: 2 layers x 3 x d 32 x 4 units, fp32
+    assert gathered["memory/level2/bytes_fetched"] > 0
+    assert gathered["memory/level2/bytes_fetched"] % row_bytes == 0
+    assert gathered["memory/level2/bytes_returned"] == gathered["memory/level2/bytes_fetched"]
+    assert owned["memory/level1/bytes_fetched"] == owned["memory/level2/bytes_fetched"] == 0
     assert "memory/tokens/imbalance" in owned and owned["memory/tokens/imbalance"] >= 1.0
 
 

@@ -50,19 +50,19 @@ def test_export_round_trip_equals_the_checkpoint(ctx):
     export = Export.open(ctx["export"], checksums=True)
     mapped = export.bank()
     assert export.step == trained.step == 6
-    assert set(mapped.tables) == set(trained.bank.tables) == {"level0", "level1", "generic"}
+    assert set(mapped.tables) == set(trained.bank.tables) == {"level1", "level2", "generic"}
     for name, table in trained.bank.tables.items():
         assert torch.equal(torch.from_numpy(np.array(mapped.tables[name])), table), name
-    assert trained.bank.tables["level1"][:, :, 2].abs().sum() > 0, "the memory did not train"
+    assert trained.bank.tables["level2"][:, :, 2].abs().sum() > 0, "the memory did not train"
     model = export.load_model()
     for (key, a), (_, b) in zip(trained.model.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), key
     # one path's row is one contiguous byte range at the recorded offset
-    entry = export.manifest["bank"]["tables"]["level1"]
+    entry = export.manifest["bank"]["tables"]["level2"]
     raw = (ctx["export"] / entry["file"]).read_bytes()
     row = raw[entry["data_offset"] + 4 * entry["row_bytes"]:entry["data_offset"] + 5 * entry["row_bytes"]]
     assert torch.equal(torch.frombuffer(bytearray(row), dtype=torch.float32).view(2, 3, 4, 32),
-                       trained.bank.tables["level1"][4])
+                       trained.bank.tables["level2"][4])
     for seed in range(5):
         paths = random_paths(7, seed=seed)
         generic = torch.from_numpy(np.random.default_rng(seed).random(7) < 0.3)
@@ -88,16 +88,16 @@ def test_lookup_reads_exactly_the_requested_rows(ctx, tmp_path):
     paths = torch.tensor([[1, 5], [0, 2], [1, 5], [1, 3]])
     mapped.lookup(paths, torch.tensor([False, False, False, True]))
     reads = {name: t.reads for name, t in mapped.tables.items()}
-    assert [r.tolist() for r in reads["level0"]] == [[0, 1]]
-    assert [r.tolist() for r in reads["level1"]] == [[2, 5]]  # row 3 belongs to the generic sequence
+    assert [r.tolist() for r in reads["level1"]] == [[0, 1]]
+    assert [r.tolist() for r in reads["level2"]] == [[2, 5]]  # row 3 belongs to the generic sequence
     assert [r.tolist() for r in reads["generic"]] == [[0]]
     # and nothing else of the file matters: poison every other row on disk
     copy = tmp_path / "poisoned"
     shutil.copytree(ctx["export"], copy)
-    level1 = np.load(copy / "bank" / "level1.npy", mmap_mode="r+")
-    level1[[0, 1, 3, 4]] = np.nan
-    level1.flush()
-    del level1
+    level2 = np.load(copy / "bank" / "level2.npy", mmap_mode="r+")
+    level2[[0, 1, 3, 4]] = np.nan
+    level2.flush()
+    del level2
     poisoned = Export.open(copy).bank().lookup(paths[:3])
     assert_same_memory(poisoned, Export.open(ctx["export"]).bank().lookup(paths[:3]), n_layers=2)
 
@@ -112,7 +112,7 @@ def test_export_reads_the_bank_one_table_at_a_time(ctx, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_module.Checkpointer, "load", staticmethod(recording_load))
     export_checkpoint(ctx["run"], tmp_path / "out")
-    assert loads == [["level0.weight"], ["level1.weight"], ["generic.weight"], ["model"]]
+    assert loads == [["level1.weight"], ["level2.weight"], ["generic.weight"], ["model"]]
 
 
 def test_bf16_bank_is_stored_as_its_bit_patterns(ctx, tmp_path):
@@ -122,12 +122,12 @@ def test_bf16_bank_is_stored_as_its_bit_patterns(ctx, tmp_path):
             cwd=tmp_path)
     manifest = export_checkpoint(run, tmp_path / "out")
     assert manifest["bank"]["dtype"] == "bfloat16" and manifest["bank"]["storage_dtype"] == "<u2"
-    assert np.load(tmp_path / "out" / "bank" / "level0.npy", mmap_mode="r").dtype == np.uint16
+    assert np.load(tmp_path / "out" / "bank" / "level1.npy", mmap_mode="r").dtype == np.uint16
     trained, mapped = load_trained(run), Export.open(tmp_path / "out").bank()
     paths = random_paths(6, seed=3)
     generic = torch.tensor([True, False, False, True, False, False])
     memory = mapped.lookup(paths, generic)
-    assert memory.rows["level0"].dtype == torch.bfloat16
+    assert memory.rows["level1"].dtype == torch.bfloat16
     assert_same_memory(memory, trained.bank.lookup(paths, generic), n_layers=2)
 
 
@@ -208,17 +208,17 @@ def test_bad_inputs_are_one_line_errors(ctx, tmp_path, capsys):
     assert "no such directory" in cli_error(capsys, "generate", "--export", str(tmp_path / "nope"), "--prompt", "x")
     broken = tmp_path / "broken"
     shutil.copytree(ctx["export"], broken)
-    table = broken / "bank" / "level1.npy"
+    table = broken / "bank" / "level2.npy"
     table.write_bytes(table.read_bytes()[:-100])
     err = cli_error(capsys, "generate", "--export", str(broken), "--prompt", "x")
-    assert "bank/level1.npy" in err and "truncated" in err
+    assert "bank/level2.npy" in err and "truncated" in err
     # a table truncated consistently with a forged manifest still fails to map
     manifest = json.loads((broken / "manifest.json").read_text())
-    manifest["files"]["bank/level1.npy"]["bytes"] = table.stat().st_size
+    manifest["files"]["bank/level2.npy"]["bytes"] = table.stat().st_size
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    assert "level1.npy is truncated or not a .npy" in cli_error(capsys, "generate", "--export", str(broken),
+    assert "level2.npy is truncated or not a .npy" in cli_error(capsys, "generate", "--export", str(broken),
                                                                 "--prompt", "x")
-    manifest["files"]["bank/level1.npy"] = 5
+    manifest["files"]["bank/level2.npy"] = 5
     (broken / "manifest.json").write_text(json.dumps(manifest))
     assert "files section" in cli_error(capsys, "generate", "--export", str(broken), "--prompt", "x")
     (broken / "manifest.json").unlink()

@@ -8,13 +8,12 @@ import torch.nn.functional as F
 
 from hmtrain.memory.bank import MemoryBank
 from hmtrain.memory.kind import SwiGLUUnits
-from hmtrain.memory.bank_state import bank_state_for_load, bank_state_for_save, restore_bank
 from hmtrain.memory.sparse_adamw import SparseAdamW
 
-# tiny tree: level 0 has 2 nodes, level 1 has 6 (parent = node // 3), level 2 has 12 (no units)
+# tiny tree: level 1 has 2 nodes, level 2 has 6 (parent = node // 3), level 3 has 12 (no units)
 D = 4  # d_model
 CFG = dict(n_layers=2, kind=SwiGLUUnits(d_model=D), branching=(2, 3, 2), units=(3, 2, 0))
-UNITS = {"level0": (0, 3), "level1": (3, 2)}  # table -> (offset, units) in the concatenated memory
+UNITS = {"level1": (0, 3), "level2": (3, 2)}  # table -> (offset, units) in the concatenated memory
 M = 5
 # the three ways a table can live on a rank; on one process all of them hold every row
 TRANSPORTS = {"remote": dict(placement="gather"), "local": dict(placement="owner"),
@@ -48,7 +47,7 @@ def dense_blocks(tables: dict[str, torch.Tensor], p: np.ndarray, use_generic: np
         if use_generic[b]:
             per_seq.append(tables["generic"][0, layer])
         else:
-            per_seq.append(torch.cat([tables[f"level{lvl}"][p[b, lvl], layer] for lvl in (0, 1)], dim=1))
+            per_seq.append(torch.cat([tables[f"level{lvl + 1}"][p[b, lvl], layer] for lvl in (0, 1)], dim=1))
     mem = torch.stack(per_seq)  # [B, 3, M, d]
     return mem[:, 0], mem[:, 1], mem[:, 2].transpose(1, 2)
 
@@ -98,7 +97,7 @@ def test_step_updates_touched_rows_only_and_matches_sparse_adamw():
     bank.finish_grads()
     grads = {name: g.clone() for name, g in bank._grads.items()}
     updated = bank.step(lr=1e-2, grad_scale=0.5)
-    assert updated == {"level0": 2, "level1": 2, "generic": 0}
+    assert updated == {"level1": 2, "level2": 2, "generic": 0}
     for name, state in bank._state.items():
         rows = plan.step_rows[name]
         untouched = np.setdiff1d(np.arange(len(state["weight"])), rows)
@@ -151,7 +150,7 @@ def test_init_is_the_same_for_every_layout_and_down_rows_start_at_zero():
         assert all(torch.equal(tables[0][name], other[name]) for name in tables[0])
     for table in tables[0].values():
         assert torch.count_nonzero(table[:, :, 2]) == 0 and torch.count_nonzero(table[:, :, :2]) > 0
-    assert not torch.equal(make_bank(seed=4).tables["level1"], tables[0]["level1"])
+    assert not torch.equal(make_bank(seed=4).tables["level2"], tables[0]["level2"])
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -171,12 +170,12 @@ def test_generic_needs_a_generic_row_and_trains_when_used():
     randomize(bank)
     before = bank.tables["generic"].clone()
     plan = bank.plan_step([(paths(0, 5), np.array([True, True]))])
-    assert len(plan.fetches[0]["level0"].ids) == 0
+    assert len(plan.fetches[0]["level1"].ids) == 0
     fetched = bank.fetch(plan, 0)
     toy_loss([fetched.layer(i) for i in range(CFG["n_layers"])], 2, 0).backward()
     bank.return_grads(fetched)
     bank.finish_grads()
-    assert bank.step(lr=1e-2) == {"level0": 0, "level1": 0, "generic": 1}
+    assert bank.step(lr=1e-2) == {"level1": 0, "level2": 0, "generic": 1}
     assert not torch.equal(bank.tables["generic"], before)
 
 
@@ -205,17 +204,17 @@ def test_lookup_for_eval_has_no_graph():
 
 def test_bf16_storage_keeps_fp32_moments():
     bank = make_bank(dtype=torch.bfloat16)
-    assert bank.tables["level0"].dtype == torch.bfloat16
-    assert bank._state["level0"]["exp_avg"].dtype == torch.float32
+    assert bank.tables["level1"].dtype == torch.bfloat16
+    assert bank._state["level1"]["exp_avg"].dtype == torch.float32
     plan = bank.plan_step([(paths(0), None)])
     fetched = bank.fetch(plan, 0)
     assert fetched.layer(0)[0].dtype == torch.bfloat16
     toy_loss([tuple(t.float() for t in fetched.layer(i)) for i in range(CFG["n_layers"])], 1, 0).backward()
     bank.return_grads(fetched)
     bank.finish_grads()
-    before = bank.tables["level0"][0].clone()
+    before = bank.tables["level1"][0].clone()
     bank.step(lr=1e-1)
-    assert not torch.equal(bank.tables["level0"][0], before)
+    assert not torch.equal(bank.tables["level1"][0], before)
 
 
 @pytest.mark.parametrize("transport", sorted(TRANSPORTS))
@@ -228,11 +227,11 @@ def test_checkpoint_round_trip(tmp_path, transport):
     bank.return_grads(fetched)
     bank.finish_grads()
     bank.step(lr=1e-2)
-    dcp.save({"bank": bank_state_for_save(bank)}, checkpoint_id=str(tmp_path), no_dist=True)
+    dcp.save({"bank": bank.state_dict()}, checkpoint_id=str(tmp_path), no_dist=True)
     fresh = make_bank(transport, seed=9)
-    state = {"bank": bank_state_for_load(fresh)}
+    state = {"bank": fresh.load_template()}
     dcp.load(state, checkpoint_id=str(tmp_path), no_dist=True)
-    restore_bank(fresh, state["bank"])
+    fresh.load_state_dict(state["bank"])
     for name in bank._state:
         for field in bank._state[name]:
             assert torch.equal(fresh._state[name][field], bank._state[name][field]), (name, field)
@@ -247,7 +246,7 @@ def test_owner_placement_refuses_rows_of_another_rank():
             self.world_size, self.rank = 2, 0
 
     bank = MemoryBank(**CFG, placement="owner", owner_of_subtree=[0, 1], comm=TwoRanks())
-    assert bank.tables["level1"].shape[0] == 3  # rank 0 stores subtree 0's three level-1 rows
+    assert bank.tables["level2"].shape[0] == 3  # rank 0 stores subtree 0's three level-2 rows
     with pytest.raises(RuntimeError, match="owner placement"):
         bank.plan_step([(paths(7), None)])
 

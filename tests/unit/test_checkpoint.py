@@ -9,9 +9,10 @@ import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
 from omegaconf import OmegaConf
 
+from hmtrain.checkpoint import checkpointer as ckpt
+from hmtrain.checkpoint.checkpointer import Checkpointer
+from hmtrain.checkpoint.verify import CheckpointError, check_complete, read_config, read_trainer
 from hmtrain.config import Config, to_yaml
-from hmtrain.train import checkpoint as ckpt
-from hmtrain.train.checkpoint import Checkpointer, CheckpointError, check_complete, read_config, read_trainer
 
 
 def make_state(seed: int = 0) -> dict:
@@ -23,7 +24,7 @@ def make_state(seed: int = 0) -> dict:
 def save_steps(directory, steps, keep=10):
     saver = Checkpointer(directory, keep=keep)
     for step in steps:
-        saver.save(step, make_state(step), {"loader": {"position": step}}, to_yaml(Config()))
+        saver.write(step, make_state(step), {"loader": {"position": step}}, to_yaml(Config()))
     return saver
 
 
@@ -114,13 +115,13 @@ def test_killed_prune_never_leaves_a_complete_looking_broken_checkpoint(tmp_path
 
     monkeypatch.setattr(ckpt.shutil, "rmtree", killed_rmtree)
     with pytest.raises(KeyboardInterrupt):
-        saver.save(3, make_state(3), {"loader": {}}, to_yaml(Config()))
+        saver.write(3, make_state(3), {"loader": {}}, to_yaml(Config()))
     monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
     for path in saver.step_dirs():  # step 1 was being deleted: it must not be listed
         check_complete(path)
     assert [p.name for p in saver.step_dirs()] == ["step_00000002", "step_00000003"]
     assert saver.latest().name == "step_00000003"
-    saver.save(4, make_state(4), {"loader": {}}, to_yaml(Config()))  # the next prune sweeps the leftover
+    saver.write(4, make_state(4), {"loader": {}}, to_yaml(Config()))  # the next prune sweeps the leftover
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003", "step_00000004"]
 
 
@@ -134,7 +135,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(dcp_fs, "_write_item", full_disk)
     with pytest.raises(CheckpointError) as exc_info:
-        saver.save(2, make_state(2), {"loader": {}}, to_yaml(Config()))
+        saver.write(2, make_state(2), {"loader": {}}, to_yaml(Config()))
     monkeypatch.setattr(dcp_fs, "_write_item", real_write_item)
     assert_one_line_naming(exc_info, tmp_path / "step_00000002", "No space left", "step_00000001 is intact")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]
@@ -150,8 +151,8 @@ def test_async_save_writes_the_state_as_it_was_and_completes_on_poll(tmp_path):
     state = make_state(1)
     expected = {k: v.clone() for k, v in state["model"].items()}
     durable = []
-    final = saver.save(1, state, {"loader": {"position": 1}}, to_yaml(Config()), async_save=True,
-                       on_durable=lambda step, path: durable.append((step, path)))
+    final = saver.write(1, state, {"loader": {"position": 1}}, to_yaml(Config()), async_save=True,
+                        on_durable=lambda step, path: durable.append((step, path)))
     for tensor in state["model"].values():  # training goes on and changes the tensors
         tensor.add_(100.0)
     assert saver.latest() is None  # not complete until the write is done and it is polled
@@ -167,8 +168,8 @@ def test_async_save_writes_the_state_as_it_was_and_completes_on_poll(tmp_path):
 
 def test_a_second_save_waits_for_the_first(tmp_path):
     saver = Checkpointer(tmp_path, keep=5)
-    saver.save(1, make_state(1), {"loader": {}}, to_yaml(Config()), async_save=True)
-    saver.save(2, make_state(2), {"loader": {}}, to_yaml(Config()), async_save=True)
+    saver.write(1, make_state(1), {"loader": {}}, to_yaml(Config()), async_save=True)
+    saver.write(2, make_state(2), {"loader": {}}, to_yaml(Config()), async_save=True)
     assert [p.name for p in saver.step_dirs()] == ["step_00000001"]
     saver.wait()
     assert [p.name for p in saver.step_dirs()] == ["step_00000001", "step_00000002"]

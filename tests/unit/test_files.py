@@ -16,7 +16,6 @@ from hmtrain.util.files import (
     check_output_dir,
     record_files,
     recover_dir,
-    replace_dir,
     staging_dir,
     write_text,
 )

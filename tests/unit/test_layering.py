@@ -41,20 +41,8 @@ MAY_USE = {
 # The top-level modules may use every part, and the top-level modules before them here.
 TOP = ("info", "demo", "cli", "__main__")
 
-# TEMPORARY, for the merge of the rooms (issue "A house a newcomer can change"): eval and serve still read
-# checkpoints through hmtrain/train/checkpoint.py and resume.py until those move to hmtrain/checkpoint/.
-# The lead empties this set after the merge; an entry that no longer matches an import fails the test.
-TEMPORARY = {
-    ("hmtrain.eval.evaluate", "hmtrain.train.resume"),  # check_data_fingerprints
-    ("hmtrain.eval.loading", "hmtrain.train.checkpoint"),  # Checkpointer, CheckpointError, check_complete
-    ("hmtrain.eval.loading", "hmtrain.train.resume"),  # broken_checkpoint
-    ("hmtrain.eval.memory_eval", "hmtrain.train.checkpoint"),  # Checkpointer, CheckpointError, check_complete
-    ("hmtrain.eval.memory_eval", "hmtrain.train.resume"),  # check_data_fingerprints
-    ("hmtrain.serve.export", "hmtrain.train.checkpoint"),  # CONFIG_FILE, Checkpointer, CheckpointError
-    ("hmtrain.serve.export", "hmtrain.train.resume"),  # check_data_fingerprints
-    ("hmtrain.serve.generate", "hmtrain.train.checkpoint"),  # CONFIG_FILE
-    ("hmtrain.serve.generate", "hmtrain.train.resume"),  # check_data_fingerprints
-}
+# Imports the contract does not allow but the code still needs; empty: every part keeps to the table.
+TEMPORARY: set[tuple[str, str]] = set()
 
 
 def modules() -> dict[str, Path]:

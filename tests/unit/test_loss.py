@@ -1,5 +1,4 @@
 """lm_loss_sum: cross-entropy from hidden states in token chunks, equal to the full-logits loss."""
-import dataclasses
 
 import pytest
 import torch

@@ -103,10 +103,10 @@ def test_gradients_reach_anchor_and_fetched_rows_only():
     bank.finish_grads()
     bank.step(1e-2)
     assert model.layers[0].ffn.w_down.weight.grad is not None
-    level1 = bank.tables["level1"]
-    untouched = [n for n in range(level1.shape[0]) if n != 1]
-    assert torch.equal(level1[untouched], before["level1"][untouched])
-    assert not torch.equal(level1[1], before["level1"][1])
+    level2 = bank.tables["level2"]
+    untouched = [n for n in range(level2.shape[0]) if n != 1]
+    assert torch.equal(level2[untouched], before["level2"][untouched])
+    assert not torch.equal(level2[1], before["level2"][1])
 
 
 # flex on CPU is torch's unfused reference; it says so once per process

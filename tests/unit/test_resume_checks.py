@@ -4,15 +4,16 @@ import logging
 import pytest
 import torch
 
-from hmtrain.config import Config, ConfigError, to_yaml
-from hmtrain.train.checkpoint import Checkpointer, CheckpointError
-from hmtrain.train.resume import (
+from hmtrain.checkpoint.checkpointer import Checkpointer
+from hmtrain.checkpoint.resume import (
     check_config_change,
     check_data_fingerprints,
     global_batch,
     load_for_resume,
     may_change,
 )
+from hmtrain.checkpoint.verify import CheckpointError
+from hmtrain.config import Config, ConfigError, to_yaml
 
 
 def changed(**keys) -> Config:
@@ -41,13 +42,13 @@ def test_changes_outside_the_allowlist_are_refused_by_name(keys, named):
 def test_allowed_changes_pass_and_are_logged(caplog):
     new = changed(train__memory_steps=3000, train__checkpoint_every=7, logging__experiment="x", eval__batch_size=2,
                   data__probes="p.jsonl", train__device="cpu", train__run_dir="elsewhere")
-    with caplog.at_level(logging.INFO, logger="hmtrain.train.resume"):
+    with caplog.at_level(logging.INFO, logger="hmtrain.checkpoint.resume"):
         check_config_change("ckpt", Config(), new, step=10)
     assert "train.memory_steps" in caplog.text
 
 
 def test_micro_batch_may_change_when_the_global_batch_does_not(caplog):
-    with caplog.at_level(logging.INFO, logger="hmtrain.train.resume"):
+    with caplog.at_level(logging.INFO, logger="hmtrain.checkpoint.resume"):
         check_config_change("ckpt", Config(), changed(train__micro_batch_size=4), step=10)
     assert "same global batch of 8" in caplog.text
     with pytest.raises(ConfigError, match="global batch must stay the same"):
@@ -84,18 +85,21 @@ def _state(value: float) -> dict:
 def test_fallback_resumes_from_the_newest_loadable_checkpoint(tmp_path, caplog):
     saver = Checkpointer(tmp_path, keep=5)
     for step in (2, 4, 6):
-        saver.save(step, _state(step), {"loader": {}}, to_yaml(Config()))
+        saver.write(step, _state(step), {"loader": {}}, to_yaml(Config()))
     data = tmp_path / "step_00000006" / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[:40])
-    fresh = lambda record: _state(0.0)  # noqa: E731
+    state = _state(0.0)
+
+    def fresh(path, record):
+        return Checkpointer.load(path, state)
 
     with pytest.raises(CheckpointError) as exc_info:
         load_for_resume(saver, Config(), {}, tmp_path, fresh)
     message = str(exc_info.value)
     assert "step_00000006" in message and "step_00000004" in message and "--fallback" in message
 
-    with caplog.at_level(logging.WARNING, logger="hmtrain.train.resume"):
-        path, state, record = load_for_resume(saver, Config(), {}, tmp_path, fresh, fallback=True)
+    with caplog.at_level(logging.WARNING, logger="hmtrain.checkpoint.resume"):
+        path, record = load_for_resume(saver, Config(), {}, tmp_path, fresh, fallback=True)
     assert path.name == "step_00000004" and record["step"] == 4
     assert torch.equal(state["model"]["w"], _state(4)["model"]["w"])
     assert "skipping" in caplog.text and "step_00000006" in caplog.text
@@ -106,6 +110,6 @@ def test_fallback_resumes_from_the_newest_loadable_checkpoint(tmp_path, caplog):
 
 def test_config_change_is_refused_even_with_fallback(tmp_path):
     saver = Checkpointer(tmp_path, keep=5)
-    saver.save(2, _state(2), {"loader": {}}, to_yaml(Config()))
+    saver.write(2, _state(2), {"loader": {}}, to_yaml(Config()))
     with pytest.raises(ConfigError, match="model.d_model"):
-        load_for_resume(saver, changed(model__d_model=48), {}, tmp_path, lambda: _state(0.0), fallback=True)
+        load_for_resume(saver, changed(model__d_model=48), {}, tmp_path, lambda path, record: {}, fallback=True)

@@ -1,7 +1,7 @@
 """System metrics reach the MLflow run even when the run is shorter than one sampling interval."""
 from mlflow.tracking import MlflowClient
 
-from hmtrain.train.system_metrics import start_system_metrics, stop_system_metrics
+from hmtrain.train.tracking import start_system_metrics, stop_system_metrics
 
 
 def test_a_run_shorter_than_one_interval_still_logs_one_sample(tmp_path, monkeypatch):

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from hmtrain.checkpoint.checkpointer import Checkpointer, _rank
+from hmtrain.checkpoint.verify import CheckpointError, check_complete
 from hmtrain.config import Config, ConfigError, flatten
-from hmtrain.train.checkpoint import Checkpointer, CheckpointError, _rank, check_complete
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +150,14 @@ def broken_checkpoint(path: Path, problem: str,
 
 
 def load_for_resume(checkpointer: Checkpointer, cfg: Config, fingerprints: dict[str, str], prepared: Path,
-                    make_state: Callable[[dict], dict], *, fallback: bool = False) -> tuple[Path, dict, dict]:
+                    restore: Callable[[Path, dict], dict], *, fallback: bool = False) -> tuple[Path, dict]:
     """Pick the newest complete checkpoint, check the config and data against it, load it.
 
-    `make_state(record)` returns a fresh state dict to load into (as `Checkpointer.load` takes), for the
-    checkpoint whose trainer record it is given (the optimizer's shape depends on the step's phase).
-    Returns (checkpoint path, loaded state, trainer record). Raises CheckpointError (broken
-    checkpoint; with `fallback` an older complete one is used instead), ConfigError (config
-    changed beyond `RESUME_MAY_CHANGE`) or ValueError (other prepared data)."""
+    `restore(path, record)` loads checkpoint `path`, whose trainer record it is given, into the run's
+    states and returns the loaded record (the engine takes the shape of the record's phase first).
+    Returns (checkpoint path, trainer record). Raises CheckpointError (broken checkpoint; with
+    `fallback` an older complete one is used instead), ConfigError (config changed beyond
+    `RESUME_MAY_CHANGE`) or ValueError (other prepared data)."""
     candidates = list(reversed(checkpointer.step_dirs()))
     if not candidates:
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpointer.directory}")
@@ -177,15 +178,14 @@ def load_for_resume(checkpointer: Checkpointer, cfg: Config, fingerprints: dict[
         # a changed config or other data is the user's to fix: never fall back past it
         check_config_change(path, saved, cfg, int(record["step"]))
         check_data_fingerprints(path, record, fingerprints, prepared)
-        state = make_state(record)
         try:
-            record = Checkpointer.load(path, state)
+            record = restore(path, record)
         except CheckpointError as exc:
             skip(path, exc)
             continue
         if skipped:
             log.warning("--fallback: resuming from %s, the newest loadable checkpoint", path)
             _set_aside(skipped)
-        return path, state, record
+        return path, record
     raise CheckpointError(f"--resume: no loadable checkpoint in {checkpointer.directory} "
                           f"(tried {', '.join(p.name for p in candidates)})")

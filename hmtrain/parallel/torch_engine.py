@@ -1,8 +1,6 @@
-"""The anchor's optimizer side, for a plain or FSDP2-sharded module: AdamW, gradient norm, clipped step.
+"""The anchor's engine for a plain or FSDP2-sharded module: AdamW, gradient norm, clipped step.
 
-The trainer sees one small interface whatever the engine (hmtrain/parallel/deepspeed_engine.py is the
-other implementation): `grad_sq_norm` (global, a device scalar), `step(lr, total_norm, max_norm)`,
-`state_dict` / `load_state_dict` for DCP, `reset` at the phase switch.
+One of the two implementations of `Engine` (hmtrain/parallel/engine.py); DeepSpeed ZeRO is the other.
 """
 from __future__ import annotations
 
@@ -11,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from hmtrain.config.schema import OptimConfig
@@ -29,7 +27,7 @@ def build_adamw(model: nn.Module, optim: OptimConfig, device: torch.device) -> t
     )
 
 
-class TorchAnchor:
+class TorchEngine:
     """AdamW over a plain or FSDP2 module; its gradients are DTensors when sharded."""
 
     def __init__(self, model: nn.Module, optim: OptimConfig, device: torch.device):
@@ -85,9 +83,5 @@ class TorchAnchor:
     def load_extra(self, directory: Path) -> None:
         """Nothing beyond the DCP state."""
 
-    def load_state_dict(self, state: dict[str, Any], with_optimizer: bool = True) -> None:
-        if with_optimizer:
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
-        else:
-            set_model_state_dict(self.model, state["model"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

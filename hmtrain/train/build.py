@@ -1,0 +1,134 @@
+"""Everything a run trains with, built once: model (parallelized), recipe, bank, engine, data stream.
+
+`engine_for_step` builds the anchor's engine for a step's phase; `restore_in_phase` loads a checkpoint
+into it, deciding whether the checkpoint's optimizer state carries over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from hmtrain.config import Config
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.loading.loader import StepLoader
+from hmtrain.memory import Comm, MemoryBank, build_bank, uses_memory
+from hmtrain.model import Transformer, build_model, run_model_config
+from hmtrain.parallel import Precision, resolve_precision
+from hmtrain.parallel.dist import DistInfo, new_group
+from hmtrain.parallel.engine import Engine
+from hmtrain.parallel.parallelize import parallelize
+from hmtrain.parallel.placement import assign_subtrees
+from hmtrain.parallel.torch_engine import TorchEngine
+from hmtrain.train.recipe import Recipe
+from hmtrain.train.state import Batches
+
+
+def resolve_vocab(cfg: Config, data: PreparedData) -> Config:
+    """Tie the model's vocabulary to the tokenizer the data was prepared with (padded, as the paper's)."""
+    tokenizer_vocab = int(data.manifest["vocab_size"])
+    if cfg.model.vocab_size is None:
+        multiple = cfg.model.vocab_multiple
+        cfg.model.vocab_size = -(-tokenizer_vocab // multiple) * multiple
+    elif cfg.model.vocab_size < tokenizer_vocab:
+        raise ValueError(f"config key 'model.vocab_size' is {cfg.model.vocab_size}, smaller than the tokenizer's "
+                         f"{tokenizer_vocab} in {data.root}")
+    if cfg.model.family == "memory_model":  # a memory model never scores padding, and blank copy writes it
+        cfg.memory_model.pad_id = int(data.manifest["pad_id"])
+    return cfg
+
+
+def micro_batches_per_step(global_batch: int, micro: int, world: int) -> int:
+    if global_batch % (micro * world):
+        raise ValueError(f"config key 'train.global_batch_size': {global_batch} sequences do not split into "
+                         f"micro-batches of {micro} on {world} ranks (need a multiple of {micro * world})")
+    return global_batch // (micro * world)
+
+
+@dataclass
+class Parts:
+    cfg: Config
+    info: DistInfo
+    data: PreparedData
+    precision: Precision
+    comm: Comm  # the bank's and the loop's host-side collectives
+    side: Optional[torch.distributed.ProcessGroup]  # gloo group for checkpoint writes and host objects
+    model: Transformer
+    recipe: Recipe
+    bank: Optional[MemoryBank]
+    engine: Engine
+    batches: Batches
+
+    def accumulation(self, step: int) -> int:
+        """Micro-batches per optimizer step on this rank, at `step`'s global batch."""
+        tc = self.cfg.train
+        return micro_batches_per_step(self.recipe.at(step).global_batch, tc.micro_batch_size, self.info.world_size)
+
+    def engine_for_step(self, step: int) -> Engine:
+        return engine_for_step(self.model, self.cfg, self.info, self.recipe, step, self.precision)
+
+
+def engine_for_step(model: Transformer, cfg: Config, info: DistInfo, recipe: Recipe, step: int,
+                    precision: Precision) -> Engine:
+    """The anchor's engine for `step`'s phase: FSDP2 (or a plain module on one process), or DeepSpeed ZeRO."""
+    optim = recipe.anchor_optim(recipe.phase(step))
+    if info.distributed and cfg.parallel.engine == "deepspeed":
+        from hmtrain.parallel.deepspeed_engine import DeepSpeedEngine
+
+        batch = recipe.at(step).global_batch
+        return DeepSpeedEngine(model, optim, info.device, zero_stage=cfg.parallel.zero_stage,
+                               micro_batch=cfg.train.micro_batch_size,
+                               accumulation=micro_batches_per_step(batch, cfg.train.micro_batch_size, info.world_size),
+                               world_size=info.world_size, bf16=precision.autocast_dtype == torch.bfloat16)
+    return TorchEngine(model, optim, info.device)
+
+
+def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
+    """Build the run for step 0; a resume then loads a checkpoint into it (`restore_in_phase`)."""
+    tc = cfg.train
+    precision = resolve_precision(tc, info.device)
+    cfg = resolve_vocab(cfg, data)
+    # host-side integers go over gloo when the main group is NCCL; checkpoints write on their own gloo group
+    side = new_group("gloo", cfg.parallel.timeout_s) if info.distributed else None
+    comm = Comm(device=info.collective_device, control_group=side if info.backend == "nccl" else None)
+
+    torch.manual_seed(tc.seed)  # the same initial anchor on every rank, sharded afterwards
+    model = build_model(cfg, run_model_config(cfg.model, tc.mode, tc.dense_multiplier)).to(info.device)
+    model = parallelize(model, cfg.parallel, info, precision.autocast_dtype)
+    recipe = Recipe(cfg, has_memory=uses_memory(cfg))
+    owner_of_subtree = None
+    if cfg.parallel.placement == "owner" and info.world_size > 1:
+        owner_of_subtree = assign_subtrees(data.manifest["node_tokens"][0], info.world_size)
+    bank = build_bank(cfg, info.device, comm=comm, owner_of_subtree=owner_of_subtree) if recipe.has_memory else None
+
+    def loader(global_batch: int) -> StepLoader:
+        micro = micro_batches_per_step(global_batch, tc.micro_batch_size, info.world_size)
+        return StepLoader(data, "train", global_batch=global_batch, micro_batches=micro, seed=tc.seed,
+                          rank=info.rank, world_size=info.world_size, owner_of_subtree=owner_of_subtree,
+                          num_workers=cfg.data.num_workers)
+
+    engine = engine_for_step(model, cfg, info, recipe, 0, precision)
+    return Parts(cfg, info, data, precision, comm, side, model, recipe, bank, engine, Batches(loader))
+
+
+def restore_in_phase(engine: Engine, model, recipe: Recipe, step: int, saved_phase: Optional[str],
+                     accumulation: int, restore: Callable[[], dict], checkpoint: Path) -> bool:
+    """Load a checkpoint of `step` (`restore()` fills every state, `engine` among them) so that the anchor's
+    optimizer state carries over only within a phase. Returns whether `step` begins a new stage.
+
+    The load needs an optimizer shaped as the saved one: its parameters in the curriculum stage of the
+    step it last took (`step - 1`), its state initialised (building the load template steps it once,
+    with zero moments). Same phase: the loaded moments and the engine's own files are kept. A
+    checkpoint taken at the phase switch: the new phase starts afresh, as the uninterrupted run did.
+    """
+    optim = recipe.anchor_optim(recipe.phase(step))
+    recipe.apply_stage(model, max(step - 1, 0), fresh=False)  # its saved optimizer's params
+    engine.reset(optim, accumulation)
+    restore()
+    if saved_phase == recipe.phase(step):
+        engine.load_extra(checkpoint)
+        return False
+    engine.reset(optim, accumulation)  # drop the loaded moments (and the template's one step)
+    return True
