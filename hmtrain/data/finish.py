@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 
-from hmtrain.config.schema import Config
+from hmtrain.config import Config
 from hmtrain.data import pack
 from hmtrain.data.files import sha256_file
 from hmtrain.data.manifest import MANIFEST_VERSION, write_manifest

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hmtrain.config.schema import Config
+from hmtrain.config import Config
 from hmtrain.data import pack, sample
 from hmtrain.data.documents import _suffix, list_document_files, read_file
 from hmtrain.data.embed import build_embedder, default_device

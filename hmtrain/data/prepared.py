@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from hmtrain.config.schema import Config
+from hmtrain.config import Config
 from hmtrain.data.files import aside_names, verify_files
 from hmtrain.data.manifest import read_manifest
 from hmtrain.data.sequences import Sequences

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hmtrain.config.schema import Config, ModelConfig
+from hmtrain.config import Config, ModelConfig
 from hmtrain.model.memory_model import MemoryModel
 from hmtrain.model.sizes import run_model_config
 from hmtrain.model.transformer import Transformer

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from hmtrain.config.schema import ModelConfig, StackConfig
+from hmtrain.config import ModelConfig, StackConfig
 from hmtrain.model.loss import lm_loss_sum
 from hmtrain.model.mixer import MaskedMixerBlock
 from hmtrain.model.transformer import Block, RMSNorm, rope_tables

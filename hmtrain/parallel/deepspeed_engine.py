@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hmtrain.config.schema import OptimConfig
+from hmtrain.config import OptimConfig
 from hmtrain.parallel.anchor import build_adamw
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hmtrain.config.schema import ParallelConfig, TrainConfig
+from hmtrain.config import ParallelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from hmtrain.config.schema import ModelConfig
+from hmtrain.config import ModelConfig
 from hmtrain.memory.exchange import Comm
 
 PEAK_BF16_FLOPS = {  # substring of torch.cuda.get_device_name() -> dense bf16 FLOP/s
