@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from hmtrain.config import ConfigError, load_config
+from hmtrain.config import ConfigError, load_config, split_global_batch
 
 log = logging.getLogger("hmtrain")
 
@@ -206,9 +206,7 @@ def cmd_bench(args) -> None:
     from hmtrain.parallel.bench_placement import render, run
 
     for ranks in args.ranks:
-        if ranks < 1 or args.global_batch % (2 * ranks):
-            raise ValueError(f"--ranks {ranks}: --global-batch {args.global_batch} must split into two micro-batches "
-                             "per rank")
+        split_global_batch(args.global_batch, ranks, micro_batches=2, name=f"--ranks {ranks} --global-batch")
     results = run(args.out, args.ranks, args.steps, args.global_batch, args.overrides)
     table = render(results)
     (args.out / "results.md").write_text(table + "\n")

@@ -27,5 +27,6 @@ class MemoryConfig:
 
     def validate(self, levels: int) -> None:
         """`levels`: the tree's depth (tree.branching), one unit count each."""
-        require(len(self.units) == levels, "memory.units", f"needs one entry per tree level ({levels}), got {self.units}")
+        require(len(self.units) == levels, "memory.units",
+                f"needs one entry per tree level ({levels}), got {self.units}")
         require(all(u >= 0 for u in self.units), "memory.units", f"must be >= 0, got {self.units}")

@@ -62,7 +62,8 @@ class StackConfig:
         require_positive(self, key, "d_model", "n_layers", "ffn_hidden")
         if block == Block.transformer:
             require(self.n_heads > 0 and self.head_dim > 0 and self.head_dim % 2 == 0, f"{key}.head_dim",
-                    f"transformer blocks need n_heads > 0 and an even head_dim > 0, got {self.n_heads} x {self.head_dim}")
+                    f"transformer blocks need n_heads > 0 and an even head_dim > 0, "
+                    f"got {self.n_heads} x {self.head_dim}")
 
 
 @dataclass

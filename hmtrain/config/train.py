@@ -41,10 +41,14 @@ def split_global_batch(global_batch: int, world_size: int, *, micro_batch_size: 
     if (micro_batch_size is None) == (micro_batches is None):
         raise TypeError("split_global_batch needs exactly one of micro_batch_size and micro_batches")
     given = micro_batch_size if micro_batches is None else micro_batches
-    if world_size < 1 or given < 1 or global_batch < 1 or global_batch % (world_size * given):
+    if world_size < 1 or given < 1:
+        raise ConfigError(f"{name}: needs at least one rank and one micro-batch, got {world_size} ranks and "
+                          f"{micro_batches if micro_batch_size is None else f'micro-batches of {micro_batch_size}'}")
+    if global_batch < 1 or global_batch % (world_size * given):
         what = f"micro-batches of {micro_batch_size}" if micro_batches is None else f"{micro_batches} micro-batches"
+        ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
         raise ConfigError(f"{name}: a global batch of {global_batch} sequences does not split into {what} per rank "
-                          f"on {world_size} rank{'s' if world_size != 1 else ''} (need a positive multiple of {world_size * given})")
+                          f"on {ranks} (need a positive multiple of {world_size * given})")
     other = global_batch // (world_size * given)
     return (other, given) if micro_batches is None else (given, other)
 
@@ -94,10 +98,12 @@ class TrainConfig:
                                name="config key 'train.pretrain_global_batch_size'")
         require(self.pretrain_steps >= 0 and self.memory_steps >= 0, "train.pretrain_steps",
                 "phase lengths must be >= 0")
-        require(self.pretrain_steps + self.memory_steps > 0, "train.memory_steps", "nothing to train: both phases are 0")
+        require(self.pretrain_steps + self.memory_steps > 0, "train.memory_steps",
+                "nothing to train: both phases are 0")
         require(self.dense_multiplier > 0, "train.dense_multiplier", "must be positive")
         if self.generic_prob is not None:
-            require(0.0 <= self.generic_prob <= 1.0, "train.generic_prob", f"must be in [0, 1], got {self.generic_prob}")
+            require(0.0 <= self.generic_prob <= 1.0, "train.generic_prob",
+                    f"must be in [0, 1], got {self.generic_prob}")
         for name in ("anchor_optim", "memory_optim", "cotrain_optim"):
             optim = getattr(self, name)
             if optim is not None:

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hmtrain.config import Objective
+
 IGNORE = -100
-OBJECTIVES = ("autoencode", "clm", "copy", "blank_copy", "combined")
-COPY_OBJECTIVES = ("copy", "blank_copy", "combined")
+OBJECTIVES = tuple(objective.value for objective in Objective)
 
 
 @dataclass(frozen=True)

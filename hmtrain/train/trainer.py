@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hmtrain.config import Config, flatten, to_yaml
+from hmtrain.config import Config, flatten, split_global_batch, to_yaml
 from hmtrain.data.loader import StepLoader
 from hmtrain.data.prepared import PreparedData
 from hmtrain.memory import Comm, MemoryBank, build_bank, uses_memory
@@ -61,10 +61,7 @@ def resolve_vocab(cfg: Config, data: PreparedData) -> Config:
 
 
 def micro_batches_per_step(global_batch: int, micro: int, world: int) -> int:
-    if global_batch % (micro * world):
-        raise ValueError(f"config key 'train.global_batch_size': {global_batch} sequences do not split into "
-                         f"micro-batches of {micro} on {world} ranks (need a multiple of {micro * world})")
-    return global_batch // (micro * world)
+    return split_global_batch(global_batch, world, micro_batch_size=micro)[0]
 
 
 def build_anchor(model: Transformer, cfg: Config, info: DistInfo, recipe: Recipe, step: int, precision):

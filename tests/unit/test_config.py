@@ -3,7 +3,17 @@ from pathlib import Path
 
 import pytest
 
-from hmtrain.config import ConfigError, Mode, ModelPart, Placement, flatten, load_config, to_yaml
+from hmtrain.config import (
+    ConfigError,
+    Mode,
+    ModelPart,
+    Placement,
+    check_branching,
+    flatten,
+    load_config,
+    split_global_batch,
+    to_yaml,
+)
 from hmtrain.config.load import CONFIG_DIR
 from hmtrain.train.resume import config_changes
 
@@ -104,3 +114,23 @@ def test_choices_compare_with_their_names():
     cfg = load_config("tiny", ["train.anchor=cotrain"])
     assert cfg.train.anchor == "cotrain" and f"{cfg.train.anchor}" == "cotrain" and cfg.train.anchor in ("cotrain",)
     assert {"cotrain": 1}[cfg.train.anchor] == 1
+
+
+def test_one_rule_splits_a_global_batch_over_ranks_and_micro_batches():
+    assert split_global_batch(12, 2, micro_batch_size=2) == (3, 2)
+    assert split_global_batch(12, 2, micro_batches=3) == (3, 2)
+    with pytest.raises(ConfigError, match=r"^config key 'train.global_batch_size': a global batch of 10 sequences does "
+                                          r"not split into micro-batches of 2 per rank on 3 ranks \(need a positive "
+                                          r"multiple of 6\)$"):
+        split_global_batch(10, 3, micro_batch_size=2)
+    with pytest.raises(ConfigError, match="^--global-batch: needs at least one rank"):
+        split_global_batch(4, 0, micro_batches=2, name="--global-batch")
+    with pytest.raises(ConfigError, match="train.pretrain_global_batch_size.*micro-batches of 4"):
+        load_config("tiny", ["train.micro_batch_size=4", "train.global_batch_size=8",
+                             "train.pretrain_global_batch_size=6"])
+
+
+def test_one_branching_rule_for_the_config():
+    with pytest.raises(ConfigError, match=r"^config key 'tree.branching': branching\[1\] must be >= 2, got 1$"):
+        load_config("tiny", ["tree.branching=[4,1]"])
+    assert check_branching([2, 3]) == (2, 3)
