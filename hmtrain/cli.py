@@ -24,9 +24,11 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
-from hmtrain.config import ConfigError, load_config, split_global_batch
+from hmtrain.config import load_config, split_global_batch
+from hmtrain.exits import exit_code, one_line
 
 log = logging.getLogger("hmtrain")
 
@@ -298,32 +300,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # HMTRAIN_LOG_LEVEL: the level of hmtrain's log lines on stderr (tests and benchmarks set WARNING)
     logging.basicConfig(level=os.environ.get("HMTRAIN_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     command = {"data": getattr(args, "data_command", None), "bench": getattr(args, "bench_command", None)}.get(
         args.command, args.command)
-    from hmtrain.train.signals import Interrupted
-
     rc = 0
     try:
         COMMANDS[command](args)
-    except Interrupted as exc:
-        print(f"hmtrain {command}: {exc}", file=sys.stderr)
-        rc = 128 + exc.signum  # the shell convention for death by signal, so schedulers requeue
-    # OSError: FileNotFound, FileExists, ...; ImportError: an optional package (the MiniLM model) missing
-    except (ConfigError, ValueError, OSError, RuntimeError, ImportError) as exc:
+    except Exception as exc:  # every failure leaves with one line and the code that says which kind it was
         if args.debug:
-            raise
+            traceback.print_exception(exc)
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"hmtrain {command}{where}: error: {one_line(exc)}", file=sys.stderr)
-        rc = 2
+        rc = exit_code(exc)
+        print(f"hmtrain {command}{where}: {'' if rc > 128 else 'error: '}{one_line(exc)}", file=sys.stderr)
     return _leave(rc)
 
 

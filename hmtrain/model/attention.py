@@ -87,7 +87,7 @@ def build_mask(segments: Optional[Tensor], impl: str) -> DocumentMask:
     if impl == "sdpa":
         return document_mask(segments)
     if torch.is_grad_enabled() and segments.device.type not in FLEX_BACKWARD_DEVICES:
-        raise RuntimeError(
+        raise ValueError(
             f"model.attention='flex' cannot train on {segments.device.type}: torch's FlexAttention has no "
             f"backward there; run under torch.no_grad() or use model.attention=auto or sdpa")
     return document_block_mask(segments)

@@ -49,6 +49,8 @@ TRAINER_KEYS = ("step", "loader")
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the directory."""
 
+    input_error = True  # exit 2 (hmtrain/exits.py) for a checkpoint given that cannot be read; a failed save is 1
+
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -302,7 +304,9 @@ class Checkpointer:
             shutil.rmtree(pending.tmp, ignore_errors=True)
         previous = self.latest()
         kept = f"; the previous checkpoint {previous} is intact" if previous else ""
-        return CheckpointError(f"checkpoint {pending.final}: save failed ({describe(exc)}){kept}")
+        error = CheckpointError(f"checkpoint {pending.final}: save failed ({describe(exc)}){kept}")
+        error.input_error = False
+        return error
 
     def _delete(self, step_dir: Path) -> None:
         # rename first: a crash during rmtree then leaves a hidden directory that nothing lists
