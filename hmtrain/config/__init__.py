@@ -10,8 +10,7 @@ from hmtrain.config.eval import EvalConfig
 from hmtrain.config.load import flatten, load_config, to_yaml, validate
 from hmtrain.config.memory import BankDtype, MemoryConfig, MemoryKind
 from hmtrain.config.memory_model import (
-    COPY_OBJECTIVES,
-    Block,
+    BlockType,
     Context,
     Expansion,
     MemoryModelConfig,
@@ -30,7 +29,7 @@ from hmtrain.config.train import AnchorMode, Device, Mode, Precision, TrainConfi
 from hmtrain.config.tree import MIN_CHILDREN, TreeConfig, check_branching
 
 __all__ = [
-    "COPY_OBJECTIVES", "MIN_CHILDREN", "AnchorMode", "AnchorPosition", "Attention", "Backend", "BankDtype", "Block",
+    "MIN_CHILDREN", "AnchorMode", "AnchorPosition", "Attention", "Backend", "BankDtype", "BlockType",
     "Choice", "Config", "ConfigError", "Context", "DataConfig", "Device", "Engine", "EvalConfig", "Expansion",
     "Family", "FfnImpl", "LoggingConfig", "MemoryConfig", "MemoryKind", "MemoryModelConfig", "Mode", "ModelConfig",
     "ModelPart", "Objective", "OptimConfig", "ParallelConfig", "Placement", "Precision", "RetentionConfig",

@@ -15,9 +15,14 @@ class ConfigError(ValueError):
 
 class Choice(StrEnum):
     @classmethod
+    def values(cls) -> tuple[str, ...]:
+        """The allowed values as plain strings, for code that checks a value given without a config."""
+        return tuple(member.value for member in cls)
+
+    @classmethod
     def names(cls) -> str:
         """The allowed values as a phrase: "auto, flex or sdpa"."""
-        values = [member.value for member in cls]
+        values = cls.values()
         return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
 
 

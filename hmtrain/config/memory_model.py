@@ -8,7 +8,7 @@ from hmtrain.config.checks import Choice, require, require_positive
 from hmtrain.config.optim import OptimConfig
 
 
-class Block(Choice):
+class BlockType(Choice):
     transformer = "transformer"
     mixer = "mixer"  # masked mixer: a learned causal token-mixing matrix
 
@@ -58,9 +58,9 @@ class StackConfig:
     head_dim: int = 32
     ffn_hidden: int = 384
 
-    def validate(self, key: str, block: Block) -> None:
+    def validate(self, key: str, block: BlockType) -> None:
         require_positive(self, key, "d_model", "n_layers", "ffn_hidden")
-        if block == Block.transformer:
+        if block == BlockType.transformer:
             require(self.n_heads > 0 and self.head_dim > 0 and self.head_dim % 2 == 0, f"{key}.head_dim",
                     f"transformer blocks need n_heads > 0 and an even head_dim > 0, "
                     f"got {self.n_heads} x {self.head_dim}")
@@ -85,7 +85,7 @@ class StageConfig:
 class MemoryModelConfig:
     """Each chunk of n_ctx tokens becomes one vector."""
 
-    block: Block = Block.transformer
+    block: BlockType = BlockType.transformer
     # s: chunks per sequence (data.seq_len must be chunks x n_ctx); paper: 4 x 256
     chunks: int = 4
     n_ctx: int = 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hmtrain.config.checks import Choice, require, require_positive
-from hmtrain.config.memory_model import Block, StackConfig
+from hmtrain.config.memory_model import BlockType, StackConfig
 from hmtrain.config.optim import OptimConfig
 
 
@@ -25,7 +25,7 @@ class RetentionConfig:
     n_ctx: int = 32
     expansion: RetentionExpansion = RetentionExpansion.both
     # block type of the probe's decoder
-    block: Block = Block.transformer
+    block: BlockType = BlockType.transformer
     decoder: StackConfig = field(default_factory=lambda: StackConfig(d_model=128, n_layers=2))
     steps: int = 300
     batch_size: int = 32

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-ATTENTION_IMPLS = ("auto", "flex", "sdpa")
+from hmtrain.config import Attention
+
+ATTENTION_IMPLS = Attention.values()
 # devices where torch's FlexAttention has a backward pass (torch 2.13: not CPU, not MPS)
 FLEX_BACKWARD_DEVICES = frozenset({"cuda", "xpu", "hpu"})
 FLEX_MIN_HEAD_DIM = 16  # tl.dot in the compiled kernels

@@ -26,7 +26,7 @@ from torch import Tensor
 from hmtrain.config import Objective
 
 IGNORE = -100
-OBJECTIVES = tuple(objective.value for objective in Objective)
+OBJECTIVES = Objective.values()
 
 
 @dataclass(frozen=True)
