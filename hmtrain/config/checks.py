@@ -14,6 +14,10 @@ class ConfigError(ValueError):
 
 
 class Choice(StrEnum):
+    def __repr__(self) -> str:
+        """The plain name's repr ('lm'), so messages that show a value with !r read as they did for strings."""
+        return repr(self.value)
+
     @classmethod
     def values(cls) -> tuple[str, ...]:
         """The allowed values as plain strings, for code that checks a value given without a config."""

@@ -114,6 +114,7 @@ def test_choices_compare_with_their_names():
     cfg = load_config("tiny", ["train.anchor=cotrain"])
     assert cfg.train.anchor == "cotrain" and f"{cfg.train.anchor}" == "cotrain" and cfg.train.anchor in ("cotrain",)
     assert {"cotrain": 1}[cfg.train.anchor] == 1
+    assert f"{cfg.train.anchor!r}" == "'cotrain'"  # messages that show a value with !r read as before
 
 
 def test_one_rule_splits_a_global_batch_over_ranks_and_micro_batches():
