@@ -25,10 +25,12 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 from hmtrain.bench import NAMES as BENCHMARKS
-from hmtrain.config import ConfigError, load_config
+from hmtrain.config import load_config
+from hmtrain.exits import exit_code, one_line
 
 log = logging.getLogger("hmtrain")
 
@@ -289,34 +291,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def main(argv: list[str] | None = None) -> int:
     from hmtrain.parallel.supervisor import stop_with_supervisor
 
     stop_with_supervisor()  # a torchrun worker checkpoints and stops if torchrun is killed
     args = parse_args(argv)
+    # HMTRAIN_LOG_LEVEL: the level of hmtrain's log lines on stderr (tests and benchmarks set WARNING)
     logging.basicConfig(level=os.environ.get("HMTRAIN_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     command = args.data_command if args.command == "data" else args.command
-    from hmtrain.train.signals import Interrupted
-
     rc = 0
     try:
         COMMANDS[command](args)
-    except Interrupted as exc:
-        print(f"hmtrain {command}: {exc}", file=sys.stderr)
-        rc = 128 + exc.signum  # the shell convention for death by signal, so schedulers requeue
-    # OSError: FileNotFound, FileExists, ...; ImportError: an optional package (the MiniLM model) missing
-    except (ConfigError, ValueError, OSError, RuntimeError, ImportError) as exc:
+    except Exception as exc:  # every failure leaves with one line and the code that says which kind it was
         if args.debug:
-            raise
+            traceback.print_exception(exc)
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"hmtrain {command}{where}: error: {one_line(exc)}", file=sys.stderr)
-        rc = 2
+        rc = exit_code(exc)
+        print(f"hmtrain {command}{where}: {'' if rc > 128 else 'error: '}{one_line(exc)}", file=sys.stderr)
     return _leave(rc)
 
 

@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from hmtrain.config import split_global_batch
+
 PLACEMENTS = {"gather": ["parallel.placement=gather", "parallel.replicate_levels=0"],
               "owner": ["parallel.placement=owner", "parallel.replicate_levels=0"],
               "replicated": ["parallel.placement=gather", "parallel.replicate_levels=2"]}
@@ -120,9 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for ranks in args.ranks:
-        if ranks < 1 or args.global_batch % (2 * ranks):
-            raise ValueError(f"--ranks {ranks}: --global-batch {args.global_batch} must split into two micro-batches "
-                             "per rank")
+        split_global_batch(args.global_batch, ranks, micro_batches=2, name=f"--ranks {ranks} --global-batch")
     results = run(args.out, args.ranks, args.steps, args.global_batch, args.overrides)
     table = render(results)
     (args.out / "results.md").write_text(table + "\n")

@@ -244,7 +244,9 @@ class Checkpointer:
             shutil.rmtree(pending.tmp, ignore_errors=True)
         previous = self.latest()
         kept = f"; the previous checkpoint {previous} is intact" if previous else ""
-        return CheckpointError(f"checkpoint {pending.final}: save failed ({describe(exc)}){kept}")
+        error = CheckpointError(f"checkpoint {pending.final}: save failed ({describe(exc)}){kept}")
+        error.input_error = False
+        return error
 
     def _delete(self, step_dir: Path) -> None:
         # rename first: a crash during rmtree then leaves a hidden directory that nothing lists

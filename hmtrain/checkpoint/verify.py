@@ -30,6 +30,8 @@ TRAINER_KEYS = ("step", "loader")
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the directory."""
 
+    input_error = True  # exit 2 (hmtrain/exits.py) for a checkpoint given that cannot be read; a failed save is 1
+
 
 def describe(exc: BaseException) -> str:
     """One line for an exception, unwrapping DCP's per-rank CheckpointException."""

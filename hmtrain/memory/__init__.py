@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hmtrain.config.schema import Config
+from hmtrain.config import Config
 from hmtrain.memory.bank import MemoryBank
 from hmtrain.memory.exchange import Comm
 from hmtrain.memory.fetched import FetchedMemory

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hmtrain.config.schema import Config
+from hmtrain.config import Config
 
 
 class MemoryKind(ABC):

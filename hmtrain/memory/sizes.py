@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hmtrain.config import check_branching
+
 
 @dataclass(frozen=True)
 class LevelSize:
@@ -33,15 +35,12 @@ def _check_int(name: str, value: object, *, minimum: int) -> int:
 
 def validate_tree(branching: Sequence[int], units: Sequence[int]) -> None:
     """Check a (branching, units) pair; raises ValueError naming the bad entry."""
-    if len(branching) == 0:
-        raise ValueError("branching must name at least one level, got an empty sequence")
+    check_branching(branching)
     if len(branching) != len(units):
         raise ValueError(
             f"branching and units must have one entry per level, got {len(branching)} "
             f"branching factors {tuple(branching)} and {len(units)} unit counts {tuple(units)}"
         )
-    for i, k in enumerate(branching):
-        _check_int(f"branching[{i}]", k, minimum=1)
     for i, m in enumerate(units):
         _check_int(f"units[{i}]", m, minimum=0)
 

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-ATTENTION_IMPLS = ("auto", "flex", "sdpa")
+from hmtrain.config import Attention
+
+ATTENTION_IMPLS = Attention.values()
 # devices where torch's FlexAttention has a backward pass (torch 2.13: not CPU, not MPS)
 FLEX_BACKWARD_DEVICES = frozenset({"cuda", "xpu", "hpu"})
 FLEX_MIN_HEAD_DIM = 16  # tl.dot in the compiled kernels
@@ -87,7 +89,7 @@ def build_mask(segments: Optional[Tensor], impl: str) -> DocumentMask:
     if impl == "sdpa":
         return document_mask(segments)
     if torch.is_grad_enabled() and segments.device.type not in FLEX_BACKWARD_DEVICES:
-        raise RuntimeError(
+        raise ValueError(
             f"model.attention='flex' cannot train on {segments.device.type}: torch's FlexAttention has no "
             f"backward there; run under torch.no_grad() or use model.attention=auto or sdpa")
     return document_block_mask(segments)

@@ -6,13 +6,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hmtrain.config.schema import Config, ModelConfig
+from hmtrain.config import Config, Family, ModelConfig
 from hmtrain.model.memory_model import MemoryModel
 from hmtrain.model.sizes import run_model_config
 from hmtrain.model.transformer import Transformer
 from hmtrain.util.labels import IGNORE_INDEX
 
-FAMILIES = ("lm", "memory_model")
+FAMILIES = Family.values()
 
 
 def build_model(cfg: Config, model_cfg: Optional[ModelConfig] = None) -> nn.Module:

@@ -36,13 +36,13 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from hmtrain.config.schema import MemoryModelConfig, StageConfig
+from hmtrain.config import Context, MemoryModelConfig, StageConfig
 from hmtrain.model.loss import lm_loss_sum
 from hmtrain.model.objectives import OBJECTIVES, ObjectivePart, count_targets, layout
 from hmtrain.model.stacks import Expansion, Rope, assign_, build_blocks, init_parameter, run_blocks, score_logits
 from hmtrain.model.transformer import RMSNorm
 
-CONTEXTS = ("memory", "none", "full")
+CONTEXTS = Context.values()
 PARTS = ("encoder_embedding", "encoder_blocks", "encoder", "decoder", "autoencoder_decoder")
 
 

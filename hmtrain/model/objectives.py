@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hmtrain.config import Objective
 from hmtrain.util.labels import IGNORE_INDEX
 
-OBJECTIVES = ("autoencode", "clm", "copy", "blank_copy", "combined")
-COPY_OBJECTIVES = ("copy", "blank_copy", "combined")
+OBJECTIVES = Objective.values()
 
 
 @dataclass(frozen=True)

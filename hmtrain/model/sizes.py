@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hmtrain.config.schema import ModelConfig
+from hmtrain.config import ModelConfig
 
 
 def count_parameters(cfg: ModelConfig) -> int:

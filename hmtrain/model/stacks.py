@@ -24,14 +24,14 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from hmtrain.config.schema import ModelConfig, StackConfig
+from hmtrain.config import BlockType, Expansion, ModelConfig, StackConfig
 from hmtrain.model.loss import lm_loss_sum
 from hmtrain.model.mixer import MaskedMixerBlock
 from hmtrain.model.transformer import Block, RMSNorm, rope_tables
 from hmtrain.util.labels import IGNORE_INDEX
 
-BLOCKS = ("transformer", "mixer")
-EXPANSIONS = ("repeat", "unrolled")
+BLOCKS = BlockType.values()
+EXPANSIONS = Expansion.values()
 # parameters written into the residual stream: scaled down by depth at init (GPT-2), as in the anchor
 RESIDUAL_OUT = ("attn.wo.weight", "ffn.w_down.weight")
 

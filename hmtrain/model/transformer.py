@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmtrain.config.schema import ModelConfig
+from hmtrain.config import ModelConfig
 from hmtrain.model.attention import DocumentMask, attend, build_mask, resolve_attention
 from hmtrain.model.loss import lm_loss_sum
 from hmtrain.util.labels import IGNORE_INDEX

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hmtrain.config.schema import OptimConfig
+from hmtrain.config import OptimConfig
 from hmtrain.parallel.torch_engine import build_adamw
 
 log = logging.getLogger(__name__)
@@ -140,13 +140,13 @@ class DeepSpeedEngine:
     def load_extra(self, directory: Path) -> None:
         saved = Path(directory) / "deepspeed"
         if not saved.is_dir():
-            raise RuntimeError(f"checkpoint {directory}: no deepspeed/ optimizer state (was it written with "
-                               "parallel.engine=fsdp?)")
+            raise ValueError(f"checkpoint {directory}: no deepspeed/ optimizer state (was it written with "
+                             "parallel.engine=fsdp?)")
         ranks = len(list(saved.glob("*optim_states.pt")))
         if ranks and ranks != self.world_size:
-            raise RuntimeError(f"checkpoint {directory}: DeepSpeed's optimizer state is partitioned for {ranks} "
-                               f"ranks, this job has {self.world_size}; resume DeepSpeed runs on the same number "
-                               "of ranks (or use parallel.engine=fsdp, whose checkpoints reshard)")
+            raise ValueError(f"checkpoint {directory}: DeepSpeed's optimizer state is partitioned for {ranks} "
+                             f"ranks, this job has {self.world_size}; resume DeepSpeed runs on the same number "
+                             "of ranks (or use parallel.engine=fsdp, whose checkpoints reshard)")
         self.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=True,
                                     load_optimizer_states=True, load_lr_scheduler_states=False,
                                     load_module_only=False)

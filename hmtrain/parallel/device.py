@@ -7,7 +7,7 @@ from typing import ContextManager
 
 import torch
 
-from hmtrain.config.schema import TrainConfig
+from hmtrain.config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hmtrain.config.schema import ParallelConfig, TrainConfig
+from hmtrain.config import ParallelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def init_distributed(parallel: ParallelConfig, train: TrainConfig) -> DistInfo:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
     use_cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
     if train.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from hmtrain.config.schema import OptimConfig
+from hmtrain.config import OptimConfig
 
 
 class Engine(Protocol):

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from hmtrain.config.schema import ParallelConfig
+from hmtrain.config import ParallelConfig
 from hmtrain.parallel.dist import DistInfo
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 import hmtrain
 from hmtrain.config import Config, load_config
-from hmtrain.config.schema import ModelConfig
+from hmtrain.config import ModelConfig
 from hmtrain.util.files import (aside_names, atomic_write, check_output_dir, recover_dir, record_files, replace_dir,
                                 sha256_file, staging_dir)
 from hmtrain.data.format.prepared import PreparedData

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from hmtrain.config import Config
+from hmtrain.config import Config, split_global_batch
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.loading.loader import StepLoader
 from hmtrain.memory import Comm, MemoryBank, build_bank, uses_memory
@@ -41,10 +41,7 @@ def resolve_vocab(cfg: Config, data: PreparedData) -> Config:
 
 
 def micro_batches_per_step(global_batch: int, micro: int, world: int) -> int:
-    if global_batch % (micro * world):
-        raise ValueError(f"config key 'train.global_batch_size': {global_batch} sequences do not split into "
-                         f"micro-batches of {micro} on {world} ranks (need a multiple of {micro * world})")
-    return global_batch // (micro * world)
+    return split_global_batch(global_batch, world, micro_batch_size=micro)[0]
 
 
 @dataclass

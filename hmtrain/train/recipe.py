@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hmtrain.config.schema import Config, OptimConfig, StageConfig
+from hmtrain.config import Config, OptimConfig, StageConfig
 from hmtrain.train.schedule import learning_rate
 
 PRETRAIN, MEMORY, DENSE = "pretrain", "memory", "dense"

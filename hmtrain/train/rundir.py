@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 class RunDirLocked(RuntimeError):
     """Another live process trains in this run directory."""
 
+    input_error = True  # exit 2 (hmtrain/exits.py): the run directory given is in use
+
 
 def make_run_dir(run_dir: Path, key: str = "train.run_dir") -> Path:
     """Create `run_dir` (and parents); a path running through a regular file is named as such."""

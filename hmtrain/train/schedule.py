@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from hmtrain.config.schema import OptimConfig
+from hmtrain.config import OptimConfig
 
 
 def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from hmtrain.config.schema import ModelConfig
+from hmtrain.config import ModelConfig
 from hmtrain.memory.exchange import Comm
 from hmtrain.train.recipe import MEMORY
 

@@ -1,8 +1,21 @@
 """Config loading: presets, overrides, and errors that name the key."""
+from pathlib import Path
+
 import pytest
 
-from hmtrain.config import ConfigError, flatten, load_config, to_yaml
+from hmtrain.config import (
+    ConfigError,
+    Mode,
+    ModelPart,
+    Placement,
+    check_branching,
+    flatten,
+    load_config,
+    split_global_batch,
+    to_yaml,
+)
 from hmtrain.config.load import CONFIG_DIR
+from hmtrain.train.resume import config_changes
 
 
 def test_presets_load_and_validate():
@@ -57,3 +70,68 @@ def test_missing_preset_lists_presets():
 def test_override_without_equals():
     with pytest.raises(ConfigError, match="key=value"):
         load_config("tiny", ["train.global_batch_size"])
+
+
+WRITTEN_BEFORE_CHOICES = Path(__file__).parent / "data" / "config_written_before_choices.yaml"
+SAME_RUN = ["memory_model.stages=[{name: ae, steps: 3, objective: autoencode}, {name: blank, steps: 3, objective: "
+            "blank_copy, freeze: [encoder_blocks], reinit: [encoder_embedding]}]", "train.mode=dense",
+            "parallel.placement=owner", "memory.dtype=bf16"]
+
+
+def test_a_config_yaml_written_with_plain_strings_still_loads_and_resumes_unchanged():
+    """config.yaml as the code before choice Enums wrote it (run directories, checkpoints): it loads,
+    its choices become members, and the resume diff sees no change against the same run's config."""
+    saved = load_config(str(WRITTEN_BEFORE_CHOICES))
+    assert saved.train.mode is Mode.dense and saved.parallel.placement is Placement.owner
+    assert saved.memory_model.stages[1].freeze == [ModelPart.encoder_blocks]
+    assert config_changes(saved, load_config("memory-tiny", SAME_RUN)) == {}
+    assert to_yaml(saved) == WRITTEN_BEFORE_CHOICES.read_text()
+
+
+def test_flatten_and_yaml_write_plain_names():
+    cfg = load_config("memory-tiny", SAME_RUN)
+    flat = flatten(cfg)
+    assert type(flat["train.mode"]) is str and flat["train.mode"] == "dense"
+    assert type(flat["memory_model.stages"][1]["freeze"][0]) is str
+    assert str(flat["memory_model.stages"][1]["objective"]) == "blank_copy"
+    assert "mode: dense\n" in to_yaml(cfg) and "Mode" not in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("override, line", [
+    ("train.mode=sparse", "config key 'train.mode': must be hierarchical or dense, got 'sparse'"),
+    ("parallel.engine=megatron", "config key 'parallel.engine': must be fsdp or deepspeed, got 'megatron'"),
+    ("memory_model.stages=[{objective: clm}, {freeze: [wings]}]",
+     "config key 'memory_model.stages[1].freeze[0]': must be encoder_embedding, encoder_blocks, encoder, "
+     "decoder or autoencoder_decoder, got 'wings'"),
+])
+def test_a_bad_choice_is_one_line_naming_the_key_and_the_allowed_values(override, line):
+    with pytest.raises(ConfigError) as caught:
+        load_config("tiny", [override])
+    assert str(caught.value) == line
+
+
+def test_choices_compare_with_their_names():
+    cfg = load_config("tiny", ["train.anchor=cotrain"])
+    assert cfg.train.anchor == "cotrain" and f"{cfg.train.anchor}" == "cotrain" and cfg.train.anchor in ("cotrain",)
+    assert {"cotrain": 1}[cfg.train.anchor] == 1
+    assert f"{cfg.train.anchor!r}" == "'cotrain'"  # messages that show a value with !r read as before
+
+
+def test_one_rule_splits_a_global_batch_over_ranks_and_micro_batches():
+    assert split_global_batch(12, 2, micro_batch_size=2) == (3, 2)
+    assert split_global_batch(12, 2, micro_batches=3) == (3, 2)
+    with pytest.raises(ConfigError, match=r"^config key 'train.global_batch_size': a global batch of 10 sequences does "
+                                          r"not split into micro-batches of 2 per rank on 3 ranks \(need a positive "
+                                          r"multiple of 6\)$"):
+        split_global_batch(10, 3, micro_batch_size=2)
+    with pytest.raises(ConfigError, match="^--global-batch: needs at least one rank"):
+        split_global_batch(4, 0, micro_batches=2, name="--global-batch")
+    with pytest.raises(ConfigError, match="train.pretrain_global_batch_size.*micro-batches of 4"):
+        load_config("tiny", ["train.micro_batch_size=4", "train.global_batch_size=8",
+                             "train.pretrain_global_batch_size=6"])
+
+
+def test_one_branching_rule_for_the_config():
+    with pytest.raises(ConfigError, match=r"^config key 'tree.branching': branching\[1\] must be >= 2, got 1$"):
+        load_config("tiny", ["tree.branching=[4,1]"])
+    assert check_branching([2, 3]) == (2, 3)

@@ -212,7 +212,8 @@ def test_one_pass_in_id_order(data) -> None:
 
 
 def test_errors(data) -> None:
-    with pytest.raises(ValueError, match="global_batch 10 is not divisible by world_size 2 x micro_batches 3"):
+    with pytest.raises(ValueError, match=r"global_batch: a global batch of 10 sequences does not split into "
+                                         r"3 micro-batches per rank on 2 ranks \(need a positive multiple of 6\)"):
         _loader(data, global_batch=10, micro_batches=3, world_size=2)
     with pytest.raises(ValueError, match="owner_of_subtree"):
         _loader(data, world_size=2, owner_of_subtree=[0, 1])

@@ -20,6 +20,8 @@ def test_node_counts_aggregates_every_level() -> None:
         node_counts([((0,), 1)], branching)
     with pytest.raises(ValueError, match="outside"):
         node_counts([((2, 6), 1)], branching)
+    with pytest.raises(ValueError, match=r"branching\[1\] must be >= 2, got 1"):
+        node_counts([((0, 0), 1)], [2, 1])
 
 
 def _manifest() -> dict:
@@ -59,6 +61,7 @@ def _with_split(**changes) -> dict:
     ({**_manifest(), "version": 7}, "manifest version 7"),
     ({k: v for k, v in _manifest().items() if k != "files"}, "'files'"),
     ({**_manifest(), "node_tokens": [[1, 2], [3]]}, "node_tokens"),
+    ({**_manifest(), "branching": [2, 1]}, r"branching\[1\] must be >= 2, got 1"),
     (_with_split(level1_offsets=[0, 2, 2]), "level1_offsets"),
     (_with_split(sequences=4, level1_offsets=[0, 4, 4]), "shards hold 3 samples, sequences is 4"),
     (_with_split(arrays={"paths": "index/train.paths.npy"}), "arrays"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hmtrain.config import load_config
-from hmtrain.config.schema import ModelConfig
+from hmtrain.config import ModelConfig
 from hmtrain.memory import MemoryBank
 from hmtrain.memory.kind import SwiGLUUnits, memory_kind
 from hmtrain.memory.sizes import level_nodes
@@ -34,7 +34,7 @@ def test_row_shape_is_layers_slots_units_width():
     assert kind.row_shape(3, 5) == (3, 3, 5, 8)
     bank = MemoryBank(n_layers=3, kind=kind, branching=(2, 3), units=(5, 2), generic=True)
     assert {name: tuple(t.shape) for name, t in bank.tables.items()} == {
-        "level0": (2, 3, 3, 5, 8), "level1": (6, 3, 3, 2, 8), "generic": (1, 3, 3, 7, 8)}
+        "level1": (2, 3, 3, 5, 8), "level2": (6, 3, 3, 2, 8), "generic": (1, 3, 3, 7, 8)}
     assert bank.num_parameters(include_generic=False) == 3 * 24 * (2 * 5 + 6 * 2)
     assert bank.fetched_parameters() == 3 * 24 * 7
 
@@ -61,10 +61,10 @@ def test_layer_tensors_round_trip_a_row():
         gate, up, down = fetched.layer(i)
         assert gate.shape == up.shape == (2, 5, 4) and down.shape == (2, 4, 5)
         back = torch.stack([gate, up, down.transpose(1, 2)], dim=1)  # [B, slots, M, d]
-        own = torch.cat([bank.tables["level0"][1, i], bank.tables["level1"][4, i]], dim=1)
+        own = torch.cat([bank.tables["level1"][1, i], bank.tables["level2"][4, i]], dim=1)
         assert torch.equal(back[0], own)  # sequence 0: its path's level blocks, side by side
         assert torch.equal(back[1], bank.tables["generic"][0, i])  # sequence 1: the generic row
-    layer = bank.tables["level1"][5, 1]  # one row's layer 1: [slots, m, d]
+    layer = bank.tables["level2"][5, 1]  # one row's layer 1: [slots, m, d]
     gate, up, down = kind.layer_tensors([layer[slot][None] for slot in range(len(kind.slots))])
     assert torch.equal(gate[0], layer[0]) and torch.equal(up[0], layer[1]) and torch.equal(down[0], layer[2].T)
 

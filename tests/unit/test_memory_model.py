@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hmtrain.config import ConfigError, load_config
-from hmtrain.config.schema import MemoryModelConfig, StackConfig, StageConfig
+from hmtrain.config import MemoryModelConfig, StackConfig, StageConfig
 from hmtrain.model import MemoryModel, build_model
 from hmtrain.model.mixer import MaskedMixerBlock
 from hmtrain.model.objectives import count_targets, layout

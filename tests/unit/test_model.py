@@ -176,7 +176,7 @@ def test_flex_attention_never_crosses_documents():
 def test_flex_refuses_to_train_on_cpu_with_a_clear_error():
     flex, _ = flex_and_sdpa_models(max_seq_len=16)
     tokens, segments, _ = packed_batch(16, seed=3)
-    with pytest.raises(RuntimeError, match="model.attention='flex' cannot train on cpu.*auto or sdpa"):
+    with pytest.raises(ValueError, match="model.attention='flex' cannot train on cpu.*auto or sdpa"):
         flex(tokens, segments=segments)
 
 

@@ -4,7 +4,7 @@ import torch
 
 from hmtrain.checkpoint.checkpointer import ENGINE, LOADER, TRAIN, Checkpointer
 from hmtrain.config import Config, to_yaml
-from hmtrain.config.schema import ModelConfig, OptimConfig
+from hmtrain.config import ModelConfig, OptimConfig
 from hmtrain.model import Transformer
 from hmtrain.parallel.torch_engine import TorchEngine
 from hmtrain.train.build import restore_in_phase

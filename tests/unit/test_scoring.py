@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from hmtrain.config.schema import ModelConfig
+from hmtrain.config import ModelConfig
 from hmtrain.eval.scoring import choice_logprobs, heldout_perplexity
 from hmtrain.memory import MemoryBank
 from hmtrain.memory.kind import SwiGLUUnits

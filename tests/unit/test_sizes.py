@@ -41,7 +41,8 @@ def test_params_per_unit():
     "kwargs, match",
     [
         (dict(branching=(16, 16), units=(1,)), "one entry per level"),
-        (dict(branching=(16, 0), units=(1, 1)), r"branching\[1\] must be >= 1, got 0"),
+        (dict(branching=(16, 0), units=(1, 1)), r"branching\[1\] must be >= 2, got 0"),
+        (dict(branching=(16, 1), units=(1, 1)), r"branching\[1\] must be >= 2, got 1"),
         (dict(branching=(16, 16), units=(1, -2)), r"units\[1\] must be >= 0, got -2"),
         (dict(branching=(), units=()), "at least one level"),
         (dict(branching=(4.0,), units=(1,)), r"branching\[0\] must be an int"),

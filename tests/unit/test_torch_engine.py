@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hmtrain.config.schema import ModelConfig, OptimConfig
+from hmtrain.config import ModelConfig, OptimConfig
 from hmtrain.model import Transformer
 from hmtrain.parallel.torch_engine import TorchEngine
 

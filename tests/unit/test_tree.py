@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hmtrain.data.routing.tree import Tree, fit_tree, validate_branching
+from hmtrain.config import check_branching
+from hmtrain.data.routing.tree import Tree, fit_tree
 
 
 def gen(seed: int) -> torch.Generator:
@@ -45,18 +46,20 @@ def fitted():
     return x, labels, fit_tree(x, (3, 3, 2), progress=False)
 
 
-def test_validate_branching():
-    assert validate_branching([16, 16, 4]) == (16, 16, 4)
+def test_check_branching():
+    assert check_branching([16, 16, 4]) == (16, 16, 4)
     with pytest.raises(ValueError, match="empty"):
-        validate_branching([])
-    with pytest.raises(ValueError, match=r"branching\[1\] must be positive, got 0"):
-        validate_branching([4, 0])
+        check_branching([])
+    with pytest.raises(ValueError, match=r"branching\[1\] must be >= 2, got 0"):
+        check_branching([4, 0])
+    with pytest.raises(ValueError, match=r"branching\[1\] must be >= 2, got 1"):  # the one rule, as the config's
+        fit_tree(torch.randn(10, 2), (2, 1), progress=False)
     with pytest.raises(ValueError, match=r"branching\[1\] must be an int, got 2.0"):
-        validate_branching([4, 2.0])
+        check_branching([4, 2.0])
     with pytest.raises(ValueError, match="'4'"):
-        validate_branching(["4"])
+        check_branching(["4"])
     with pytest.raises(ValueError, match="True"):
-        validate_branching([True, 2])
+        check_branching([True, 2])
 
 
 def test_numbering():

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from hmtrain.config import check_branching
 from hmtrain.util.files import sha256_file, write_json
 
 MANIFEST_VERSION = 2
@@ -30,9 +31,7 @@ def node_counts(
     branching: Sequence[int],
 ) -> list[list[int]]:
     """Sum counts per node at every level: out[i][j] = total over paths through node j of level i."""
-    branching = [int(b) for b in branching]
-    if not branching or min(branching) < 1:
-        raise ValueError(f"branching must be a non-empty list of factors >= 1, got {branching}")
+    branching = list(check_branching(branching))
     sizes = [math.prod(branching[: i + 1]) for i in range(len(branching))]
     counts = [[0] * n for n in sizes]
     for path, count in paths_and_counts:
@@ -103,8 +102,9 @@ def validate_manifest(manifest: dict, *, source: str = "manifest") -> None:
     if not _is_int(manifest["seq_len"], 1):
         raise ValueError(f"{source}: seq_len must be an int >= 1, got {manifest['seq_len']!r}")
     branching = manifest["branching"]
-    if not isinstance(branching, list) or not branching or not all(_is_int(b, 1) for b in branching):
-        raise ValueError(f"{source}: branching must be a non-empty list of ints >= 1, got {branching!r}")
+    if not isinstance(branching, list):
+        raise ValueError(f"{source}: branching must be a list of ints, got {branching!r}")
+    check_branching(branching, name=f"{source}: branching")
     files = manifest["files"]
     if not isinstance(files, dict) or not all(
         isinstance(r, dict) and _is_int(r.get("bytes")) and isinstance(r.get("sha256"), str) for r in files.values()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from hmtrain.config.schema import Config
+from hmtrain.config import Config
 from hmtrain.data.format.manifest import read_manifest, verify_manifest_files
 from hmtrain.data.format.sequences import Sequences
 from hmtrain.data.routing.tree import Tree

@@ -28,6 +28,7 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from hmtrain.config import split_global_batch
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.format.sequences import Sequences
 from hmtrain.data.loading.order import StreamOrder
@@ -94,9 +95,7 @@ class StepLoader:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.owner = None
         if owner_of_subtree is None:
-            if global_batch % (world_size * micro_batches):
-                raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size} x "
-                                 f"micro_batches {micro_batches} = {world_size * micro_batches}")
+            split_global_batch(global_batch, world_size, micro_batches=micro_batches, name="global_batch")
         else:
             self.owner = np.asarray(owner_of_subtree, dtype=np.int64).reshape(-1)
             if self.owner.size != k1 or self.owner.min() < 0 or self.owner.max() >= world_size:

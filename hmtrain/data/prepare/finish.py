@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 
-from hmtrain.config.schema import Config
+from hmtrain.config import Config
 from hmtrain.data.format.manifest import MANIFEST_VERSION, SPLITS, write_manifest
 from hmtrain.data.format.sequences import write_split_index
 from hmtrain.data.prepare import pack

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hmtrain.config.schema import Config
+from hmtrain.config import Config
 from hmtrain.data.corpus.documents import _suffix, list_document_files, read_file
 from hmtrain.data.prepare import pack, sample
 from hmtrain.data.prepare.finish import write_output_manifest

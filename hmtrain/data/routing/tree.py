@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from hmtrain.config import check_branching
 from hmtrain.data.routing.kmeans import jitter_scale, kmeans, validate_kmeans_args
 from hmtrain.util.files import atomic_write
 
@@ -27,22 +27,6 @@ _FORMAT = "hmtrain.tree"
 _VERSION = 1
 # Largest [rows, k, d] block of gathered child centroids held at once (elements).
 _MAX_GATHER_ELEMS = 1 << 23
-
-
-def validate_branching(branching: Sequence[int]) -> tuple[int, ...]:
-    """Branching factors as a tuple of positive ints; ValueError naming the bad value otherwise."""
-    try:
-        values = tuple(branching)
-    except TypeError:
-        raise ValueError(f"branching must be a sequence of positive ints, got {branching!r}") from None
-    if not values:
-        raise ValueError("branching is empty: the tree needs at least one level")
-    for i, k in enumerate(values):
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise ValueError(f"branching[{i}] must be an int, got {k!r} ({type(k).__name__})")
-        if k < 1:
-            raise ValueError(f"branching[{i}] must be positive, got {k}")
-    return tuple(int(k) for k in values)
 
 
 def route_level(x: Tensor, centroids: Tensor, sq_norms: Tensor, parents: Tensor, k: int) -> Tensor:
@@ -71,7 +55,7 @@ class Tree:
     centroids: list[Tensor]  # level index i: [N_i, dim], float32
 
     def __post_init__(self) -> None:
-        self.branching = validate_branching(self.branching)
+        self.branching = check_branching(self.branching)
         if not isinstance(self.centroids, (list, tuple)) or len(self.centroids) != len(self.branching):
             got = len(self.centroids) if isinstance(self.centroids, (list, tuple)) else type(self.centroids).__name__
             raise ValueError(f"centroids must be a list with one tensor per level ({len(self.branching)}), got {got}")
@@ -217,7 +201,7 @@ def fit_tree(
     (of the points, or of the node's own centroid when it holds none) with a
     tiny noise fixed by (seed, level, child id), so every node exists.
     """
-    branching = validate_branching(branching)
+    branching = check_branching(branching)
     validate_kmeans_args(steps, subsample, balance)
     if not isinstance(emb, Tensor) or emb.dim() != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
         shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__

@@ -1,0 +1,18 @@
+"""`eval`: how much `hmtrain eval` scores, in what batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hmtrain.config.checks import require_positive
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    # held-out sequences used for perplexity; 0 = all
+    max_sequences: int = 0
+    # probe questions scored; 0 = all
+    max_probes: int = 0
+
+    def validate(self) -> None:
+        require_positive(self, "eval", "batch_size")

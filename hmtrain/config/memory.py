@@ -1,0 +1,32 @@
+"""`memory`: the hierarchical memory's FFN units per tree level (branching lives in `tree`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hmtrain.config.checks import Choice, require
+
+
+class MemoryKind(Choice):
+    ffn = "ffn"
+
+
+class BankDtype(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@dataclass
+class MemoryConfig:
+    kind: MemoryKind = MemoryKind.ffn
+    units: list[int] = field(default_factory=lambda: [256, 64, 16, 0])
+    # the paper's control: a context-free memory of the fetched size
+    generic: bool = True
+    init_std: float = 0.02
+    # storage of the bank rows (the paper: bf16); optimizer moments are always fp32
+    dtype: BankDtype = BankDtype.fp32
+
+    def validate(self, levels: int) -> None:
+        """`levels`: the tree's depth (tree.branching), one unit count each."""
+        require(len(self.units) == levels, "memory.units",
+                f"needs one entry per tree level ({levels}), got {self.units}")
+        require(all(u >= 0 for u in self.units), "memory.units", f"must be >= 0, got {self.units}")

@@ -1,0 +1,58 @@
+"""`model`: the anchor transformer (paper's 160M preset: OpenLM, 35 layers, d 512)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from hmtrain.config.checks import Choice, require, require_positive
+
+
+class FfnImpl(Choice):
+    auto = "auto"
+    torch = "torch"
+    triton = "triton"
+
+
+class Attention(Choice):
+    auto = "auto"
+    flex = "flex"
+    sdpa = "sdpa"
+
+
+class Family(Choice):
+    lm = "lm"
+    memory_model = "memory_model"
+
+
+@dataclass
+class ModelConfig:
+    # null: the prepared data's tokenizer size, padded up to `vocab_multiple` rows (the paper's
+    # 50,432 is GPT-NeoX's 50,277 padded); a number must cover the tokenizer
+    vocab_size: Optional[int] = None
+    vocab_multiple: int = 128
+    d_model: int = 512
+    n_layers: int = 35
+    n_heads: int = 12
+    head_dim: int = 32
+    ffn_hidden: int = 2048
+    tie_embeddings: bool = True
+    qk_norm: bool = True
+    rope_base: float = 100_000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # memory-augmented FFN implementation. auto is torch on every device until a GPU run of the
+    # kernel benchmark shows the Triton kernels correct and faster (docs/benchmarks.md)
+    ffn_impl: FfnImpl = FfnImpl.auto
+    # auto is flex (compiled FlexAttention, block-sparse document mask) on CUDA and sdpa (a dense
+    # [B,1,T,T] document mask) elsewhere: FlexAttention has no CPU backward
+    attention: Attention = Attention.auto
+    # lm: the anchor transformer above; memory_model: the encoder-decoder of the `memory_model`
+    # section (Badger 2026), trained by the same trainer (the sizes above are then unused)
+    family: Family = Family.lm
+
+    def validate(self) -> None:
+        require_positive(self, "model", "vocab_multiple", "d_model", "n_layers", "n_heads", "head_dim", "ffn_hidden")
+        if self.vocab_size is not None:
+            require(self.vocab_size > 0, "model.vocab_size",
+                    f"must be positive (or null: the tokenizer's), got {self.vocab_size}")
+        require(self.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim}")

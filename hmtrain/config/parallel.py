@@ -1,0 +1,46 @@
+"""`parallel`: how a job spreads over processes (torchrun / SLURM): anchor engine, bank placement."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hmtrain.config.checks import Choice, require, require_positive
+
+
+class Engine(Choice):
+    fsdp = "fsdp"  # FSDP2 fully_shard
+    deepspeed = "deepspeed"  # ZeRO, stage `zero_stage`
+
+
+class Placement(Choice):
+    # ranks fetch the rows their batch needs from the owners (all-to-all)
+    gather = "gather"
+    # each sequence goes to the rank owning its level-1 subtree, deep levels stay local
+    owner = "owner"
+
+
+class Backend(Choice):
+    auto = "auto"  # nccl on GPU, gloo on CPU
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+@dataclass
+class ParallelConfig:
+    # one process runs the plain model whatever the engine
+    engine: Engine = Engine.fsdp
+    zero_stage: int = 2
+    placement: Placement = Placement.gather
+    # the first n tree levels are replicated on every rank (gradients all-reduced), the rest sharded
+    replicate_levels: int = 0
+    activation_checkpointing: bool = False
+    compile: bool = False
+    backend: Backend = Backend.auto
+    # seconds before a collective that a dead or hung rank blocks fails the job
+    timeout_s: int = 120
+
+    def validate(self, levels: int) -> None:
+        """`levels`: the tree's depth, which bounds replicate_levels."""
+        require_positive(self, "parallel", "timeout_s")
+        require(self.zero_stage in (1, 2, 3), "parallel.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
+        require(0 <= self.replicate_levels <= levels, "parallel.replicate_levels",
+                f"must be in [0, {levels}] (tree levels), got {self.replicate_levels}")

@@ -1,0 +1,58 @@
+"""The structured config: one dataclass per section, each in its own file with its own `validate()`,
+composed here; `Config.validate` adds the checks that span sections.
+
+Every field has a type and a default, so omegaconf rejects unknown keys, badly typed values and
+choices outside their Enum at start-up; `validate` adds the checks types cannot express.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hmtrain.config.checks import require
+from hmtrain.config.data import DataConfig
+from hmtrain.config.eval import EvalConfig
+from hmtrain.config.memory import MemoryConfig
+from hmtrain.config.memory_model import MemoryModelConfig
+from hmtrain.config.model import Family, ModelConfig
+from hmtrain.config.parallel import Engine, ParallelConfig
+from hmtrain.config.retention import RetentionConfig
+from hmtrain.config.tracking import LoggingConfig
+from hmtrain.config.train import TrainConfig
+from hmtrain.config.tree import TreeConfig
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    memory_model: MemoryModelConfig = field(default_factory=MemoryModelConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad key."""
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        self.eval.validate()
+        self.tree.validate()
+        self.parallel.validate(levels=len(self.tree.branching))
+        self.memory.validate(levels=len(self.tree.branching))
+        if self.model.family == Family.memory_model:
+            self._validate_memory_model()
+        self.retention.validate()
+
+    def _validate_memory_model(self) -> None:
+        """model.family=memory_model: the `memory_model` section and what it needs elsewhere."""
+        mm = self.memory_model
+        mm.validate()
+        require(self.data.seq_len == mm.chunks * mm.n_ctx, "data.seq_len",
+                f"a memory model reads sequences of memory_model.chunks x n_ctx = {mm.chunks} x {mm.n_ctx} = "
+                f"{mm.chunks * mm.n_ctx} tokens, got {self.data.seq_len}")
+        require(self.parallel.engine == Engine.fsdp, "parallel.engine",
+                "memory models train with the fsdp engine (a plain module on one process); deepspeed is not supported")

@@ -1,0 +1,17 @@
+"""`logging`: MLflow tracking of a run's params, metrics and system metrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class LoggingConfig:
+    mlflow: bool = True
+    # null: $MLFLOW_TRACKING_URI, else a local store inside the run directory
+    tracking_uri: Optional[str] = None
+    experiment: str = "hmtrain"
+    run_name: Optional[str] = None
+    # CPU, memory, disk and GPU utilisation from the first rank of every node (MLflow system metrics)
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0

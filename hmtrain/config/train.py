@@ -1,0 +1,110 @@
+"""`train`: the loop (the paper's two phases, batch shape, checkpoints), and the one rule that splits a
+global batch into micro-batches over ranks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hmtrain.config.checks import Choice, ConfigError, require, require_positive
+from hmtrain.config.optim import OptimConfig
+
+
+class Mode(Choice):
+    hierarchical = "hierarchical"  # anchor pretraining then the memory phase
+    dense = "dense"  # a baseline of dense_multiplier x the anchor's parameters
+
+
+class AnchorMode(Choice):
+    frozen = "frozen"
+    cotrain = "cotrain"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(Choice):
+    auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+def split_global_batch(global_batch: int, world_size: int, *, micro_batch_size: Optional[int] = None,
+                       micro_batches: Optional[int] = None, name: str = "config key 'train.global_batch_size'"
+                       ) -> tuple[int, int]:
+    """(micro_batches, micro_batch_size) with global_batch = world_size x micro_batches x micro_batch_size.
+
+    Give one of the two: the other is what divides out. ConfigError naming `name` (the input the global
+    batch came from) when the global batch does not split evenly."""
+    if (micro_batch_size is None) == (micro_batches is None):
+        raise TypeError("split_global_batch needs exactly one of micro_batch_size and micro_batches")
+    given = micro_batch_size if micro_batches is None else micro_batches
+    if world_size < 1 or given < 1:
+        raise ConfigError(f"{name}: needs at least one rank and one micro-batch, got {world_size} ranks and "
+                          f"{micro_batches if micro_batch_size is None else f'micro-batches of {micro_batch_size}'}")
+    if global_batch < 1 or global_batch % (world_size * given):
+        what = f"micro-batches of {micro_batch_size}" if micro_batches is None else f"{micro_batches} micro-batches"
+        ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+        raise ConfigError(f"{name}: a global batch of {global_batch} sequences does not split into {what} per rank "
+                          f"on {ranks} (need a positive multiple of {world_size * given})")
+    other = global_batch // (world_size * given)
+    return (other, given) if micro_batches is None else (given, other)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    mode: Mode = Mode.hierarchical
+    # dense mode: total parameters as a multiple of the anchor's (paper: > 2x)
+    dense_multiplier: float = 2.0
+    # sequences per optimizer step, over all ranks (paper: 1,024 x 2,048 tokens = 2M tokens)
+    global_batch_size: int = 8
+    # sequences per forward pass on one rank; global / (micro x ranks) micro-batches are accumulated
+    micro_batch_size: int = 8
+    # anchor pretraining's global batch (paper: 1M tokens, half the memory phase's); null: the same
+    pretrain_global_batch_size: Optional[int] = None
+    pretrain_steps: int = 1000
+    memory_steps: int = 1000
+    # the anchor during the memory phase
+    anchor: AnchorMode = AnchorMode.frozen
+    # probability a sequence uses the generic memory while co-training; null = 1/(k_1+1)
+    generic_prob: Optional[float] = None
+    clip_grad: float = 1.0
+    # anchor pretraining (and the dense baseline): its schedule anneals by the end of pretraining
+    anchor_optim: OptimConfig = field(default_factory=OptimConfig)
+    # the memory phase has its own schedule (paper: cosine 1e-4 -> 1e-5, wd 1e-3), for the bank and,
+    # when co-trained, the anchor; `cotrain_optim` overrides it for the anchor (null: the same)
+    memory_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-4, min_lr=1e-5, weight_decay=1e-3, warmup_steps=0)
+    )
+    cotrain_optim: Optional[OptimConfig] = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    # write checkpoints in a background thread (dcp.async_save) so steps do not wait on the disk
+    async_checkpoint: bool = False
+    log_every: int = 10
+    device: Device = Device.auto
+    dtype: Precision = Precision.auto
+    progress: bool = True
+
+    def validate(self) -> None:
+        require_positive(self, "train", "global_batch_size", "micro_batch_size", "checkpoint_every", "log_every")
+        split_global_batch(self.global_batch_size, 1, micro_batch_size=self.micro_batch_size)
+        if self.pretrain_global_batch_size is not None:
+            split_global_batch(self.pretrain_global_batch_size, 1, micro_batch_size=self.micro_batch_size,
+                               name="config key 'train.pretrain_global_batch_size'")
+        require(self.pretrain_steps >= 0 and self.memory_steps >= 0, "train.pretrain_steps",
+                "phase lengths must be >= 0")
+        require(self.pretrain_steps + self.memory_steps > 0, "train.memory_steps",
+                "nothing to train: both phases are 0")
+        require(self.dense_multiplier > 0, "train.dense_multiplier", "must be positive")
+        if self.generic_prob is not None:
+            require(0.0 <= self.generic_prob <= 1.0, "train.generic_prob",
+                    f"must be in [0, 1], got {self.generic_prob}")
+        for name in ("anchor_optim", "memory_optim", "cotrain_optim"):
+            optim = getattr(self, name)
+            if optim is not None:
+                optim.validate(f"train.{name}")
