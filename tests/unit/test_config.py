@@ -15,7 +15,7 @@ from hmtrain.config import (
     to_yaml,
 )
 from hmtrain.config.load import CONFIG_DIR
-from hmtrain.train.resume import config_changes
+from hmtrain.checkpoint.resume import config_changes
 
 
 def test_presets_load_and_validate():

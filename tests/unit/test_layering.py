@@ -39,7 +39,7 @@ MAY_USE = {
     "bench": LOWER["bench"] | {"kernels", "info"},  # info: the parameter and traffic tables
 }
 # The top-level modules may use every part, and the top-level modules before them here.
-TOP = ("info", "demo", "cli", "__main__")
+TOP = ("info", "exits", "demo", "cli", "__main__")
 
 # Imports the contract does not allow but the code still needs; empty: every part keeps to the table.
 TEMPORARY: set[tuple[str, str]] = set()
