@@ -12,7 +12,6 @@ CUDA events. `flex compiled` is what `model.attention=auto` runs on CUDA; its fi
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 from typing import Callable
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from hmtrain.bench.memory_ffn import median_ms
 from hmtrain.model.attention import document_mask
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -34,22 +34,8 @@ def packed_segments(batch: int, seq_len: int, mean_doc: int, device: str) -> tor
 
 
 def timed(fn: Callable[[], object], device: str, iters: int) -> float:
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in pairs:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in pairs)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median ms of `fn` after one untimed run (CUDA events on a GPU), as the memory-FFN benchmark times."""
+    return median_ms(fn, device, warmup=1, iters=iters)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ class DataConfig:
     id_field: Optional[str] = "id"
     # prepared data directory (tree, tokenizer, shards, manifest)
     prepared: str = "data/prepared"
-    # minilm | hashing | module:Class (a plug-in): open-ended, so a string (hmtrain/data/embed.py checks it)
+    # minilm | hashing | module:Class (a plug-in): open-ended, so a string (hmtrain/data/routing/embed.py checks it)
     embedder: str = "minilm"
     embed_batch_size: int = 64
     tokenizer: Tokenizer = Tokenizer.bpe

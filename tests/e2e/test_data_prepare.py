@@ -109,6 +109,6 @@ def test_bad_input_on_one_rank_stops_every_rank_naming_it(corpus, tmp_path: Path
                     cwd=tmp_path, timeout=300, check=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert any("(rank 0): error:" in e and "gamma.parquet: cannot read parquet file" in e for e in errors), errors
+    assert any("(rank 0): error:" in e and "gamma.parquet: cannot read parquet file" in e for e in errors), proc.stderr
     assert any("(rank 1): error:" in e and "zeta.jsonl: record 0: field 'text'" in e for e in errors), errors
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]
