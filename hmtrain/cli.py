@@ -37,7 +37,8 @@ log = logging.getLogger("hmtrain")
 
 def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--config", required=required, help="YAML file or preset name (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=4")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.global_batch_size=16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_data_commands, _training_commands, _serving_commands, _tool_commands):
+        add(commands)
+    return parser
 
+
+def _data_commands(commands) -> None:
     data = commands.add_parser("data", help="make and prepare data").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="generate the long-tail facts corpus and its probe questions")
     synth.add_argument("--out", required=True, type=Path)
@@ -67,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(prepare)
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
 
+
+def _training_commands(commands) -> None:
     train = commands.add_parser("train", help="pretrain the anchor, then the memory phase (or a dense baseline)")
     _config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -97,11 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(info)
     info.add_argument("--world-size", type=int, default=1, help="ranks to size the per-rank table for")
 
+
+def _tool_commands(commands) -> None:
     benchmarks = f"benchmarks that print a table: {', '.join(BENCHMARKS)} (hmtrain/bench/NAME.py)"
     bench = commands.add_parser("bench", help=benchmarks, description=benchmarks)
     bench.add_argument("benchmark", choices=BENCHMARKS, metavar="NAME", help="one of: " + ", ".join(BENCHMARKS))
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own (hmtrain bench NAME --help)")
+    demo = commands.add_parser("demo", help="the whole pipeline on CPU with the tiny config")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--config", default="tiny")
+    demo.add_argument("--overwrite", action="store_true", help="delete --out first")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0],
+                      help="train and evaluate once per seed; with several, the table gives mean and spread")
+    demo.add_argument("--people", type=int, default=400, help="people in the synthetic corpus")
+    demo.add_argument("--documents", type=int, default=3000, help="documents in the synthetic corpus")
+    demo.add_argument("overrides", nargs="*", metavar="key=value")
 
+
+def _serving_commands(commands) -> None:
     export = commands.add_parser("export", help="a checkpoint as memory-mapped bank tables + anchor, tree, tokenizer")
     export.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory)")
     export.add_argument("--out", required=True, type=Path, help="directory to create")
@@ -120,17 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--memory", choices=("fetched", "generic", "none"), default="fetched",
                           help="the routed path's memory, the generic memory, or the anchor alone")
     _config_args(generate, required=False)  # with --checkpoint: only data.prepared is read
-
-    demo = commands.add_parser("demo", help="the whole pipeline on CPU with the tiny config")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--config", default="tiny")
-    demo.add_argument("--overwrite", action="store_true", help="delete --out first")
-    demo.add_argument("--seeds", type=int, nargs="+", default=[0],
-                      help="train and evaluate once per seed; with several, the table gives mean and spread")
-    demo.add_argument("--people", type=int, default=400, help="people in the synthetic corpus")
-    demo.add_argument("--documents", type=int, default=3000, help="documents in the synthetic corpus")
-    demo.add_argument("overrides", nargs="*", metavar="key=value")
-    return parser
 
 
 def cmd_synth(args) -> None:

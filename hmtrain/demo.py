@@ -54,8 +54,9 @@ def run_demo(out: Path, preset: str = "tiny", overrides: Sequence[str] = (), see
         render(per_seed[seed], console)
     summary = summarize(per_seed)
     (out / "results.json").write_text(json.dumps({"seeds": per_seed, "summary": summary}, indent=2))
-    (out / "results.md").write_text(summary_markdown(summary) + "\n" + subtree_markdown(subtree_summary(per_seed)) + "".join(
-        f"\nSeed {seed}:\n\n{to_markdown(results)}" for seed, results in per_seed.items()))
+    tables = [summary_markdown(summary), subtree_markdown(subtree_summary(per_seed)),
+              *(f"Seed {seed}:\n\n{to_markdown(results)}" for seed, results in per_seed.items())]
+    (out / "results.md").write_text("\n".join(tables))
     if len(seeds) > 1:
         render_summary(summary, console)
     console.print(f"results: {out / 'results.json'} and {out / 'results.md'}")

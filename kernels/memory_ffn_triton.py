@@ -20,10 +20,16 @@ from typing import Callable
 import torch
 import triton
 
-from hmtrain_kernels.memory_ffn_kernels import (INTERPRET, act_bwd_kernel, down_fwd_kernel, down_wgrad_kernel,
-                                        gate_up_fwd_kernel, gate_up_wgrad_kernel, x_bwd_kernel)
+from hmtrain_kernels.memory_ffn_kernels import (
+    INTERPRET,
+    act_bwd_kernel,
+    down_fwd_kernel,
+    down_wgrad_kernel,
+    gate_up_fwd_kernel,
+    gate_up_wgrad_kernel,
+    x_bwd_kernel,
+)
 from hmtrain_kernels.reference import KERNEL_DTYPES, check_memory_ffn_inputs
-
 
 _SHAPE_KEY = ["B", "T", "d", "h", "M"]
 _WGRAD_KEY = ["T", "d", "h", "M", "n_rows", "n_splits", "n_mem_seqs"]

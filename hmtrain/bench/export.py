@@ -47,15 +47,15 @@ def make_checkpoint(workdir: Path, args) -> tuple[Path, dict[str, int]]:
     import torch
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    from hmtrain.checkpoint.checkpointer import Checkpointer
     from hmtrain.config import load_config
     from hmtrain.config.load import to_yaml
-    from hmtrain.data.prepare.pipeline import prepare
-    from hmtrain.data.format.prepared import PreparedData
     from hmtrain.data.corpus.synth import synthesize
-    from hmtrain.serve.export import bank_tables
+    from hmtrain.data.format.prepared import PreparedData
+    from hmtrain.data.prepare.pipeline import prepare
     from hmtrain.memory import build_bank
     from hmtrain.model import Transformer
-    from hmtrain.checkpoint.checkpointer import Checkpointer
+    from hmtrain.serve.export import bank_tables
 
     synthesize(workdir / "corpus", num_people=40, num_documents=200, zipf_exponent=1.1, num_choices=4, seed=0)
     overrides = [f"model.d_model={args.d}", f"model.n_layers={args.layers}", "model.n_heads=2",

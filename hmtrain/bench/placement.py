@@ -13,8 +13,9 @@ phase only) on a small synthetic corpus prepared once, and reads the per-step ti
 Ratios are against `gather` at the same world size, and against the 1-rank run of the same
 placement. The last column is the bank's point-to-point traffic per step (rows fetched from other
 ranks plus their gradients sent back, from the trainer's metrics; a replicated level's all-reduce is
-not in it): bytes, so unlike the times it does not depend on the machine's load. On a CPU the ranks share cores: a wider world only shows communication overhead, not
-speed-up (say so when quoting numbers). On a GPU machine pass `train.device=cuda`.
+not in it): bytes, so unlike the times it does not depend on the machine's load. On a CPU the ranks
+share cores: a wider world only shows communication overhead, not speed-up (say so when quoting
+numbers). On a GPU machine pass `train.device=cuda`.
 """
 from __future__ import annotations
 

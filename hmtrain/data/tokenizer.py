@@ -52,7 +52,8 @@ class Tokenizer:
             self.name = f"bpe-{self.vocab_size}"
 
     def __repr__(self) -> str:
-        return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id}, pad_id={self.pad_id})"
+        return (f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id}, "
+                f"pad_id={self.pad_id})")
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no EOT added: the packer places it between documents)."""

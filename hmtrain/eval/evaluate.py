@@ -15,13 +15,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from hmtrain.checkpoint.resume import check_data_fingerprints
 from hmtrain.config import Config
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.loading.loader import sequential_batches
 from hmtrain.eval.loading import Trained, load_trained
 from hmtrain.eval.probes import bucket_counts, load_probes, probe_accuracy, route_probes, routing_agreement
 from hmtrain.eval.scoring import heldout_perplexity
-from hmtrain.checkpoint.resume import check_data_fingerprints
 from hmtrain.model.sizes import human
 from hmtrain.util.files import write_text
 

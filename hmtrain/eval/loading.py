@@ -8,12 +8,12 @@ from typing import Optional
 import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from hmtrain.config import Config
-from hmtrain.memory import MemoryBank, build_bank, uses_memory
-from hmtrain.model import Transformer, count_parameters, run_model_config
 from hmtrain.checkpoint.checkpointer import Checkpointer
 from hmtrain.checkpoint.resume import broken_checkpoint
 from hmtrain.checkpoint.verify import CheckpointError, check_complete
+from hmtrain.config import Config
+from hmtrain.memory import MemoryBank, build_bank, uses_memory
+from hmtrain.model import Transformer, count_parameters, run_model_config
 
 
 @dataclass

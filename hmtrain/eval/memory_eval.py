@@ -18,14 +18,14 @@ from rich.console import Console
 from rich.table import Table
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+from hmtrain.checkpoint.checkpointer import Checkpointer
+from hmtrain.checkpoint.resume import check_data_fingerprints
+from hmtrain.checkpoint.verify import CheckpointError, check_complete
 from hmtrain.config import Config, ConfigError
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.loading.loader import sequential_batches
 from hmtrain.eval.loading import read_checkpoint, resolve_checkpoint
 from hmtrain.model import MemoryModel, build_model
-from hmtrain.checkpoint.checkpointer import Checkpointer
-from hmtrain.checkpoint.resume import check_data_fingerprints
-from hmtrain.checkpoint.verify import CheckpointError, check_complete
 
 EVAL_OBJECTIVES = ("clm", "copy", "blank_copy")
 

@@ -99,7 +99,8 @@ def subtree_markdown(summary: dict) -> str:
     with_change = "fetched_vs_alone_pct" in summary["nodes"][0]
     rows = []
     for entry in summary["nodes"]:
-        cells = [str(entry["node"]), f"{entry['tokens']:,}", *(_cell(entry["perplexity"][n], 2) for n in summary["names"])]
+        perplexities = (_cell(entry["perplexity"][name], 2) for name in summary["names"])
+        cells = [str(entry["node"]), f"{entry['tokens']:,}", *perplexities]
         if with_change:
             change = entry["fetched_vs_alone_pct"]
             cells.append(f"{change['mean']:+.1f}% ± {change['std']:.1f}")

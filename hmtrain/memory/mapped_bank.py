@@ -2,7 +2,8 @@
 
 `hmtrain export` writes one plain `.npy` file per table (hmtrain/serve/export.py): `level{i}.npy`
 holds that level's N_i rows, each of the memory kind's row shape for m_i units, as in MemoryBank
-(hmtrain/memory/kind.py), `generic.npy` the one generic row of the fetched size. Rows are C-contiguous, so node j of a level is the single byte range
+(hmtrain/memory/kind.py), `generic.npy` the one generic row of the fetched size. Rows are C-contiguous,
+so node j of a level is the single byte range
 `data_offset + j * row_bytes` of its file. A bf16 bank is stored as its raw bit patterns
 (`uint16`; numpy has no bfloat16) and viewed back as torch.bfloat16 here, bit for bit.
 

@@ -76,7 +76,8 @@ def validate_paths(paths: np.ndarray, branching: tuple[int, ...]) -> None:
         bad = np.flatnonzero((col < 0) | (col >= nodes))
         if bad.size:
             b = int(bad[0])
-            raise ValueError(f"paths[{b}, {level}] = {int(col[b])} is out of range for level {level} with {nodes} nodes")
+            raise ValueError(f"paths[{b}, {level}] = {int(col[b])} is out of range for level {level} "
+                             f"with {nodes} nodes")
         if level:
             bad = np.flatnonzero(col // k != paths[:, level - 1])
             if bad.size:

@@ -22,7 +22,6 @@ from torch import Tensor
 from hmtrain.util.labels import IGNORE_INDEX
 
 
-
 def _chunk_loss_and_grad(h: Tensor, weight: Tensor, target: Tensor, keep: Tensor,
                          need_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
     """One chunk: its summed loss (fp32) and d(loss)/d(logits) in h's dtype (None without grads)."""

@@ -38,7 +38,8 @@ def dense_config(anchor: ModelConfig, target_params: int) -> ModelConfig:
     anchor's shape ratios; the paper's comparison is against dense models of > 2x the anchor.
     """
     if target_params < count_parameters(anchor):
-        raise ValueError(f"dense target {target_params:,} is below the anchor's {count_parameters(anchor):,} parameters")
+        raise ValueError(f"dense target {target_params:,} is below the anchor's "
+                         f"{count_parameters(anchor):,} parameters")
     best, best_gap = anchor, abs(count_parameters(anchor) - target_params)
     scale = 1.0
     while scale <= 8.0:

@@ -27,12 +27,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from hmtrain.checkpoint.resume import check_data_fingerprints
 from hmtrain.config import Config
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.routing.embed import build_embedder, embed_texts
 from hmtrain.eval.loading import load_trained
 from hmtrain.model import MemoryModel, Transformer, run_model_config
-from hmtrain.checkpoint.resume import check_data_fingerprints
 
 KINDS = ("router", "anchor", "memory", "untrained")
 

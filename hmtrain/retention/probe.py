@@ -109,7 +109,8 @@ def deep_routing(cfg: Config, data: PreparedData, spec: str, *, shallow_levels: 
 
 
 def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optional[str] = None,
-                  deep_router: Optional[str] = None, shallow_levels: int = 1, console: Optional[Console] = None) -> dict:
+                  deep_router: Optional[str] = None, shallow_levels: int = 1,
+                  console: Optional[Console] = None) -> dict:
     """Probe every encoder of `specs` with each expansion; write results.json / results.md / metrics.jsonl
     and an MLflow run in `out`; returns the results."""
     console = console or Console()
@@ -136,11 +137,12 @@ def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optio
     jsonl = JsonlLogger(out / "metrics.jsonl")
     tracker = None
     if cfg.logging.mlflow:
+        params = {k: v for k, v in flatten(cfg).items() if k.startswith(("retention.", "data."))}
         tracker = MLflowLogger(tracking_uri=cfg.logging.tracking_uri or default_tracking_uri(out),
-                               experiment=cfg.logging.experiment, run_name=cfg.logging.run_name or f"retention-{out.name}",
+                               experiment=cfg.logging.experiment,
+                               run_name=cfg.logging.run_name or f"retention-{out.name}",
                                run_dir=out, artifact_dir=out / "mlartifacts",
-                               params={**{k: v for k, v in flatten(cfg).items() if k.startswith(("retention.", "data."))},
-                                       **{f"encoder.{label}": spec for label, spec in parsed}})
+                               params={**params, **{f"encoder.{label}": spec for label, spec in parsed}})
     logger = MultiLogger(*(x for x in (jsonl, tracker) if x is not None))
     results = {"n_ctx": r.n_ctx, "vocab_size": vocab_size, "ln_V": math.log(vocab_size),
                "train_windows": len(train_windows), "heldout_windows": len(heldout_windows), "rows": []}
@@ -170,7 +172,8 @@ def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optio
         if deep_router is not None:
             results["deep_routing"] = deep_routing(cfg, data, deep_router, shallow_levels=shallow_levels,
                                                    device=device)
-            logger.log({f"deep_routing.level{entry['level']}.{key}": value for entry in results["deep_routing"]["levels"]
+            levels = results["deep_routing"]["levels"]
+            logger.log({f"deep_routing.level{entry['level']}.{key}": value for entry in levels
                         for key, value in entry.items() if key != "level"}, offset + 1)
         status = "FINISHED"
     finally:
@@ -224,7 +227,8 @@ def to_markdown(results: dict) -> str:
         probes = "probes" in deep
         lines += [f"Deep levels routed by {deep['encoder']} (levels 1..{deep['shallow_levels']} stay MiniLM), "
                       f"{deep['documents']} documents" + (f", {deep['probes']} probes" if probes else "") + ".", "",
-                  "| level | ARI vs MiniLM | purity |" + (" probe routing MiniLM | probe routing hybrid |" if probes else ""),
+                  "| level | ARI vs MiniLM | purity |"
+                  + (" probe routing MiniLM | probe routing hybrid |" if probes else ""),
                   "|---|---|---|" + ("---|---|" if probes else "")]
         for e in deep["levels"]:
             cells = [str(e["level"]), f"{e['ari']:.3f}", f"{100 * e['purity']:.1f}%"]

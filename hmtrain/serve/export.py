@@ -30,24 +30,31 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 import hmtrain
-from hmtrain.config import Config, load_config
-from hmtrain.config import ModelConfig
-from hmtrain.util.files import (aside_names, atomic_write, check_output_dir, recover_dir, record_files, replace_dir,
-                                sha256_file, staging_dir)
+from hmtrain.checkpoint.checkpointer import Checkpointer
+from hmtrain.checkpoint.formats import saved_name
+from hmtrain.checkpoint.resume import check_data_fingerprints
+from hmtrain.checkpoint.verify import CONFIG_FILE, CheckpointError
+from hmtrain.config import Config, ModelConfig, load_config
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
 from hmtrain.eval.loading import read_checkpoint
 from hmtrain.memory import uses_memory
-from hmtrain.memory.mapped_bank import STORAGE, MappedBank
 from hmtrain.memory.fetched import GENERIC
 from hmtrain.memory.kind import memory_kind
+from hmtrain.memory.mapped_bank import STORAGE, MappedBank
 from hmtrain.memory.sizes import level_nodes
 from hmtrain.model import Transformer, count_parameters, run_model_config
-from hmtrain.checkpoint.checkpointer import Checkpointer
-from hmtrain.checkpoint.formats import saved_name
-from hmtrain.checkpoint.resume import check_data_fingerprints
-from hmtrain.checkpoint.verify import CONFIG_FILE, CheckpointError
+from hmtrain.util.files import (
+    aside_names,
+    atomic_write,
+    check_output_dir,
+    record_files,
+    recover_dir,
+    replace_dir,
+    sha256_file,
+    staging_dir,
+)
 
 FORMAT = "hmtrain.export"
 VERSION = 1

@@ -19,18 +19,18 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from hmtrain.checkpoint.resume import check_data_fingerprints
+from hmtrain.checkpoint.verify import CONFIG_FILE
 from hmtrain.config import load_config
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.routing.embed import build_embedder
 from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
-from hmtrain.serve.export import Export
 from hmtrain.eval.loading import load_trained, read_checkpoint
 from hmtrain.memory import MemoryBank
 from hmtrain.memory.mapped_bank import MappedBank
 from hmtrain.model import Transformer
-from hmtrain.checkpoint.resume import check_data_fingerprints
-from hmtrain.checkpoint.verify import CONFIG_FILE
+from hmtrain.serve.export import Export
 
 MEMORY_MODES = ("fetched", "generic", "none")
 

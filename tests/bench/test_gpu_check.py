@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from hmtrain.bench.gpu_check import SECTIONS, Section, run_all
 from hmtrain.bench.gpu.report import comparisons, compile_decision, ffn_decision
 from hmtrain.bench.gpu.train import SMOKE_DATA
+from hmtrain.bench.gpu_check import SECTIONS, Section, run_all
 
 REPO = Path(__file__).resolve().parents[2]
 STATUSES = {"ok", "failed", "timed_out", "skipped"}

@@ -11,7 +11,8 @@ MICRO = [
     "model.vocab_size=300", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.head_dim=16",
     "model.ffn_hidden=64", "memory.units=[8,4]", "tree.branching=[2,3]", "data.seq_len=64",
     "data.embedder=hashing", "data.tokenizer=byte", "data.shard_samples=16", "data.heldout_fraction=0.1",
-    "train.global_batch_size=4", "train.micro_batch_size=4", "train.progress=false", "train.log_every=1", "eval.batch_size=8", "eval.max_probes=40",
+    "train.global_batch_size=4", "train.micro_batch_size=4", "train.progress=false", "train.log_every=1",
+    "eval.batch_size=8", "eval.max_probes=40",
 ]
 
 

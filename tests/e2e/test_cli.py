@@ -3,7 +3,6 @@ import json
 import math
 
 import torch
-
 from mlflow.tracking import MlflowClient
 
 from hmtrain.model import Transformer
@@ -48,7 +47,8 @@ def test_pipeline_trains_and_evaluates(prepared, tmp_path):
     memory_run = next(r for r in runs if r.data.params["train.mode"] == "hierarchical")
     losses = client.get_metric_history(memory_run.info.run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]
-    assert "memory/level2/rows_updated" in memory_run.data.metrics and "memory/generic_sequences" in memory_run.data.metrics
+    assert "memory/level2/rows_updated" in memory_run.data.metrics
+    assert "memory/generic_sequences" in memory_run.data.metrics
     assert memory_run.data.params["train.global_batch_size"] == "4"
     assert any(key.startswith("system/cpu_utilization") for key in memory_run.data.metrics)  # node's first rank
 

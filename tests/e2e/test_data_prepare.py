@@ -85,7 +85,8 @@ def test_sigkill_mid_stage_2_resumes_without_redoing_files(corpus, tmp_path: Pat
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_two_ranks_give_the_same_prepared_directory(corpus, tmp_path: Path) -> None:
-    args = ["-m", "hmtrain.cli", "data", "prepare", "--config", "tiny", *corpus["overrides"], "data.prepare_timeout_s=60"]
+    args = ["-m", "hmtrain.cli", "data", "prepare", "--config", "tiny", *corpus["overrides"],
+            "data.prepare_timeout_s=60"]
     torchrun(2, [*args, f"data.prepared={tmp_path / 'two'}"], cwd=tmp_path, timeout=300)
     assert _snapshot(tmp_path / "two") == corpus["clean"]
 

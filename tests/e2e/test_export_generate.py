@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from hmtrain.cli import main
+from hmtrain.eval.loading import load_trained
 from hmtrain.serve import export as export_module
 from hmtrain.serve.export import Export, export_checkpoint
 from hmtrain.serve.generate import from_checkpoint, from_export
-from hmtrain.eval.loading import load_trained
 from tests.e2e.conftest import run_cli
 
 STEPS = ["train.pretrain_steps=2", "train.memory_steps=4", "train.checkpoint_every=2", "logging.mlflow=false"]

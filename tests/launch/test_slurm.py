@@ -5,8 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.launch.conftest import (assert_checkpoint, exit_code, metrics_steps, sbatch, wait_for_step,
-                                   wait_job)
+from tests.launch.conftest import assert_checkpoint, exit_code, metrics_steps, sbatch, wait_for_step, wait_job
 
 pytestmark = pytest.mark.multiprocess  # every test asks for `slurm` first: it skips before any data is prepared
 

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import (TORCHRUN_SH, assert_checkpoint, environ_of, launch_env, metrics_steps,
-                                   new_marker, processes_marked, wait_for_step)
+from tests.launch.conftest import (
+    TORCHRUN_SH,
+    assert_checkpoint,
+    environ_of,
+    launch_env,
+    metrics_steps,
+    new_marker,
+    processes_marked,
+    wait_for_step,
+)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from hmtrain.checkpoint.resume import config_changes
 from hmtrain.config import (
     ConfigError,
     Mode,
@@ -15,7 +16,6 @@ from hmtrain.config import (
     to_yaml,
 )
 from hmtrain.config.load import CONFIG_DIR
-from hmtrain.checkpoint.resume import config_changes
 
 
 def test_presets_load_and_validate():
@@ -25,7 +25,8 @@ def test_presets_load_and_validate():
 
 
 def test_override_changes_value_and_type():
-    cfg = load_config("tiny", ["train.global_batch_size=3", "train.micro_batch_size=3", "tree.branching=[4,4]", "logging.tracking_uri=file:/x"])
+    cfg = load_config("tiny", ["train.global_batch_size=3", "train.micro_batch_size=3", "tree.branching=[4,4]",
+                               "logging.tracking_uri=file:/x"])
     assert cfg.train.global_batch_size == 3
     assert cfg.tree.branching == [4, 4]
     assert cfg.logging.tracking_uri == "file:/x"

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hmtrain.data.corpus import import_dictd
-from hmtrain.data.corpus.import_dictd import decode_number, encode_number, import_dictd as run_import
+from hmtrain.data.corpus.import_dictd import decode_number, encode_number
+from hmtrain.data.corpus.import_dictd import import_dictd as run_import
 
 
 def dictzip(data: bytes) -> bytes:
@@ -83,7 +84,8 @@ def test_every_dictionary_in_the_directory_by_default(tmp_path: Path):
 def test_eight_bit_dictionaries_fall_back_to_windows_1252(tmp_path: Path):
     write_dictionary(tmp_path / "dictd", "old", [(["market"], b"The stock market\x92s drop\n")], utf8=False)
     run_import(tmp_path / "out", ["old"], tmp_path / "dictd")
-    assert pq.read_table(tmp_path / "out" / "old.parquet").column("text").to_pylist() == ["The stock market\u2019s drop"]
+    texts = pq.read_table(tmp_path / "out" / "old.parquet").column("text").to_pylist()
+    assert texts == ["The stock market\u2019s drop"]
     write_dictionary(tmp_path / "dictd", "new", [(["market"], b"The stock market\x92s drop\n")], utf8=True)
     with pytest.raises(ValueError, match=r"new.dict.dz: entry 'market' \(line \d+ of new.index\) is not valid UTF-8"):
         run_import(tmp_path / "out", ["new"], tmp_path / "dictd")
@@ -91,10 +93,12 @@ def test_eight_bit_dictionaries_fall_back_to_windows_1252(tmp_path: Path):
 
 def test_missing_dictionary_names_the_package(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(import_dictd, "DICTD_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"'wn': .*wn.index not found; install it with `apt-get install dict-wn`"):
+    missing_wn = r"'wn': .*wn.index not found; install it with `apt-get install dict-wn`"
+    with pytest.raises(FileNotFoundError, match=missing_wn):
         run_import(tmp_path / "out", ["wn"], tmp_path)
     (tmp_path / "gcide.index").write_text("a\tA\tB\n")
-    with pytest.raises(FileNotFoundError, match=r"gcide.dict.dz not found; install it with `apt-get install dict-gcide`"):
+    missing_gcide = r"gcide.dict.dz not found; install it with `apt-get install dict-gcide`"
+    with pytest.raises(FileNotFoundError, match=missing_gcide):
         run_import(tmp_path / "out", ["gcide"], tmp_path)
     with pytest.raises(FileNotFoundError, match="no dictd dictionaries .*`apt-get install dict-gcide dict-wn"):
         run_import(tmp_path / "out", None, tmp_path / "empty")

@@ -9,8 +9,8 @@ from hmtrain.memory.sizes import rank_footprint
 
 def test_rank_footprint_by_hand():
     # 2 levels: 4 nodes x 2 units (replicated), 16 nodes x 1 unit (sharded over 4 ranks); 1 layer, d 8
-    f = rank_footprint(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], world_size=4, replicate_levels=1,
-                       generic=False, weight_bytes=2, micro_batch=2, global_batch=8)
+    f = rank_footprint(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], world_size=4,
+                       replicate_levels=1, generic=False, weight_bytes=2, micro_batch=2, global_batch=8)
     row0, row1 = 3 * 8 * 2, 3 * 8 * 1  # parameters per row of each level
     assert f.weights == (4 * row0 + 4 * row1) * 2  # all of level 0, a quarter of level 1, in bf16
     assert f.optimizer == 4 * (row0 * 8 + 8) + 4 * (row1 * 8 + 8)  # fp32 moments + an int64 step per row

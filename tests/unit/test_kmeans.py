@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hmtrain.data.routing.kmeans import assign, kmeans, kmeans_plus_plus
 import hmtrain.data.routing.kmeans as kmeans_module
+from hmtrain.data.routing.kmeans import assign, kmeans, kmeans_plus_plus
 
 
 def gen(seed: int) -> torch.Generator:

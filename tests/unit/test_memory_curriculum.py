@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+from hmtrain.checkpoint.checkpointer import Checkpointer
+from hmtrain.checkpoint.verify import read_trainer
 from hmtrain.config import load_config
 from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
 from hmtrain.model import build_model
-from hmtrain.checkpoint.checkpointer import Checkpointer
-from hmtrain.checkpoint.verify import read_trainer
 from hmtrain.train.recipe import Recipe
 from hmtrain.train.trainer import train
 from tests.unit.prepared_helper import PAD, make_prepared

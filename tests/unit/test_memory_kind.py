@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from hmtrain.config import load_config
-from hmtrain.config import ModelConfig
+from hmtrain.config import ModelConfig, load_config
 from hmtrain.memory import MemoryBank
 from hmtrain.memory.kind import SwiGLUUnits, memory_kind
 from hmtrain.memory.sizes import level_nodes

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hmtrain.config import ConfigError, load_config
-from hmtrain.config import MemoryModelConfig, StackConfig, StageConfig
+from hmtrain.config import ConfigError, MemoryModelConfig, StackConfig, StageConfig, load_config
 from hmtrain.model import MemoryModel, build_model
 from hmtrain.model.mixer import MaskedMixerBlock
 from hmtrain.model.objectives import count_targets, layout

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from hmtrain.config import ConfigError, ModelConfig, load_config
 from hmtrain.info import model_config
 from hmtrain.memory import build_bank
-from hmtrain.model import Transformer, count_parameters, dense_config, lm_loss
-from hmtrain.model import attention
+from hmtrain.model import Transformer, attention, count_parameters, dense_config, lm_loss
 from hmtrain.model.attention import resolve_attention
 from hmtrain.model.transformer import FeedForward
 

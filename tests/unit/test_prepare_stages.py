@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import hmtrain.data.prepare.pipeline as prepare_mod
 from hmtrain.config import load_config
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.prepare import pack, sample
 from hmtrain.data.prepare.pipeline import prepare
-import hmtrain.data.prepare.pipeline as prepare_mod
 from hmtrain.data.prepare.work import work_dir_for
 from hmtrain.data.routing.embed import HashingEmbedder
 
@@ -153,7 +153,8 @@ def test_duplicate_ids_across_files_are_named(tmp_path: Path) -> None:
     _corpus(tmp_path / "docs")
     with open(tmp_path / "docs" / "f2.jsonl", "a") as f:
         f.write(json.dumps({"id": "f0d7", "text": "the same id again"}) + "\n")
-    with pytest.raises(ValueError, match=r"duplicate document id 'f0d7': .*f2.jsonl: record 15 and .*f0.jsonl: record 7"):
+    duplicate = r"duplicate document id 'f0d7': .*f2.jsonl: record 15 and .*f0.jsonl: record 7"
+    with pytest.raises(ValueError, match=duplicate):
         prepare(_cfg(tmp_path), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]
 

@@ -3,8 +3,7 @@ the checkpoint was taken at the phase switch (hmtrain/train/build.py `restore_in
 import torch
 
 from hmtrain.checkpoint.checkpointer import ENGINE, LOADER, TRAIN, Checkpointer
-from hmtrain.config import Config, to_yaml
-from hmtrain.config import ModelConfig, OptimConfig
+from hmtrain.config import Config, ModelConfig, OptimConfig, to_yaml
 from hmtrain.model import Transformer
 from hmtrain.parallel.torch_engine import TorchEngine
 from hmtrain.train.build import restore_in_phase

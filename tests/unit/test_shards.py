@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 import webdataset
 
-from hmtrain.data.format.shards import (INDEX_OFFSET, INDEX_PATH, INDEX_REAL, PackedSequence, ShardWriter,
-                                        load_shard_index, read_shard)
+from hmtrain.data.format.shards import (
+    INDEX_OFFSET,
+    INDEX_PATH,
+    INDEX_REAL,
+    PackedSequence,
+    ShardWriter,
+    load_shard_index,
+    read_shard,
+)
 from hmtrain.data.prepare.pack import pack_leaf
 
 EOT, PAD = 1, 0

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from hmtrain.model.attention import attend, build_mask
 from hmtrain.bench.attention import packed_segments, timed
+from hmtrain.model.attention import attend, build_mask
 
 GPU_SHAPES = {"160m": (16, 12, 2048, 32), "1.4b": (4, 16, 2048, 128)}  # micro-batch, heads, seq_len, head_dim
 SMOKE_SHAPES = {"tiny": (2, 2, 128, 16)}

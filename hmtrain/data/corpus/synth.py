@@ -164,7 +164,7 @@ def _doc_counts(num_people: int, num_documents: int, s: float, minimum: int) -> 
 
 
 def _make_people(rng: np.random.Generator, num_people: int) -> list[dict]:
-    names = [(g, f, l) for g in ("f", "m") for f in FIRST[g] for l in LAST]
+    names = [(g, first, last) for g in ("f", "m") for first in FIRST[g] for last in LAST]
     people = []
     for i, k in enumerate(rng.choice(len(names), size=num_people, replace=False)):
         gender, first, last = names[int(k)]
@@ -221,6 +221,40 @@ def synthesize(
     seed: int = 0,
 ) -> dict:
     """Write documents.jsonl.gz, probes.jsonl, people.json, synth.json to `out_dir`; return the summary."""
+    _check_args(num_people, num_documents, zipf_exponent, min_docs_per_person, num_choices)
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, "--out")
+
+    rng = np.random.default_rng(seed)
+    people = _make_people(rng, num_people)
+    counts = _doc_counts(num_people, num_documents, zipf_exponent, min_docs_per_person)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Each file is renamed into place when complete: a failure leaves earlier files as they were.
+    doc_ids, num_texts = _write_documents(out_dir / "documents.jsonl.gz", rng, people, counts, num_documents)
+    probes = _make_probes(rng, people, counts, doc_ids, num_choices)
+    with atomic_write(out_dir / "probes.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p) + "\n" for p in probes)
+    with atomic_write(out_dir / "people.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(people, indent=1) + "\n")
+
+    summary = {
+        "params": {"num_people": num_people, "num_documents": num_documents, "zipf_exponent": zipf_exponent,
+                   "min_docs_per_person": min_docs_per_person, "num_choices": num_choices, "seed": seed},
+        "num_people": num_people, "num_documents": num_texts, "num_probes": len(probes),
+        "max_docs_per_person": max(counts), "buckets": BUCKETS,
+        "people_per_bucket": {b: sum(p["bucket"] == b for p in people) for b in BUCKETS},
+        "documents_per_bucket": {b: sum(p["frequency"] for p in people if p["bucket"] == b) for b in BUCKETS},
+        "probes_per_bucket": {b: sum(p["bucket"] == b for p in probes) for b in BUCKETS},
+        "attributes": PROBED,
+        "files": ["documents.jsonl.gz", "probes.jsonl", "people.json", "synth.json"],
+    }
+    with atomic_write(out_dir / "synth.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _check_args(num_people: int, num_documents: int, zipf_exponent: float, min_docs_per_person: int,
+                num_choices: int) -> None:
     capacity = sum(len(v) for v in FIRST.values()) * len(LAST)
     if not 1 <= num_people <= capacity:
         raise ValueError(f"num_people must be in [1, {capacity}] (unique names available), got {num_people}")
@@ -235,13 +269,10 @@ def synthesize(
     if not 2 <= num_choices <= max_choices:
         raise ValueError(f"num_choices must be in [2, {max_choices}], got {num_choices}")
 
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, "--out")
 
-    rng = np.random.default_rng(seed)
-    people = _make_people(rng, num_people)
-    counts = _doc_counts(num_people, num_documents, zipf_exponent, min_docs_per_person)
-
+def _write_documents(path: Path, rng: np.random.Generator, people: list[dict], counts: list[int],
+                     num_documents: int) -> tuple[list[list[str]], int]:
+    """Every person's documents, interleaved, as gzipped JSON lines; returns each person's doc ids."""
     # Person index = frequency rank (0 is the most documented person).
     texts: list[tuple[int, str]] = []
     for person, n in zip(people, counts):
@@ -252,17 +283,19 @@ def synthesize(
     order = rng.permutation(len(texts)).tolist()  # interleave people across the file
     width = max(6, len(str(num_documents - 1)))
     doc_ids: list[list[str]] = [[] for _ in people]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Each file is renamed into place when complete: a failure leaves earlier files as they were.
     # mtime=0 and no file name in the gzip header: same arguments give the same bytes.
-    with atomic_write(out_dir / "documents.jsonl.gz") as raw, \
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+    with atomic_write(path) as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
         for i, k in enumerate(order):
             pid, text = texts[k]
             doc_id = f"doc-{i:0{width}d}"
             doc_ids[pid].append(doc_id)
             f.write((json.dumps({"id": doc_id, "text": text, "person": pid}) + "\n").encode("utf-8"))
+    return doc_ids, len(texts)
 
+
+def _make_probes(rng: np.random.Generator, people: list[dict], counts: list[int], doc_ids: list[list[str]],
+                 num_choices: int) -> list[dict]:
+    """One multiple-choice question per person and probed attribute; records each person's frequency."""
     probes = []
     for person, n in zip(people, counts):
         person["frequency"], person["bucket"], person["doc_ids"] = n, frequency_bucket(n), doc_ids[person["person"]]
@@ -280,22 +313,4 @@ def synthesize(
                            "prompt": PROMPTS[attr].format(name=name), "answer": " " + _surface(attr, value),
                            "choices": choices, "frequency": n, "bucket": person["bucket"],
                            "doc_ids": person["doc_ids"]})
-    with atomic_write(out_dir / "probes.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(p) + "\n" for p in probes)
-    with atomic_write(out_dir / "people.json", "w", encoding="utf-8") as f:
-        f.write(json.dumps(people, indent=1) + "\n")
-
-    summary = {
-        "params": {"num_people": num_people, "num_documents": num_documents, "zipf_exponent": zipf_exponent,
-                   "min_docs_per_person": min_docs_per_person, "num_choices": num_choices, "seed": seed},
-        "num_people": num_people, "num_documents": len(texts), "num_probes": len(probes),
-        "max_docs_per_person": max(counts), "buckets": BUCKETS,
-        "people_per_bucket": {b: sum(p["bucket"] == b for p in people) for b in BUCKETS},
-        "documents_per_bucket": {b: sum(p["frequency"] for p in people if p["bucket"] == b) for b in BUCKETS},
-        "probes_per_bucket": {b: sum(p["bucket"] == b for p in probes) for b in BUCKETS},
-        "attributes": PROBED,
-        "files": ["documents.jsonl.gz", "probes.jsonl", "people.json", "synth.json"],
-    }
-    with atomic_write(out_dir / "synth.json", "w", encoding="utf-8") as f:
-        f.write(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return probes

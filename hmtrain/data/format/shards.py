@@ -35,6 +35,7 @@ import webdataset
 
 from hmtrain.util.files import atomic_write
 
+
 @dataclass
 class PackedSequence:
     tokens: np.ndarray  # int32 [seq_len + 1]: inputs are tokens[:-1], targets tokens[1:]
