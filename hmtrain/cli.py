@@ -30,7 +30,7 @@ from pathlib import Path
 
 from hmtrain.bench import NAMES as BENCHMARKS
 from hmtrain.config import load_config
-from hmtrain.exits import exit_code, one_line
+from hmtrain.exits import every_rank_reports, exit_code, one_line
 
 log = logging.getLogger("hmtrain")
 
@@ -320,7 +320,18 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
         rc = exit_code(exc)
         print(f"hmtrain {command}{where}: {'' if rc > 128 else 'error: '}{one_line(exc)}", file=sys.stderr)
+        if every_rank_reports(exc):
+            _meet()
     return _leave(rc)
+
+
+def _meet() -> None:
+    """Wait for the other ranks to print their lines too (bounded by the process group's timeout)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stderr.flush()
+        dist.barrier()
 
 
 def _leave(rc: int) -> int:

@@ -10,6 +10,10 @@
 An exception says itself which it is with an `input_error` attribute (True: 2, False: 1), as a
 broken checkpoint, a locked run directory and a peer rank's failure in `data prepare` do; otherwise
 its type decides.
+
+An exception with `every_rank_reports = True` is one every rank of the job raised together (the ranks of
+`data prepare` agree on a failure): each prints its line, then they meet at a barrier before leaving, because
+torchrun stops the other ranks as soon as one exits and a slower rank's line would be lost.
 """
 from __future__ import annotations
 
@@ -41,3 +45,7 @@ def one_line(exc: BaseException) -> str:
         return text
     named = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return f"internal error: {named} (rerun with --debug for the traceback)"
+
+
+def every_rank_reports(exc: BaseException) -> bool:
+    return getattr(exc, "every_rank_reports", False) is True

@@ -86,7 +86,9 @@ class Group:
             self.agreed_failure = bool(failed)
             if error is None and failed:
                 rank, (message, input_error) = failed[0]
-                raise PeerFailed(f"rank {rank} failed in {stage}: {message}", input_error)
+                error = PeerFailed(f"rank {rank} failed in {stage}: {message}", input_error)
+            if failed:
+                error.every_rank_reports = True  # the CLI prints its line, then meets the others (exits.py)
         if error is not None:
             raise error
         return result  # type: ignore[return-value]
