@@ -35,7 +35,8 @@ from hmtrain.model.stacks import ProbeDecoder
 from hmtrain.parallel.torch_engine import build_adamw
 from hmtrain.retention.encoders import build_encoder, parse_spec
 from hmtrain.retention.windows import encode_all, sample_windows, window_vectors
-from hmtrain.train.metrics import JsonlLogger, MLflowLogger, MultiLogger, default_tracking_uri
+from hmtrain.train.metrics import JsonlLogger, MultiLogger
+from hmtrain.train.mlflow_logger import MLflowLogger, default_tracking_uri
 from hmtrain.train.schedule import learning_rate
 from hmtrain.util.files import write_text
 from hmtrain.util.labels import IGNORE_INDEX

@@ -1,5 +1,5 @@
 """The run's tracking behind one two-method logger (`log`, `close`): `metrics.jsonl` and MLflow on rank 0
-(hmtrain/train/metrics.py), MLflow system metrics from the first rank of each node.
+(hmtrain/train/metrics.py, mlflow_logger.py), MLflow system metrics from the first rank of each node.
 
 `Tracker.flush(step)` is called once a checkpoint makes the steps up to it durable: only those reach
 MLflow (metrics.py says why). System metrics (CPU, memory, disk, network; GPU with pynvml): rank 0
@@ -16,8 +16,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from hmtrain.checkpoint.resume import may_change
 from hmtrain.config import Config, flatten, to_yaml
-from hmtrain.train.metrics import JsonlLogger, MLflowLogger, default_tracking_uri
+from hmtrain.train.metrics import JsonlLogger
+from hmtrain.train.mlflow_logger import MLflowLogger, default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ def start_tracking(cfg: Config, *, is_main: bool, side_group, resume: bool, step
             mlflow = MLflowLogger(tracking_uri=cfg.logging.tracking_uri or default_tracking_uri(run_dir),
                                   experiment=cfg.logging.experiment, run_name=cfg.logging.run_name or run_dir.name,
                                   run_id=run_id, artifact_dir=run_dir / "mlartifacts", run_dir=run_dir,
-                                  resume=resume, params={**flatten(cfg), **params()})
+                                  resume=resume, params={**flatten(cfg), **params()},
+                                  may_change=lambda key: key == "parallel.world_size" or may_change(key))
             if resume:
                 mlflow.backfill(jsonl.records)  # durable steps an earlier process could not send
             if mlflow.is_new:

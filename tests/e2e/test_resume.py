@@ -6,8 +6,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.dist.conftest import torchrun
 from tests.e2e.conftest import run_cli
 
 STEPS = ["train.pretrain_steps=10", "train.memory_steps=14", "train.checkpoint_every=5"]
@@ -118,3 +120,56 @@ def test_kill_before_the_first_checkpoint_keeps_one_mlflow_run(prepared, tmp_pat
     assert runs[0].info.status == "FINISHED"
     assert [s for s, _ in losses(run_dir)] == list(range(1, 13))
     assert mlflow_losses(client, runs[0].info.run_id) == losses(run_dir)
+
+
+def kill_after(overrides, run_dir, cwd, lines):
+    """Start `train` and SIGKILL it once metrics.jsonl holds `lines` steps."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HMTRAIN_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "hmtrain.cli", "train", "--config", "tiny", *overrides],
+                            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "training finished before it could be killed"
+
+
+@pytest.mark.multiprocess
+def test_restart_on_another_world_size_before_the_first_checkpoint_continues_the_mlflow_run(prepared, tmp_path):
+    run_dir, tracking = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [*prepared["overrides"], "train.pretrain_steps=12", "train.memory_steps=0", "train.micro_batch_size=2",
+                 "train.checkpoint_every=1000", f"logging.tracking_uri={tracking}", f"train.run_dir={run_dir}",
+                 "logging.system_metrics_interval_s=0.2"]  # the killed process leaves system metrics behind
+    kill_after(overrides, run_dir, tmp_path, lines=3)
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+    torchrun(2, ["-m", "hmtrain.cli", "train", "--config", "tiny", *overrides, "--resume"], cwd=tmp_path)
+    client = MlflowClient(tracking_uri=tracking)
+    runs = client.search_runs([client.get_experiment_by_name("hmtrain").experiment_id])
+    assert len(runs) == 1, "the restart on 2 ranks must continue the run directory's MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert mlflow_losses(client, run.info.run_id) == losses(run_dir)
+    assert [s for s, _ in losses(run_dir)] == list(range(1, 13))
+    # MLflow never changes a param: the first value stays, the restart's is a tag
+    assert run.data.params["parallel.world_size"] == "1"
+    assert run.data.tags["latest.parallel.world_size"] == "2"
+
+
+def test_fallback_past_a_checkpoint_mlflow_has_seen_logs_no_step_twice(prepared, tmp_path):
+    run_dir, tracking = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [*prepared["overrides"], "train.pretrain_steps=4", "train.memory_steps=4", "train.checkpoint_every=4",
+                 f"logging.tracking_uri={tracking}", f"train.run_dir={run_dir}"]
+    run_cli("train", "--config", "tiny", *overrides, cwd=tmp_path)
+    straight = losses(run_dir)
+    last = run_dir / "checkpoints" / "step_00000008" / "__0_0.distcp"
+    last.write_bytes(last.read_bytes()[:300])  # MLflow already holds steps 5-8, which the fallback redoes
+
+    run_cli("train", "--config", "tiny", *overrides, "--resume", "--fallback", cwd=tmp_path)
+    assert losses(run_dir) == straight  # redone from step 4, bit for bit
+    client = MlflowClient(tracking_uri=tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("hmtrain").experiment_id])
+    assert mlflow_losses(client, run.info.run_id) == losses(run_dir)

@@ -6,8 +6,9 @@ import socket
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hmtrain.train import metrics as metrics_mod
-from hmtrain.train.metrics import RUN_ID_FILE, JsonlLogger, MLflowLogger, read_metrics
+from hmtrain.train import mlflow_logger as mlflow_mod
+from hmtrain.train.metrics import JsonlLogger, read_metrics
+from hmtrain.train.mlflow_logger import RUN_ID_FILE, MLflowLogger
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +95,7 @@ def test_restart_before_the_first_checkpoint_reuses_the_run(tmp_path):
 
 
 def test_failed_calls_are_retried_then_skipped_without_switching_tracking_off(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(metrics_mod.time, "sleep", lambda s: None)
+    monkeypatch.setattr(mlflow_mod.time, "sleep", lambda s: None)
     logger = make_logger(tmp_path)
     calls = []
 
@@ -105,7 +106,7 @@ def test_failed_calls_are_retried_then_skipped_without_switching_tracking_off(tm
     monkeypatch.setattr(logger._client, "log_artifact", broken_upload)
     with caplog.at_level(logging.WARNING):
         logger.log_artifact(tmp_path / "x.txt")
-    assert len(calls) == metrics_mod.ATTEMPTS and "skipped, tracking goes on" in caplog.text
+    assert len(calls) == mlflow_mod.ATTEMPTS and "skipped, tracking goes on" in caplog.text
     assert logger.enabled
 
     real_log_batch = logger._client.log_batch
@@ -128,7 +129,7 @@ def test_failed_calls_are_retried_then_skipped_without_switching_tracking_off(tm
 @pytest.mark.timeout(60)  # before: MLflow's own retries held start-up for ~4 minutes
 def test_unreachable_server_gives_up_quickly(tmp_path, monkeypatch, caplog):
     sleeps = []
-    monkeypatch.setattr(metrics_mod.time, "sleep", sleeps.append)
+    monkeypatch.setattr(mlflow_mod.time, "sleep", sleeps.append)
     with socket.socket() as sock:  # a localhost port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -136,8 +137,8 @@ def test_unreachable_server_gives_up_quickly(tmp_path, monkeypatch, caplog):
         logger = MLflowLogger(tracking_uri=f"http://127.0.0.1:{port}", experiment="t", run_name="r",
                               run_dir=tmp_path / "run")
     assert not logger.enabled
-    assert "MLflow start failed" in caplog.text and f"at most {metrics_mod.START_TIMEOUT_S} s" in caplog.text
-    assert sum(sleeps) <= metrics_mod.START_TIMEOUT_S
+    assert "MLflow start failed" in caplog.text and f"at most {mlflow_mod.START_TIMEOUT_S} s" in caplog.text
+    assert sum(sleeps) <= mlflow_mod.START_TIMEOUT_S
     logger.log({"loss": 1.0}, 1)
     logger.flush(1)
     logger.close()
