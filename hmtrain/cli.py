@@ -60,6 +60,7 @@ def _data_commands(commands) -> None:
     synth.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of how often a person appears")
     synth.add_argument("--choices", type=int, default=8, help="answer choices per probe")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")
     importer = data.add_parser("import", help="turn other sources into documents (parquet)")
     sources = importer.add_subparsers(dest="source", required=True)
     dictd = sources.add_parser("dictd", help="Debian's dictd dictionaries (apt-get install dict-gcide dict-wn ...): "
@@ -68,6 +69,7 @@ def _data_commands(commands) -> None:
     dictd.add_argument("--dir", type=Path, default=Path("/usr/share/dictd"), help="where NAME.index and "
                        "NAME.dict.dz are (default: %(default)s)")
     dictd.add_argument("names", nargs="*", metavar="NAME", help="dictionaries, e.g. wn gcide (default: all in --dir)")
+    dictd.add_argument("--overwrite", action="store_true", help="replace NAME.parquet files already in --out")
     prepare = data.add_parser("prepare", help="documents -> embeddings -> tree -> paths -> tokens -> shards "
                                               "(under torchrun: input files split across ranks)")
     _config_args(prepare)
@@ -147,14 +149,14 @@ def cmd_synth(args) -> None:
     from hmtrain.data.corpus.synth import synthesize
 
     summary = synthesize(args.out, num_people=args.people, num_documents=args.documents, zipf_exponent=args.zipf,
-                         num_choices=args.choices, seed=args.seed)
+                         num_choices=args.choices, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {args.out}: {summary}")
 
 
 def cmd_import(args) -> None:
     from hmtrain.data.corpus.import_dictd import import_dictd
 
-    counts = import_dictd(args.out, args.names, args.dir)
+    counts = import_dictd(args.out, args.names, args.dir, overwrite=args.overwrite)
     for name, count in counts.items():
         print(f"wrote {args.out / (name + '.parquet')}: {count} documents")
 
@@ -219,7 +221,12 @@ def cmd_bench(args) -> None:
 def cmd_demo(args) -> None:
     from hmtrain.demo import run_demo
 
-    if args.overwrite and args.out.exists():
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a directory")
+    if args.out.exists() and any(args.out.iterdir()):
+        if not args.overwrite:
+            raise FileExistsError(f"--out {args.out} already holds a demo; pass --overwrite to replace it, or "
+                                  "choose another --out")
         shutil.rmtree(args.out)
     run_demo(args.out, args.config, args.overrides, seeds=args.seeds, people=args.people, documents=args.documents)
 

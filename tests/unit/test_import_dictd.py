@@ -70,7 +70,9 @@ def test_one_document_per_headword_with_all_its_entries(tmp_path: Path, compress
     assert rows[2]["text"] == "bank\n   1. The side of a river.\n\nbank\n   2. A place that keeps money."
     assert {r["dictionary"] for r in rows} == {"mini"}
     first = (tmp_path / "out" / "mini.parquet").read_bytes()
-    run_import(tmp_path / "out", ["mini"], tmp_path / "dictd")
+    with pytest.raises(FileExistsError, match=r"already holds mini.parquet; pass --overwrite"):
+        run_import(tmp_path / "out", ["mini"], tmp_path / "dictd")
+    run_import(tmp_path / "out", ["mini"], tmp_path / "dictd", overwrite=True)
     assert (tmp_path / "out" / "mini.parquet").read_bytes() == first  # stable ids and bytes
 
 
@@ -134,6 +136,6 @@ def test_a_malformed_dictionary_is_named_and_nothing_is_written(tmp_path: Path, 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "bad.parquet").write_bytes(b"an earlier import")
     with pytest.raises(ValueError, match=message):
-        run_import(tmp_path / "out", ["bad"], tmp_path / "dictd")
+        run_import(tmp_path / "out", ["bad"], tmp_path / "dictd", overwrite=True)  # a read failure keeps it
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["bad.parquet"]
     assert (tmp_path / "out" / "bad.parquet").read_bytes() == b"an earlier import"

@@ -131,12 +131,13 @@ def test_questions_and_occupation_articles(corpus):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"num_people": 0}, "num_people"),
-        ({"num_people": 100, "num_documents": 50}, "num_documents"),
+        ({"num_people": 0}, "--people"),
+        ({"num_people": 100, "num_documents": 50}, "--documents must be at least --people"),
         ({"min_docs_per_person": 0}, "min_docs_per_person"),
-        ({"num_choices": 1}, "num_choices"),
-        ({"num_choices": 99}, "num_choices"),
-        ({"zipf_exponent": -1.0}, "zipf_exponent"),
+        ({"num_choices": 1}, "--choices"),
+        ({"num_choices": 99}, "--choices"),
+        ({"zipf_exponent": -1.0}, "--zipf"),
+        ({"zipf_exponent": float("nan")}, "--zipf must be a finite number"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, message):
@@ -161,5 +162,15 @@ def test_a_failed_rewrite_keeps_the_earlier_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth.json, "dumps", full_disk)  # fails inside the first file, after it is opened
     with pytest.raises(OSError, match="No space"):
-        synthesize(tmp_path, num_people=5, num_documents=10, seed=2)
+        synthesize(tmp_path, num_people=5, num_documents=10, seed=2, overwrite=True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no half-written file, no .tmp
+
+
+def test_an_existing_corpus_is_kept_unless_overwrite(tmp_path):
+    synthesize(tmp_path, num_people=5, num_documents=10, seed=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match="already holds a corpus.*--overwrite"):
+        synthesize(tmp_path, num_people=6, num_documents=12, seed=2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    synthesize(tmp_path, num_people=6, num_documents=12, seed=2, overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} != before

@@ -190,9 +190,11 @@ def available(directory: Path = DICTD_DIR) -> list[str]:
                   or (directory / (p.name[: -len(".index")] + ".dict")).is_file())
 
 
-def import_dictd(out: Path, names: list[str] | None = None, directory: Path = DICTD_DIR) -> dict[str, int]:
+def import_dictd(out: Path, names: list[str] | None = None, directory: Path = DICTD_DIR,
+                 overwrite: bool = False) -> dict[str, int]:
     """Write OUT/NAME.parquet for each dictionary (all found in `directory` when none are named);
-    return documents per dictionary. Every dictionary is read before anything is written."""
+    return documents per dictionary. Every dictionary is read before anything is written, and an
+    existing NAME.parquet is replaced only with `overwrite`."""
     out, directory = Path(out), Path(directory)
     check_output_dir(out, "--out")
     if not names:
@@ -204,6 +206,10 @@ def import_dictd(out: Path, names: list[str] | None = None, directory: Path = DI
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"dictd dictionary name {name!r}: expected a bare name such as 'wn' or 'gcide'")
         dictionary_files(name, directory)  # every file present before the long reads
+    existing = [f"{name}.parquet" for name in names if (out / f"{name}.parquet").exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace "
+                              "them, or choose another --out")
     tables = {name: pa.table(dictionary_documents(name, directory)) for name in names}
     out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,9 @@ from hmtrain.util.files import atomic_write, check_output_dir
 
 # ---- frequency buckets: the one place they are defined -----------------------
 BUCKETS = ["1", "2-3", "4-7", "8-15", "16+"]
+
+
+FILES = ("documents.jsonl.gz", "probes.jsonl", "people.json", "synth.json")  # what a corpus directory holds
 
 
 def frequency_bucket(n: int) -> str:
@@ -219,11 +223,17 @@ def synthesize(
     min_docs_per_person: int = 1,
     num_choices: int = 8,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict:
-    """Write documents.jsonl.gz, probes.jsonl, people.json, synth.json to `out_dir`; return the summary."""
+    """Write documents.jsonl.gz, probes.jsonl, people.json, synth.json to `out_dir`; return the summary.
+    A corpus already there is replaced only with `overwrite`."""
     _check_args(num_people, num_documents, zipf_exponent, min_docs_per_person, num_choices)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, "--out")
+    existing = [name for name in FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"--out {out_dir} already holds a corpus ({', '.join(existing)}); pass --overwrite "
+                              "to replace it, or choose another --out")
 
     rng = np.random.default_rng(seed)
     people = _make_people(rng, num_people)
@@ -246,7 +256,7 @@ def synthesize(
         "documents_per_bucket": {b: sum(p["frequency"] for p in people if p["bucket"] == b) for b in BUCKETS},
         "probes_per_bucket": {b: sum(p["bucket"] == b for p in probes) for b in BUCKETS},
         "attributes": PROBED,
-        "files": ["documents.jsonl.gz", "probes.jsonl", "people.json", "synth.json"],
+        "files": list(FILES),
     }
     with atomic_write(out_dir / "synth.json", "w", encoding="utf-8") as f:
         f.write(json.dumps(summary, indent=2) + "\n")
@@ -255,19 +265,20 @@ def synthesize(
 
 def _check_args(num_people: int, num_documents: int, zipf_exponent: float, min_docs_per_person: int,
                 num_choices: int) -> None:
+    """Checked where both the CLI and the demo enter, so the messages name their flags."""
     capacity = sum(len(v) for v in FIRST.values()) * len(LAST)
     if not 1 <= num_people <= capacity:
-        raise ValueError(f"num_people must be in [1, {capacity}] (unique names available), got {num_people}")
+        raise ValueError(f"--people must be in [1, {capacity}] (unique names available), got {num_people}")
     if min_docs_per_person < 1:
         raise ValueError(f"min_docs_per_person must be >= 1, got {min_docs_per_person}")
     if num_documents < num_people * min_docs_per_person:
-        raise ValueError(f"num_documents={num_documents} < num_people*min_docs_per_person="
-                         f"{num_people * min_docs_per_person}")
-    if zipf_exponent < 0:
-        raise ValueError(f"zipf_exponent must be >= 0, got {zipf_exponent}")
+        raise ValueError(f"--documents must be at least --people x {min_docs_per_person} document(s) each = "
+                         f"{num_people * min_docs_per_person}, got {num_documents}")
+    if not (math.isfinite(zipf_exponent) and zipf_exponent >= 0):
+        raise ValueError(f"--zipf must be a finite number >= 0, got {zipf_exponent}")
     max_choices = min(len(VALUES[a]) for a in PROBED)
     if not 2 <= num_choices <= max_choices:
-        raise ValueError(f"num_choices must be in [2, {max_choices}], got {num_choices}")
+        raise ValueError(f"--choices must be in [2, {max_choices}], got {num_choices}")
 
 
 def _write_documents(path: Path, rng: np.random.Generator, people: list[dict], counts: list[int],
