@@ -1,4 +1,4 @@
-"""A bf16 bank trains like an fp32 one: fp32 master rows, saved in checkpoints."""
+"""A bf16 bank trains like an fp32 one: fp32 master rows, fp32 row gradients, masters in checkpoints."""
 
 import numpy as np
 import pytest
@@ -64,6 +64,30 @@ def test_a_bf16_bank_tracks_an_fp32_bank_over_100_steps_at_lr_1e_5(transport):
         assert torch.equal(master.to(torch.bfloat16), bf16.tables[name])  # stored rows = rounded masters
         # the masters follow the fp32 bank up to the bf16 rounding of the block gradients (2^-9 relative)
         torch.testing.assert_close(master - start32[name], moved32, rtol=0, atol=1e-2 * moved32.abs().max().item())
+
+
+def test_row_gradients_accumulate_in_fp32_within_a_micro_batch():
+    bank = make_bank(torch.bfloat16)
+    batch = 64  # 32 on one leaf, 32 on the generic row: per row one large gradient and 31 small ones
+    p, generic = paths(*[5] * batch), np.arange(batch) % 2 == 1
+    plan = bank.plan_step([(p, generic)])
+    fetched = bank.fetch(plan, 0)
+    scale = torch.full((batch, 1, 1), 1e-3)
+    scale[:2] = 1.0  # sequence 0 uses the leaf's rows, sequence 1 the generic row
+    gate, _, _ = fetched.layer(0)
+    (gate.float() * scale).sum().backward()
+    # each row's gradient in exact arithmetic: 1 + 31 * 1e-3 in bf16, summed in float64. A bf16 buffer
+    # is off by its rounding of the sum (2.6e-4 here, on CPU) or, where every add rounds (GPU atomics
+    # in bf16), by all 31 small terms (3%)
+    per_sequence = scale.to(torch.bfloat16).double()
+    own, shared = per_sequence[~generic].sum(), per_sequence[generic].sum()
+    level2 = fetched.grads["level2"][0, 0, 0]  # layer 0, the one fetched row, slot gate
+    torch.testing.assert_close(level2.double(), own.expand_as(level2), rtol=1e-6, atol=0)
+    generic_row = fetched.grads["generic"][0, 0, 0]
+    torch.testing.assert_close(generic_row.double(), shared.expand_as(generic_row), rtol=1e-6, atol=0)
+    assert level2.dtype == generic_row.dtype == torch.float32
+    bank.return_grads(fetched)  # and they travel to the step's buffer as they are
+    assert torch.equal(bank._grads["level2"][0, 0, 0], level2)
 
 
 def test_a_bf16_checkpoint_holds_the_masters_and_resumes_bit_exactly(tmp_path):
