@@ -22,7 +22,8 @@ class MemoryConfig:
     # the paper's control: a context-free memory of the fetched size
     generic: bool = True
     init_std: float = 0.02
-    # storage of the bank rows (the paper: bf16); optimizer moments are always fp32
+    # storage of the bank rows that are fetched and sent (the paper: bf16); a bf16 bank also keeps fp32
+    # master rows, which the optimizer updates; optimizer moments and row gradients are always fp32
     dtype: BankDtype = BankDtype.fp32
 
     def validate(self, levels: int) -> None:

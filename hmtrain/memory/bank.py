@@ -5,7 +5,11 @@ shape for m_i units (hmtrain/memory/kind.py: for SwiGLU units, gate, up and down
 layer), plus optionally the generic (context-free) memory: one row of the fetched size M = sum(m_i). Rows live where
 their layout says (hmtrain/memory/layout.py): replicated, in torch.chunk slices
 (gather placement) or by level-1 subtree (owner placement). Optimizer moments are fp32
-beside the weights, whatever the storage dtype.
+beside the weights, whatever the storage dtype. A table stored in less than fp32 (bf16) also keeps
+fp32 master rows, which the optimizer updates; the stored rows are their rounding, and are what
+fetches read and send. Row gradients are fp32 from the backward to the update: summed in fp32 over
+a micro-batch's sequences (hmtrain/memory/gather.py), returned to owners in fp32, accumulated over
+micro-batches in fp32. docs/design.md states the bytes per parameter of each layout.
 
 A training step, as the loop calls it:
 
@@ -36,7 +40,9 @@ from hmtrain.memory.plan import StepPlan, TableSpec, make_plan
 from hmtrain.memory.sizes import level_nodes, validate_tree
 from hmtrain.memory.sparse_adamw import SparseAdamW
 
-STATE_FIELDS = ("weight", "exp_avg", "exp_avg_sq", "step")
+# A table's state fields: weight, [master,] exp_avg, exp_avg_sq, step. MASTER: the fp32 master rows,
+# held (and saved) only by tables stored in less than fp32.
+MASTER = "master"
 
 
 def _row_seed(seed: int, table: int, row: int) -> int:
@@ -110,11 +116,14 @@ class MemoryBank:
                                         layouts.replicated(1, world, rank), "replicated"))
         self.spec = {s.name: s for s in self.specs}
 
+        self.has_master = dtype.itemsize < 4
         self._state: dict[str, dict[str, Tensor]] = {}
         for table_index, spec in enumerate(self.specs):
             n_local = spec.layout.num_local
+            rows = self._init_rows(spec, table_index, init_std, seed)
             self._state[spec.name] = {
-                "weight": self._init_rows(spec, table_index, init_std, seed),
+                "weight": rows.to(dtype),  # the rows themselves when dtype is fp32
+                **({MASTER: rows} if self.has_master else {}),
                 "exp_avg": torch.zeros((n_local, *spec.row_shape), device=self.device, dtype=torch.float32),
                 "exp_avg_sq": torch.zeros((n_local, *spec.row_shape), device=self.device, dtype=torch.float32),
                 "step": torch.zeros(n_local, device=self.device, dtype=torch.int64),
@@ -124,9 +133,9 @@ class MemoryBank:
         self._mesh = None  # the DeviceMesh checkpoints use (hmtrain/memory/bank_state.py), made on first use
 
     def _init_rows(self, spec: TableSpec, table_index: int, init_std: float, seed: int) -> Tensor:
-        """Every row as the kind starts a fresh memory, from its own seed (a fresh memory changes nothing)."""
+        """Every row as the kind starts a fresh memory, from its own seed (a fresh memory changes nothing), fp32."""
         rows = spec.layout.local_rows
-        weight = torch.zeros((len(rows), *spec.row_shape), device=self.device, dtype=self.dtype)
+        weight = torch.zeros((len(rows), *spec.row_shape), device=self.device, dtype=torch.float32)
         gen = torch.Generator(device="cpu")
         for slot, row in enumerate(rows.tolist()):
             gen.manual_seed(_row_seed(seed, table_index, row))
@@ -145,7 +154,8 @@ class MemoryBank:
 
     @property
     def tables(self) -> dict[str, Tensor]:
-        """Table name -> this rank's stored rows (live; the whole table on one process)."""
+        """Table name -> this rank's stored rows (live; the whole table on one process). Read them only:
+        a bf16 table trains its fp32 masters, and the stored rows are rewritten from those."""
         return {name: state["weight"] for name, state in self._state.items()}
 
     # ---- a training step ---------------------------------------------------
@@ -287,7 +297,7 @@ class MemoryBank:
             grads.mul_(grad_scale)
             state = self._state[spec.name]
             self.optimizer.update_(state["weight"], state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                   self._to_device(rows), grads, lr=lr, validate=False)
+                                   self._to_device(rows), grads, lr=lr, validate=False, master=state.get(MASTER))
         self._plan, self._grads = None, {}
         return updated
 
@@ -303,24 +313,29 @@ class MemoryBank:
         return self._mesh
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Flat `<table>.<field>` -> tensor (one process) or chunk-layout Shard(0) DTensor."""
+        """Flat `<table>.<field>` -> tensor (one process) or chunk-layout Shard(0) DTensor; a bf16 table
+        saves its fp32 masters too (`<table>.master`), so a resume continues exactly."""
         mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
-        return {f"{spec.name}.{field}": bank_state.saved(self._state[spec.name][field], spec.layout, self.comm, mesh)
-                for spec in self.specs for field in STATE_FIELDS}
+        return {f"{spec.name}.{field}": bank_state.saved(live, spec.layout, self.comm, mesh)
+                for spec in self.specs for field, live in self._state[spec.name].items()}
 
     def load_template(self) -> dict[str, Tensor]:
         """The tensors a checkpoint's bank loads into (`load_state_dict` then finishes the load)."""
         mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
-        return {f"{spec.name}.{field}": bank_state.to_load(self._state[spec.name][field], spec.layout, self.comm,
-                                                           mesh)
-                for spec in self.specs for field in STATE_FIELDS}
+        return {f"{spec.name}.{field}": bank_state.to_load(live, spec.layout, self.comm, mesh)
+                for spec in self.specs for field, live in self._state[spec.name].items()}
 
     def load_state_dict(self, loaded: dict[str, Tensor]) -> None:
-        """Finish loading `load_template()`'s tensors: rows into subtree-placed tables; drop any planned step."""
+        """Finish loading `load_template()`'s tensors: rows into subtree-placed tables; drop any planned step.
+        Masters a checkpoint lacks (a bf16 bank saved before they existed, checkpoint format < 3: the
+        loader leaves their entries out, hmtrain/checkpoint/formats.py) start from the loaded rows."""
         for spec in self.specs:
-            for field in STATE_FIELDS:
-                bank_state.restore(self._state[spec.name][field], loaded[f"{spec.name}.{field}"], spec.layout,
-                                   self.comm)
+            state = self._state[spec.name]
+            for field, live in state.items():  # "weight" comes before MASTER
+                if field == MASTER and f"{spec.name}.{MASTER}" not in loaded:
+                    live.copy_(state["weight"])
+                    continue
+                bank_state.restore(live, loaded[f"{spec.name}.{field}"], spec.layout, self.comm)
         self.abandon_step()
 
     # ---- evaluation (one process) ------------------------------------------

@@ -1,11 +1,13 @@
 """What one micro-batch fetched from the bank, as the model reads it: per-layer memory blocks.
 
 The rows of a table are held layer-major, [n_layers, U, slots, m, width] (U unique rows: the set
-a distributed bank receives from owners; slots and width are the memory kind's), beside one
-gradient buffer of the same shape. `layer(i)` builds the sequences' blocks of layer i with
-`GatherBlocks`, one per slot, and hands them over as the kind's layer tensors; its backward adds
-each block gradient straight into that buffer's layer-i slice: the gradient of all fetched
-rows costs one buffer of the fetched size, however many layers and sequences share them.
+a distributed bank receives from owners; slots and width are the memory kind's), in the bank's
+dtype, beside one fp32 gradient buffer of the same shape: a row's gradient sums the blocks of every
+sequence that uses it (the generic row: about 1/(k+1) of the batch), and a bf16 sum of that many
+terms loses the small ones. `layer(i)` builds the sequences' blocks of layer i with `GatherBlocks`,
+one per slot, and hands them over as the kind's layer tensors; its backward adds each block
+gradient straight into that buffer's layer-i slice: the gradient of all fetched rows costs one
+buffer of the fetched size, however many layers and sequences share them.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ class FetchedMemory:
         self.requires_grad = requires_grad
         self.micro_batch = micro_batch  # which micro-batch of the step plan this is (-1: not planned)
         self.returned = False
-        self.grads: dict[str, Tensor] = {name: torch.zeros_like(r) for name, r in rows.items()} if requires_grad else {}
+        self.grads: dict[str, Tensor] = ({name: torch.zeros_like(r, dtype=torch.float32) for name, r in rows.items()}
+                                         if requires_grad else {})
         device = next(iter(rows.values())).device
         # the buffer itself is the autograd input that makes backward reach GatherBlocks
         self._autograd_input = next(iter(rows.values())).detach().requires_grad_(requires_grad)

@@ -4,10 +4,12 @@ adds straight into the rows' gradient buffer.
 Forward: for every tree level (a `Part`) each sequence's block is its row (or the generic row's
 slice) of that level; the blocks are written side by side into one [B, M, width] tensor per slot
 of the memory kind (hmtrain/memory/kind.py; SwiGLU units: u_gate, u_up, u_down^T).
-Backward: each sequence's block gradient is index-added into the preallocated gradient buffer of
-the layer's rows (`grads[i]` of hmtrain/memory/fetched.py), in place. No zero-filled gradient of
-the fetched rows, no per-layer copy and no AccumulateGrad are allocated: the only gradients the
-backward creates are the [B, M, d] block gradients that the FFN's matmuls produce anyway.
+Backward: each sequence's block gradient is index-added into the preallocated fp32 gradient buffer
+of the layer's rows (`grads[i]` of hmtrain/memory/fetched.py), in place; the sums over sequences
+sharing a row (and the generic row's over all its sequences) run in fp32 whatever the blocks'
+dtype. No zero-filled gradient of the fetched rows, no per-layer copy and no AccumulateGrad are
+allocated: the only gradients the backward creates are the [B, M, d] block gradients that the
+FFN's matmuls produce anyway (and their fp32 copies, one level and slot at a time).
 """
 from __future__ import annotations
 
@@ -59,6 +61,6 @@ class GatherBlocks(torch.autograd.Function):
                 if s.grads is not None and s.own_seq.numel():
                     s.grads[:, slot].index_add_(0, s.own_row, block.index_select(0, s.own_seq).to(s.grads.dtype))
                 if s.generic_seq.numel():
-                    summed = block.index_select(0, s.generic_seq).sum(0)
-                    ctx.generic_grads[0, slot, s.offset:s.offset + s.units] += summed.to(ctx.generic_grads.dtype)
+                    summed = block.index_select(0, s.generic_seq).sum(0, dtype=ctx.generic_grads.dtype)
+                    ctx.generic_grads[0, slot, s.offset:s.offset + s.units] += summed
         return None, None, None, None, None, None

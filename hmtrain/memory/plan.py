@@ -23,6 +23,7 @@ import numpy as np
 
 from hmtrain.memory.exchange import Comm
 from hmtrain.memory.layout import RowLayout
+from hmtrain.memory.sizes import GRAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def _requests(spec: TableSpec, paths: np.ndarray, use_generic: np.ndarray) -> tu
 def make_plan(specs: list[TableSpec], micro_batches: list[tuple[np.ndarray, np.ndarray]], comm: Comm,
               branching: tuple[int, ...], element_size: int = 4) -> StepPlan:
     """Plan a step from its micro-batches' (paths [B, L] int64, use_generic [B] bool), host arrays.
-    `element_size`: bytes per stored value, for the traffic figures in `stats`."""
+    `element_size`: bytes per stored (fetched) value, for the traffic figures in `stats`."""
     rank, world = comm.rank, comm.world_size
     fetches: list[dict[str, Fetch]] = []
     for paths, use_generic in micro_batches:
@@ -196,7 +197,8 @@ def _plan_remote(remote: list[TableSpec], fetches: list[dict[str, Fetch]], comm:
 
 def _stats(specs: list[TableSpec], plan: StepPlan, rank: int, element_size: int) -> dict[str, float]:
     """Rows and bytes per table for the step's metrics, as this rank sees them. Rows come from other
-    ranks and their gradients go back in the same dtype, so the bytes returned equal those fetched."""
+    ranks in the bank's dtype (`element_size` bytes a value) and their gradients go back in fp32, so
+    for an fp32 bank the bytes returned equal those fetched, for a bf16 bank twice them."""
     stats: dict[str, float] = {}
     for spec in specs:
         fetched = sum(len(f[spec.name].ids) for f in plan.fetches)
@@ -206,6 +208,6 @@ def _stats(specs: list[TableSpec], plan: StepPlan, rank: int, element_size: int)
         stats[f"{spec.name}/rows_fetched"] = float(fetched)
         stats[f"{spec.name}/rows_remote"] = float(remote)
         stats[f"{spec.name}/bytes_fetched"] = float(remote * spec.row_numel * element_size)
-        stats[f"{spec.name}/bytes_returned"] = float(remote * spec.row_numel * element_size)
+        stats[f"{spec.name}/bytes_returned"] = float(remote * spec.row_numel * GRAD_BYTES)
         stats[f"{spec.name}/rows_updated"] = float(len(plan.step_rows.get(spec.name, ())))
     return stats

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from hmtrain.config import check_branching
 
+GRAD_BYTES = 4  # row gradients are fp32 from the backward to the update, whatever the bank's dtype
+MASTER_BYTES = 4  # a bank stored in less than fp32 keeps fp32 master rows beside the stored ones
+
 
 @dataclass(frozen=True)
 class LevelSize:
@@ -80,10 +83,11 @@ def memory_sizes(
 class RankFootprint:
     """Bytes one rank holds for the bank, and bytes one step moves (worst case over ranks)."""
 
-    weights: int
+    weights: int  # the stored rows, in the bank's dtype: what fetches read and send
+    masters: int  # fp32 master rows of a bank stored in less than fp32 (0 for an fp32 bank)
     optimizer: int  # fp32 exp_avg + exp_avg_sq, and one int64 step count per row
     step_grads: int  # fp32 gradient buffer of the rows a step touches (upper bound)
-    fetched: int  # one micro-batch's fetched rows plus their gradient buffer (upper bound)
+    fetched: int  # one micro-batch's fetched rows plus their fp32 gradient buffer (upper bound)
     moved_gather: int  # bytes sent + received per optimizer step by one rank, gather placement (expected)
     moved_owner: int  # the same for owner placement (replicated levels and the generic row only)
 
@@ -96,12 +100,14 @@ def _expected_distinct(nodes: int, draws: int) -> float:
 def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[int], units: Sequence[int],
                    world_size: int, replicate_levels: int, generic: bool, weight_bytes: int, micro_batch: int,
                    global_batch: int) -> RankFootprint:
-    """Per-rank bank memory and traffic, assuming a batch's leaves spread uniformly over the tree."""
+    """Per-rank bank memory and traffic, assuming a batch's leaves spread uniformly over the tree.
+    `weight_bytes`: bytes per stored value (2 for bf16, which adds fp32 masters; 4 for fp32)."""
     validate_tree(branching, units)
+    master_bytes = MASTER_BYTES if weight_bytes < 4 else 0
     per_unit = n_layers * params_per_unit
     sequences_per_rank = max(1, global_batch // world_size)
     micro_batches = max(1, sequences_per_rank // micro_batch)
-    weights = optimizer = step_grads = fetched = 0
+    weights = masters = optimizer = step_grads = fetched = 0
     moved_gather = moved_owner = 0.0
     tables = [(n, m, level < replicate_levels) for level, (n, m) in enumerate(zip(level_nodes(branching), units))
               if m > 0]
@@ -111,14 +117,15 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
         row = per_unit * m
         rows = nodes if replicated else -(-nodes // world_size)
         weights += rows * row * weight_bytes
+        masters += rows * row * master_bytes
         optimizer += rows * (row * 8 + 8)
         step_grads += min(rows, global_batch) * row * 4
-        fetched += min(nodes, micro_batch) * row * (2 * weight_bytes)
+        fetched += min(nodes, micro_batch) * row * (weight_bytes + GRAD_BYTES)
         if replicated:  # ring all-reduce of the step's touched rows, fp32
             reduce = 2 * (world_size - 1) / world_size * _expected_distinct(nodes, global_batch) * row * 4
             moved_gather += reduce
             moved_owner += reduce
-        else:  # rows (and their gradients) from the other ranks' shares, per micro-batch
+        else:  # rows from the other ranks' shares and their fp32 gradients back, per micro-batch
             remote = _expected_distinct(nodes, micro_batch) * (world_size - 1) / world_size
-            moved_gather += 2 * 2 * remote * row * weight_bytes * micro_batches  # both ways, sent and received
-    return RankFootprint(weights, optimizer, step_grads, fetched, int(moved_gather), int(moved_owner))
+            moved_gather += 2 * remote * row * (weight_bytes + GRAD_BYTES) * micro_batches  # sent and received
+    return RankFootprint(weights, masters, optimizer, step_grads, fetched, int(moved_gather), int(moved_owner))

@@ -6,6 +6,11 @@ torchrec's row-wise optimizers, each row keeps its own step counter for the
 bias correction and rows without a gradient are left exactly as they are
 (weight and moments bit-identical). For a row that is touched every step this
 is exactly torch.optim.AdamW: decoupled weight decay, then the Adam update.
+
+A weight stored in bf16 keeps an fp32 master copy (`master`, as Megatron's and DeepSpeed's mixed
+precision do): the update runs on the master and the weight is its rounding. Without it, rounding
+every step back to bf16 (8 bits of mantissa) loses any change below half a unit in the last place:
+at the memory phase's learning rates (1e-4 -> 1e-5) most updates and every weight decay vanish.
 """
 
 from __future__ import annotations
@@ -44,11 +49,12 @@ class SparseAdamW:
         grads: Tensor,
         lr: float | None = None,
         validate: bool = True,
+        master: Tensor | None = None,
     ) -> None:
         sparse_adamw_(
             weight, exp_avg, exp_avg_sq, step, rows, grads,
             lr=self.lr if lr is None else lr, betas=self.betas, eps=self.eps,
-            weight_decay=self.weight_decay, validate=validate,
+            weight_decay=self.weight_decay, validate=validate, master=master,
         )
 
 
@@ -64,9 +70,11 @@ def _check_hparams(lr: float, betas: tuple[float, float], eps: float, weight_dec
 
 
 def _check_shapes(
-    weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, rows: Tensor, grads: Tensor
+    weight: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, rows: Tensor, grads: Tensor,
+    master: Tensor | None,
 ) -> None:
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+    fp32 = [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] + ([("master", master)] if master is not None else [])
+    for name, t in fp32:
         if t.shape != weight.shape or t.dtype != torch.float32:
             raise ValueError(
                 f"{name} must be float32 of weight's shape {tuple(weight.shape)}, got {t.dtype} {tuple(t.shape)}"
@@ -103,18 +111,20 @@ def sparse_adamw_(
     eps: float,
     weight_decay: float,
     validate: bool = True,
+    master: Tensor | None = None,
 ) -> None:
     """AdamW on `weight[rows]` in place, given `grads[r]` for `weight[rows[r]]`.
 
     weight: [N, ...] any float dtype; exp_avg, exp_avg_sq: fp32 like weight;
-    step: [N] per-row update counts (int64); rows: unique int64 row ids.
+    step: [N] per-row update counts (int64); rows: unique int64 row ids; master: None, or the
+    fp32 master of a low-precision weight (like weight), which the update reads and writes.
     The math runs in fp32 and is written back in weight's dtype. `validate=False` skips
     the row checks, which read device values back to the host: the bank's rows come
     from a step plan that was validated on the host already.
     """
     _check_hparams(lr, betas, eps, weight_decay)
     if validate:
-        _check_shapes(weight, exp_avg, exp_avg_sq, step, rows, grads)
+        _check_shapes(weight, exp_avg, exp_avg_sq, step, rows, grads, master)
     beta1, beta2 = betas
     rows = rows.to(weight.device)
     row_numel = max(1, math.prod(weight.shape[1:]))
@@ -122,7 +132,7 @@ def sparse_adamw_(
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]
         g = grads[start : start + chunk].to(device=weight.device, dtype=torch.float32)
-        w = weight.index_select(0, idx).float()
+        w = (master if master is not None else weight).index_select(0, idx).float()
         m = exp_avg.index_select(0, idx)
         v = exp_avg_sq.index_select(0, idx)
         t = step.index_select(0, idx) + 1
@@ -140,6 +150,8 @@ def sparse_adamw_(
         w.sub_(step_size * m / denom)
 
         weight.index_copy_(0, idx, w.to(weight.dtype))
+        if master is not None:
+            master.index_copy_(0, idx, w)
         exp_avg.index_copy_(0, idx, m)
         exp_avg_sq.index_copy_(0, idx, v)
         step.index_copy_(0, idx, t.to(step.dtype))

@@ -8,7 +8,10 @@ its sparse optimizer live beside it. Three things keep it equal to one process o
   not divided by the accumulation steps either (`scale_wrt_gas=False`: the normalisation did that);
 - one global norm clips anchor and bank together: before the boundary step DeepSpeed's own anchor norm
   is read, and its clip threshold set so that its clip equals max_norm / global norm;
-- a client torch AdamW (no JIT-built fused op) with decoupled weight decay on matrices only.
+- a client torch AdamW (no JIT-built fused op) with decoupled weight decay on matrices only;
+- under bf16, gradients accumulate over micro-batches in fp32 (`data_types.grad_accum_dtype`; DeepSpeed's
+  default is the model's dtype, and a bf16 sum of 16-32 micro-batches loses their small terms). ZeRO-1
+  then runs DeepSpeed's BF16_Optimizer (fp32 gradient buffers), ZeRO-2/3 keep fp32 gradient partitions.
 Checkpoints: weights go through DCP like every engine (full tensors gathered from ZeRO-3), the
 partitioned optimizer state through DeepSpeed's own files, which resume on the same number of ranks.
 """
@@ -38,6 +41,20 @@ def _skip_shm_build() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+def deepspeed_config(*, zero_stage: int, micro_batch: int, accumulation: int, bf16: bool) -> dict[str, Any]:
+    """The config hmtrain hands deepspeed.initialize (see the module doc for each choice)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "zero_optimization": {"stage": zero_stage},
+        "gradient_clipping": 1.0,  # reset every step to realise the global clip (see module doc)
+        "bf16": {"enabled": bf16},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
 class DeepSpeedEngine:
     def __init__(self, model: nn.Module, optim: OptimConfig, device: torch.device, *, zero_stage: int,
                  micro_batch: int, accumulation: int, world_size: int, bf16: bool):
@@ -46,15 +63,8 @@ class DeepSpeedEngine:
         if device.type == "cpu":
             _skip_shm_build()
         self.device, self.world_size = device, world_size
-        self.config = {
-            "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": accumulation,
-            "zero_optimization": {"stage": zero_stage},
-            "gradient_clipping": 1.0,  # reset every step to realise the global clip (see module doc)
-            "bf16": {"enabled": bf16},
-            "steps_per_print": 1 << 30,
-            "wall_clock_breakdown": False,
-        }
+        self.config = deepspeed_config(zero_stage=zero_stage, micro_batch=micro_batch, accumulation=accumulation,
+                                       bf16=bf16)
         self._deepspeed = deepspeed
         self._module = model
         self.engine = self._initialize(optim)
@@ -93,6 +103,9 @@ class DeepSpeedEngine:
         optimizer = self.engine.optimizer
         if hasattr(optimizer, "scaled_global_norm"):  # ZeRO 1/2
             norm = optimizer.scaled_global_norm()
+        elif hasattr(optimizer, "get_grads_for_norm"):  # ZeRO 1 under bf16: BF16_Optimizer, whole fp32 grads
+            from deepspeed.runtime.utils import get_global_norm_of_tensors
+            norm = get_global_norm_of_tensors(optimizer.get_grads_for_norm()[0], mpu=optimizer.mpu)
         else:  # ZeRO 3
             from deepspeed.runtime.utils import combine_grad_norm_groups
             norm = combine_grad_norm_groups(optimizer._get_norm_groups())

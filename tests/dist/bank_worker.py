@@ -1,6 +1,7 @@
 """torchrun worker: train a bank alone for a few steps on a fixed global batch, save it with DCP.
 
 Usage: bank_worker.py OUT --placement gather|owner --replicate N --steps S [--resume DIR] [--generic]
+                     [--dtype fp32|bf16]
 Every rank takes its part of each global batch (gather: equal chunks; owner: the sequences of the
 subtrees it owns), so the union over ranks is the same whatever the world size, and the saved bank
 must match the one-process run's.
@@ -43,7 +44,7 @@ def loss_for(fetched, ids: np.ndarray) -> torch.Tensor:
     """A memory FFN on inputs keyed by global sequence id, summed over sequences."""
     loss = torch.zeros(())
     for layer in range(LAYERS):
-        gate, up, down = fetched.layer(layer)
+        gate, up, down = (t.float() for t in fetched.layer(layer))  # a bf16 bank's blocks computed in fp32
         x = torch.stack([torch.randn(3, D, generator=torch.Generator().manual_seed(int(i) * 10 + layer))
                          for i in ids]) if len(ids) else torch.zeros(0, 3, D)
         y = (F.silu(x @ gate.transpose(1, 2)) * (x @ up.transpose(1, 2))) @ down.transpose(1, 2)
@@ -60,6 +61,7 @@ def main() -> int:
     args.add_argument("--first-step", type=int, default=0)
     args.add_argument("--resume")
     args.add_argument("--generic", action="store_true")
+    args.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     a = args.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -70,10 +72,12 @@ def main() -> int:
         owner = assign_subtrees([5, 1, 3, 2], world)
     bank = MemoryBank(n_layers=LAYERS, kind=SwiGLUUnits(d_model=D), branching=BRANCHING, units=UNITS, generic=True,
                       seed=0, optimizer=SparseAdamW(lr=0.05, weight_decay=0.1), comm=comm, placement=a.placement,
-                      replicate_levels=a.replicate, owner_of_subtree=owner)
+                      replicate_levels=a.replicate, owner_of_subtree=owner,
+                      dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype])
     for table in bank._state.values():  # non-zero down rows, so every slot gets gradients from step 0
-        w = table["weight"]
-        w[:, :, 2] = 0.5
+        for rows in (table["weight"], table.get("master")):  # a bf16 bank's fp32 masters too
+            if rows is not None:
+                rows[:, :, 2] = 0.5
     if a.resume:
         state = {"bank": bank.load_template()}
         dcp.load(state, checkpoint_id=a.resume)

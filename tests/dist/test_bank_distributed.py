@@ -12,19 +12,19 @@ from tests.dist.conftest import torchrun
 pytestmark = pytest.mark.timeout(900)
 
 
-def run(tmp_path, name, nproc, placement="gather", replicate=0, steps=4, start=0, resume=None):
+def run(tmp_path, name, nproc, placement="gather", replicate=0, steps=4, start=0, resume=None, dtype="fp32"):
     out = tmp_path / name
     args = [worker.__file__, str(out), "--placement", placement, "--replicate", str(replicate), "--steps",
-            str(steps), "--first-step", str(start), "--generic"]
+            str(steps), "--first-step", str(start), "--generic", "--dtype", dtype]
     if resume:
         args += ["--resume", str(resume)]
     torchrun(nproc, args, cwd=tmp_path)
     return out
 
 
-def load(path) -> dict:
+def load(path, dtype=torch.float32) -> dict:
     bank = MemoryBank(n_layers=worker.LAYERS, kind=SwiGLUUnits(d_model=worker.D), branching=worker.BRANCHING,
-                      units=worker.UNITS, seed=123)
+                      units=worker.UNITS, seed=123, dtype=dtype)
     state = {"bank": bank.load_template()}
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
     bank.load_state_dict(state["bank"])
@@ -50,3 +50,12 @@ def test_a_bank_saved_on_two_ranks_resumes_on_three_and_on_one(tmp_path):
     half = run(tmp_path, "half", 2, steps=2)
     assert_same(straight, load(run(tmp_path, "on3", 3, "owner", steps=2, start=2, resume=half)), "2 -> 3 ranks")
     assert_same(straight, load(run(tmp_path, "on1", 1, steps=2, start=2, resume=half)), "2 -> 1 rank")
+
+
+def test_a_bf16_bank_resumes_its_fp32_masters_on_another_world_size(tmp_path):
+    # saved from chunk slices on two ranks, loaded by three into subtree rows (relaid out), masters included
+    straight = load(run(tmp_path, "straight", 1, steps=4, dtype="bf16"), torch.bfloat16)
+    half = run(tmp_path, "half", 2, steps=2, dtype="bf16")
+    resumed = load(run(tmp_path, "on3", 3, "owner", steps=2, start=2, resume=half, dtype="bf16"), torch.bfloat16)
+    assert straight["level3.master"].dtype == torch.float32 and straight["level3.weight"].dtype == torch.bfloat16
+    assert_same(straight, resumed, "bf16, 2 -> 3 ranks")

@@ -13,9 +13,16 @@ def test_rank_footprint_by_hand():
                        replicate_levels=1, generic=False, weight_bytes=2, micro_batch=2, global_batch=8)
     row0, row1 = 3 * 8 * 2, 3 * 8 * 1  # parameters per row of each level
     assert f.weights == (4 * row0 + 4 * row1) * 2  # all of level 0, a quarter of level 1, in bf16
+    assert f.masters == (4 * row0 + 4 * row1) * 4  # and their fp32 masters
     assert f.optimizer == 4 * (row0 * 8 + 8) + 4 * (row1 * 8 + 8)  # fp32 moments + an int64 step per row
     assert f.step_grads == (4 * row0 + 4 * row1) * 4  # at most min(rows, global batch) rows, fp32
-    assert f.fetched == (2 * row0 + 2 * row1) * 2 * 2  # a micro-batch's rows and their gradients
+    assert f.fetched == (2 * row0 + 2 * row1) * (2 + 4)  # a micro-batch's bf16 rows and their fp32 gradients
+    fp32 = rank_footprint(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], world_size=4,
+                          replicate_levels=1, generic=False, weight_bytes=4, micro_batch=2, global_batch=8)
+    assert fp32.masters == 0 and fp32.weights == 2 * f.weights  # an fp32 bank is its own master
+    # gather placement sends rows in the bank's dtype and their gradients back in fp32
+    assert f.moved_gather - f.moved_owner == pytest.approx((fp32.moved_gather - fp32.moved_owner) * (2 + 4) / (4 + 4),
+                                                           abs=2)
     assert f.moved_owner > 0 and f.moved_gather > f.moved_owner  # gather also moves level 1 rows
 
 
