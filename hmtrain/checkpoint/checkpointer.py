@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from hmtrain.checkpoint.formats import as_saved
 from hmtrain.checkpoint.verify import CONFIG_FILE, TRAINER_FILE, CheckpointError, describe, read_trainer, verify_files
+from hmtrain.util.faults import fault_point
 from hmtrain.util.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class Checkpointer:
             with _quiet_dcp():
                 if async_save:
                     pending.future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+                    fault_point("async_save", step)
                 else:
                     dcp.save(state, checkpoint_id=str(tmp))
             if write_extra is not None:

@@ -43,6 +43,7 @@ from hmtrain.train.throughput import (
     train_flops_per_token,
 )
 from hmtrain.train.tracking import Tracker, start_tracking
+from hmtrain.util.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def _run_to_end(run: Parts, checkpointer: Checkpointer, tracker: Tracker, state:
         while state.step < recipe.total_steps:
             now = recipe.at(state.step)
             if now.phase != current.phase:  # the phase switch: fresh anchor moments, maybe a new batch size
+                fault_point("phase_switch", state.step)
                 run.engine.reset(recipe.anchor_optim(now.phase), accumulation=run.accumulation(state.step))
                 run.engine.set_trainable(now.anchor_trains)
                 recipe.apply_stage(run.model, state.step, fresh=True)
