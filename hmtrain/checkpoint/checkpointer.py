@@ -114,7 +114,8 @@ class Checkpointer:
         self.directory = Path(directory)
         self.states = dict(states or {})
         self.every, self.keep, self.config_yaml, self.async_save = every, keep, config_yaml, async_save
-        # background writes use their own (gloo) group, so they never interleave with training collectives
+        # background writes use a (gloo) group nothing else uses: they run in another thread, so
+        # on a shared group their collectives would interleave with the loop's differently per rank
         self.process_group = process_group
         self.on_durable = on_durable
         self._pending: Optional[_Pending] = None

@@ -55,7 +55,10 @@ def saved(live: Tensor, layout: RowLayout, comm: Comm, mesh: DeviceMesh) -> Tens
         return live
     if layout.kind == "replicated":
         start, stop = chunk_rows(n, world, rank)
-        return _as_dtensor(live[start:stop], mesh, n)
+        # a copy, not a view: a DTensor takes its local tensor's storage offset, and DCP's async stager
+        # takes a DTensor with a nonzero offset for one with storage of its own and fails ("copy_() on an
+        # invalid python storage") on every rank but the first. The copy is 1/world of a small table.
+        return _as_dtensor(live[start:stop].clone(), mesh, n)
     if layout.is_chunk_compatible:
         return _as_dtensor(live, mesh, n)
     return _as_dtensor(relayout(comm, live, layout, chunked(n, world, rank)), mesh, n)

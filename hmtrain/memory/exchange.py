@@ -20,8 +20,9 @@ class Comm:
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
         self.device = torch.device(device)
-        # host integers (sizes, row ids, counts) travel on a gloo group when the main group is NCCL,
-        # so exchanging them never makes the host wait for the GPU
+        # host integers (sizes, row ids, counts) travel on their own gloo group when one is given (the
+        # trainer gives one, NCCL or not): exchanging them never makes the host wait for the GPU, and
+        # no other thread's collectives (a background checkpoint's) share their order
         self.control_group = control_group
 
     def all_to_all(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:

@@ -1,5 +1,5 @@
 """Process groups for a job launched by torchrun (or srun + torchrun): one place that reads the launcher's
-environment, starts the default group with a timeout, and ends it cleanly.
+environment, starts the default group with a timeout, makes the gloo side groups, and ends it cleanly.
 
 A single process (no WORLD_SIZE, or WORLD_SIZE=1) runs without a process group: the bank and the loader
 treat it as a world of one, and the anchor stays a plain module.
@@ -82,6 +82,27 @@ def new_group(backend: str, timeout_s: int) -> dist.ProcessGroup | None:
     if not dist.is_initialized():
         return None
     return dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+@dataclass(frozen=True)
+class SideGroups:
+    """The gloo groups beside the default one, one per kind of host-side traffic (None on one process).
+
+    Every rank must issue a group's collectives in the same order. A background checkpoint issues
+    its own from another thread, at moments that differ per rank, so it gets a group nothing else
+    uses; shared with the main thread's, the two interleave differently per rank and the job hangs.
+    gloo jobs get the same two groups as NCCL ones, so the CPU tests run the wiring GPUs run.
+    """
+
+    control: dist.ProcessGroup | None  # main thread: the bank's row ids, token counts, stop agreement, run ids
+    checkpoint: dist.ProcessGroup | None  # dcp.async_save's background thread, and nothing else
+
+
+def side_groups(info: DistInfo, timeout_s: int) -> SideGroups:
+    """Make the side groups (every rank calls this, in the same order as its other new_group calls)."""
+    if not info.distributed:
+        return SideGroups(control=None, checkpoint=None)
+    return SideGroups(control=new_group("gloo", timeout_s), checkpoint=new_group("gloo", timeout_s))
 
 
 def barrier() -> None:

@@ -17,7 +17,7 @@ from hmtrain.data.loading.loader import StepLoader
 from hmtrain.memory import Comm, MemoryBank, build_bank, uses_memory
 from hmtrain.model import Transformer, build_model, run_model_config
 from hmtrain.parallel import Precision, resolve_precision
-from hmtrain.parallel.dist import DistInfo, new_group
+from hmtrain.parallel.dist import DistInfo, SideGroups, side_groups
 from hmtrain.parallel.engine import Engine
 from hmtrain.parallel.parallelize import parallelize
 from hmtrain.parallel.placement import assign_subtrees
@@ -50,8 +50,8 @@ class Parts:
     info: DistInfo
     data: PreparedData
     precision: Precision
-    comm: Comm  # the bank's and the loop's host-side collectives
-    side: Optional[torch.distributed.ProcessGroup]  # gloo group for checkpoint writes and host objects
+    comm: Comm  # the bank's and the loop's collectives (host integers on groups.control)
+    groups: SideGroups  # gloo groups: the host-side control plane, background checkpoint writes
     model: Transformer
     recipe: Recipe
     bank: Optional[MemoryBank]
@@ -87,9 +87,9 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
     tc = cfg.train
     precision = resolve_precision(tc, info.device)
     cfg = resolve_vocab(cfg, data)
-    # host-side integers go over gloo when the main group is NCCL; checkpoints write on their own gloo group
-    side = new_group("gloo", cfg.parallel.timeout_s) if info.distributed else None
-    comm = Comm(device=info.collective_device, control_group=side if info.backend == "nccl" else None)
+    # host-side integers and background checkpoint writes each on their own gloo group, NCCL or not
+    groups = side_groups(info, cfg.parallel.timeout_s)
+    comm = Comm(device=info.collective_device, control_group=groups.control)
 
     torch.manual_seed(tc.seed)  # the same initial anchor on every rank, sharded afterwards
     model = build_model(cfg, run_model_config(cfg.model, tc.mode, tc.dense_multiplier)).to(info.device)
@@ -107,7 +107,7 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
                           num_workers=cfg.data.num_workers)
 
     engine = engine_for_step(model, cfg, info, recipe, 0, precision)
-    return Parts(cfg, info, data, precision, comm, side, model, recipe, bank, engine, Batches(loader))
+    return Parts(cfg, info, data, precision, comm, groups, model, recipe, bank, engine, Batches(loader))
 
 
 def restore_in_phase(engine: Engine, model, recipe: Recipe, step: int, saved_phase: Optional[str],

@@ -45,7 +45,7 @@ class Tracker:
             self.mlflow.close(status=status)
 
 
-def start_tracking(cfg: Config, *, is_main: bool, side_group, resume: bool, step: int, run_id: Optional[str],
+def start_tracking(cfg: Config, *, is_main: bool, control_group, resume: bool, step: int, run_id: Optional[str],
                    params: Callable[[], dict[str, Any]], artifacts: Sequence[Path]) -> Tracker:
     """Open the run's trackers (every rank calls this). `run_id`: the MLflow run a resumed checkpoint
     records; `params()`: numbers logged beside the config; `artifacts`: files logged once with config.yaml."""
@@ -71,8 +71,8 @@ def start_tracking(cfg: Config, *, is_main: bool, side_group, resume: bool, step
     if cfg.logging.mlflow and cfg.logging.system_metrics:
         # every node's first rank logs its machine's metrics into rank 0's run
         shared = [mlflow.run_id if mlflow is not None else run_id, mlflow.tracking_uri if mlflow is not None else None]
-        if side_group is not None:
-            torch.distributed.broadcast_object_list(shared, src=0, group=side_group)
+        if control_group is not None:
+            torch.distributed.broadcast_object_list(shared, src=0, group=control_group)
         monitor = start_system_metrics(shared[0], shared[1], cfg.logging.system_metrics_interval_s, resume)
     return Tracker(jsonl, mlflow, monitor)
 

@@ -63,10 +63,11 @@ def train(cfg: Config, *, resume: bool = False, fallback: bool = False) -> Path:
                   LOADER: run.batches}
         checkpointer = Checkpointer(Path(tc.run_dir) / "checkpoints", states, every=tc.checkpoint_every,
                                     keep=tc.keep_checkpoints, config_yaml=to_yaml(run.cfg),
-                                    async_save=tc.async_checkpoint, process_group=run.side)
+                                    async_save=tc.async_checkpoint, process_group=run.groups.checkpoint)
         latest, stage_begins = resume_run(run, checkpointer, state, resume, fallback)
-        tracker = start_tracking(run.cfg, is_main=info.is_main, side_group=run.side, resume=latest is not None,
-                                 step=state.step, run_id=state.mlflow_run_id, params=lambda: _params(run),
+        tracker = start_tracking(run.cfg, is_main=info.is_main, control_group=run.groups.control,
+                                 resume=latest is not None, step=state.step, run_id=state.mlflow_run_id,
+                                 params=lambda: _params(run),
                                  artifacts=[data.root / data.manifest["tree"], data.root / "manifest.json"])
         if tracker.mlflow is not None:
             state.mlflow_run_id = tracker.mlflow.run_id

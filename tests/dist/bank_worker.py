@@ -1,12 +1,15 @@
 """torchrun worker: train a bank alone for a few steps on a fixed global batch, save it with DCP.
 
 Usage: bank_worker.py OUT --placement gather|owner --replicate N --steps S [--resume DIR] [--generic]
-                     [--dtype fp32|bf16]
+                     [--dtype fp32|bf16] [--background]
 Every rank takes its part of each global batch (gather: equal chunks; owner: the sequences of the
 subtrees it owns), so the union over ranks is the same whatever the world size, and the saved bank
-must match the one-process run's.
+must match the one-process run's. `--background` saves with dcp.async_save on a gloo group of its own
+(as `train.async_checkpoint` does) and trains one more step while the write runs: the checkpoint
+still holds the bank as it was when the save began.
 """
 import argparse
+import datetime
 import os
 import sys
 
@@ -22,6 +25,7 @@ from hmtrain.parallel.placement import assign_subtrees
 
 BRANCHING, UNITS, LAYERS, D = (4, 3, 2), (3, 2, 2), 2, 4
 GLOBAL_BATCH, MICRO = 12, 2
+TIMEOUT = datetime.timedelta(seconds=60)  # a hung collective fails the worker, not the suite
 
 
 def global_batch(step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +56,31 @@ def loss_for(fetched, ids: np.ndarray) -> torch.Tensor:
     return loss
 
 
+def train_step(bank: MemoryBank, step: int, world: int, owner, generic: bool) -> None:
+    ids, paths = my_share(*global_batch(step), bank.comm.rank, world, owner)
+    use_generic = (ids % 5 == 0) if generic else np.zeros(len(ids), dtype=bool)
+    chunks = np.array_split(np.arange(len(ids)), MICRO)
+    plan = bank.plan_step([(paths[c], use_generic[c]) for c in chunks])
+    for k, c in enumerate(chunks):
+        fetched = bank.fetch(plan, k)
+        if len(c):  # owner placement can leave a rank an empty micro-batch
+            loss_for(fetched, ids[c]).backward()
+        bank.return_grads(fetched)
+    norm = bank.finish_grads().sqrt()
+    bank.step(lr=0.05, grad_scale=torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+
+
+def save(bank: MemoryBank, out: str, background: bool, next_step: int, world: int, owner, generic: bool) -> None:
+    state = {"bank": bank.state_dict()}
+    if not background:
+        dcp.save(state, checkpoint_id=out)
+        return
+    group = dist.new_group(backend="gloo", timeout=TIMEOUT) if world > 1 else None
+    pending = dcp.async_save(state, checkpoint_id=out, process_group=group)
+    train_step(bank, next_step, world, owner, generic)  # training goes on while the write runs
+    pending.result()
+
+
 def main() -> int:
     args = argparse.ArgumentParser()
     args.add_argument("out")
@@ -62,10 +91,11 @@ def main() -> int:
     args.add_argument("--resume")
     args.add_argument("--generic", action="store_true")
     args.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    args.add_argument("--background", action="store_true")
     a = args.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=TIMEOUT)
     comm = Comm()
     owner = None
     if a.placement == "owner":
@@ -83,18 +113,8 @@ def main() -> int:
         dcp.load(state, checkpoint_id=a.resume)
         bank.load_state_dict(state["bank"])
     for step in range(a.first_step, a.first_step + a.steps):
-        ids, paths = my_share(*global_batch(step), comm.rank, world, owner)
-        generic = (ids % 5 == 0) if a.generic else np.zeros(len(ids), dtype=bool)
-        chunks = np.array_split(np.arange(len(ids)), MICRO)
-        plan = bank.plan_step([(paths[c], generic[c]) for c in chunks])
-        for k, c in enumerate(chunks):
-            fetched = bank.fetch(plan, k)
-            if len(c):  # owner placement can leave a rank an empty micro-batch
-                loss_for(fetched, ids[c]).backward()
-            bank.return_grads(fetched)
-        norm = bank.finish_grads().sqrt()
-        bank.step(lr=0.05, grad_scale=torch.clamp(1.0 / (norm + 1e-6), max=1.0))
-    dcp.save({"bank": bank.state_dict()}, checkpoint_id=a.out)
+        train_step(bank, step, world, owner, a.generic)
+    save(bank, a.out, a.background, a.first_step + a.steps, world, owner, a.generic)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,7 +1,9 @@
 """`hmtrain train` under torchrun with gloo: the loss curve and the bank do not depend on the world size,
-the placement or the engine; checkpoints reshard to another world size; a dead rank ends the job."""
+the placement or the engine; checkpoints reshard to another world size; a run resumes exactly from a
+checkpoint written in the background; a dead rank ends the job."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +35,13 @@ def data(tmp_path_factory) -> dict:
                  f"data.prepared={root / 'prepared'}"]
     run_cli("data", "prepare", "--config", "tiny", *overrides, cwd=root)
     return {"root": root, "overrides": overrides}
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """The one-process run of TRAIN, uninterrupted: the reference every other run must match."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    return train(data, tmp_path, "one", 1)
 
 
 def train(data, tmp_path, name, nproc, *extra, resume=False):
@@ -76,16 +85,15 @@ def assert_same_run(a, b, what):
         torch.testing.assert_close(ba[name], bb[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{what}: {name}: {m}")
 
 
-def test_world_size_placement_and_engine_do_not_change_training(data, tmp_path):
-    reference = train(data, tmp_path, "one", 1)
-    first = losses(reference)
+def test_world_size_placement_and_engine_do_not_change_training(data, straight, tmp_path):
+    first = losses(straight)
     assert first[5] < first[1], "the run must learn"
     runs = {}
     for name, nproc, extra in [("fsdp2", 2, []), ("fsdp3_owner", 3, ["parallel.placement=owner"]),
                                ("fsdp2_replicated", 2, ["parallel.replicate_levels=1"]),
                                ("zero2", 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"])]:
         runs[name] = train(data, tmp_path, name, nproc, *extra)
-        assert_same_run(reference, runs[name], name)
+        assert_same_run(straight, runs[name], name)
     # only fetched rows cross the network: gather placement moves deep rows, owner placement none
     gathered, owned = last_metrics(runs["fsdp2"]), last_metrics(runs["fsdp3_owner"])
     row_bytes = 2 * 3 * 32 * 4 * 4  # level2: 2 layers x 3 x d 32 x 4 units, fp32
@@ -112,14 +120,30 @@ def test_deepspeed_zero1_under_bf16_matches_one_process(data, tmp_path):
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3)])
-def test_checkpoints_reshard_to_another_world_size(data, tmp_path, before, after):
-    straight = train(data, tmp_path, "straight", 1)
+def test_checkpoints_reshard_to_another_world_size(data, straight, tmp_path, before, after):
     split = ["train.checkpoint_every=3"]
-    # the first leg writes its checkpoints in the background (dcp.async_save on a gloo side group)
+    # the first leg's one checkpoint is its last step's, which is saved blocking even with async_checkpoint
     run = train(data, tmp_path, "run", before, *split, "train.memory_steps=1", "train.async_checkpoint=true")
     assert (run / "checkpoints" / "step_00000003").is_dir()
     train(data, tmp_path, "run", after, *split, resume=True)
     assert_same_run(straight, run, f"{before} -> {after} ranks")
+
+
+def test_a_run_resumes_exactly_from_a_checkpoint_written_in_the_background(data, straight, tmp_path):
+    """Every step but the last is saved in the background (dcp.async_save) while the next one trains. The bank's
+    replicated tables (level 1, the generic row) make every rank stage a slice of its own; the bank's control
+    collectives, which run every step, keep to their own gloo group, as on NCCL: shared with the background
+    save's, the two interleave differently per rank and the job hangs."""
+    background = ["train.checkpoint_every=1", "train.async_checkpoint=true", "parallel.replicate_levels=1"]
+    run = train(data, tmp_path, "run", 2, *background)
+    assert_same_run(straight, run, "checkpoints written in the background")
+    # resume from step 4's background save, as a run killed during step 5's (blocking) save would
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "step_00000004" / "trainer.json").is_file()
+    shutil.rmtree(checkpoints / "step_00000005")
+    (checkpoints / "latest").write_text("step_00000004")
+    train(data, tmp_path, "run", 2, *background, resume=True)
+    assert_same_run(straight, run, "resumed from a background save")
 
 
 def test_a_dead_rank_ends_the_job_and_the_checkpoint_resumes(data, tmp_path):
