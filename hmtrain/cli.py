@@ -309,7 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hmtrain.parallel.supervisor import stop_with_supervisor
+    from hmtrain.parallel.supervisor import report_to_launcher, stop_with_supervisor
 
     stop_with_supervisor()  # a torchrun worker checkpoints and stops if torchrun is killed
     args = parse_args(argv)
@@ -326,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
         rc = exit_code(exc)
-        print(f"hmtrain {command}{where}: {'' if rc > 128 else 'error: '}{one_line(exc)}", file=sys.stderr)
+        text = f"{'' if rc > 128 else 'error: '}{one_line(exc)}"
+        # a stopped rank's line says how to resume: each prints its own; errors go through the launcher
+        if rc > 128 or not report_to_launcher(f"hmtrain {command}", text):
+            print(f"hmtrain {command}{where}: {text}", file=sys.stderr)
         if every_rank_reports(exc):
             _meet()
     return _leave(rc)

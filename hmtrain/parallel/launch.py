@@ -11,10 +11,14 @@ that failed. Here:
   a user), else a rank that failed on its own (not stopped by torchrun's SIGTERM), and the job leaves with
   that rank's code (2 for bad input, 1 for an internal error, 128 + N for death by signal N);
 - every rank stopped by SIGTERM (one rank was signalled, all agreed to checkpoint and stop): 143.
-Each rank prints its own one-line error; this adds one line naming the root cause, and no traceback.
+Under this launcher a rank does not print its one-line error itself: it writes it to torchrun's error
+file (TORCHELASTIC_ERROR_FILE, see `report_to_launcher`), and the launcher prints the root cause's line,
+then any other rank's line that says something else, then one line naming the root cause; no traceback.
+So a bad config on 64 ranks is one error line, not 64 (plain torchrun still shows each rank's line).
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Mapping
@@ -23,7 +27,21 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.run import parse_args, run
 
+from hmtrain.parallel.supervisor import LAUNCHED
+
 STOPPED = 128 + signal.SIGTERM
+def reported_lines(root: int, failures: Mapping[int, ProcessFailure]) -> list[str]:
+    """The ranks' own error lines, each different one once with the ranks that gave it, the root cause's first."""
+    by_line: dict[tuple[str, str], list[int]] = {}
+    for rank in (root, *sorted(failures)):
+        reported = failures[rank].error_file_data.get("hmtrain")
+        if reported and rank not in by_line.setdefault(tuple(reported), []):
+            by_line[tuple(reported)].append(rank)
+    lines = []
+    for (who, text), ranks in by_line.items():
+        which = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, sorted(ranks)))}"
+        lines.append(f"{who} ({which}): {text}")
+    return lines
 
 
 def exit_code(exitcode: int) -> int:
@@ -52,6 +70,7 @@ def describe(exitcode: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ[LAUNCHED] = "1"  # the ranks inherit it
     try:
         run(args)
     except SignalException as exc:
@@ -60,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         rank, failure = root_cause(exc.failures)
+        for line in reported_lines(rank, exc.failures):
+            print(line, file=sys.stderr)
         others = sorted(r for r in exc.failures if r != rank)
         also = f"; ranks {others} stopped with it" if others else ""
         print(f"torchrun: rank {rank} ended the job ({describe(failure.exitcode)}){also}", file=sys.stderr)

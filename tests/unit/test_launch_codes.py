@@ -3,7 +3,8 @@ import signal
 
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from hmtrain.parallel.launch import STOPPED, describe, exit_code, root_cause
+from hmtrain.parallel.launch import STOPPED, describe, exit_code, reported_lines, root_cause
+from hmtrain.parallel.supervisor import LAUNCHED, report_to_launcher
 
 
 def failure(exitcode: int, timestamp: int) -> ProcessFailure:
@@ -39,3 +40,27 @@ def test_of_two_real_failures_the_earlier_is_the_cause():
 def test_exits_read_as_the_shell_writes_them():
     assert exit_code(-9) == 137 and exit_code(-15) == 143 and exit_code(1) == 1 and exit_code(0) == 0
     assert describe(-9) == "killed by SIGKILL" and describe(2) == "exit code 2"
+
+
+def reported(tmp_path, rank: int, exitcode: int, who: str, text: str, monkeypatch) -> ProcessFailure:
+    """A failure whose rank handed its line over as a rank of the launcher does."""
+    path = tmp_path / f"error{rank}.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    monkeypatch.setenv(LAUNCHED, "1")
+    assert report_to_launcher(who, text)
+    return ProcessFailure(local_rank=rank, pid=1, exitcode=exitcode, error_file=str(path))
+
+
+def test_the_launcher_prints_each_different_error_once_with_its_ranks(tmp_path, monkeypatch):
+    same = "error: config key 'train.seed': must be >= 0"
+    failures = {rank: reported(tmp_path, rank, 2, "hmtrain train", same, monkeypatch) for rank in range(4)}
+    failures[4] = reported(tmp_path, 4, 2, "hmtrain train", "error: data.prepared: no manifest.json", monkeypatch)
+    failures[5] = failure(-signal.SIGTERM, 30)  # stopped by torchrun before it could say anything
+    assert reported_lines(4, failures) == ["hmtrain train (rank 4): error: data.prepared: no manifest.json",
+                                           f"hmtrain train (ranks 0, 1, 2, 3): {same}"]
+
+
+def test_outside_the_launcher_a_rank_prints_its_own_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    monkeypatch.delenv(LAUNCHED, raising=False)  # plain torchrun
+    assert not report_to_launcher("hmtrain train", "error: x") and not (tmp_path / "error.json").exists()
