@@ -1,4 +1,5 @@
-"""`hmtrain info`: the parameter budget of a config, per level, and what one rank holds, without allocating."""
+"""`hmtrain info`: the parameter budget of a config, per level, what one training rank holds, and what evaluation
+needs on the device and on the host, without allocating."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,7 @@ from rich.table import Table
 from hmtrain.config import Config
 from hmtrain.memory import memory_sizes
 from hmtrain.memory.kind import memory_kind
-from hmtrain.memory.sizes import rank_footprint
+from hmtrain.memory.sizes import eval_footprint, rank_footprint
 from hmtrain.model import count_parameters, run_model_config
 from hmtrain.model.sizes import human
 
@@ -63,6 +64,7 @@ def print_info(cfg: Config, console: Console | None = None, world_size: int = 1)
                   f"{summary['dense_baseline']:,} ({human(summary['dense_baseline'])})", "")
     console.print(table)
     summary["per_rank"] = print_rank_memory(cfg, summary, console, world_size)
+    summary["eval"] = print_eval_memory(cfg, summary, console)
     return summary
 
 
@@ -96,3 +98,33 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
     table.add_row("bank traffic per step, owner placement (expected)", f"{bank.moved_owner / GiB:.2f}")
     console.print(table)
     return {"total": total, **rows, "moved_gather": bank.moved_gather, "moved_owner": bank.moved_owner}
+
+
+def print_eval_memory(cfg: Config, summary: dict, console: Console) -> dict:
+    """`eval` and `generate --checkpoint` on one process (hmtrain/eval/loading.py): the anchor and each batch's
+    fetched rows on the device; the bank's weights, without optimizer state, in host memory."""
+    model = model_config(cfg)
+    weight_bytes = 2 if cfg.memory.dtype == "bf16" else 4
+    batch = cfg.eval.probe_batch_size  # the largest batch eval looks up; held-out batches are eval.batch_size
+    bank = eval_footprint(n_layers=model.n_layers, params_per_unit=memory_kind(cfg).params_per_unit,
+                          branching=cfg.tree.branching, units=cfg.memory.units, generic=cfg.memory.generic,
+                          weight_bytes=weight_bytes, batch=batch)
+    device = {"anchor weights (fp32)": 4 * summary["anchor"],
+              f"fetched rows of a probe batch of {batch} (at most)": bank.fetched}
+    host = {f"bank weights ({cfg.memory.dtype}, no optimizer state)": bank.weights,
+            "fetched rows staged for the copy (pinned on CUDA)": bank.fetched,
+            "while loading: one saved chunk (at most the largest table)": bank.largest_table}
+    device_total = sum(device.values())
+    host_peak = bank.weights + max(bank.fetched, bank.largest_table)  # loading ends before the first lookup
+    table = Table(title="eval / generate --checkpoint on one process, before activations")
+    table.add_column("what")
+    table.add_column("GiB", justify="right")
+    for name, value in device.items():
+        table.add_row(f"device: {name}", f"{value / GiB:.2f}")
+    table.add_row("device total", f"{device_total / GiB:.2f}")
+    for name, value in host.items():
+        table.add_row(f"host: {name}", f"{value / GiB:.2f}")
+    table.add_row("host peak", f"{host_peak / GiB:.2f}")
+    console.print(table)
+    return {"device": device_total, "host": host_peak, "bank_weights": bank.weights, "fetched": bank.fetched,
+            "largest_table": bank.largest_table}

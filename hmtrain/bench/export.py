@@ -1,15 +1,15 @@
-"""Benchmark: the memory `hmtrain export` needs, against loading the checkpoint whole (`load_trained`).
+"""Benchmark: the memory `hmtrain export` and `load_trained` (what `eval` and `generate --checkpoint` do) need.
 
     python -m hmtrain.bench.export [--workdir DIR] [--units 2048 128] [--branching 4 16] [--d 256 --layers 4]
 
 Writes a checkpoint of an untrained bank (weights and both fp32 Adam moments, as training saves
 them) on tiny prepared data, then runs, each in a fresh process: importing hmtrain (the floor),
-`load_trained` (model + whole bank + moments, what `eval` and `generate --checkpoint` do) and
+`load_trained` (the model and the bank's weights, no moments: hmtrain/eval/loading.py) and
 `export_checkpoint`. Columns: peak anonymous memory (sampled every 2 ms from /proc/self/status,
 RssAnon: what the process really needs) and peak RSS (VmHWM; includes the output file's pages
 mapped while it is written, which the kernel can write back and drop), both above the floor, in
 units of the largest table. Target for export: anonymous peak about one table (DCP reads a saved
-chunk whole), whatever the number of tables.
+chunk whole), whatever the number of tables; for load_trained: the whole bank's weights plus that chunk.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def make_checkpoint(workdir: Path, args) -> tuple[Path, dict[str, int]]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from hmtrain.checkpoint.checkpointer import Checkpointer
+    from hmtrain.checkpoint.formats import FORMAT
     from hmtrain.config import load_config
     from hmtrain.config.load import to_yaml
     from hmtrain.data.corpus.synth import synthesize
@@ -68,8 +69,9 @@ def make_checkpoint(workdir: Path, args) -> tuple[Path, dict[str, int]]:
     data = PreparedData.open(cfg.data.prepared)
     model, bank = Transformer(cfg.model, max_seq_len=cfg.data.seq_len), build_bank(cfg)
     state = {"model": get_model_state_dict(model), "bank": bank.state_dict()}
-    path = Checkpointer(workdir / "run" / "checkpoints").save(
-        cfg.train.pretrain_steps, state, {"loader": {}, "data_fingerprints": data.fingerprints()}, to_yaml(cfg))
+    path = Checkpointer(workdir / "run" / "checkpoints").write(
+        cfg.train.pretrain_steps, state, {"loader": {}, "format": FORMAT, "data_fingerprints": data.fingerprints()},
+        to_yaml(cfg))
     sizes = {name: 4 * int(torch.Size(shape).numel()) for name, (_, shape) in bank_tables(cfg).items()}
     return path, sizes
 

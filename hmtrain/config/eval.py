@@ -14,5 +14,10 @@ class EvalConfig:
     # probe questions scored; 0 = all
     max_probes: int = 0
 
+    @property
+    def probe_batch_size(self) -> int:
+        """(prompt, choice) pairs scored per probe batch: they are short, so eight batches' worth."""
+        return 8 * self.batch_size
+
     def validate(self) -> None:
         require_positive(self, "eval", "batch_size")

@@ -65,7 +65,7 @@ def evaluate(cfg: Config, checkpoint: str | Path, baseline: Optional[str | Path]
                                       device, max_sequences=cfg.eval.max_sequences))
         if probe_set is not None:
             row["probe_accuracy"] = probe_accuracy(run.model, run.bank, variant, probe_set, data, device,
-                                                   batch_size=cfg.eval.batch_size * 8)
+                                                   batch_size=cfg.eval.probe_batch_size)
         results["rows"].append(row)
     if probe_set is not None:
         results["probes"] = {"count": len(probe_set.probes), "per_bucket": bucket_counts(probe_set.probes)}

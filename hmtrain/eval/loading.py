@@ -1,4 +1,9 @@
-"""Load a trained anchor (and its bank) from a checkpoint directory for evaluation."""
+"""Load a trained anchor (and its bank) from a checkpoint directory for evaluation.
+
+The anchor goes to the device; the bank is read as weights only, into host memory (hmtrain/memory/
+host_bank.py): no optimizer moments are allocated or read, and each lookup moves only the rows its
+batch routes to. Its lookups equal the training bank's bit for bit.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +17,7 @@ from hmtrain.checkpoint.checkpointer import Checkpointer
 from hmtrain.checkpoint.resume import broken_checkpoint
 from hmtrain.checkpoint.verify import CheckpointError, check_complete
 from hmtrain.config import Config
-from hmtrain.memory import MemoryBank, build_bank, uses_memory
+from hmtrain.memory import HostBank, build_host_bank, uses_memory
 from hmtrain.model import Transformer, count_parameters, run_model_config
 
 
@@ -21,7 +26,7 @@ class Trained:
     path: Path
     cfg: Config
     model: Transformer
-    bank: Optional[MemoryBank]
+    bank: Optional[HostBank]  # weights only, in host memory; None for a run without memory
     step: int
     record: dict  # the checkpoint's trainer.json
 
@@ -63,12 +68,10 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Traine
     bank = None
     state = {"model": get_model_state_dict(model)}
     if uses_memory(cfg):
-        bank = build_bank(cfg, device)
-        state["bank"] = bank.load_template()
+        bank = build_host_bank(cfg, device)
+        state["bank"] = bank.load_template()  # filled in place; DCP reads no key not asked for
     Checkpointer.load(path, state)
     set_model_state_dict(model, state["model"])
-    if bank is not None:
-        bank.load_state_dict(state["bank"])
     model.eval()
     return Trained(path=path, cfg=cfg, model=model, bank=bank, step=int(record["step"]), record=record)
 

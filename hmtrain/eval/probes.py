@@ -17,8 +17,7 @@ from torch import Tensor
 from hmtrain.data.corpus.documents import jsonl_records
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.routing.embed import build_embedder, embed_texts
-from hmtrain.eval.scoring import choice_logprobs
-from hmtrain.memory import MemoryBank
+from hmtrain.eval.scoring import Bank, choice_logprobs
 from hmtrain.model import Transformer
 
 REQUIRED = ("question", "prompt", "answer", "choices", "bucket")
@@ -84,7 +83,7 @@ def routing_agreement(data: PreparedData, probe_set: ProbeSet) -> dict[str, floa
     return {f"level{level + 1}": hits[level] / counted for level in range(levels)}
 
 
-def probe_accuracy(model: Transformer, bank: Optional[MemoryBank], variant: str, probe_set: ProbeSet,
+def probe_accuracy(model: Transformer, bank: Optional[Bank], variant: str, probe_set: ProbeSet,
                    data: PreparedData, device: torch.device, batch_size: int = 64) -> dict[str, float]:
     """Accuracy per frequency bucket (and overall): the choice with the highest log-likelihood wins."""
     tok = data.tokenizer

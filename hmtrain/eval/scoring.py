@@ -8,19 +8,21 @@ A variant is how memory is chosen for a sequence (the paper's comparison):
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from hmtrain.memory import MemoryBank
+from hmtrain.memory.read_only import ReadOnlyBank
 from hmtrain.model import Transformer, lm_loss
 from hmtrain.util.labels import IGNORE_INDEX
 
 VARIANTS = ("fetched", "generic", "none")
+Bank = Union[MemoryBank, ReadOnlyBank]  # what a lookup reads: a checkpoint's weights, an export, a live bank
 
 
-def fetch_for(bank: Optional[MemoryBank], variant: str, paths: Tensor):
+def fetch_for(bank: Optional[Bank], variant: str, paths: Tensor):
     if variant not in VARIANTS:
         raise ValueError(f"unknown memory variant {variant!r}; expected one of {VARIANTS}")
     if variant == "none":
@@ -32,7 +34,7 @@ def fetch_for(bank: Optional[MemoryBank], variant: str, paths: Tensor):
 
 
 @torch.no_grad()
-def heldout_perplexity(model: Transformer, bank: Optional[MemoryBank], batches: Iterable[dict], variant: str,
+def heldout_perplexity(model: Transformer, bank: Optional[Bank], batches: Iterable[dict], variant: str,
                        device: torch.device, max_sequences: int = 0) -> dict:
     """Token-level perplexity over held-out packed sequences, memory routed by their documents' path;
     also per level-1 subtree (`subtrees`: {"node": {perplexity, nll, tokens}}), to show where memory helps.
@@ -63,7 +65,7 @@ def heldout_perplexity(model: Transformer, bank: Optional[MemoryBank], batches: 
 
 
 @torch.no_grad()
-def choice_logprobs(model: Transformer, bank: Optional[MemoryBank], variant: str, prompts: Sequence[list[int]],
+def choice_logprobs(model: Transformer, bank: Optional[Bank], variant: str, prompts: Sequence[list[int]],
                     choices: Sequence[list[int]], paths: Tensor, pad_id: int, device: torch.device,
                     batch_size: int = 64) -> Tensor:
     """Sum of log p(choice tokens | prompt) for each (prompt, choice) pair; paths route the memory."""

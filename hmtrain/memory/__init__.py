@@ -1,4 +1,5 @@
-"""The hierarchical memory bank: per-level storage, fetch, gradient return, sparse optimizer."""
+"""The hierarchical memory bank: per-level storage, fetch, gradient return, sparse optimizer; the weights-only
+bank evaluation reads."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,6 +10,7 @@ from hmtrain.config import Config
 from hmtrain.memory.bank import MemoryBank
 from hmtrain.memory.exchange import Comm
 from hmtrain.memory.fetched import FetchedMemory
+from hmtrain.memory.host_bank import HostBank
 from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.sizes import LevelSize, memory_sizes
 from hmtrain.memory.sparse_adamw import SparseAdamW
@@ -37,5 +39,12 @@ def build_bank(cfg: Config, device: torch.device | str = "cpu", comm: Comm | Non
     )
 
 
-__all__ = ["Comm", "FetchedMemory", "LevelSize", "MemoryBank", "SparseAdamW", "build_bank", "memory_sizes",
-           "uses_memory"]
+def build_host_bank(cfg: Config, device: torch.device | str = "cpu") -> HostBank:
+    """The bank a config trains, weights only, for a checkpoint to load into (evaluation, generation): empty
+    tables in host memory, in the dtype training stores them in; lookups move their rows to `device`."""
+    return HostBank(n_layers=cfg.model.n_layers, kind=memory_kind(cfg), branching=cfg.tree.branching,
+                    units=cfg.memory.units, generic=cfg.memory.generic, dtype=DTYPES[cfg.memory.dtype], device=device)
+
+
+__all__ = ["Comm", "FetchedMemory", "HostBank", "LevelSize", "MemoryBank", "SparseAdamW", "build_bank",
+           "build_host_bank", "memory_sizes", "uses_memory"]

@@ -129,3 +129,26 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
             remote = _expected_distinct(nodes, micro_batch) * (world_size - 1) / world_size
             moved_gather += 2 * remote * row * (weight_bytes + GRAD_BYTES) * micro_batches  # sent and received
     return RankFootprint(weights, masters, optimizer, step_grads, fetched, int(moved_gather), int(moved_owner))
+
+
+@dataclass(frozen=True)
+class EvalFootprint:
+    """Bytes `eval` / `generate --checkpoint` need for the bank on one process (hmtrain/memory/host_bank.py)."""
+
+    weights: int  # every table's weights, in host memory (no optimizer state)
+    fetched: int  # one batch's fetched rows on the device, at most (staged once more on the host)
+    largest_table: int  # loading holds one saved chunk in flight beside the weights: at most the largest table
+
+
+def eval_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[int], units: Sequence[int],
+                   generic: bool, weight_bytes: int, batch: int) -> EvalFootprint:
+    """The weights-only bank and the rows a batch of `batch` sequences fetches (every sequence on another
+    node, as far as a level has nodes, and the generic row)."""
+    validate_tree(branching, units)
+    per_unit = n_layers * params_per_unit
+    tables = [(nodes, m) for nodes, m in zip(level_nodes(branching), units) if m > 0]
+    if generic:
+        tables.append((1, sum(units)))
+    return EvalFootprint(weights=sum(nodes * per_unit * m for nodes, m in tables) * weight_bytes,
+                         fetched=sum(min(nodes, batch) * per_unit * m for nodes, m in tables) * weight_bytes,
+                         largest_table=max((nodes * per_unit * m for nodes, m in tables), default=0) * weight_bytes)

@@ -3,7 +3,8 @@
 The prompt is embedded with the embedder the data was prepared with and routed down the same
 tree (greedy nearest-centroid descent, as training paths were), so it gets the memory blocks of
 the documents it resembles. The model is read from an export (hmtrain/serve/export.py; the bank
-through memory maps, only the path's rows) or from a checkpoint (the whole bank in memory).
+through memory maps, only the path's rows) or from a checkpoint (the bank's weights in host memory,
+only the path's rows copied to the device).
 
 Decoding re-runs the full context every token (no KV cache: the models this runs on CPU are
 tiny); the context keeps its last `max_seq_len` tokens. Temperature 0 is greedy; otherwise
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -27,8 +28,7 @@ from hmtrain.data.routing.embed import build_embedder
 from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
 from hmtrain.eval.loading import load_trained, read_checkpoint
-from hmtrain.memory import MemoryBank
-from hmtrain.memory.mapped_bank import MappedBank
+from hmtrain.memory.read_only import ReadOnlyBank
 from hmtrain.model import Transformer
 from hmtrain.serve.export import Export
 
@@ -51,7 +51,7 @@ class GenerationModel:
     tokenizer: Tokenizer
     tree: Tree
     embedder_name: str
-    bank: Union[MemoryBank, MappedBank, None]
+    bank: Optional[ReadOnlyBank]  # an export's MappedBank or a checkpoint's HostBank
     source: str  # what it was loaded from, for the output
     step: int
     device: torch.device
@@ -144,7 +144,7 @@ def from_checkpoint(checkpoint: str | Path, config: Optional[str] = None, overri
     device = torch.device(device)
     path, record, cfg = read_checkpoint(checkpoint, hint="generate with it via --checkpoint")
     data_cfg = cfg if config is None and not overrides else load_config(config or path / CONFIG_FILE, overrides)
-    # the data first: a wrong data.prepared fails before the (whole) bank is loaded
+    # the data first: a wrong data.prepared fails before the bank is loaded
     data = PreparedData.open(data_cfg.data.prepared, verify="checksums" if data_cfg.data.verify_checksums else "sizes")
     data.check_compatible(cfg)
     check_data_fingerprints(path, record, data.fingerprints(), data.root)

@@ -36,3 +36,13 @@ def test_an_unknown_benchmark_is_refused():
     with pytest.raises(SystemExit) as exc_info:
         build_parser().parse_args(["bench", "nonesuch"])
     assert exc_info.value.code == 2
+
+
+def test_the_export_benchmarks_checkpoint_loads_for_eval(tmp_path):
+    import argparse
+
+    from hmtrain.bench.export import make_checkpoint
+    from hmtrain.eval.loading import load_trained
+
+    path, sizes = make_checkpoint(tmp_path, argparse.Namespace(units=[8, 4], branching=[2, 2], d=16, layers=1))
+    assert {name: table.nbytes for name, table in load_trained(path).bank.tables.items()} == sizes

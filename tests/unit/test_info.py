@@ -1,10 +1,10 @@
-"""`hmtrain info`: bytes per rank for anchor, bank rows, optimizer state and traffic, by hand."""
+"""`hmtrain info`: bytes per rank for anchor, bank rows, optimizer state and traffic, and what eval needs, by hand."""
 import pytest
 from rich.console import Console
 
 from hmtrain.config import load_config
 from hmtrain.info import anchor_bytes_per_rank, print_info
-from hmtrain.memory.sizes import rank_footprint
+from hmtrain.memory.sizes import eval_footprint, rank_footprint
 
 
 def test_rank_footprint_by_hand():
@@ -50,3 +50,25 @@ def test_paper_160m_fits_on_8_gpus_and_the_table_says_so():
 def test_larger_presets_report_per_rank_totals(preset):
     summary = print_info(load_config(preset), Console(file=open("/dev/null", "w")), world_size=64)
     assert 0 < summary["per_rank"]["total"] < 80 * 2**30
+
+
+def test_eval_footprint_by_hand():
+    # 4 nodes x 2 units, 16 nodes x 1 unit, the generic row of 3 units; 1 layer, d 8; a batch of 8 sequences
+    f = eval_footprint(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], generic=True,
+                       weight_bytes=2, batch=8)
+    row0, row1, generic = 3 * 8 * 2, 3 * 8 * 1, 3 * 8 * 3
+    assert f.weights == (4 * row0 + 16 * row1 + generic) * 2  # every row once, in bf16: no moments
+    assert f.fetched == (4 * row0 + 8 * row1 + generic) * 2  # a level gives at most its nodes, or one per sequence
+    assert f.largest_table == 16 * row1 * 2
+
+
+@pytest.mark.parametrize("preset", ["paper-160m", "paper-410m", "paper-1.4b"])
+def test_eval_of_the_paper_presets_fits_one_80gb_gpu(preset):
+    console = Console(record=True, width=200)
+    summary = print_info(load_config(preset), console)
+    needs = summary["eval"]
+    assert needs["bank_weights"] == 2 * (summary["bank"] + summary["fetched"])  # bf16 levels + generic row
+    assert needs["device"] == 4 * summary["anchor"] + needs["fetched"] < 80 * 2**30
+    assert needs["host"] < summary["per_rank"]["total"]  # less than training holds on one rank
+    text = console.export_text()
+    assert "eval / generate --checkpoint on one process" in text and f"{needs['device'] / 2**30:.2f}" in text
