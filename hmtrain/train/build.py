@@ -5,6 +5,7 @@ into it, deciding whether the checkpoint's optimizer state carries over.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,6 +26,8 @@ from hmtrain.parallel.torch_engine import TorchEngine
 from hmtrain.train.recipe import Recipe
 from hmtrain.train.state import Batches
 
+log = logging.getLogger(__name__)
+
 
 def resolve_vocab(cfg: Config, data: PreparedData) -> Config:
     """Tie the model's vocabulary to the tokenizer the data was prepared with (padded, as the paper's)."""
@@ -42,6 +45,27 @@ def resolve_vocab(cfg: Config, data: PreparedData) -> Config:
 
 def micro_batches_per_step(global_batch: int, micro: int, world: int) -> int:
     return split_global_batch(global_batch, world, micro_batch_size=micro)[0]
+
+
+def check_world(cfg: Config, world_size: int, data: PreparedData) -> None:
+    """What the world size decides, checked before anything is built or written: every phase's global batch
+    splits across the ranks, owner placement has a level-1 subtree per rank; settings one process ignores
+    are said to be ignored."""
+    tc = cfg.train
+    batches = {"train.global_batch_size": tc.global_batch_size, "train.pretrain_global_batch_size":
+               tc.pretrain_global_batch_size}
+    for key, batch in batches.items():
+        if batch is not None:
+            split_global_batch(batch, world_size, micro_batch_size=tc.micro_batch_size, name=f"config key '{key}'")
+    subtrees = len(data.manifest["node_tokens"][0])
+    if cfg.parallel.placement == "owner" and world_size > subtrees:
+        raise ValueError(f"config key 'parallel.placement': owner placement needs a level-1 subtree per rank: "
+                         f"{subtrees} subtrees for {world_size} ranks; use parallel.placement=gather")
+    if world_size == 1:
+        ignored = [f"parallel.{key}={value}" for key, value in (("engine", cfg.parallel.engine),
+                   ("backend", cfg.parallel.backend)) if value in ("deepspeed", "nccl")]
+        if ignored:
+            log.warning("%s: ignored on one process (the anchor trains as a plain module)", ", ".join(ignored))
 
 
 @dataclass

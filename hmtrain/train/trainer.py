@@ -30,7 +30,7 @@ from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.loading.batch import padding_batch
 from hmtrain.model import count_parameters, counted_targets, run_model_config
 from hmtrain.parallel.dist import init_distributed
-from hmtrain.train.build import Parts, build, restore_in_phase
+from hmtrain.train.build import Parts, build, check_world, restore_in_phase
 from hmtrain.train.recipe import MEMORY
 from hmtrain.train.rundir import lock_run_dir
 from hmtrain.train.signals import Interrupted, StopRequest
@@ -55,6 +55,7 @@ def train(cfg: Config, *, resume: bool = False, fallback: bool = False) -> Path:
     # read-only checks first, so a bad input leaves no trace in the run directory
     data = PreparedData.open(cfg.data.prepared, verify="checksums" if cfg.data.verify_checksums else "sizes")
     data.check_compatible(cfg)
+    check_world(cfg, info.world_size, data)
     with lock_run_dir(Path(cfg.train.run_dir), rank=info.rank):  # one live `train` per run directory
         run = build(cfg, info, data)
         tc = run.cfg.train

@@ -49,11 +49,11 @@ def test_a_python_without_torch_is_named(tmp_path):
     assert "PYTHON=/bin/true-not-a-python not found" in proc.stderr
 
 
-def launch(tmp_path, args, *launcher_args, check=None, timeout=300):
+def launch(tmp_path, args, *launcher_args, check=None, timeout=300, nproc=2):
     """Run the launcher to its end; no process of its job may outlive it."""
     marker, left = new_marker(), []
     try:
-        proc = subprocess.run([str(TORCHRUN_SH), "--nproc", "2", *launcher_args, "--", *args], cwd=tmp_path,
+        proc = subprocess.run([str(TORCHRUN_SH), "--nproc", str(nproc), *launcher_args, "--", *args], cwd=tmp_path,
                               env=launch_env(marker), capture_output=True, text=True, timeout=timeout)
     finally:
         left = processes_marked(marker)
@@ -206,3 +206,21 @@ def test_a_bad_config_under_the_launcher_is_one_error_line_and_exit_2(job, tmp_p
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "unknown key 'train.no_such_key'" in errors[0], proc.stderr[-4000:]
     assert re.search(r"torchrun: rank [01] ended the job \(exit code 2\)", proc.stderr), proc.stderr[-4000:]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("nproc, overrides, words", [
+    (2, ["train.global_batch_size=6"], "config key 'train.global_batch_size': a global batch of 6 sequences does "
+                                       "not split into micro-batches of 2 per rank on 2 ranks"),
+    (3, ["train.global_batch_size=6", "parallel.placement=owner"],  # the data's tree has 2 level-1 subtrees
+     "config key 'parallel.placement': owner placement needs a level-1 subtree per rank: 2 subtrees for 3 ranks"),
+])
+def test_what_the_world_size_decides_is_checked_before_anything_is_written(job, tmp_path, nproc, overrides, words):
+    run_dir = tmp_path / "run"
+    proc = launch(tmp_path, [*job.args(run_dir, steps=3), *overrides], nproc=nproc)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr[-4000:]
+    assert words in errors[0], errors
+    assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
