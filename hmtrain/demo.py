@@ -7,6 +7,8 @@ sample, not a result). All runs log to one MLflow store in the demo directory.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +22,17 @@ from hmtrain.eval.evaluate import evaluate, render, to_markdown
 from hmtrain.eval.summary import render_summary, subtree_markdown, subtree_summary, summarize, summary_markdown
 from hmtrain.info import print_info
 from hmtrain.train.trainer import train
+
+
+def mlflow_command() -> str:
+    """The `mlflow` script of this environment as a user can type it (a venv's is not on PATH unless activated)."""
+    script = Path(sys.executable).parent / "mlflow"
+    if not script.exists() or shutil.which("mlflow") == str(script):
+        return "mlflow"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def run_demo(out: Path, preset: str = "tiny", overrides: Sequence[str] = (), seeds: Sequence[int] = (0,),
@@ -60,6 +73,6 @@ def run_demo(out: Path, preset: str = "tiny", overrides: Sequence[str] = (), see
     if len(seeds) > 1:
         render_summary(summary, console)
     console.print(f"results: {out / 'results.json'} and {out / 'results.md'}")
-    console.print(f"MLflow: mlflow ui --backend-store-uri {tracking}  (then open http://127.0.0.1:5000)")
+    console.print(f"MLflow: {mlflow_command()} ui --backend-store-uri {tracking}  (then open http://127.0.0.1:5000)")
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return {"seeds": per_seed, "summary": summary}

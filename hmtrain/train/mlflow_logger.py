@@ -51,6 +51,35 @@ def default_tracking_uri(run_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
 
 
+def run_tags() -> dict[str, str]:
+    """Who ran it, where, and which code: MLflow's own tag names where it has them."""
+    import getpass
+    import socket
+
+    import hmtrain
+
+    tags = {"mlflow.user": getpass.getuser(), "host": socket.gethostname(), "hmtrain.version": hmtrain.__version__}
+    commit = _git_commit(Path(hmtrain.__file__).resolve().parent.parent)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit(root: Path) -> Optional[str]:
+    """The commit of hmtrain's checkout (None for an installed wheel, or without git)."""
+    import subprocess
+
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
 def _param(value: Any) -> str:
     return str(value)[:6000]  # MLflow's limit on a param value
 
@@ -74,6 +103,7 @@ class MLflowLogger:
         self._durable_step = -1  # the last step a checkpoint made durable
         self._held: dict[int, float] = {}  # on resume: step -> value of `_held_key` that MLflow already holds
         self._held_key = "loss"
+        self._taken: dict[int, int] = {}  # step -> when it was logged (ms since the epoch)
         self._may_change = may_change
         self._logged_params: dict[str, str] = {}  # the run's params when this process found it
         self.last_error: Optional[BaseException] = None
@@ -168,7 +198,7 @@ class MLflowLogger:
             experiment_id = self._client.create_experiment(experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
-        self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+        self.run_id = self._client.create_run(experiment_id, run_name=run_name, tags=run_tags()).info.run_id
         self.is_new = True
         self._persist()
 
@@ -228,6 +258,7 @@ class MLflowLogger:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer one step; MLflow gets it at the next `flush` covering it."""
         self._pending.append((step, {k: float(v) for k, v in metrics.items()}))
+        self._taken[step] = int(time.time() * 1000)  # MLflow shows when the step ran, not when it was sent
 
     def flush(self, upto_step: int) -> None:
         """Send the buffered steps <= `upto_step` (call once a checkpoint at that step is complete)."""
@@ -292,11 +323,13 @@ class MLflowLogger:
                 step, metrics = steps[index + count]
                 if batch and len(batch) + len(metrics) > MAX_METRICS_PER_BATCH:
                     break
-                now = int(time.time() * 1000)
-                batch.extend(Metric(k, v, now, step) for k, v in metrics.items())
+                taken = self._taken.get(step, int(time.time() * 1000))  # (a backfilled step: now)
+                batch.extend(Metric(k, v, taken, step) for k, v in metrics.items())
                 count += 1
             if not self._call("log_metrics", lambda: self._client.log_batch(self.run_id, metrics=batch)):
                 return sent  # the rest stays buffered for the next flush
+            for step, _ in steps[index:index + count]:
+                self._taken.pop(step, None)
             index += count
             sent += count
         return sent

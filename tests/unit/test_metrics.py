@@ -1,11 +1,14 @@
 """metrics.jsonl survives a torn last line; MLflow holds exactly the durable steps, once each."""
+import getpass
 import json
 import logging
 import socket
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+import hmtrain
 from hmtrain.train import mlflow_logger as mlflow_mod
 from hmtrain.train.metrics import JsonlLogger, read_metrics
 from hmtrain.train.mlflow_logger import RUN_ID_FILE, MLflowLogger
@@ -141,4 +144,29 @@ def test_unreachable_server_gives_up_quickly(tmp_path, monkeypatch, caplog):
     assert sum(sleeps) <= mlflow_mod.START_TIMEOUT_S
     logger.log({"loss": 1.0}, 1)
     logger.flush(1)
+    logger.close()
+
+
+def test_each_step_keeps_the_time_it_was_logged_though_sent_at_the_checkpoint(tmp_path, monkeypatch):
+    logger = make_logger(tmp_path)
+    now = [0.0]
+    monkeypatch.setattr(mlflow_mod.time, "time", lambda: now[0])
+    for step in (1, 2, 3):
+        now[0] = 1_000.0 + step  # the step runs
+        logger.log({"loss": 1.0 / step}, step)
+    now[0] = 2_000.0
+    logger.flush(3)  # the checkpoint at step 3 sends all three at one moment
+    logger.close()
+    points = sorted(MlflowClient(tracking_uri=sqlite_uri(tmp_path)).get_metric_history(logger.run_id, "loss"),
+                    key=lambda m: m.step)
+    assert [(m.step, m.timestamp) for m in points] == [(1, 1_001_000), (2, 1_002_000), (3, 1_003_000)]
+
+
+def test_a_new_run_is_tagged_with_user_host_version_and_commit(tmp_path):
+    logger = make_logger(tmp_path)
+    tags = MlflowClient(tracking_uri=sqlite_uri(tmp_path)).get_run(logger.run_id).data.tags
+    assert tags["mlflow.user"] == getpass.getuser() and tags["host"] == socket.gethostname()
+    assert tags["hmtrain.version"] == hmtrain.__version__
+    if (Path(hmtrain.__file__).resolve().parents[1] / ".git").exists():
+        assert len(tags["mlflow.source.git.commit"]) == 40
     logger.close()
