@@ -47,8 +47,9 @@ def make_run_dir(run_dir: Path, key: str = "train.run_dir") -> Path:
 class RunLock:
     """Holds the run directory's lock until `release` (or the process's death)."""
 
-    def __init__(self, run_dir: Path, held: bool = True):
+    def __init__(self, run_dir: Path, held: bool = True, created: bool = False):
         self.path = Path(run_dir) / LOCK_FILE
+        self.created = created  # this process made the directory
         self._fd: Optional[int] = None
         if not held:  # ranks other than 0
             return
@@ -72,6 +73,12 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            if [p.name for p in self.path.parent.iterdir()] == [LOCK_FILE]:
+                # the run stopped before writing anything (a refused --resume, a bad input): leave the
+                # directory as it was found (unlinked while still held, so no other trainer holds it)
+                self.path.unlink()
+                if self.created:
+                    self.path.parent.rmdir()
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -97,4 +104,5 @@ def lock_run_dir(run_dir: Path, rank: int = 0) -> RunLock:
     Use as `with lock_run_dir(run_dir, rank): ...` or call `.release()`."""
     if rank != 0:
         return RunLock(run_dir, held=False)
-    return RunLock(make_run_dir(run_dir))
+    existed = Path(run_dir).is_dir()
+    return RunLock(make_run_dir(run_dir), created=not existed)

@@ -173,3 +173,13 @@ def test_fallback_past_a_checkpoint_mlflow_has_seen_logs_no_step_twice(prepared,
     client = MlflowClient(tracking_uri=tracking)
     (run,) = client.search_runs([client.get_experiment_by_name("hmtrain").experiment_id])
     assert mlflow_losses(client, run.info.run_id) == losses(run_dir)
+
+
+def test_resume_on_an_empty_directory_is_refused_and_leaves_it_empty(prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = run_cli("train", "--config", "tiny", *prepared["overrides"], "train.pretrain_steps=1",
+                   "train.memory_steps=0", "logging.mlflow=false", f"train.run_dir={run_dir}", "--resume",
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr, proc.stderr
+    assert list(run_dir.iterdir()) == []

@@ -45,3 +45,17 @@ def test_run_dir_under_a_regular_file_is_named(tmp_path):
     with pytest.raises(FileExistsError, match="is a file, not a directory") as exc_info:
         make_run_dir(tmp_path / "file" / "run")
     assert str(tmp_path / "file") in str(exc_info.value)
+
+
+def test_a_run_that_wrote_nothing_leaves_its_directory_as_it_found_it(tmp_path):
+    empty, new, used = tmp_path / "empty", tmp_path / "new", tmp_path / "used"
+    empty.mkdir()
+    with lock_run_dir(empty):
+        assert (empty / LOCK_FILE).exists()
+    assert list(empty.iterdir()) == []
+    with lock_run_dir(new):
+        pass
+    assert not new.exists()  # made for the run, removed with it
+    with lock_run_dir(used):
+        (used / "metrics.jsonl").write_text("")
+    assert sorted(p.name for p in used.iterdir()) == ["metrics.jsonl", LOCK_FILE]  # a run that wrote keeps it
