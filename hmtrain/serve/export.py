@@ -4,7 +4,9 @@
                              and what produced it (checkpoint, step, data fingerprints)
     <out>/bank/level{i}.npy  one plain .npy per bank table (levels from 1), rows contiguous (memory/mapped_bank.py)
     <out>/bank/generic.npy   the generic memory row, when the run trained one
-    <out>/anchor.pt          the anchor's weights (torch.save of its state dict)
+    <out>/anchor.safetensors the anchor's weights (its state dict; with tied embeddings the head is
+                             `tok_embeddings.weight`, stored once), the model config in its metadata
+                             (`config`, `max_seq_len`): readable by safetensors alone, no hmtrain code
     <out>/config.yaml        the checkpoint's config (the model config is also in the manifest)
     <out>/<tokenizer>/, <out>/<tree file>   copied from the prepared data the run was trained on
 
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
@@ -57,12 +61,22 @@ from hmtrain.util.files import (
 )
 
 FORMAT = "hmtrain.export"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # version 1 stored the anchor as a torch pickle, anchor.pt
 MANIFEST = "manifest.json"
-ANCHOR_FILE = "anchor.pt"
+ANCHOR_FILE = "anchor.safetensors"
+TIED_HEAD = "output.weight"  # not stored when the embeddings are tied: it is tok_embeddings.weight
 BANK_DIR = "bank"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 AGAIN = "export the checkpoint again (`hmtrain export --overwrite`)"
+
+
+def save_anchor(model: Transformer, path: Path) -> None:
+    """The anchor as safetensors, with what rebuilds it in the metadata (safetensors stores a tensor once)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (model.cfg.tie_embeddings and k == TIED_HEAD)}
+    metadata = {"format": "pt", "config": json.dumps(asdict(model.cfg)), "max_seq_len": str(model.max_seq_len)}
+    safetensors.torch.save_file(state, str(path), metadata=metadata)
 
 
 def bank_tables(cfg: Config) -> dict[str, tuple[Optional[int], tuple[int, ...]]]:
@@ -176,7 +190,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: Option
         state = {"model": get_model_state_dict(model)}
         Checkpointer.load(path, state)
         set_model_state_dict(model, state["model"])
-        torch.save(model.state_dict(), tmp / ANCHOR_FILE)
+        save_anchor(model, tmp / ANCHOR_FILE)
         del model, state
 
         shutil.copyfile(path / CONFIG_FILE, tmp / CONFIG_FILE)
@@ -228,9 +242,9 @@ class Export:
             raise ValueError(f"export {root}: {MANIFEST} is not valid JSON ({exc}); {AGAIN}") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError(f"export {root}: {MANIFEST} is not an hmtrain export manifest (format {FORMAT!r})")
-        if manifest.get("version") != VERSION:
+        if manifest.get("version") not in READS:
             raise ValueError(f"export {root}: format version {manifest.get('version')!r}, this hmtrain reads "
-                             f"{VERSION}; {AGAIN}")
+                             f"{', '.join(map(str, READS))}; {AGAIN}")
         missing = [k for k in ("model", "tokenizer", "tree", "embedder", "bank", "files") if k not in manifest]
         if missing:
             raise ValueError(f"export {root}: {MANIFEST} lacks {', '.join(missing)}; {AGAIN}")
@@ -270,9 +284,15 @@ class Export:
         entry = self.manifest["model"]
         try:
             model = Transformer(ModelConfig(**entry["config"]), max_seq_len=int(entry["max_seq_len"]))
-            state = torch.load(self.root / entry["file"], map_location="cpu", weights_only=True)
+            file = self.root / entry["file"]
+            if file.suffix == ".safetensors":
+                state = safetensors.torch.load_file(file)
+                if model.cfg.tie_embeddings:
+                    state[TIED_HEAD] = state["tok_embeddings.weight"]
+            else:  # a version-1 export
+                state = torch.load(file, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except (KeyError, TypeError, RuntimeError, EOFError, OSError) as exc:
+        except (KeyError, TypeError, RuntimeError, EOFError, OSError, safetensors.SafetensorError) as exc:
             raise ValueError(f"export {self.root}: the anchor cannot be loaded ({' '.join(str(exc).split())[:300]}); "
                              f"{AGAIN}") from exc
         return model.to(device).eval()

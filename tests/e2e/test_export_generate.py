@@ -270,3 +270,34 @@ def test_a_dense_run_exports_without_a_bank(ctx, tmp_path, capsys):
     result = model.generate(PROMPT, max_new_tokens=4, memory="none")
     assert len(result.new_ids) == 4 or result.stopped_at_eot
     assert "has no memory bank" in cli_error(capsys, "generate", "--export", str(tmp_path / "out"), "--prompt", "x")
+
+
+def test_the_anchor_is_safetensors_readable_without_hmtrain(ctx):
+    from safetensors import safe_open
+
+    trained = load_trained(ctx["run"]).model.state_dict()
+    manifest = json.loads((ctx["export"] / "manifest.json").read_text())
+    with safe_open(str(ctx["export"] / "anchor.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+        stored = {key: f.get_tensor(key) for key in f.keys()}
+    assert json.loads(metadata["config"]) == manifest["model"]["config"]
+    assert int(metadata["max_seq_len"]) == manifest["model"]["max_seq_len"]
+    tied = manifest["model"]["config"]["tie_embeddings"]
+    assert set(stored) == set(trained) - ({"output.weight"} if tied else set())
+    for key, tensor in stored.items():
+        assert torch.equal(tensor, trained[key]), key
+
+
+def test_a_version_1_export_with_a_pickled_anchor_still_loads(ctx, tmp_path):
+    old = tmp_path / "v1"
+    shutil.copytree(ctx["export"], old)
+    model = Export.open(old).load_model()
+    (old / "anchor.safetensors").unlink()
+    torch.save(model.state_dict(), old / "anchor.pt")
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["version"], manifest["model"]["file"] = 1, "anchor.pt"
+    manifest["files"] = export_module.record_files(old)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    loaded = Export.open(old, checksums=True).load_model()
+    for (key, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), key
