@@ -35,6 +35,10 @@ if [ $dev = 1 ]; then
 else
   .venv/bin/python -m pip install --quiet -r requirements.txt
 fi
+if [ $gpu = 1 ]; then
+  # NVML bindings: MLflow's system metrics then include GPU utilisation and memory
+  .venv/bin/python -m pip install --quiet "nvidia-ml-py==13.615.71"
+fi
 .venv/bin/python -m pip install --quiet --no-deps -e .
 .venv/bin/python -c "import torch, hmtrain
 cuda = f' (CUDA {torch.version.cuda})' if torch.version.cuda else ''

@@ -4,7 +4,10 @@ MFU = model FLOPs per second / the device's peak. Model FLOPs per token, trainin
 parameters without the embedding lookup + fetched memory parameters) + 12 x layers x heads x
 head_dim x seq_len for attention (the usual full-causal count; document masking skips part of it, so
 MFU slightly overstates work on short documents). Peaks are dense bf16 tensor-core numbers from the
-vendors' data sheets; a device not in the table gets no MFU rather than a made-up one.
+vendors' data sheets; a device not in the table gets no MFU rather than a made-up one, and a warning
+naming it. On CUDA every logged step also carries the accelerator's memory over the window, the maximum
+over ranks (`gpu/*`, as torchtitan's memory monitor): peak active and reserved GiB, and the OOMs and
+allocation retries (cudaMalloc failed, cache flushed, tried again: a sign of fragmentation) since the start.
 """
 from __future__ import annotations
 
@@ -23,22 +26,54 @@ from hmtrain.train.recipe import MEMORY
 
 log = logging.getLogger(__name__)
 
-PEAK_BF16_FLOPS = {  # substring of torch.cuda.get_device_name() -> dense bf16 FLOP/s
+PEAK_BF16_FLOPS = {  # substring of torch.cuda.get_device_name() -> dense bf16 FLOP/s (no sparsity)
+    "B200": 2250e12,
     "H200": 989e12,
     "H100": 989e12,  # SXM; the PCIe card is 756e12
     "A100": 312e12,
+    "MI300X": 1307e12,  # ROCm reports "AMD Instinct MI300X"
     "L40S": 362e12,
     "A10G": 125e12,
 }
+GiB = 2**30
 
 
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_for(torch.cuda.get_device_name(device))
+
+
+def peak_for(name: str) -> float | None:
+    """The dense bf16 peak of a device by its name; None (and a warning) for one not in the table."""
     if "H100" in name and "PCIe" in name:
         return 756e12
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    peak = next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    if peak is None:
+        log.warning("MFU: unknown device %r (not in PEAK_BF16_FLOPS, hmtrain/train/throughput.py); "
+                    "steps are logged without mfu", name)
+    return peak
+
+
+def device_memory(device: torch.device) -> dict[str, float]:
+    """This rank's accelerator memory since the last call (peaks reset), or {} off CUDA."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"gpu/max_active_gib": stats.get("active_bytes.all.peak", 0) / GiB,
+            "gpu/max_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / GiB,
+            "gpu/num_ooms": float(stats.get("num_ooms", 0)),
+            "gpu/num_alloc_retries": float(stats.get("num_alloc_retries", 0))}
+
+
+def max_over_ranks(comm: Comm, local: Mapping[str, float]) -> dict[str, float]:
+    keys = sorted(local)
+    if not keys:
+        return {}
+    values = torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=comm.device)
+    comm.all_reduce_(values, op=torch.distributed.ReduceOp.MAX)
+    return dict(zip(keys, values.tolist()))
 
 
 def train_flops_per_token(model: ModelConfig, seq_len: int, fetched_params: int) -> float:
@@ -88,6 +123,7 @@ class StepResult:
     grad_norm: torch.Tensor
     plan: object = None  # the bank's step plan (memory phase only)
     generic_used: int = 0  # sequences that used the generic memory
+    device: torch.device = torch.device("cpu")  # where the step ran (its memory is logged on CUDA)
 
 
 def step_record(comm: Comm, now, result: StepResult, window: Window, flops_per_token: float,
@@ -101,6 +137,7 @@ def step_record(comm: Comm, now, result: StepResult, window: Window, flops_per_t
               "phase": float(now.phase == MEMORY), "global_batch": float(now.global_batch)}
     if peak:
         record["mfu"] = window.tokens * flops_per_token / elapsed / (peak * comm.world_size)
+    record.update(max_over_ranks(comm, device_memory(result.device)))
     plan = result.plan
     if plan is not None:
         local = {**plan.stats, "fetch_s": window.fetch_s, "tokens": float(result.labels_local),

@@ -196,7 +196,7 @@ def train_step(run: Parts, now, step: int, micro_batches: list[dict], window: Wi
         bank.step(now.memory_lr, scale)
     window.tokens += global_tokens
     window.steps += 1
-    return StepResult(loss_sum, global_tokens, labels_local, grad_norm, plan, generic_used)
+    return StepResult(loss_sum, global_tokens, labels_local, grad_norm, plan, generic_used, run.info.device)
 
 
 def _close(checkpointer: Checkpointer, tracker: Tracker, status: str) -> None:
