@@ -86,6 +86,9 @@ class TrainConfig:
     # write checkpoints in a background thread (dcp.async_save) so steps do not wait on the disk
     async_checkpoint: bool = False
     log_every: int = 10
+    # optimizer steps (counted from 1) to profile: a torch.profiler trace per rank, plus a CUDA memory snapshot
+    # on GPU, in <run_dir>/profiles/step_XXXXXXXX/ (hmtrain/train/profiling.py)
+    profile_steps: list[int] = field(default_factory=list)
     device: Device = Device.auto
     dtype: Precision = Precision.auto
     progress: bool = True
@@ -104,6 +107,8 @@ class TrainConfig:
         if self.generic_prob is not None:
             require(0.0 <= self.generic_prob <= 1.0, "train.generic_prob",
                     f"must be in [0, 1], got {self.generic_prob}")
+        require(all(isinstance(s, int) and s >= 1 for s in self.profile_steps), "train.profile_steps",
+                f"steps are counted from 1, got {list(self.profile_steps)}")
         for name in ("anchor_optim", "memory_optim", "cotrain_optim"):
             optim = getattr(self, name)
             if optim is not None:

@@ -31,6 +31,7 @@ from hmtrain.data.loading.batch import padding_batch
 from hmtrain.model import count_parameters, counted_targets, run_model_config
 from hmtrain.parallel.dist import init_distributed
 from hmtrain.train.build import Parts, build, check_world, restore_in_phase
+from hmtrain.train.profiling import StepProfiler
 from hmtrain.train.recipe import MEMORY
 from hmtrain.train.rundir import lock_run_dir
 from hmtrain.train.signals import Interrupted, StopRequest
@@ -116,6 +117,7 @@ def _run_to_end(run: Parts, checkpointer: Checkpointer, tracker: Tracker, state:
     bar = tqdm(total=recipe.total_steps, initial=state.step, desc=f"train ({tc.mode})",
                disable=not (tc.progress and run.info.is_main), dynamic_ncols=True)
     window = Window()
+    profiler = StepProfiler(tc.profile_steps, Path(tc.run_dir), run.info.device, run.info.rank)
     try:
         while state.step < recipe.total_steps:
             now = recipe.at(state.step)
@@ -125,7 +127,9 @@ def _run_to_end(run: Parts, checkpointer: Checkpointer, tracker: Tracker, state:
                 run.engine.set_trainable(now.anchor_trains)
                 recipe.apply_stage(run.model, state.step, fresh=True)
             current = now
+            profiler.begin(state.step + 1)
             result = train_step(run, now, state.step, run.batches.next(now.global_batch), window)
+            profiler.end(state.step + 1)
             state.step, state.optimizer_phase = state.step + 1, now.phase
             if state.step % tc.log_every == 0 or state.step == recipe.total_steps:
                 record = step_record(run.comm, now, result, window, flops_per_token, peak)
