@@ -36,7 +36,7 @@ from hmtrain.parallel.torch_engine import build_adamw
 from hmtrain.retention.encoders import build_encoder, parse_spec
 from hmtrain.retention.windows import encode_all, sample_windows, window_vectors
 from hmtrain.train.metrics import JsonlLogger, MultiLogger
-from hmtrain.train.mlflow_logger import MLflowLogger, default_tracking_uri
+from hmtrain.train.mlflow_logger import MLflowLogger, default_store
 from hmtrain.train.schedule import learning_rate
 from hmtrain.util.files import write_text
 from hmtrain.util.labels import IGNORE_INDEX
@@ -139,10 +139,11 @@ def run_retention(cfg: Config, specs: Sequence[str], out: Path, *, device: Optio
     tracker = None
     if cfg.logging.mlflow:
         params = {k: v for k, v in flatten(cfg).items() if k.startswith(("retention.", "data."))}
-        tracker = MLflowLogger(tracking_uri=cfg.logging.tracking_uri or default_tracking_uri(out),
+        uri, artifacts_root = default_store(out)
+        tracker = MLflowLogger(tracking_uri=cfg.logging.tracking_uri or uri,
                                experiment=cfg.logging.experiment,
                                run_name=cfg.logging.run_name or f"retention-{out.name}",
-                               run_dir=out, artifact_dir=out / "mlartifacts",
+                               run_dir=out, artifact_dir=artifacts_root,
                                params={**params, **{f"encoder.{label}": spec for label, spec in parsed}})
     logger = MultiLogger(*(x for x in (jsonl, tracker) if x is not None))
     results = {"n_ctx": r.n_ctx, "vocab_size": vocab_size, "ln_V": math.log(vocab_size),

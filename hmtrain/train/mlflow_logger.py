@@ -46,9 +46,13 @@ START_TIMEOUT_S = 20  # start-up gives up after this long (ATTEMPTS x 5 s + paus
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
 
-def default_tracking_uri(run_dir: Path) -> str:
-    """$MLFLOW_TRACKING_URI if set, else a sqlite store inside the run directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
+def default_store(run_dir: Path) -> tuple[str, Path]:
+    """(tracking URI, artifact root) when the config names no store: $MLFLOW_TRACKING_URI if set, else one
+    sqlite store beside the run directories, `<parent>/mlflow.db`, so that runs/mem and runs/dense open side
+    by side in one `mlflow ui`. A run directory that holds its own store (written before) keeps it."""
+    run_dir = Path(run_dir).resolve()
+    root = run_dir if (run_dir / "mlflow.db").exists() else run_dir.parent
+    return (os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"), root / "mlartifacts"
 
 
 def run_tags() -> dict[str, str]:

@@ -19,7 +19,7 @@ import torch
 from hmtrain.checkpoint.resume import may_change
 from hmtrain.config import Config, flatten, to_yaml
 from hmtrain.train.metrics import JsonlLogger
-from hmtrain.train.mlflow_logger import MLflowLogger, default_tracking_uri
+from hmtrain.train.mlflow_logger import MLflowLogger, default_store
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,10 @@ def start_tracking(cfg: Config, *, is_main: bool, control_group, resume: bool, s
         jsonl = JsonlLogger(run_dir / "metrics.jsonl", resume_step=step if resume else None)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if cfg.logging.mlflow:
-            mlflow = MLflowLogger(tracking_uri=cfg.logging.tracking_uri or default_tracking_uri(run_dir),
+            uri, artifacts_root = default_store(run_dir)
+            mlflow = MLflowLogger(tracking_uri=cfg.logging.tracking_uri or uri,
                                   experiment=cfg.logging.experiment, run_name=cfg.logging.run_name or run_dir.name,
-                                  run_id=run_id, artifact_dir=run_dir / "mlartifacts", run_dir=run_dir,
+                                  run_id=run_id, artifact_dir=artifacts_root, run_dir=run_dir,
                                   resume=resume, params={**flatten(cfg), **params()},
                                   may_change=lambda key: key == "parallel.world_size" or may_change(key))
             if resume:

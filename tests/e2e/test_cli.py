@@ -103,3 +103,15 @@ def test_frozen_anchor_stays_fixed_while_the_memory_trains(prepared, tmp_path):
     changed = [name for name, table in after_memory.bank.tables.items()
                if not torch.equal(table, after_pretrain.bank.tables[name])]
     assert changed, "the memory did not train"
+
+
+def test_runs_side_by_side_share_one_default_mlflow_store(prepared, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    for name in ("mem", "dense"):
+        run_cli("train", "--config", "tiny", *prepared["overrides"], "train.pretrain_steps=1", "train.memory_steps=1",
+                "logging.system_metrics=false", f"train.run_dir={runs / name}", cwd=tmp_path)
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("hmtrain").experiment_id])
+    assert sorted(r.info.run_name for r in found) == ["dense", "mem"]  # one `mlflow ui` shows both
+    assert not (runs / "mem" / "mlflow.db").exists() and (runs / "mlartifacts").is_dir()
