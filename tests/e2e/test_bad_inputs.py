@@ -201,12 +201,40 @@ def missing_prepared_dir(tmp, c):
     return train(c, tmp / "run", f"data.prepared={tmp / 'nothing'}"), [str(tmp / "nothing"), "manifest.json"]
 
 
+def write_probes(tmp, c, change) -> Path:
+    """The session's first two probes, the second changed by `change(probe)`."""
+    first, second = [json.loads(line) for line in c["probes"].read_text().splitlines()[:2]]
+    probes = tmp / "probes.jsonl"
+    probes.write_text(json.dumps(first) + "\n" + json.dumps(change(second)) + "\n")
+    return probes
+
+
+def probes_empty_choice(tmp, c):  # it scored log-probability 0, above every real choice
+    probes = write_probes(tmp, c, lambda p: {**p, "choices": [*p["choices"], ""]})
+    return evaluate(c, c["finished"], f"data.probes={probes}"), [str(probes), "line 2", "choice", "is empty"]
+
+
+def probes_empty_prompt(tmp, c):  # every choice scored 0: the first always won
+    probes = write_probes(tmp, c, lambda p: {**p, "prompt": ""})
+    return evaluate(c, c["finished"], f"data.probes={probes}"), [str(probes), "line 2", "prompt is empty"]
+
+
+def probes_one_choice(tmp, c):  # it always scored 1.0
+    probes = write_probes(tmp, c, lambda p: {**p, "choices": [p["answer"]]})
+    return evaluate(c, c["finished"], f"data.probes={probes}"), [str(probes), "line 2", "at least 2"]
+
+
 def eval_negative_max_sequences(tmp, c):  # it scored one batch
     return evaluate(c, c["finished"], "eval.max_sequences=-1"), ["eval.max_sequences", "-1"]
 
 
 def eval_negative_max_probes(tmp, c):
     return evaluate(c, c["finished"], "eval.max_probes=-1"), ["eval.max_probes", "-1"]
+
+
+def memory_run_as_baseline(tmp, c):  # it was reported as the dense row
+    return evaluate(c, c["finished"], "--baseline", str(c["finished"])), \
+        ["--baseline", str(c["finished"]), "hierarchical", "train.mode=dense"]
 
 
 def infinite_learning_rate(tmp, c):  # it trained NaN to the end
@@ -235,15 +263,26 @@ def keep_no_checkpoints(tmp, c):
     return train(c, tmp / "run", "train.keep_checkpoints=0"), ["train.keep_checkpoints", "0"]
 
 
+def bogus_log_level(tmp, c):  # it crashed with a traceback
+    return train(c, tmp / "run"), ["HMTRAIN_LOG_LEVEL", "bogus"], {"HMTRAIN_LOG_LEVEL": "bogus"}
+
+
+def encoder_option_without_label(tmp, c):  # `anchor:PATH@layer=L` was read as the label `anchor:PATH@layer`
+    spec = f"anchor:{c['finished']}@layer=7"
+    return ["eval", "retention", "--config", "tiny", *c["overrides"], "--encoder", spec, "--out", str(tmp / "run")], \
+        ["layer", "7", "out of range", "2 layers"]
+
+
 CASES = [truncated_distcp, truncated_metadata, deleted_data_file, eval_truncated_metadata, resume_changed_d_model,
          resume_changed_memory_units, resume_changed_batch_size, resume_truncated_config, eval_truncated_config,
          resume_truncated_trainer_json, eval_truncated_trainer_json, resume_torn_metrics_middle_line,
          eval_other_tokenizer, resume_other_tokenizer, eval_out_under_file, probes_string_choices,
          probes_invalid_json, eval_missing_checkpoint, run_dir_under_file, resume_without_checkpoint,
          train_over_finished_run, fallback_without_resume, unknown_key, badly_typed_value, invalid_yaml_config,
-         missing_prepared_dir, eval_negative_max_sequences, eval_negative_max_probes, infinite_learning_rate,
+         missing_prepared_dir, probes_empty_choice, probes_empty_prompt, probes_one_choice,
+         eval_negative_max_sequences, eval_negative_max_probes, memory_run_as_baseline, infinite_learning_rate,
          infinite_memory_learning_rate, empty_run_dir_in_yaml, memory_without_units, negative_seed,
-         keep_no_checkpoints]
+         keep_no_checkpoints, bogus_log_level, encoder_option_without_label]
 # what a case may leave in the working directory: the empty run directory is locked before it is found
 # empty; every other case makes nothing
 MAY_MAKE = {resume_without_checkpoint: {"empty"}}
