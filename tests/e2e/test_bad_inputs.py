@@ -1,6 +1,6 @@
 """A table of bad inputs through the real CLI: each exits 2 with one stderr line naming the input,
 and leaves every earlier output (a finished run, the prepared directories) byte-identical. A bad config
-value creates no run directory."""
+value creates no run directory. Below the table: a disk that fills up while a checkpoint is written."""
 import hashlib
 import json
 import os
@@ -327,3 +327,21 @@ def test_second_concurrent_train_stops_at_once_and_a_killed_holder_does_not_bloc
     # the kernel released the dead holder's lock: --resume is not blocked
     run_cli(*args[:-1], "train.memory_steps=0", "train.pretrain_steps=2", f"train.run_dir={run}", "--resume",
             cwd=tmp_path)
+
+
+def test_a_disk_that_fills_while_checkpointing_is_named_and_the_previous_checkpoint_kept(ctx, tmp_path):
+    run = tmp_path / "run"
+    # 300,000 bytes free: torch.save then loses the ENOSPC under "[enforce fail at inline_container.cc:672] .
+    # unexpected pos 704 vs 598", as on a real full disk in the issue (--debug shows it)
+    proc = run_cli(LAST, "300000", "--debug", *train(ctx, run, "logging.mlflow=false"), cwd=tmp_path, check=False,
+                   module="tests.e2e.full_disk")
+    assert proc.returncode == 1, proc.stderr
+    assert "inline_container.cc" in proc.stderr, "the disk filled elsewhere than in torch.save: adjust the bytes"
+    line = proc.stderr.splitlines()[-1]
+    checkpoints = run / "checkpoints"
+    words = [f"checkpoint {checkpoints / LAST}: save failed", "no space left on device while writing",
+             str(checkpoints / f".{LAST}.tmp"), f"the previous checkpoint {checkpoints / OLDER} is intact"]
+    missing = [w for w in words if w not in line]
+    assert not missing, f"{missing} not in: {line}"
+    assert (run / "checkpoints" / "latest").read_text() == OLDER
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", OLDER]
