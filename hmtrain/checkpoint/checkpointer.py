@@ -166,14 +166,15 @@ class Checkpointer:
         dirs = self.step_dirs()
         return dirs[-1] if dirs else None
 
-    def _should_save(self, step: int, last: bool, now: bool) -> bool:
+    def due(self, step: int, *, last: bool = False, now: bool = False) -> bool:
+        """Whether `save` with these arguments writes a checkpoint."""
         return last or now or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int, *, last: bool = False, now: bool = False) -> Optional[Path]:
         """Checkpoint the states after `step` if the cadence asks for it (`last`: the run's final step;
         `now`: a stop was requested); returns the checkpoint's path, or None. Those two block; others
         write in the background with `async_save`."""
-        if not self._should_save(step, last, now):
+        if not self.due(step, last=last, now=now):
             return None
         tensors = self._flat({name: state.state_dict() for name, state in self._dcp_states()})
         trainer = {**self.states[TRAIN].state_dict(), LOADER: self.states[LOADER].state_dict()}

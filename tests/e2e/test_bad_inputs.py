@@ -245,6 +245,11 @@ def infinite_memory_learning_rate(tmp, c):
     return train(c, tmp / "run", "train.memory_optim.lr=inf"), ["train.memory_optim.lr", "finite", "inf"]
 
 
+def diverging_learning_rate(tmp, c):  # finite, and NaN by step 2: no checkpoint of it is written
+    return train(c, tmp / "run", "train.anchor_optim.lr=1e30", "logging.mlflow=false"), \
+        ["diverged", "at step 2", "no checkpoint", "train.anchor_optim.lr"]
+
+
 def empty_run_dir_in_yaml(tmp, c):  # it trained into the current directory
     config = tmp / "empty_run_dir.yaml"
     config.write_text("train:\n  run_dir: ''\n")
@@ -281,11 +286,11 @@ CASES = [truncated_distcp, truncated_metadata, deleted_data_file, eval_truncated
          train_over_finished_run, fallback_without_resume, unknown_key, badly_typed_value, invalid_yaml_config,
          missing_prepared_dir, probes_empty_choice, probes_empty_prompt, probes_one_choice,
          eval_negative_max_sequences, eval_negative_max_probes, memory_run_as_baseline, infinite_learning_rate,
-         infinite_memory_learning_rate, empty_run_dir_in_yaml, memory_without_units, negative_seed,
-         keep_no_checkpoints, bogus_log_level, encoder_option_without_label]
-# what a case may leave in the working directory: the empty run directory is locked before it is found
-# empty; every other case makes nothing
-MAY_MAKE = {resume_without_checkpoint: {"empty"}}
+         infinite_memory_learning_rate, diverging_learning_rate, empty_run_dir_in_yaml, memory_without_units,
+         negative_seed, keep_no_checkpoints, bogus_log_level, encoder_option_without_label]
+# what a case may leave in the working directory: the good config trains (and checkpoints nothing), the
+# empty run directory is locked before it is found empty; every other case makes nothing
+MAY_MAKE = {diverging_learning_rate: {"run"}, resume_without_checkpoint: {"empty"}}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
@@ -302,6 +307,7 @@ def test_bad_input(case, ctx, tmp_path):
     assert [tree_hash(p) for p in outputs] == before, "an earlier output changed"
     made = {p.name for p in tmp_path.iterdir()} - present  # tmp_path is the working directory too
     assert made <= MAY_MAKE.get(case, set()), f"made for a bad input: {made}"
+    assert not list(tmp_path.glob("run/checkpoints/*step_*")) or "run" in present, "a checkpoint was written"
 
 
 def test_second_concurrent_train_stops_at_once_and_a_killed_holder_does_not_block_resume(ctx, tmp_path):
