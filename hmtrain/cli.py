@@ -313,12 +313,11 @@ def main(argv: list[str] | None = None) -> int:
 
     stop_with_supervisor()  # a torchrun worker checkpoints and stops if torchrun is killed
     args = parse_args(argv)
-    # HMTRAIN_LOG_LEVEL: the level of hmtrain's log lines on stderr (tests and benchmarks set WARNING)
-    logging.basicConfig(level=os.environ.get("HMTRAIN_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     command = args.data_command if args.command == "data" else args.command
     rc = 0
     try:
+        logging.basicConfig(level=_log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
         COMMANDS[command](args)
     except Exception as exc:  # every failure leaves with one line and the code that says which kind it was
         if args.debug:
@@ -333,6 +332,17 @@ def main(argv: list[str] | None = None) -> int:
         if every_rank_reports(exc):
             _meet()
     return _leave(rc)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level() -> str:
+    """$HMTRAIN_LOG_LEVEL: the level of hmtrain's log lines on stderr (tests and benchmarks set WARNING)."""
+    level = os.environ.get("HMTRAIN_LOG_LEVEL", "INFO")
+    if level.upper() not in LOG_LEVELS:
+        raise ValueError(f"HMTRAIN_LOG_LEVEL={level!r}: not a log level; use {', '.join(LOG_LEVELS)}")
+    return level.upper()
 
 
 def _meet() -> None:

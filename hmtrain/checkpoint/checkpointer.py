@@ -24,11 +24,13 @@ resumed run draws exactly what the uninterrupted one did. New code that needs ra
 training must keep to that rule (derive a generator from seed and step), or its state must become
 a checkpoint state.
 
-Every failure to read or write a checkpoint is a `CheckpointError` (hmtrain/checkpoint/verify.py).
+Every failure to read or write a checkpoint is a `CheckpointError` (hmtrain/checkpoint/verify.py); a save
+that failed for want of space says so, however deep torch or DCP buried the ENOSPC (`_out_of_space`).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -79,6 +81,35 @@ def _write_durably(path: Path, text: str) -> None:
     # fsynced before the rename: after a power loss the marker or `latest` names a complete checkpoint
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def _out_of_space(exc: BaseException) -> Optional[OSError]:
+    """The ENOSPC (or EDQUOT) behind a failed save, if any. torch.save into a full disk raises
+    "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598", the OSError only its
+    `__context__`; DCP wraps each rank's failure in a CheckpointException."""
+    seen, todo = set(), [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        if isinstance(current, CheckpointException):
+            todo += [inner for inner, _trace in current.failures.values()]
+        todo += [current.__cause__, current.__context__]
+    return None
+
+
+def _mount_point(path: Path) -> Path:
+    """The mount point of the filesystem holding `path` (or its nearest existing parent)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    device = path.stat().st_dev
+    while path.parent != path and path.parent.stat().st_dev == device:
+        path = path.parent
+    return path
 
 
 @contextlib.contextmanager
@@ -137,14 +168,15 @@ class Checkpointer:
         dirs = self.step_dirs()
         return dirs[-1] if dirs else None
 
-    def _should_save(self, step: int, last: bool, now: bool) -> bool:
+    def due(self, step: int, *, last: bool = False, now: bool = False) -> bool:
+        """Whether `save` with these arguments writes a checkpoint."""
         return last or now or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int, *, last: bool = False, now: bool = False) -> Optional[Path]:
         """Checkpoint the states after `step` if the cadence asks for it (`last`: the run's final step;
         `now`: a stop was requested); returns the checkpoint's path, or None. Those two block; others
         write in the background with `async_save`."""
-        if not self._should_save(step, last, now):
+        if not self.due(step, last=last, now=now):
             return None
         tensors = self._flat({name: state.state_dict() for name, state in self._dcp_states()})
         trainer = {**self.states[TRAIN].state_dict(), LOADER: self.states[LOADER].state_dict()}
@@ -247,7 +279,11 @@ class Checkpointer:
             shutil.rmtree(pending.tmp, ignore_errors=True)
         previous = self.latest()
         kept = f"; the previous checkpoint {previous} is intact" if previous else ""
-        error = CheckpointError(f"checkpoint {pending.final}: save failed ({describe(exc)}){kept}")
+        full = _out_of_space(exc)
+        reason = describe(exc) if full is None else (
+            f"{os.strerror(full.errno).lower()} while writing {full.filename or pending.tmp}, on the filesystem "
+            f"mounted at {_mount_point(self.directory)}")
+        error = CheckpointError(f"checkpoint {pending.final}: save failed ({reason}){kept}")
         error.input_error = False
         return error
 

@@ -1,4 +1,5 @@
-"""`Choice`: the base of every config field with a fixed set of values, and `require`, the one check.
+"""`Choice`: the base of every config field with a fixed set of values; `require`, the one check, and the
+checks built on it.
 
 A choice is a `StrEnum` whose member names are its values, so omegaconf accepts the plain names a
 YAML file or a `key=value` override writes (and config.yaml files written before the fields were
@@ -6,6 +7,8 @@ Enums), rejects any other, and code may compare a member with its name (`cfg.tra
 """
 from __future__ import annotations
 
+import math
+from dataclasses import fields, is_dataclass
 from enum import StrEnum
 
 
@@ -39,3 +42,16 @@ def require_positive(section: object, prefix: str, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
         require(value > 0, f"{prefix}.{name}", f"must be positive, got {value}")
+
+
+def require_finite(node: object, key: str) -> None:
+    """Every float of a section, its nested sections and lists included, is a finite number: no key gives
+    inf or nan a meaning, and either would train or score NaN to the end without an error."""
+    if is_dataclass(node):
+        for f in fields(node):
+            require_finite(getattr(node, f.name), f"{key}.{f.name}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            require_finite(item, f"{key}[{i}]")
+    elif isinstance(node, float):
+        require(math.isfinite(node), key, f"must be a finite number, got {node}")

@@ -44,6 +44,7 @@ class DataConfig:
         require_positive(self, "data", "seq_len", "shard_samples", "embed_batch_size", "prepare_timeout_s")
         require(self.tokenizer_sample >= 0, "data.tokenizer_sample",
                 f"must be >= 0 (0 = all training documents), got {self.tokenizer_sample}")
+        require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
         require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         require(bool(self.text_field), "data.text_field", "must name the documents' text field")
         require(bool(self.prepared), "data.prepared", "must name the prepared data directory")

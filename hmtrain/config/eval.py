@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hmtrain.config.checks import require_positive
+from hmtrain.config.checks import require, require_positive
 
 
 @dataclass
@@ -21,3 +21,6 @@ class EvalConfig:
 
     def validate(self) -> None:
         require_positive(self, "eval", "batch_size")
+        for name in ("max_sequences", "max_probes"):
+            value = getattr(self, name)
+            require(value >= 0, f"eval.{name}", f"must be >= 0 (0 = all), got {value}")

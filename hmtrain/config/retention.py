@@ -41,6 +41,7 @@ class RetentionConfig:
 
     def validate(self) -> None:
         require_positive(self, "retention", "n_ctx", "steps", "batch_size")
+        require(self.seed >= 0, "retention.seed", f"must be >= 0, got {self.seed}")
         self.decoder.validate("retention.decoder", self.block)
         for name in ("train_windows", "heldout_windows"):
             value = getattr(self, name)

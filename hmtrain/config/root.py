@@ -2,13 +2,14 @@
 composed here; `Config.validate` adds the checks that span sections.
 
 Every field has a type and a default, so omegaconf rejects unknown keys, badly typed values and
-choices outside their Enum at start-up; `validate` adds the checks types cannot express.
+choices outside their Enum at start-up; `validate` adds the checks types cannot express, first the one
+every section shares: each float is finite (inf and nan mean nothing anywhere).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-from hmtrain.config.checks import require
+from hmtrain.config.checks import require, require_finite
 from hmtrain.config.data import DataConfig
 from hmtrain.config.eval import EvalConfig
 from hmtrain.config.memory import MemoryConfig
@@ -17,7 +18,7 @@ from hmtrain.config.model import Family, ModelConfig
 from hmtrain.config.parallel import Engine, ParallelConfig
 from hmtrain.config.retention import RetentionConfig
 from hmtrain.config.tracking import LoggingConfig
-from hmtrain.config.train import TrainConfig
+from hmtrain.config.train import Mode, TrainConfig
 from hmtrain.config.tree import TreeConfig
 
 
@@ -36,6 +37,8 @@ class Config:
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad key."""
+        for section in fields(self):
+            require_finite(getattr(self, section.name), section.name)
         self.model.validate()
         self.data.validate()
         self.train.validate()
@@ -43,6 +46,10 @@ class Config:
         self.tree.validate()
         self.parallel.validate(levels=len(self.tree.branching))
         self.memory.validate(levels=len(self.tree.branching))
+        if self.model.family == Family.lm and self.train.mode == Mode.hierarchical and self.train.memory_steps > 0:
+            require(sum(self.memory.units) > 0, "memory.units",
+                    f"{self.memory.units} gives the memory phase no memory to train; give a level units > 0, or "
+                    "train.mode=dense for a dense baseline, or train.memory_steps=0 to pretrain the anchor alone")
         if self.model.family == Family.memory_model:
             self._validate_memory_model()
         self.retention.validate()

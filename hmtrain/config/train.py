@@ -94,7 +94,10 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        require_positive(self, "train", "global_batch_size", "micro_batch_size", "checkpoint_every", "log_every")
+        require(bool(self.run_dir.strip()), "train.run_dir", "is empty; name the run's directory")
+        require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        require_positive(self, "train", "global_batch_size", "micro_batch_size", "checkpoint_every", "log_every",
+                         "keep_checkpoints")
         split_global_batch(self.global_batch_size, 1, micro_batch_size=self.micro_batch_size)
         if self.pretrain_global_batch_size is not None:
             split_global_batch(self.pretrain_global_batch_size, 1, micro_batch_size=self.micro_batch_size,

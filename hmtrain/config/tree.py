@@ -45,6 +45,7 @@ class TreeConfig:
         except ValueError as exc:
             raise ConfigError(f"config key 'tree.branching': {exc}") from None
         require(self.balance > 1.0, "tree.balance", f"must be > 1, got {self.balance}")
+        require(self.seed >= 0, "tree.seed", f"must be >= 0, got {self.seed}")
         require(self.em_steps >= 0, "tree.em_steps", f"must be >= 0, got {self.em_steps}")
         require(self.subsample > 0, "tree.subsample", f"must be positive, got {self.subsample}")
         require(self.fit_sample >= 0, "tree.fit_sample", f"must be >= 0 (0 = all documents), got {self.fit_sample}")

@@ -47,6 +47,10 @@ def evaluate(cfg: Config, checkpoint: str | Path, baseline: Optional[str | Path]
             models.append((name, trained, variant))
     if baseline is not None:
         dense = load_trained(baseline, device)
+        if dense.cfg.model.family != "lm" or dense.cfg.train.mode != "dense":
+            raise ValueError(f"--baseline {baseline}: checkpoint {dense.path} is a {dense.cfg.train.mode} run "
+                             f"(model.family={dense.cfg.model.family}), not a dense baseline; train one with "
+                             "train.mode=dense")
         data.check_compatible(dense.cfg)
         check_data_fingerprints(dense.path, dense.record, data.fingerprints(), data.root)
         models.append(("dense baseline", dense, "none"))

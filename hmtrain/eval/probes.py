@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from hmtrain.data.corpus.documents import jsonl_records
+from hmtrain.data.corpus.documents import numbered_jsonl_records
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.routing.embed import build_embedder, embed_texts
 from hmtrain.eval.scoring import Bank, choice_logprobs
@@ -34,19 +34,8 @@ def load_probes(path: str | Path, limit: int = 0) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"probes file {path} not found (make one with `hmtrain data synth`)")
     probes = []
-    for index, probe in enumerate(jsonl_records(path)):
-        missing = [k for k in REQUIRED if k not in probe]
-        if missing:
-            raise ValueError(f"{path}: probe {index} lacks {missing}")
-        choices = probe["choices"]
-        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
-            raise ValueError(f"{path}: probe {index}: choices must be a non-empty list of strings, "
-                             f"got {choices!r:.80}")
-        for key in ("question", "prompt", "answer", "bucket"):
-            if not isinstance(probe[key], str):
-                raise ValueError(f"{path}: probe {index}: {key} must be a string, got {probe[key]!r:.80}")
-        if probe["answer"] not in probe["choices"]:
-            raise ValueError(f"{path}: probe {index}: answer {probe['answer']!r} is not among its choices")
+    for index, (lineno, probe) in enumerate(numbered_jsonl_records(path)):
+        check_probe(probe, f"{path}: line {lineno} (probe {index})")
         probes.append(probe)
     if not probes:
         raise ValueError(f"probes file {path} holds no probes")
@@ -55,6 +44,34 @@ def load_probes(path: str | Path, limit: int = 0) -> list[dict]:
         keep = sorted(random.Random(0).sample(range(len(probes)), limit))
         probes = [probes[i] for i in keep]
     return probes
+
+
+def check_probe(probe: dict, where: str) -> None:
+    """ValueError naming `where` for a probe that cannot be scored fairly. A choice is scored by the summed
+    log-probability of its tokens, which is 0 for no tokens (above every real choice), and 0 for every
+    choice after an empty prompt (the first then always wins); one choice always wins."""
+    missing = [k for k in REQUIRED if k not in probe]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}")
+    for key in ("question", "prompt", "answer", "bucket"):
+        if not isinstance(probe[key], str):
+            raise ValueError(f"{where}: {key} must be a string, got {probe[key]!r:.80}")
+    for key in ("question", "prompt"):
+        if not probe[key].strip():
+            raise ValueError(f"{where}: {key} is empty")
+    choices = probe["choices"]
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"{where}: choices must be a list of strings, got {choices!r:.80}")
+    if len(choices) < 2:
+        raise ValueError(f"{where}: choices holds {len(choices)}; a multiple-choice probe needs at least 2")
+    empty = [i for i, c in enumerate(choices) if not c.strip()]
+    if empty:
+        raise ValueError(f"{where}: choice {empty[0]} is empty (no tokens score 0, above every real choice)")
+    twice = [c for c, n in Counter(choices).items() if n > 1]
+    if twice:
+        raise ValueError(f"{where}: choice {twice[0]!r} appears more than once")
+    if probe["answer"] not in choices:
+        raise ValueError(f"{where}: answer {probe['answer']!r} is not among its choices")
 
 
 def route_probes(data: PreparedData, probes: list[dict], *, batch_size: int = 64, progress: bool = True) -> ProbeSet:

@@ -55,9 +55,10 @@ def default_label(spec: str) -> str:
 
 
 def parse_spec(text: str) -> tuple[str, str]:
-    """`[label=]spec` -> (label, spec); the label may only hold [A-Za-z0-9_.-] (MLflow metric names)."""
+    """`[label=]spec` -> (label, spec); the label may only hold [A-Za-z0-9_.-] (MLflow metric names). Text
+    before the first `=` is a label only if it holds no `:`, so `anchor:PATH@layer=0` is a spec alone."""
     label, sep, spec = text.partition("=")
-    if not sep:
+    if not sep or ":" in label:
         label, spec = "", text
     kind = spec.partition(":")[0]
     if kind not in KINDS:

@@ -101,6 +101,17 @@ class Recipe:
             return tc.cotrain_optim or tc.memory_optim
         return tc.anchor_optim
 
+    def optim_keys(self, phase: str) -> list[str]:
+        """The config keys of the optimizers that step in `phase`, for messages."""
+        for index, stage in enumerate(self.stages):
+            if phase == stage_phase(index, stage):
+                return [f"memory_model.stages[{index}].optim" if self.cfg.memory_model.stages else "train.anchor_optim"]
+        tc = self.cfg.train
+        if phase == MEMORY:
+            cotrain = tc.anchor == "cotrain" and tc.cotrain_optim is not None
+            return ["train.memory_optim", *(["train.cotrain_optim"] if cotrain else [])]
+        return ["train.anchor_optim"]
+
     def at(self, step: int) -> StepRecipe:
         tc = self.cfg.train
         phase = self.phase(step)

@@ -9,7 +9,8 @@ plans the step's fetches (one exchange of row ids); each micro-batch fetches its
 and backward with the loss normalised by the global token count, and returns its row gradients to
 their owners; one global norm over anchor and bank clips both; the anchor's engine and the bank's
 sparse AdamW step. `train` builds the run (hmtrain/train/build.py), resumes it, then steps, logs
-(hmtrain/train/tracking.py) and checkpoints (hmtrain/checkpoint/) in a short loop.
+(hmtrain/train/tracking.py) and checkpoints (hmtrain/checkpoint/) in a short loop, which stops before
+checkpointing a non-finite loss or gradient norm (hmtrain/train/divergence.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from hmtrain.data.loading.batch import padding_batch
 from hmtrain.model import count_parameters, counted_targets, run_model_config
 from hmtrain.parallel.dist import init_distributed
 from hmtrain.train.build import Parts, build, check_world, restore_in_phase
+from hmtrain.train.divergence import Diverged, DivergenceWatch
 from hmtrain.train.profiling import StepProfiler
 from hmtrain.train.recipe import MEMORY
 from hmtrain.train.rundir import lock_run_dir
@@ -116,7 +118,7 @@ def _run_to_end(run: Parts, checkpointer: Checkpointer, tracker: Tracker, state:
     recipe.apply_stage(run.model, state.step, fresh=stage_begins)  # a memory model's curriculum stage
     bar = tqdm(total=recipe.total_steps, initial=state.step, desc=f"train ({tc.mode})",
                disable=not (tc.progress and run.info.is_main), dynamic_ncols=True)
-    window = Window()
+    window, watch = Window(), DivergenceWatch(run.info.device)
     profiler = StepProfiler(tc.profile_steps, Path(tc.run_dir), run.info.device, run.info.rank)
     try:
         while state.step < recipe.total_steps:
@@ -131,7 +133,10 @@ def _run_to_end(run: Parts, checkpointer: Checkpointer, tracker: Tracker, state:
             result = train_step(run, now, state.step, run.batches.next(now.global_batch), window)
             profiler.end(state.step + 1)
             state.step, state.optimizer_phase = state.step + 1, now.phase
-            if state.step % tc.log_every == 0 or state.step == recipe.total_steps:
+            watch.note(state.step, result.loss_sum, result.grad_norm)
+            last = state.step == recipe.total_steps
+            logged = state.step % tc.log_every == 0 or last
+            if logged:
                 record = step_record(run.comm, now, result, window, flops_per_token, peak)
                 tracker.log(record, state.step)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", phase=now.phase)
@@ -139,8 +144,9 @@ def _run_to_end(run: Parts, checkpointer: Checkpointer, tracker: Tracker, state:
             bar.update(1)
             checkpointer.poll()  # complete a background save whose write has finished
             signum = stop.agreed(run.comm)
-            last_checkpoint = checkpointer.save(state.step, last=state.step == recipe.total_steps,
-                                                now=bool(signum)) or last_checkpoint
+            if logged or checkpointer.due(state.step, last=last, now=bool(signum)):  # steps that sync anyway
+                _stop_if_diverged(watch, run, state.step, last_checkpoint)
+            last_checkpoint = checkpointer.save(state.step, last=last, now=bool(signum)) or last_checkpoint
             if signum:
                 stop.signum, status = signum, "KILLED"
                 break
@@ -155,6 +161,13 @@ def _run_to_end(run: Parts, checkpointer: Checkpointer, tracker: Tracker, state:
     if last_checkpoint is None:
         raise RuntimeError("training ended without writing a checkpoint")
     return last_checkpoint
+
+
+def _stop_if_diverged(watch: DivergenceWatch, run: Parts, step: int, last_checkpoint: Optional[Path]) -> None:
+    """Raise Diverged before a checkpoint could hold a non-finite step (hmtrain/train/divergence.py)."""
+    bad = watch.first_bad_step(run.comm)
+    if bad is not None:
+        raise Diverged(bad, step, run.recipe.optim_keys(run.recipe.phase(bad - 1)), last_checkpoint)
 
 
 def train_step(run: Parts, now, step: int, micro_batches: list[dict], window: Window) -> StepResult:

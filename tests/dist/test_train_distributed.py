@@ -175,3 +175,16 @@ def test_a_dead_rank_ends_the_job_and_the_checkpoint_resumes(data, tmp_path):
     train(data, tmp_path, "killed", 2, "train.pretrain_steps=40", "train.memory_steps=40",
           "train.checkpoint_every=2", resume=True)
     assert sorted(losses(run_dir)) == list(range(1, 81))
+
+
+def test_a_diverging_run_stops_on_every_rank_before_checkpointing_the_damage(data, tmp_path):
+    # no step is logged before the end (log_every=10): the ranks read the note before each checkpoint
+    run_dir = tmp_path / "diverged"
+    proc = torchrun(2, ["-m", "hmtrain.cli", "train", "--config", "tiny", *data["overrides"], *TRAIN,
+                        "train.memory_optim.lr=1e30", "train.log_every=10", "train.checkpoint_every=2",
+                        f"train.run_dir={run_dir}"], cwd=tmp_path, check=False)
+    lines = sorted(line for line in proc.stderr.splitlines() if line.startswith("hmtrain train"))
+    assert len(lines) == 2 and lines[0].startswith("hmtrain train (rank 0): error: training diverged"), proc.stderr
+    assert lines[1] == lines[0].replace("(rank 0)", "(rank 1)")  # the same step on both ranks
+    assert "train.memory_optim.lr" in lines[0] and "step_00000002, predates it" in lines[0]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000002"]

@@ -16,9 +16,11 @@ MICRO = [
 ]
 
 
-def run_cli(*args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HMTRAIN_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "hmtrain.cli", *args], cwd=cwd, env=env, capture_output=True,
+def run_cli(*args: str, cwd: Path, check: bool = True, timeout: int = 300, env: dict | None = None,
+            module: str = "hmtrain.cli") -> subprocess.CompletedProcess:
+    """`python -m module args` (the CLI, or a test's wrapper of it); `env` adds to or overrides the environment."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HMTRAIN_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"hmtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -137,7 +137,8 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     with pytest.raises(CheckpointError) as exc_info:
         saver.write(2, make_state(2), {"loader": {}}, to_yaml(Config()))
     monkeypatch.setattr(dcp_fs, "_write_item", real_write_item)
-    assert_one_line_naming(exc_info, tmp_path / "step_00000002", "No space left", "step_00000001 is intact")
+    assert_one_line_naming(exc_info, tmp_path / "step_00000002", "no space left on device while writing",
+                            str(tmp_path / ".step_00000002.tmp"), "step_00000001 is intact")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]
     assert saver.latest().name == "step_00000001"
     check_complete(saver.latest())

@@ -1,4 +1,5 @@
 """Config loading: presets, overrides, and errors that name the key."""
+import re
 from pathlib import Path
 
 import pytest
@@ -51,10 +52,26 @@ def test_yaml_file_path_and_round_trip(tmp_path):
     ("train.anchor=melted", "train.anchor"),
     ("train.anchor_optim.schedule=linear", "train.anchor_optim.schedule"),
     ("model.head_dim=33", "model.head_dim"),
+    ("train.anchor_optim.lr=inf", "train.anchor_optim.lr"),
+    ("train.memory_optim.betas=[0.9,nan]", "train.memory_optim.betas[1]"),
+    ("memory.init_std=-inf", "memory.init_std"),
+    ("tree.balance=nan", "tree.balance"),
+    ("train.seed=-1", "train.seed"),
+    ("data.seed=-1", "data.seed"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("train.run_dir=' '", "train.run_dir"),
+    ("memory.units=[0,0]", "memory.units"),
+    ("eval.max_sequences=-1", "eval.max_sequences"),
+    ("eval.max_probes=-1", "eval.max_probes"),
 ])
 def test_bad_values_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         load_config("tiny", [override])
+
+
+def test_units_may_all_be_zero_where_no_memory_trains():
+    for extra in ("train.mode=dense", "train.memory_steps=0"):
+        assert load_config("tiny", ["memory.units=[0,0]", extra]).memory.units == [0, 0]
 
 
 def test_unknown_key_in_yaml_is_rejected(tmp_path):

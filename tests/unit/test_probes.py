@@ -26,8 +26,12 @@ def test_reads_and_samples(tmp_path):
 
 @pytest.mark.parametrize("line, match", [
     ("{not json", r"p\.jsonl: line 2 .*not valid JSON"),
-    (json.dumps({"question": "q"}), r"p\.jsonl: probe 1 lacks"),
-    (json.dumps(probe(1, answer=" z")), r"p\.jsonl: probe 1: answer ' z' is not among its choices"),
+    (json.dumps({"question": "q"}), r"p\.jsonl: line 2 \(probe 1\) lacks"),
+    (json.dumps(probe(1, answer=" z")), r"p\.jsonl: line 2 \(probe 1\): answer ' z' is not among its choices"),
+    (json.dumps(probe(1, choices=[" a", ""])), r"line 2 \(probe 1\): choice 1 is empty"),
+    (json.dumps(probe(1, prompt="")), r"line 2 \(probe 1\): prompt is empty"),
+    (json.dumps(probe(1, choices=[" a"])), r"line 2 \(probe 1\): choices holds 1; .* at least 2"),
+    (json.dumps(probe(1, choices=[" a", " b", " a"])), r"line 2 \(probe 1\): choice ' a' appears more than once"),
 ])
 def test_bad_probes_are_named(tmp_path, line, match):
     path = write(tmp_path / "p.jsonl", [json.dumps(probe(0)), line])

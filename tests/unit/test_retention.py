@@ -29,6 +29,8 @@ def test_specs_labels_and_anchor_options():
     assert parse_spec("memory:runs/ae/checkpoints/step_00000400") == ("memory-ae", "memory:runs/ae/checkpoints/"
                                                                       "step_00000400")
     assert parse_spec("my ae=memory:runs/x") == ("my_ae", "memory:runs/x")
+    assert parse_spec("anchor:runs/a@layer=0") == ("anchor-a_layer_0", "anchor:runs/a@layer=0")
+    assert parse_spec("a0=anchor:runs/a@layer=0") == ("a0", "anchor:runs/a@layer=0")
     for bad in ("bert", "anchor", "untrained:gpt", "memory:"):
         with pytest.raises(ValueError, match="--encoder"):
             parse_spec(bad)

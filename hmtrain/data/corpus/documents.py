@@ -89,6 +89,13 @@ def _lines(path: Path, f) -> Iterator[tuple[int, bytes]]:
 
 def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
     """JSON objects of a .jsonl / .jsonl.gz file; errors name the file and line."""
+    for _lineno, record in numbered_jsonl_records(path):
+        yield record
+
+
+def numbered_jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, JSON object) of a .jsonl / .jsonl.gz file, for callers whose own checks name the line;
+    errors name the file and line."""
     opener = gzip.open if _suffix(path) == ".jsonl.gz" else open
     index = 0
     # Read bytes and decode per line so a bad byte is reported with its line.
@@ -114,7 +121,7 @@ def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
                 raise ValueError(
                     f"{path}: line {lineno} (record {index}) is a JSON {type(record).__name__}, expected an object"
                 )
-            yield record
+            yield lineno, record
             index += 1
 
 
