@@ -7,7 +7,7 @@
     hmtrain eval         --config CFG --checkpoint DIR [--baseline DIR] [--out FILE] [key=value ...]
     hmtrain eval retention --config CFG --encoder SPEC [--encoder SPEC ...] [--out DIR]
                          [--deep-router SPEC [--shallow-levels N]] [key=value ...]   (also `hmtrain retention`)
-    hmtrain info         --config CFG [--world-size N] [key=value ...]
+    hmtrain info         --config CFG [--world-size N] [--checkpoint-gbps GB/S] [key=value ...]
     hmtrain export       --checkpoint DIR --out DIR [--overwrite] [--config CFG] [key=value ...]
     hmtrain generate     (--checkpoint DIR | --export DIR) --prompt TEXT [--max-new-tokens N --temperature T
                          --top-k K --seed S --memory fetched|generic|none] [--config CFG] [key=value ...]
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import shutil
 import sys
@@ -106,6 +107,9 @@ def _training_commands(commands) -> None:
     info = commands.add_parser("info", help="parameter counts per level, and memory and traffic per rank")
     _config_args(info)
     info.add_argument("--world-size", type=int, default=1, help="ranks to size the per-rank table for")
+    info.add_argument("--checkpoint-gbps", type=float, default=None, metavar="GB/S",
+                      help="write bandwidth to the checkpoint directory, all ranks together, in gigabytes "
+                           "(10^9 bytes) per second, for the checkpoint's write time (default 1)")
 
 
 def _tool_commands(commands) -> None:
@@ -207,11 +211,14 @@ def cmd_retention(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from hmtrain.info import print_info
+    from hmtrain.info import CHECKPOINT_GBPS, print_info
 
     if args.world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
-    print_info(load_config(args.config, args.overrides), world_size=args.world_size)
+    gbps = CHECKPOINT_GBPS if args.checkpoint_gbps is None else args.checkpoint_gbps
+    if not (math.isfinite(gbps) and gbps > 0):
+        raise ValueError(f"--checkpoint-gbps must be a positive number of GB/s, got {args.checkpoint_gbps}")
+    print_info(load_config(args.config, args.overrides), world_size=args.world_size, checkpoint_gbps=gbps)
 
 
 def cmd_bench(args) -> None:

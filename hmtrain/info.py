@@ -1,5 +1,7 @@
-"""`hmtrain info`: the parameter budget of a config, per level, what one training rank holds, and what evaluation
-needs on the device and on the host, without allocating."""
+"""`hmtrain info`: the parameter budget of a config, per level, what one training rank holds and moves, what a
+checkpoint stores, and what evaluation needs on the device and on the host, without allocating. Every figure is
+arithmetic stated beside it; rows the trainer would refuse (a global batch that does not split, owner placement on
+more ranks than level-1 subtrees) say so."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,14 +9,25 @@ import dataclasses
 from rich.console import Console
 from rich.table import Table
 
-from hmtrain.config import Config
+from hmtrain.config import Config, ConfigError, split_global_batch
 from hmtrain.memory import memory_sizes
 from hmtrain.memory.kind import memory_kind
-from hmtrain.memory.sizes import eval_footprint, rank_footprint
+from hmtrain.memory.sizes import bank_checkpoint_bytes, eval_footprint, rank_footprint, step_transients
 from hmtrain.model import count_parameters, run_model_config
-from hmtrain.model.sizes import human
+from hmtrain.model.sizes import activation_bytes, human
+from hmtrain.parallel.placement import assign_subtrees
 
 GiB = 2**30
+# checkpoint write bandwidth, all ranks together, when --checkpoint-gbps is not given: 1 GB/s, a modest
+# shared filesystem's share for one job (a local NVMe drive writes 2-3)
+CHECKPOINT_GBPS = 1.0
+# NCCL's buffers are sized by NCCL from the topology; these are assumptions, not queried: NCCL_BUFFSIZE
+# (NCCL's default 4 MiB) per channel and peer; ring collectives (FSDP's all-gather and reduce-scatter, the
+# bank's all-reduce) on NCCL_CHANNELS channels to the two ring neighbours; gather placement's all-to-all
+# adds NCCL_P2P_CHANNELS channels to every other rank.
+NCCL_BUFFSIZE = 4 * 2**20
+NCCL_CHANNELS = 16
+NCCL_P2P_CHANNELS = 2
 
 
 def model_config(cfg: Config):
@@ -47,7 +60,59 @@ def anchor_bytes_per_rank(params: int, world: int, engine: str, zero_stage: int)
     return (16 - sharded) * params + sharded * params // world
 
 
-def print_info(cfg: Config, console: Console | None = None, world_size: int = 1) -> dict:
+def value_bytes(cfg: Config) -> int:
+    """Bytes of an activation (and of a DeepSpeed module weight): bf16 unless the run is fp32 (auto is bf16 on GPU)."""
+    return 4 if cfg.train.dtype == "fp32" else 2
+
+
+def nccl_buffer_bytes(world_size: int, placement: str) -> int:
+    """NCCL's buffers on one rank under the assumptions stated at NCCL_BUFFSIZE (none on one process)."""
+    if world_size == 1:
+        return 0
+    ring = 2 * NCCL_CHANNELS * NCCL_BUFFSIZE
+    all_to_all = (world_size - 1) * NCCL_P2P_CHANNELS * NCCL_BUFFSIZE if placement == "gather" else 0
+    return ring + all_to_all
+
+
+def anchor_checkpoint_bytes(params: int, tied_embedding: int, engine: str, weight_bytes: int) -> int:
+    """Bytes a checkpoint stores for the anchor, all ranks together. A tied embedding is stored twice (the
+    state dict names it as the embedding and as the head). fsdp, through DCP: fp32 weights and two fp32
+    AdamW moments. deepspeed: the module's weights (`weight_bytes`: bf16 under bf16) in DCP and again in
+    DeepSpeed's model file, and its optimizer partitions of fp32 master weights and two moments."""
+    if engine == "fsdp":
+        return 4 * (params + tied_embedding) + 8 * params
+    return 2 * weight_bytes * (params + tied_embedding) + 12 * params
+
+
+def micro_batches_per_rank(cfg: Config, world_size: int) -> dict[str, int | str]:
+    """Config key of each global batch the run uses -> micro-batches per rank per step, or the error the
+    trainer stops with (the same `split_global_batch`)."""
+    tc = cfg.train
+    batches = {"train.global_batch_size": tc.global_batch_size}
+    if tc.pretrain_global_batch_size is not None:
+        batches["train.pretrain_global_batch_size"] = tc.pretrain_global_batch_size
+    out: dict[str, int | str] = {}
+    for key, batch in batches.items():
+        try:
+            out[key] = split_global_batch(batch, world_size, micro_batch_size=tc.micro_batch_size,
+                                          name=f"config key '{key}'")[0]
+        except ConfigError as error:
+            out[key] = str(error)
+    return out
+
+
+def owner_refusal(cfg: Config, world_size: int) -> str | None:
+    """Why owner placement cannot run on `world_size` ranks (hmtrain/parallel/placement.py's rule), or None."""
+    k1 = cfg.tree.branching[0]
+    try:
+        assign_subtrees([1] * k1, world_size)
+    except ValueError:
+        return f"owner placement: not possible on {world_size} ranks (needs W <= k_1 = {k1})"
+    return None
+
+
+def print_info(cfg: Config, console: Console | None = None, world_size: int = 1,
+               checkpoint_gbps: float = CHECKPOINT_GBPS) -> dict:
     console = console or Console()
     summary = size_summary(cfg)
     table = Table(title="hmtrain parameter budget")
@@ -64,6 +129,7 @@ def print_info(cfg: Config, console: Console | None = None, world_size: int = 1)
                   f"{summary['dense_baseline']:,} ({human(summary['dense_baseline'])})", "")
     console.print(table)
     summary["per_rank"] = print_rank_memory(cfg, summary, console, world_size)
+    summary["checkpoint"] = print_checkpoint(cfg, summary, console, checkpoint_gbps)
     summary["eval"] = print_eval_memory(cfg, summary, console)
     return summary
 
@@ -87,17 +153,98 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
         "bank step gradients (fp32, at most)": bank.step_grads,
         f"fetched rows + fp32 gradients, micro-batch of {tc.micro_batch_size} (at most)": bank.fetched,
     }
-    table = Table(title=f"memory per rank on {world_size} rank(s), before activations")
+    table = Table(title=f"memory per rank on {world_size} rank(s)")
     table.add_column("what")
     table.add_column("GiB per rank", justify="right")
     for name, value in rows.items():
         table.add_row(name, f"{value / GiB:.2f}")
     total = sum(rows.values())
-    table.add_row("total", f"{total / GiB:.2f}")
+    table.add_row("total held through the step", f"{total / GiB:.2f}")
+    step = add_step_rows(table, cfg, summary, world_size, total)
     table.add_row("bank traffic per step, gather placement (expected)", f"{bank.moved_gather / GiB:.2f}")
-    table.add_row("bank traffic per step, owner placement (expected)", f"{bank.moved_owner / GiB:.2f}")
+    refusal = owner_refusal(cfg, world_size)
+    if refusal is None:
+        table.add_row("bank traffic per step, owner placement (expected)", f"{bank.moved_owner / GiB:.2f}")
+    else:
+        table.add_row(refusal, "-")
     console.print(table)
-    return {"total": total, **rows, "moved_gather": bank.moved_gather, "moved_owner": bank.moved_owner}
+    for value in step["micro_batches"].values():
+        if isinstance(value, str):  # the trainer's own message, in full
+            console.print(f"error: {value}", style="red", markup=False, highlight=False)
+    return {"total": total, **rows, **step, "moved_gather": bank.moved_gather,
+            "moved_owner": bank.moved_owner if refusal is None else None}
+
+
+def add_step_rows(table: Table, cfg: Config, summary: dict, world_size: int, total: int) -> dict:
+    """The rows after the total: what a step holds for a while, NCCL's buffers, the peak, the micro-batches."""
+    par, tc = cfg.parallel, cfg.train
+    step, largest = step_memory(cfg, summary, world_size)
+    for name, value in step.items():
+        table.add_row(name, f"{value / GiB:.2f}")
+    nccl = nccl_buffer_bytes(world_size, par.placement)
+    peers = f" + {NCCL_P2P_CHANNELS} channels x {world_size - 1} all-to-all peers" if par.placement == "gather" else ""
+    table.add_row(f"NCCL buffers (assumed: {NCCL_BUFFSIZE // 2**20} MiB x ({NCCL_CHANNELS} channels x 2 ring peers"
+                  f"{peers}))", f"{nccl / GiB:.2f}")
+    # fetches run before a micro-batch's forward, activations live from its forward to its backward, gradient
+    # returns after it and the concatenation after the step's last: the peak adds the largest of them
+    peak = total + largest + nccl
+    table.add_row("peak estimate: total + the largest copy or (configured) activations + NCCL", f"{peak / GiB:.2f}")
+    micro = micro_batches_per_rank(cfg, world_size)
+    for key, value in micro.items():
+        shown = f"{value} x {tc.micro_batch_size} sequences" if isinstance(value, int) else "[red]error (below)[/red]"
+        if isinstance(value, int) and par.placement == "owner":  # as many as the step's busiest rank needs
+            shown = f"at least {shown}"
+        table.add_row(f"micro-batches per rank per step ({key})", shown)
+    return {**step, "nccl": nccl, "peak": peak, "micro_batches": micro}
+
+
+def step_memory(cfg: Config, summary: dict, world_size: int) -> tuple[dict[str, int], int]:
+    """(row name -> bytes a step holds for a while on one rank: the bank's transient copies and the activations
+    of one micro-batch, without and with activation checkpointing; the largest of those the run holds)."""
+    model, par, tc = model_config(cfg), cfg.parallel, cfg.train
+    weight_bytes = 2 if cfg.memory.dtype == "bf16" else 4
+    transients = step_transients(
+        n_layers=model.n_layers, params_per_unit=memory_kind(cfg).params_per_unit, branching=cfg.tree.branching,
+        units=cfg.memory.units, world_size=world_size, replicate_levels=par.replicate_levels,
+        generic=cfg.memory.generic, weight_bytes=weight_bytes, micro_batch=tc.micro_batch_size,
+        global_batch=tc.global_batch_size, placement=par.placement)
+    shape = f"micro-batch of {tc.micro_batch_size} x {cfg.data.seq_len} tokens"
+    rows = {f"bank fetch copies, one micro-batch, {par.placement} placement (at most)": transients.fetch,
+            "bank gradient-return copies, one micro-batch (at most)": transients.grad_return,
+            "replicated tables' gradient concatenation (fp32, at most)": transients.grad_concat}
+    peak = max(rows.values())
+    for checkpointing in (False, True):
+        configured = checkpointing == par.activation_checkpointing
+        name = (f"activations, {shape}, {'with' if checkpointing else 'no'} activation checkpointing"
+                f"{' (configured)' if configured else ''}")
+        rows[name] = activation_bytes(model, micro_batch=tc.micro_batch_size, seq_len=cfg.data.seq_len,
+                                      memory_units=sum(cfg.memory.units), fetched=summary["fetched"],
+                                      checkpointing=checkpointing, value_bytes=value_bytes(cfg))
+        if configured:  # the peak counts the activations the run holds
+            peak = max(peak, rows[name])
+    return rows, peak
+
+
+def print_checkpoint(cfg: Config, summary: dict, console: Console, gbps: float) -> dict:
+    """A checkpoint's bytes (all ranks together) and its write time at `gbps` GB/s."""
+    model, par = model_config(cfg), cfg.parallel
+    tied = model.vocab_size * model.d_model if model.tie_embeddings else 0
+    anchor = anchor_checkpoint_bytes(summary["anchor"], tied, par.engine, value_bytes(cfg))
+    bank = bank_checkpoint_bytes(n_layers=model.n_layers, params_per_unit=memory_kind(cfg).params_per_unit,
+                                 branching=cfg.tree.branching, units=cfg.memory.units, generic=cfg.memory.generic,
+                                 weight_bytes=2 if cfg.memory.dtype == "bf16" else 4)
+    total = anchor + bank
+    seconds = total / (gbps * 1e9)
+    table = Table(title="checkpoint, all ranks together")
+    table.add_column("what")
+    table.add_column("size", justify="right")
+    table.add_row(f"anchor ({par.engine}): weights and AdamW state", f"{anchor / GiB:.2f} GiB")
+    masters = " fp32 masters," if cfg.memory.dtype == "bf16" else ""
+    table.add_row(f"bank ({cfg.memory.dtype}): rows,{masters} moments and step counts", f"{bank / GiB:.2f} GiB")
+    table.add_row("total", f"{total / GiB:.2f} GiB")
+    table.add_row(f"write time at {gbps:g} GB/s (--checkpoint-gbps)", f"{seconds:.1f} s")
+    console.print(table)
+    return {"anchor": anchor, "bank": bank, "total": total, "write_s": seconds}
 
 
 def print_eval_memory(cfg: Config, summary: dict, console: Console) -> dict:

@@ -183,8 +183,16 @@ class MemoryBank:
         self._plan = plan
         return plan
 
-    def fetch(self, plan: StepPlan, k: int, *, requires_grad: bool = True) -> FetchedMemory:
-        """Micro-batch k's rows (one all-to-all for rows other ranks own), as per-layer autograd leaves."""
+    def fetch(self, plan: StepPlan, k: int, *, requires_grad: bool = True,
+              padded_to: int | None = None) -> FetchedMemory:
+        """Micro-batch k's rows (one all-to-all for rows other ranks own), as per-layer autograd leaves.
+        `padded_to`: the model's batch, when padding rows follow the planned sequences (a micro-batch of
+        fixed shape); their blocks are zeros, a memory that adds nothing, and their gradients go nowhere."""
+        sequences = plan.batch_sizes[k]
+        padding = 0 if padded_to is None else padded_to - sequences
+        if padding < 0:
+            raise ValueError(f"fetch: padded_to={padded_to} is fewer than the {sequences} sequences micro-batch "
+                             f"{k} planned")
         fetches = plan.fetches[k]
         rows: dict[str, Tensor] = {}
         for spec in self.specs:
@@ -211,7 +219,8 @@ class MemoryBank:
         layer_major = {name: r.transpose(0, 1).contiguous() for name, r in rows.items()}
         index = {p.table: fetches[p.table].index for p in self.parts}
         return FetchedMemory(layer_major, index, self.parts, self.kind, n_layers=self.n_layers,
-                             batch_size=plan.batch_sizes[k], requires_grad=requires_grad, micro_batch=k)
+                             batch_size=sequences, requires_grad=requires_grad, micro_batch=k,
+                             padding=padding)
 
     def _split_by_table(self, received: Tensor, remote: list[TableSpec], fetches, recv_splits) -> list[Tensor]:
         """The received flat buffer is [owner 0: table rows..., owner 1: ...]; regroup it per table."""

@@ -34,12 +34,13 @@ class Part:
 
 class FetchedMemory:
     def __init__(self, rows: dict[str, Tensor], index: dict[str, np.ndarray], parts: list[Part], kind: MemoryKind, *,
-                 n_layers: int, batch_size: int, requires_grad: bool, micro_batch: int = -1):
+                 n_layers: int, batch_size: int, requires_grad: bool, micro_batch: int = -1, padding: int = 0):
         self.rows = rows  # table -> [n_layers, U, slots, m, width]; GENERIC -> [n_layers, 0 or 1, slots, M, width]
         self.parts = parts
         self.kind = kind
         self.n_layers = n_layers
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # sequences
+        self.padding = padding  # padding rows after them (a micro-batch of fixed shape): zero blocks
         self.requires_grad = requires_grad
         self.micro_batch = micro_batch  # which micro-batch of the step plan this is (-1: not planned)
         self.returned = False
@@ -62,9 +63,10 @@ class FetchedMemory:
 
     def layer(self, i: int) -> tuple[Tensor, ...]:
         """Blocks of transformer layer i, as the kind hands them to the model (SwiGLU units:
-        u_gate [B, M, d], u_up [B, M, d], u_down [B, d, M], a view).
+        u_gate [B, M, d], u_up [B, M, d], u_down [B, d, M], a view), B = sequences + padding rows.
 
-        Sequence b's units are [level0 block | level1 block | ...], or the generic row's.
+        Sequence b's units are [level0 block | level1 block | ...], or the generic row's; a padding
+        row's are zeros.
         """
         sources = []
         for part in self.parts:
@@ -77,5 +79,5 @@ class FetchedMemory:
         generic_rows = generic[i] if generic is not None and generic.shape[1] else None
         generic_grads = self.grads[GENERIC][i] if generic_rows is not None and self.requires_grad else None
         blocks = GatherBlocks.apply(self._autograd_input, sources, generic_rows, generic_grads, self.batch_size,
-                                    len(self.kind.slots))
+                                    self.padding, len(self.kind.slots))
         return self.kind.layer_tensors(blocks)

@@ -4,7 +4,8 @@ adds straight into the rows' gradient buffer.
 Forward: for every tree level (a `Part`) each sequence's block is its row (or the generic row's
 slice) of that level; the blocks are written side by side into one [B, M, width] tensor per slot
 of the memory kind (hmtrain/memory/kind.py; SwiGLU units: u_gate, u_up, u_down^T).
-Backward: each sequence's block gradient is index-added into the preallocated fp32 gradient buffer
+Padding rows after the sequences (a micro-batch of fixed shape) get zero blocks, a memory that adds
+nothing. Backward: each sequence's block gradient is index-added into the preallocated fp32 gradient buffer
 of the layer's rows (`grads[i]` of hmtrain/memory/fetched.py), in place; the sums over sequences
 sharing a row (and the generic row's over all its sequences) run in fp32 whatever the blocks'
 dtype. No zero-filled gradient of the fetched rows, no per-layer copy and no AccumulateGrad are
@@ -35,11 +36,14 @@ class Source:
 class GatherBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor: Tensor, sources: list[Source], generic_rows: Tensor | None,
-                generic_grads: Tensor | None, batch: int, slots: int) -> tuple[Tensor, ...]:
-        # `anchor` is the fetched buffer (a leaf requiring grad): it only makes autograd call backward
+                generic_grads: Tensor | None, batch: int, padding: int, slots: int) -> tuple[Tensor, ...]:
+        # `anchor` is the fetched buffer (a leaf requiring grad): it only makes autograd call backward.
+        # `padding` rows follow the `batch` sequences: zero blocks, whose gradients are dropped
         units = sum(s.units for s in sources)
         width = anchor.shape[-1]
-        out = [anchor.new_empty((batch, units, width)) for _ in range(slots)]
+        out = [anchor.new_empty((batch + padding, units, width)) for _ in range(slots)]
+        for block in out:
+            block[batch:].zero_()
         for s in sources:
             for slot in range(slots):
                 target = out[slot][:, s.offset:s.offset + s.units]
@@ -63,4 +67,4 @@ class GatherBlocks(torch.autograd.Function):
                 if s.generic_seq.numel():
                     summed = block.index_select(0, s.generic_seq).sum(0, dtype=ctx.generic_grads.dtype)
                     ctx.generic_grads[0, slot, s.offset:s.offset + s.units] += summed
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None

@@ -152,3 +152,57 @@ def eval_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
     return EvalFootprint(weights=sum(nodes * per_unit * m for nodes, m in tables) * weight_bytes,
                          fetched=sum(min(nodes, batch) * per_unit * m for nodes, m in tables) * weight_bytes,
                          largest_table=max((nodes * per_unit * m for nodes, m in tables), default=0) * weight_bytes)
+
+
+def _tables(branching: Sequence[int], units: Sequence[int], replicate_levels: int,
+            generic: bool) -> list[tuple[int, int, bool]]:
+    """(rows, units per row, replicated) of every table the bank builds, the generic row's last."""
+    tables = [(n, m, level < replicate_levels) for level, (n, m) in enumerate(zip(level_nodes(branching), units))
+              if m > 0]
+    return tables + ([(1, sum(units), True)] if generic else [])
+
+
+@dataclass(frozen=True)
+class StepTransients:
+    """Bytes a training step allocates for a moment beside what `RankFootprint` holds (upper bounds), each
+    from hmtrain/memory/bank.py's code; they live at different times of a step."""
+
+    fetch: int  # copies made while fetching one micro-batch, beside the layer-major rows (`fetched`)
+    grad_return: int  # copies made while returning one micro-batch's row gradients to their owners
+    grad_concat: int  # finish_grads' flat fp32 copy of the replicated tables' step gradients, all-reduced
+
+
+def step_transients(*, n_layers: int, params_per_unit: int, branching: Sequence[int], units: Sequence[int],
+                    world_size: int, replicate_levels: int, generic: bool, weight_bytes: int, micro_batch: int,
+                    global_batch: int, placement: str) -> StepTransients:
+    """The bank's transient buffers of one step, at most, for `placement` (gather | owner)."""
+    validate_tree(branching, units)
+    per_unit = n_layers * params_per_unit
+    fetch = grad_return = grad_concat = 0
+    for nodes, m, replicated in _tables(branching, units, replicate_levels, generic):
+        row = per_unit * m
+        fetched = min(nodes, micro_batch)  # distinct rows of one micro-batch
+        if replicated or placement == "owner":  # read locally: index_select's copy, then the layer-major one
+            fetch += fetched * row * weight_bytes
+        else:
+            # every rank, this one too, asks this rank for at most a micro-batch of its rows
+            served = world_size * min(-(-nodes // world_size), micro_batch)
+            fetch += 2 * (served + fetched) * row * weight_bytes  # the rows served and their torch.cat, the
+            # rows received and their per-table torch.cat, all alive until fetch returns
+            grad_return += (2 * fetched + served) * row * GRAD_BYTES  # per-owner slices copied and their
+            # torch.cat, and the gradients received
+        if replicated and world_size > 1:  # the union of every rank's rows: at most one per sequence
+            grad_concat += min(nodes, global_batch) * row * GRAD_BYTES
+    return StepTransients(fetch, grad_return, grad_concat)
+
+
+def bank_checkpoint_bytes(*, n_layers: int, params_per_unit: int, branching: Sequence[int], units: Sequence[int],
+                          generic: bool, weight_bytes: int) -> int:
+    """Bytes a checkpoint stores for the bank, all ranks together: its stored bytes (docs/design.md), per
+    parameter the weight, an fp32 master below fp32 and two fp32 moments (fp32 12, bf16 14), and an int64
+    step count per row."""
+    validate_tree(branching, units)
+    master_bytes = MASTER_BYTES if weight_bytes < 4 else 0
+    per_unit = n_layers * params_per_unit
+    return sum(nodes * (per_unit * m * (weight_bytes + master_bytes + 8) + 8)
+               for nodes, m, _ in _tables(branching, units, 0, generic))

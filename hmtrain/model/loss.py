@@ -21,6 +21,8 @@ from torch import Tensor
 
 from hmtrain.util.labels import IGNORE_INDEX
 
+CHUNK_TOKENS = 4096  # tokens per chunk of logits (`hmtrain info` counts one chunk's buffers)
+
 
 def _chunk_loss_and_grad(h: Tensor, weight: Tensor, target: Tensor, keep: Tensor,
                          need_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
@@ -82,7 +84,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def lm_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> tuple[Tensor, Tensor]:
+def lm_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor,
+                chunk_tokens: int = CHUNK_TOKENS) -> tuple[Tensor, Tensor]:
     """Sum of the next-token cross-entropies of `hidden @ weight.T` and the number of tokens counted.
 
     hidden [B, T, d] (the model's final-norm output, `Transformer.hidden_states`), weight [V, d]

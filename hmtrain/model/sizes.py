@@ -1,4 +1,4 @@
-"""Parameter counts without allocating, and the dense baseline sized from a target count.
+"""Parameter counts and activation sizes without allocating, and the dense baseline sized from a target count.
 
 `count_parameters` is the arithmetic of `Transformer`; a test pins the two together,
 so `hmtrain info` can print the paper's presets without building them.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from hmtrain.config import ModelConfig
+from hmtrain.model.loss import CHUNK_TOKENS
 
 
 def count_parameters(cfg: ModelConfig) -> int:
@@ -17,6 +18,34 @@ def count_parameters(cfg: ModelConfig) -> int:
     per_layer = attention + ffn + 2 * cfg.d_model  # two gain-only norms
     embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     return embeddings + cfg.n_layers * per_layer + cfg.d_model  # final norm
+
+
+def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, memory_units: int, fetched: int,
+                     checkpointing: bool, value_bytes: int = 2) -> int:
+    """What one micro-batch holds for its backward, estimated as Megatron's activation formula (Korthikanti
+    et al. 2022) is: the tensors each layer saves, per token, in the activation dtype (`value_bytes`: 2
+    under bf16) except where hmtrain/model/transformer.py computes in fp32.
+
+    Per layer and token, with d = d_model, q = heads x head_dim, F = ffn_hidden + M memory units:
+    - 8 bytes per value normalised: an RMSNorm keeps its fp32 input and its fp32 output (the attention's
+      and the FFN's norms over d, QK-norm's over q and q), and RoPE keeps fp32 copies of q and k;
+    - in the activation dtype: the attention's projection input (d), the fused attention's q, k, v and
+      output (4q: FlexAttention keeps no [T, T] scores, only a log-sum-exp per head), the output projection's
+      input (q), the FFN's input (d) and its gate and up outputs, silu's output and the down input (4F).
+    With activation checkpointing a layer keeps only its input (d) and backward recomputes one layer at a
+    time. Beside the layers: every sequence's fetched blocks (the FFNs' inputs either way), and the chunked
+    loss's hidden-state gradient, fp32 head gradient and one chunk's logits (hmtrain/model/loss.py)."""
+    d, q, heads = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_heads
+    fp32 = 8 * (2 * d + (2 * q if cfg.qk_norm else 0) + q)  # norms' inputs and outputs, RoPE's copies (8 = 2 x 4)
+    typed = value_bytes * (2 * d + 5 * q + 4 * (cfg.ffn_hidden + memory_units))
+    per_token = fp32 + typed + 4 * heads
+    tokens = micro_batch * seq_len
+    layer = tokens * per_token
+    layers = cfg.n_layers * tokens * d * value_bytes + layer if checkpointing else cfg.n_layers * layer
+    blocks = micro_batch * fetched * value_bytes
+    head = tokens * d * value_bytes + cfg.vocab_size * d * 4 + min(CHUNK_TOKENS, tokens) * cfg.vocab_size * (
+        4 + value_bytes)
+    return layers + blocks + head
 
 
 def human(n: int) -> str:

@@ -1,13 +1,16 @@
 """The anchor's engine under DeepSpeed ZeRO (stage 1, 2 or 3), behind the `Engine` interface (engine.py).
 
 DeepSpeed owns the anchor's gradient reduction, partitioned optimizer state and update; the bank and
-its sparse optimizer live beside it. Three things keep it equal to one process on the same batch:
+its sparse optimizer live beside it. These keep it equal to one process on the same batch:
 - DeepSpeed averages gradients over ranks while hmtrain normalises the loss by the global token count
   and wants their sum: `loss_multiplier` (the data-parallel size) tells the trainer to multiply the loss
   by it, and to divide the bank's gradients, which do not pass through DeepSpeed, by it again; the loss is
   not divided by the accumulation steps either (`scale_wrt_gas=False`: the normalisation did that);
 - one global norm clips anchor and bank together: before the boundary step DeepSpeed's own anchor norm
   is read, and its clip threshold set so that its clip equals max_norm / global norm;
+- the trainer, not DeepSpeed's micro-step count, says which micro-batch ends a step: under owner placement
+  the busiest rank of a step sets how many micro-batches every rank runs, which can exceed
+  `gradient_accumulation_steps` (DeepSpeed would step in the middle, and not at the end);
 - a client torch AdamW (no JIT-built fused op) with decoupled weight decay on matrices only;
 - under bf16, gradients accumulate over micro-batches in fp32 (`data_types.grad_accum_dtype`; DeepSpeed's
   default is the model's dtype, and a bf16 sum of 16-32 micro-batches loses their small terms). ZeRO-1
@@ -95,6 +98,9 @@ class DeepSpeedEngine:
         return self.world_size
 
     def backward(self, loss: Tensor, last: bool) -> None:
+        # the step's last micro-batch is the boundary, not DeepSpeed's count of gradient_accumulation_steps:
+        # under owner placement a step can hold more micro-batches than that (hmtrain/data/loading/loader.py)
+        self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss, scale_wrt_gas=False)
         if not last:
             self.engine.step()  # DeepSpeed counts micro-steps here; it updates only at the boundary

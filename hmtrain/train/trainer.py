@@ -4,8 +4,9 @@ One config runs the paper's two phases (hmtrain/train/recipe.py): anchor pretrai
 memory phase, where every sequence fetches the blocks on its path from the row-sharded bank and
 the anchor is frozen or co-trained. `train.mode=dense` trains the dense baseline instead.
 
-A step (`train_step`): the loader hands this rank its micro-batches of one global batch; the bank
-plans the step's fetches (one exchange of row ids); each micro-batch fetches its rows, runs forward
+A step (`train_step`): the loader hands this rank its micro-batches of one global batch, all of one
+shape (owner placement pads them, hmtrain/data/loading/loader.py); the bank plans the step's fetches
+for their sequences (one exchange of row ids); each micro-batch fetches its rows, runs forward
 and backward with the loss normalised by the global token count, and returns its row gradients to
 their owners; one global norm over anchor and bank clips both; the anchor's engine and the bank's
 sparse AdamW step. `train` builds the run (hmtrain/train/build.py), resumes it, then steps, logs
@@ -28,7 +29,7 @@ from hmtrain.checkpoint.resume import load_for_resume, started_before_first_chec
 from hmtrain.checkpoint.verify import CheckpointError
 from hmtrain.config import Config, to_yaml
 from hmtrain.data.format.prepared import PreparedData
-from hmtrain.data.loading.batch import padding_batch
+from hmtrain.data.loading.batch import real_rows
 from hmtrain.model import count_parameters, counted_targets, run_model_config
 from hmtrain.parallel.dist import init_distributed
 from hmtrain.train.build import Parts, build, check_world, restore_in_phase
@@ -177,21 +178,18 @@ def train_step(run: Parts, now, step: int, micro_batches: list[dict], window: Wi
     global_tokens = run.comm.all_reduce_ints(np.array([labels_local]))[0]
     memory_phase = now.phase == MEMORY
     plan, generic_used = None, 0
-    if memory_phase:
-        generic = [run.recipe.generic_mask(step, mb["index"].numpy()) for mb in micro_batches]
+    if memory_phase:  # the bank plans the sequences only: padding rows (owner placement) fetch nothing
+        real = [real_rows(mb) for mb in micro_batches]
+        generic = [run.recipe.generic_mask(step, mb["index"][:n].numpy()) for mb, n in zip(micro_batches, real)]
         generic_used = int(sum(g.sum() for g in generic))
-        plan = bank.plan_step([(mb["paths"], g) for mb, g in zip(micro_batches, generic)])
+        plan = bank.plan_step([(mb["paths"][:n], g) for mb, n, g in zip(micro_batches, real, generic)])
     loss_sum = torch.zeros((), device=device)
-    pad_id = int(run.data.manifest["pad_id"])
     for k, mb in enumerate(micro_batches):
-        if len(mb["tokens"]) == 0:  # owner placement can leave a rank without sequences: run a
-            # sequence of padding so FSDP's collectives stay in step
-            mb = padding_batch(mb["tokens"].shape[1], mb["paths"].shape[1], pad_id, rows=1)
         mb = {key: value.to(device, non_blocking=True) for key, value in mb.items()}
         memory = None
-        if plan is not None and plan.batch_sizes[k] > 0:
+        if plan is not None:  # even for a micro-batch of padding alone: one graph, with memory, every time
             fetch_started = time.perf_counter()
-            memory = bank.fetch(plan, k)
+            memory = bank.fetch(plan, k, padded_to=len(mb["tokens"]))
             window.fetch_s += time.perf_counter() - fetch_started
         with run.precision.autocast():
             micro_loss, _ = engine.model(mb["tokens"], segments=mb["segments"], memory=memory, labels=mb["labels"])

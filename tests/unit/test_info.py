@@ -1,10 +1,20 @@
-"""`hmtrain info`: bytes per rank for anchor, bank rows, optimizer state and traffic, and what eval needs, by hand."""
+"""`hmtrain info`: bytes per rank for anchor, bank rows, optimizer state, transients, activations, NCCL and
+traffic, a checkpoint's size and write time, and what eval needs, by hand and against what the states hold."""
+import numpy as np
 import pytest
+import torch
 from rich.console import Console
 
-from hmtrain.config import load_config
-from hmtrain.info import anchor_bytes_per_rank, print_info
-from hmtrain.memory.sizes import eval_footprint, rank_footprint
+from hmtrain.cli import main
+from hmtrain.config import ConfigError, ModelConfig, OptimConfig, load_config, split_global_batch
+from hmtrain.info import anchor_bytes_per_rank, anchor_checkpoint_bytes, nccl_buffer_bytes, print_info
+from hmtrain.memory.bank import MemoryBank
+from hmtrain.memory.kind import SwiGLUUnits
+from hmtrain.memory.sizes import bank_checkpoint_bytes, eval_footprint, rank_footprint, step_transients
+from hmtrain.model import count_parameters
+from hmtrain.model.sizes import activation_bytes
+from hmtrain.model.transformer import Transformer
+from hmtrain.parallel.torch_engine import TorchEngine
 
 
 def test_rank_footprint_by_hand():
@@ -72,3 +82,164 @@ def test_eval_of_the_paper_presets_fits_one_80gb_gpu(preset):
     assert needs["host"] < summary["per_rank"]["total"]  # less than training holds on one rank
     text = console.export_text()
     assert "eval / generate --checkpoint on one process" in text and f"{needs['device'] / 2**30:.2f}" in text
+
+
+def test_step_transients_by_hand():
+    # the tree above on 4 ranks, gather placement: level 0 replicated (4 rows of 48 parameters), level 1
+    # fetched from owners (16 rows of 24, 4 per rank); bf16 rows, micro-batches of 2, global batch 8
+    kw = dict(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], world_size=4, replicate_levels=1,
+              generic=False, weight_bytes=2, micro_batch=2, global_batch=8)
+    t = step_transients(**kw, placement="gather")
+    # level 0: index_select's copy of 2 rows; level 1: 4 requesters x 2 rows served and their cat, 2 rows
+    # received and their per-table cat, in bf16
+    assert t.fetch == 2 * 48 * 2 + 2 * (4 * 2 + 2) * 24 * 2
+    assert t.grad_return == (2 * 2 + 4 * 2) * 24 * 4  # 2 rows' fp32 slices and their cat, 8 rows received
+    assert t.grad_concat == 4 * 48 * 4  # every row of the replicated level, fp32, concatenated to all-reduce
+    owner = step_transients(**kw, placement="owner")  # level 1 read locally too: nothing returned over the network
+    assert (owner.fetch, owner.grad_return, owner.grad_concat) == (2 * 48 * 2 + 2 * 24 * 2, 0, 4 * 48 * 4)
+    assert step_transients(**(kw | {"world_size": 1}), placement="gather").grad_concat == 0  # no all-reduce
+
+
+SMALL = ModelConfig(vocab_size=10, d_model=8, n_layers=3, n_heads=2, head_dim=4, ffn_hidden=16)
+
+
+def test_activation_estimate_by_hand():
+    kw = dict(micro_batch=2, seq_len=5, memory_units=3, fetched=100, value_bytes=2)
+    # per layer and token: fp32 norm inputs and outputs over d, d, q, q and RoPE's copy of q and k, 8 bytes
+    # each (8 x (8 + 8 + 8 + 8 + 8) = 320); bf16 d + 5q + d + 4 (16 + 3) values (2 x 132 = 264); a
+    # log-sum-exp per head (2 x 4 = 8): 592 bytes, x 10 tokens = 5,920 per layer
+    layer = 10 * (8 * (8 + 8 + 8 + 8 + 8) + 2 * (8 + 5 * 8 + 8 + 4 * 19) + 4 * 2)
+    blocks = 2 * 100 * 2  # each sequence's fetched blocks, bf16
+    head = 10 * 8 * 2 + 10 * 8 * 4 + 10 * 10 * (4 + 2)  # hidden-state gradient, fp32 head gradient, logits
+    assert activation_bytes(SMALL, **kw, checkpointing=False) == 3 * layer + blocks + head == 19_240
+    # checkpointing: each layer keeps its bf16 input, backward recomputes one layer
+    assert activation_bytes(SMALL, **kw, checkpointing=True) == 3 * 10 * 8 * 2 + layer + blocks + head == 7_880
+
+
+def _saved_bytes(cfg: ModelConfig, batch: int, seq_len: int, units: tuple, checkpointing: bool) -> int:
+    """Bytes of the tensors autograd saves in a bf16 forward with memory, beside parameters and bank rows."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    model = Transformer(cfg, max_seq_len=seq_len).to(torch.bfloat16)
+    if checkpointing:
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block)
+    bank = MemoryBank(n_layers=cfg.n_layers, kind=SwiGLUUnits(d_model=cfg.d_model), branching=(4, 2), units=units,
+                      dtype=torch.bfloat16)
+    paths = np.array([[i % 4, i % 4 * 2 + i // 4 % 2] for i in range(batch)])
+    memory = bank.fetch(bank.plan_step([(paths, None)]), 0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, memory=memory, labels=tokens)
+    held = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *memory.rows.values()]}
+    return sum(n for ptr, n in saved.items() if ptr not in held)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_activation_estimate_matches_what_autograd_saves(qk_norm):
+    cfg = ModelConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=2, head_dim=32, ffn_hidden=256, qk_norm=qk_norm)
+    kw = dict(micro_batch=4, seq_len=128, memory_units=12, fetched=2 * 3 * 64 * 12, value_bytes=2)
+    logits = 512 * 300 * (4 + 2)  # one chunk's logits: freed inside the forward, so never saved
+    plain = _saved_bytes(cfg, 4, 128, (8, 4), checkpointing=False)
+    assert activation_bytes(cfg, **kw, checkpointing=False) - logits == pytest.approx(plain, rel=0.1)
+    # checkpointing saves each layer's input; the estimate adds the one layer backward recomputes
+    checkpointed = _saved_bytes(cfg, 4, 128, (8, 4), checkpointing=True)
+    assert checkpointed < activation_bytes(cfg, **kw, checkpointing=True) - logits < plain
+
+
+def test_nccl_buffers_by_hand():
+    mib = 2**20
+    assert nccl_buffer_bytes(1, "gather") == 0  # one process: no NCCL
+    assert nccl_buffer_bytes(8, "owner") == 4 * mib * 16 * 2  # ring collectives: 16 channels x 2 neighbours
+    assert nccl_buffer_bytes(8, "gather") == 4 * mib * (16 * 2 + 2 * 7)  # + 2 channels to each other rank
+
+
+def test_checkpoint_sizes_are_what_the_states_hold():
+    """The bank's checkpoint bytes are exactly its state dict's; the anchor's, what TorchEngine's holds
+    after a step (fp32 weights, the tied embedding twice, and two moments; AdamW's step counts aside)."""
+    kind = SwiGLUUnits(d_model=8)
+    for dtype, weight_bytes in ((torch.float32, 4), (torch.bfloat16, 2)):
+        bank = MemoryBank(n_layers=2, kind=kind, branching=(4, 2), units=(3, 2), generic=True, dtype=dtype)
+        stored = sum(t.numel() * t.element_size() for t in bank.state_dict().values())
+        assert bank_checkpoint_bytes(n_layers=2, params_per_unit=3 * 8, branching=[4, 2], units=[3, 2], generic=True,
+                                     weight_bytes=weight_bytes) == stored
+    # by hand: (4 x 72 + 8 x 48 + 1 x 120) parameters x 14 bytes (bf16) + 13 rows x 8
+    assert bank_checkpoint_bytes(n_layers=2, params_per_unit=24, branching=[4, 2], units=[3, 2], generic=True,
+                                 weight_bytes=2) == (4 * 2 * 24 * 3 + 8 * 2 * 24 * 2 + 2 * 24 * 5) * 14 + 13 * 8
+    model = Transformer(SMALL, max_seq_len=8)
+    engine = TorchEngine(model, OptimConfig(), torch.device("cpu"))
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    engine.step(1e-3, torch.ones(()), 0.0)
+    state = engine.state_dict()
+    held = sum(t.numel() * t.element_size() for part in ("model", "optim") for t in _tensors(state[part]))
+    steps = 4 * len(list(model.parameters()))  # AdamW's fp32 step count per parameter tensor
+    tied = SMALL.vocab_size * SMALL.d_model
+    assert anchor_checkpoint_bytes(count_parameters(SMALL), tied, "fsdp", 2) == held - steps
+    assert anchor_checkpoint_bytes(1000, 100, "deepspeed", 2) == 2 * 2 * 1100 + 12 * 1000  # DCP + model file + ZeRO
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)
+
+
+def _info(world_size: int, *overrides: str, **kw) -> tuple[dict, str]:
+    console = Console(record=True, width=250)
+    summary = print_info(load_config("paper-160m", list(overrides)), console, world_size=world_size, **kw)
+    return summary, console.export_text()
+
+
+def test_owner_placement_beyond_k1_ranks_reports_no_traffic():
+    summary, text = _info(32)
+    assert "owner placement: not possible on 32 ranks (needs W <= k_1 = 16)" in text
+    assert "owner placement (expected)" not in text and summary["per_rank"]["moved_owner"] is None
+    summary, text = _info(16)
+    assert "not possible" not in text and summary["per_rank"]["moved_owner"] > 0
+
+
+def test_a_micro_batch_the_trainer_rejects_is_an_error_not_a_number():
+    summary, text = _info(8)
+    assert summary["per_rank"]["micro_batches"] == {"train.global_batch_size": 1024 // (8 * 16),
+                                                    "train.pretrain_global_batch_size": 512 // (8 * 16)}
+    summary, text = _info(3)
+    with pytest.raises(ConfigError) as rejected:  # what the trainer stops with
+        split_global_batch(1024, 3, micro_batch_size=16)
+    assert summary["per_rank"]["micro_batches"]["train.global_batch_size"] == str(rejected.value)
+    assert f"error: {rejected.value}" in " ".join(text.split())
+    assert "micro-batches per rank per step (train.global_batch_size)" in text and "error (below)" in text
+
+
+def test_peak_and_checkpoint_rows_add_up():
+    summary, text = _info(8, "parallel.activation_checkpointing=true", checkpoint_gbps=2.0)
+    per_rank, checkpoint = summary["per_rank"], summary["checkpoint"]
+    configured = [v for k, v in per_rank.items() if k.startswith("activations") and k.endswith("(configured)")]
+    copies = [v for k, v in per_rank.items() if k.startswith(("bank fetch copies", "bank gradient-return",
+                                                             "replicated tables'"))]
+    assert len(configured) == 1 and len(copies) == 3
+    assert per_rank["peak"] == per_rank["total"] + max(*copies, *configured) + per_rank["nccl"]
+    # the paper-160m bank: 4,624,220,160 + 18,063,360 generic parameters x 14 bytes (bf16) + 8 bytes a row
+    rows = 16 + 256 + 4096 + 1
+    assert checkpoint["bank"] == (4_624_220_160 + 18_063_360) * 14 + rows * 8
+    tied = 50_432 * 512
+    assert checkpoint["anchor"] == 12 * 163_510_016 + 4 * tied  # fp32 weights and moments, the tied embedding twice
+    assert checkpoint["write_s"] == pytest.approx(checkpoint["total"] / 2e9)
+    assert "write time at 2 GB/s (--checkpoint-gbps)" in text and f"{checkpoint['write_s']:.1f} s" in text
+
+
+def test_checkpoint_gbps_must_be_positive(capsys):
+    assert main(["info", "--config", "tiny", "--checkpoint-gbps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == ("hmtrain info: error: --checkpoint-gbps must be a positive number of "
+                                               "GB/s, got 0.0")

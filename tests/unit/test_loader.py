@@ -155,26 +155,40 @@ def test_state_is_independent_of_placement_and_workers(data) -> None:
     assert all(s == states[0] for s in states)
 
 
-def test_owner_placement(data) -> None:
-    owner = [0, 1, 0]  # rank 1 owns level-1 node 1 alone
-    kw = dict(global_batch=6, micro_batches=3, world_size=2, owner_of_subtree=owner)
-    runs = [_take(_loader(data, rank=r, **kw), 8) for r in range(2)]
-    reference = [_step_ids(m) for m, _ in _take(_loader(data, global_batch=6, micro_batches=1), 8)]
+@pytest.mark.parametrize("owner, global_batch, micro_batches, world_size", [
+    ([0, 1, 0], 6, 3, 2),  # rank 1 owns level-1 node 1 alone; micro-batches of 1
+    ([0, 1, 0], 12, 2, 2),  # micro-batches of 3
+    ([2, 0, 1], 12, 2, 3),  # one node per rank; micro-batches of 2
+])
+def test_owner_placement_gives_every_micro_batch_one_shape(data, owner, global_batch, micro_batches,
+                                                           world_size) -> None:
+    """Each rank gets the sequences of its subtrees, in stream order, in micro-batches of exactly
+    global_batch / (world_size x micro_batches) rows, padded, and as many as the step's busiest rank
+    needs: compiled attention sees one shape, and the ranks run the same number of micro-batches."""
+    size = global_batch // (world_size * micro_batches)
+    kw = dict(global_batch=global_batch, micro_batches=micro_batches, world_size=world_size, owner_of_subtree=owner)
+    runs = [_take(_loader(data, rank=r, **kw), 8) for r in range(world_size)]
+    reference = [_step_ids(m) for m, _ in _take(_loader(data, global_batch=global_batch, micro_batches=1), 8)]
     level1 = data.sequences("train").level1
-    empty = 0
+    padding_rows, counts = 0, set()
     for step, ids in enumerate(reference):
-        for rank in range(2):
+        owned = [[i for i in ids if owner[level1([i])[0]] == rank] for rank in range(world_size)]
+        busiest = max(len(o) for o in owned)
+        for rank in range(world_size):
             micro = runs[rank][step][0]
-            assert len(micro) == 3
-            mine = _step_ids(micro)
-            assert mine == [i for i in ids if owner[level1([i])[0]] == rank]  # owned ids, stream order
-            sizes = [b["index"].numel() for b in micro]
-            assert max(sizes) - min(sizes) <= 1
+            assert len(micro) == -(-busiest // size) >= micro_batches  # the same on every rank
+            counts.add(len(micro))
             for batch in micro:
-                assert batch["tokens"].shape == (batch["index"].numel(), SEQ_LEN)
-                assert batch["paths"].shape == (batch["index"].numel(), 2)
-                empty += batch["index"].numel() == 0
-    assert empty > 0  # the 0-row micro-batches were exercised
+                assert {k: tuple(v.shape) for k, v in batch.items()} == {
+                    "tokens": (size, SEQ_LEN), "labels": (size, SEQ_LEN), "segments": (size, SEQ_LEN),
+                    "paths": (size, 2), "index": (size,)}
+                real = int((batch["index"] >= 0).sum())
+                assert (batch["index"][real:] == -1).all()  # padding rows come last ...
+                assert (batch["labels"][real:] == -100).all()  # ... and train nothing
+                padding_rows += size - real
+            mine = [i for i in _step_ids(micro) if i >= 0]
+            assert mine == owned[rank]  # owned ids, stream order
+    assert padding_rows > 0 and len(counts) > 1  # padding and a varying micro-batch count were exercised
 
 
 def test_subtree_restriction(data) -> None:

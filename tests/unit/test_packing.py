@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hmtrain.data.format.shards import PackedSequence
-from hmtrain.data.loading.batch import make_batch, padding_batch, segment_ids
+from hmtrain.data.loading.batch import PADDING_INDEX, make_batch, pad_batch, padding_batch, real_rows, segment_ids
 from hmtrain.data.prepare.pack import pack_leaf
 from hmtrain.util.labels import IGNORE_INDEX
 
@@ -130,10 +130,23 @@ def test_empty_batch_has_every_field_with_zero_rows() -> None:
 
 
 def test_padding_batch_is_padding_that_trains_nothing() -> None:
-    batch = padding_batch(4, 2, PAD, rows=1)  # what the trainer runs for an empty micro-batch
+    batch = padding_batch(4, 2, PAD, rows=1)
     assert batch["tokens"].tolist() == [[PAD] * 4] and batch["labels"].tolist() == [[IGNORE_INDEX] * 4]
     assert batch["segments"].tolist() == [[0] * 4] and batch["paths"].tolist() == [[0, 0]]
-    assert batch["index"].tolist() == [0] and all(v.dtype == torch.int64 for v in batch.values())
+    assert batch["index"].tolist() == [PADDING_INDEX] and all(v.dtype == torch.int64 for v in batch.values())
+
+
+def test_pad_batch_appends_padding_rows_after_the_sequences() -> None:
+    docs = _docs(np.random.default_rng(5), 6)
+    seqs = list(pack_leaf(docs, path=(0, 1), seq_len=8, eot_id=EOT, pad_id=PAD))[:2]
+    batch = make_batch([(s.tokens, s.path) for s in seqs], eot_id=EOT, pad_id=PAD, index=[7, 3])
+    padded = pad_batch(batch, 5, PAD)
+    assert all(padded[k].shape[0] == 5 and torch.equal(padded[k][:2], batch[k]) for k in batch)
+    assert padded["index"].tolist() == [7, 3, PADDING_INDEX, PADDING_INDEX, PADDING_INDEX]
+    assert (padded["labels"][2:] == IGNORE_INDEX).all() and real_rows(padded) == 2
+    assert pad_batch(batch, 2, PAD) is batch
+    with pytest.raises(ValueError, match="3 rows, more than the 2"):
+        pad_batch(pad_batch(batch, 3, PAD), 2, PAD)
 
 
 def test_make_batch_rejects_mismatched_samples() -> None:

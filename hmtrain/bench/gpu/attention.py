@@ -4,8 +4,9 @@ dense mask, through the model's own `attend` (hmtrain/model/attention.py).
 Per shape (the paper's micro-batch x 2,048 tokens x heads x head_dim, bf16): the worst difference of
 the outputs and of the q/k/v gradients, relative to SDPA's largest value; forward + backward time of
 each; and how many graphs torch.compile made, first for one batch, then for batches with other
-document layouts and for the one-sequence padding batch (owner placement) a run also sees: one
-compile per shape is the goal, a recompile per batch would be a bug. On CPU (--smoke) FlexAttention
+document layouts and for a micro-batch whose last rows are padding (owner placement pads a rank's
+short share to the micro-batch size) a run also sees: one compile per shape is the goal, a recompile
+per batch would be a bug. On CPU (--smoke) FlexAttention
 has no backward and is not compiled, so only the forward outputs are compared.
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ def compare_shape(shape: tuple[int, int, int, int], device: str, dtype: torch.dt
 
 
 def count_recompiles(q, k, v, dy, B: int, T: int, device: str) -> dict:
-    """Graphs compiled by three more batches of other document layouts, then by the padding batch."""
+    """Graphs compiled by three more batches of other document layouts, then by a padded micro-batch."""
     before = graphs_compiled()
     for seed in (1, 2, 3):
         gen = torch.Generator().manual_seed(seed)
@@ -76,9 +77,9 @@ def count_recompiles(q, k, v, dy, B: int, T: int, device: str) -> dict:
         segments = starts.long().cumsum(dim=1).to(device)
         torch.autograd.grad(attend(q, k, v, build_mask(segments, "flex")), (q, k, v), dy)
     layouts = graphs_compiled() - before
-    one = [t[:1].detach().requires_grad_() for t in (q, k, v)]
-    padding = torch.zeros(1, T, dtype=torch.long, device=device)
-    torch.autograd.grad(attend(*one, build_mask(padding, "flex")), one, dy[:1])
+    padded = segments.clone()
+    padded[B // 2:] = 0  # padding rows: one segment of padding each (hmtrain/data/loading/batch.py pad_batch)
+    torch.autograd.grad(attend(q, k, v, build_mask(padded, "flex")), (q, k, v), dy)
     return {"new_layouts": layouts, "padding_batch": graphs_compiled() - before - layouts}
 
 

@@ -1,4 +1,4 @@
-"""The train-time label rule: packed sequences -> model inputs, and the one padding micro-batch.
+"""The train-time label rule: packed sequences -> model inputs, and padding rows that train nothing.
 
 A stored sequence holds seq_len + 1 tokens: inputs are tokens[:-1] and targets are tokens[1:].
 Inside it documents are separated by EOT and `segment_ids` numbers them so the model can mask
@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from hmtrain.util.labels import IGNORE_INDEX
+
+PADDING_INDEX = -1  # `index` of a padding row: no sequence (sequence ids are >= 0)
 
 
 def segment_ids(tokens: Tensor, eot_id: int) -> Tensor:
@@ -94,11 +96,29 @@ def batch_from_arrays(tokens: np.ndarray, paths: np.ndarray, *, eot_id: int, pad
 
 
 def padding_batch(seq_len: int, levels: int, pad_id: int, rows: int = 0) -> dict[str, Tensor]:
-    """`rows` sequences of padding with the usual fields, none of it trained (labels IGNORE_INDEX).
+    """`rows` sequences of padding with the usual fields, none of it trained (labels IGNORE_INDEX) and none
+    of it a sequence (index PADDING_INDEX, so it fetches no memory and draws no generic memory).
 
-    0 rows: the micro-batch of a rank whose share of a step is empty (it still runs the step);
-    1 row: what the trainer runs in its place, so the ranks' collectives stay in step.
+    0 rows: the share of a rank that owns no sequence of a step; `pad_batch` fills micro-batches with it.
     """
     tokens = torch.full((rows, seq_len), pad_id, dtype=torch.int64)
     return {"tokens": tokens, "labels": torch.full_like(tokens, IGNORE_INDEX), "segments": torch.zeros_like(tokens),
-            "paths": torch.zeros(rows, levels, dtype=torch.int64), "index": torch.zeros(rows, dtype=torch.int64)}
+            "paths": torch.zeros(rows, levels, dtype=torch.int64),
+            "index": torch.full((rows,), PADDING_INDEX, dtype=torch.int64)}
+
+
+def pad_batch(batch: dict[str, Tensor], rows: int, pad_id: int) -> dict[str, Tensor]:
+    """`batch` with padding rows appended up to `rows`: a micro-batch of the run's one shape (compiled
+    attention recompiles for every new batch size). The sequences stay first, so `real_rows` counts them."""
+    have, seq_len = batch["tokens"].shape
+    if have > rows:
+        raise ValueError(f"pad_batch: the batch has {have} rows, more than the {rows} to pad it to")
+    if have == rows:
+        return batch
+    padding = padding_batch(seq_len, batch["paths"].shape[1], pad_id, rows - have)
+    return {key: torch.cat([value, padding[key]]) for key, value in batch.items()}
+
+
+def real_rows(batch: dict[str, Tensor]) -> int:
+    """Rows of `batch` that hold a sequence: the leading rows before `pad_batch`'s padding."""
+    return int((batch["index"] != PADDING_INDEX).sum())

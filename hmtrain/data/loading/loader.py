@@ -12,8 +12,13 @@ Placement of a step's ids on ranks:
   gather (owner_of_subtree None): the ids, in stream order, are cut into world_size * micro_batches
       equal chunks; micro-batch k of rank r is chunk k * world_size + r.
   owner (owner_of_subtree[level-1 node] = rank): rank r keeps the ids of the subtrees it owns, in
-      stream order, split into micro_batches near-equal chunks. A chunk may be empty (0 rows):
-      every rank still runs every micro-batch, in lockstep.
+      stream order, split into near-equal chunks, each padded to the micro-batch size
+      global_batch / (world_size * micro_batches) with padding rows (batch.py `pad_batch`: they train
+      nothing and fetch no memory). The number of chunks is what the busiest rank of the step needs,
+      ceil(max over ranks of its ids / micro-batch size), the same on every rank (every rank sees the
+      whole step's ids), and at least micro_batches in a full step. So every micro-batch of a run has
+      one shape, which compiled code (FlexAttention, `dynamic=False`) needs to compile once, and the
+      ranks run the same number of micro-batches, in lockstep.
 
 Every step is a pure function of its number (`_Steps`), so with num_workers > 0 DataLoader worker
 processes build the micro-batches, each reading only this rank's sequences of its own steps, and
@@ -31,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from hmtrain.config import split_global_batch
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.format.sequences import Sequences
+from hmtrain.data.loading.batch import pad_batch
 from hmtrain.data.loading.order import StreamOrder
 
 _IDENTITY = ("split", "seed", "shuffle", "subtrees", "fingerprint", "sequences")
@@ -48,6 +54,7 @@ class _Steps(Dataset):
         self.sequences, self.order = sequences, order
         self.start, self.stop = start, stop
         self.global_batch, self.micro_batches = global_batch, micro_batches
+        self.micro_batch_size = global_batch // (world_size * micro_batches)
         self.rank, self.world_size, self.owner = rank, world_size, owner
         self.identity = identity
 
@@ -59,13 +66,16 @@ class _Steps(Dataset):
         if self.owner is None:
             chunks = np.array_split(ids, self.world_size * self.micro_batches)
             return [chunks[k * self.world_size + self.rank] for k in range(self.micro_batches)]
-        kept = ids[self.owner[self.sequences.level1(ids)] == self.rank]
-        return np.array_split(kept, self.micro_batches)
+        owners = self.owner[self.sequences.level1(ids)]
+        busiest = int(np.bincount(owners, minlength=self.world_size).max())
+        return np.array_split(ids[owners == self.rank], -(-busiest // self.micro_batch_size))
 
     def __getitem__(self, k: int) -> tuple[list[dict[str, Tensor]], dict]:
         lo = self.start + k * self.global_batch
         hi = lo + self.global_batch if self.stop is None else min(lo + self.global_batch, self.stop)
         micro = [self.sequences.batch(chunk) for chunk in self._mine(self.order.ids(lo, hi))]
+        if self.owner is not None:
+            micro = [pad_batch(batch, self.micro_batch_size, self.sequences.pad_id) for batch in micro]
         epoch, position = divmod(hi, self.order.size)
         return micro, {"epoch": epoch, "position": position, **self.identity}
 
@@ -94,9 +104,8 @@ class StepLoader:
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.owner = None
-        if owner_of_subtree is None:
-            split_global_batch(global_batch, world_size, micro_batches=micro_batches, name="global_batch")
-        else:
+        split_global_batch(global_batch, world_size, micro_batches=micro_batches, name="global_batch")
+        if owner_of_subtree is not None:
             self.owner = np.asarray(owner_of_subtree, dtype=np.int64).reshape(-1)
             if self.owner.size != k1 or self.owner.min() < 0 or self.owner.max() >= world_size:
                 raise ValueError(f"owner_of_subtree must give each of the {k1} level-1 nodes a rank in "
