@@ -8,6 +8,8 @@
     hmtrain eval retention --config CFG --encoder SPEC [--encoder SPEC ...] [--out DIR]
                          [--deep-router SPEC [--shallow-levels N]] [key=value ...]   (also `hmtrain retention`)
     hmtrain info         --config CFG [--world-size N] [--checkpoint-gbps GB/S] [key=value ...]
+    hmtrain config show  --config CFG [key=value ...]    (the merged config, as YAML)
+    hmtrain config keys  [PREFIX]                          (every key: type, default, choices, help)
     hmtrain export       --checkpoint DIR --out DIR [--overwrite] [--config CFG] [key=value ...]
     hmtrain generate     (--checkpoint DIR | --export DIR) --prompt TEXT [--max-new-tokens N --temperature T
                          --top-k K --seed S --memory fetched|generic|none] [--config CFG] [key=value ...]
@@ -113,6 +115,12 @@ def _training_commands(commands) -> None:
 
 
 def _tool_commands(commands) -> None:
+    config = commands.add_parser("config", help="the merged config, and every key with its help").add_subparsers(
+        dest="config_command", required=True)
+    show = config.add_parser("show", help="print the config a command would run with (YAML)")
+    _config_args(show)
+    keys = config.add_parser("keys", help="every config key: type, default, allowed values, help")
+    keys.add_argument("prefix", nargs="?", default="", help="only keys starting with this, e.g. train or memory.")
     benchmarks = f"benchmarks that print a table: {', '.join(BENCHMARKS)} (hmtrain/bench/NAME.py)"
     bench = commands.add_parser("bench", help=benchmarks, description=benchmarks)
     bench.add_argument("benchmark", choices=BENCHMARKS, metavar="NAME", help="one of: " + ", ".join(BENCHMARKS))
@@ -210,6 +218,19 @@ def cmd_retention(args) -> None:
                   shallow_levels=args.shallow_levels)
 
 
+def cmd_config(args) -> None:
+    from hmtrain.config import to_yaml
+
+    if args.config_command == "show":
+        print(to_yaml(load_config(args.config, args.overrides)), end="")
+        return
+    from hmtrain.config.keys import print_keys
+
+    if not print_keys(args.prefix):
+        raise ValueError(f"no config key starts with {args.prefix!r} (sections: model, memory, tree, data, train, "
+                         "parallel, eval, logging, memory_model, retention)")
+
+
 def cmd_info(args) -> None:
     from hmtrain.info import CHECKPOINT_GBPS, print_info
 
@@ -272,7 +293,7 @@ def cmd_generate(args) -> None:
 
 COMMANDS = {"synth": cmd_synth, "import": cmd_import, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
             "retention": cmd_retention, "info": cmd_info, "demo": cmd_demo, "bench": cmd_bench,
-            "export": cmd_export, "generate": cmd_generate}
+            "export": cmd_export, "generate": cmd_generate, "config": cmd_config}
 
 
 def _eval_retention_alias(argv: list[str]) -> list[str]:

@@ -14,23 +14,33 @@ class Tokenizer(Choice):
 
 @dataclass
 class DataConfig:
+    # the documents to prepare: a file, a directory of .parquet/.jsonl/.jsonl.gz files, or a glob
     documents: str = ""
+    # the field holding each document's text
     text_field: str = "text"
+    # the field holding each document's id (null: its position in the input)
     id_field: Optional[str] = "id"
     # prepared data directory (tree, tokenizer, shards, manifest)
     prepared: str = "data/prepared"
     # minilm | hashing | module:Class (a plug-in): open-ended, so a string (hmtrain/data/routing/embed.py checks it)
     embedder: str = "minilm"
+    # documents per batch of the embedder
     embed_batch_size: int = 64
+    # byte (256 ids, nothing to train) or bpe (trained on the documents at prepare)
     tokenizer: Tokenizer = Tokenizer.bpe
+    # the BPE tokenizer's vocabulary size
     tokenizer_vocab: int = 4096
     # training documents sampled to train the bpe tokenizer (bounds its memory); 0 = all
     tokenizer_sample: int = 100_000
+    # tokens per training sequence (documents are packed per leaf, separated by EOT)
     seq_len: int = 2048
+    # sequences per webdataset shard
     shard_samples: int = 1024
+    # share of each leaf's documents held out for evaluation
     heldout_fraction: float = 0.05
     # probe questions (probes.jsonl from `hmtrain data synth`) scored by `hmtrain eval`
     probes: Optional[str] = None
+    # seed of the held-out split and the tokenizer's sample (>= 0)
     seed: int = 0
     # DataLoader worker processes that read and assemble batches (0 = in the training process)
     num_workers: int = 0

@@ -8,6 +8,7 @@ from hmtrain.config.checks import require, require_positive
 
 @dataclass
 class EvalConfig:
+    # held-out sequences per evaluation batch (probes use 8x as many)
     batch_size: int = 8
     # held-out sequences used for perplexity; 0 = all
     max_sequences: int = 0

@@ -5,12 +5,13 @@ Errors name the offending key so a typo in a 64-node launch fails before any wor
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Sequence, get_args
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf, ValueNode
 from omegaconf.errors import OmegaConfBaseException
 
 from hmtrain.config.checks import Choice, ConfigError
@@ -42,14 +43,14 @@ def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ())
         merged = _merge(merged, loaded, f"config {path}")
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.batch_size=8")
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.global_batch_size=8")
         key = item.split("=", 1)[0]
         try:
             known = OmegaConf.select(merged, key, default=_MISSING) is not _MISSING
         except OmegaConfBaseException as exc:
             raise ConfigError(_describe(exc, f"override {item!r}")) from exc
         if not known:
-            raise ConfigError(f"override {item!r}: unknown key {key!r}")
+            raise ConfigError(f"override {item!r}: unknown key {key!r}{_did_you_mean(key)}")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"config key {key!r}")
     config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(config)
@@ -57,6 +58,13 @@ def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ())
 
 
 _MISSING = object()
+
+
+def _did_you_mean(key: str) -> str:
+    from hmtrain.config.keys import config_keys  # (it reads the dataclasses' source: only on this error)
+
+    close = difflib.get_close_matches(key, [k.name for k in config_keys()], n=3, cutoff=0.75)
+    return f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else " (hmtrain config keys lists them)"
 
 
 def _merge(base, source, where: str):
@@ -77,6 +85,10 @@ def _describe(exc: OmegaConfBaseException, where: str, element: str | None = Non
     choice = _choice_of(exc)
     if choice is not None and not isinstance(getattr(exc, "value", None), choice):
         return f"{named}: must be {choice.names()}, got {exc.value!r}"
+    value = getattr(exc, "value", None)
+    value = value._value() if isinstance(value, ValueNode) else value  # omegaconf may hand over its node
+    if isinstance(getattr(exc, "child_node", None), ListConfig) and isinstance(value, str):
+        return f"{named}: expected a list in brackets, e.g. [8,8], got {value!r}"
     return f"{named}: {str(exc).splitlines()[0]}"
 
 

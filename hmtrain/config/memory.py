@@ -17,10 +17,13 @@ class BankDtype(Choice):
 
 @dataclass
 class MemoryConfig:
+    # what a memory block is: extra FFN units (the paper's choice)
     kind: MemoryKind = MemoryKind.ffn
+    # FFN units per layer fetched from each tree level, from level 1 down (one entry per level; 0: none)
     units: list[int] = field(default_factory=lambda: [256, 64, 16, 0])
     # the paper's control: a context-free memory of the fetched size
     generic: bool = True
+    # standard deviation of the normal initialisation of the bank's rows
     init_std: float = 0.02
     # storage of the bank rows that are fetched and sent (the paper: bf16); a bf16 bank also keeps fp32
     # master rows, which the optimizer updates; optimizer moments and row gradients are always fp32

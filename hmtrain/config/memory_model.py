@@ -51,11 +51,15 @@ class Expansion(Choice):
 class StackConfig:
     """One stack of blocks (an encoder or a decoder) of a memory model or a retention probe."""
 
+    # the stack's hidden size
     d_model: int = 128
+    # blocks in the stack
     n_layers: int = 2
     # transformer blocks only (a masked mixer has no heads)
     n_heads: int = 4
+    # dimension of each attention head
     head_dim: int = 32
+    # SwiGLU hidden units of each block
     ffn_hidden: int = 384
 
     def validate(self, key: str, block: BlockType) -> None:
@@ -72,6 +76,7 @@ class StageConfig:
 
     name: str = "train"
     steps: int = 100
+    # the training objective without stages: clm, autoencode, copy, blank_copy or combined
     objective: Objective = Objective.clm
     # parts whose parameters do not train in this stage
     freeze: list[ModelPart] = field(default_factory=list)
@@ -85,22 +90,30 @@ class StageConfig:
 class MemoryModelConfig:
     """Each chunk of n_ctx tokens becomes one vector."""
 
+    # the blocks of both stacks: transformer, or mixer (a masked mixer: learned causal token mixing)
     block: BlockType = BlockType.transformer
     # s: chunks per sequence (data.seq_len must be chunks x n_ctx); paper: 4 x 256
     chunks: int = 4
+    # tokens per chunk; each chunk is encoded into one vector
     n_ctx: int = 64
     encoder: StackConfig = field(default_factory=StackConfig)
     decoder: StackConfig = field(default_factory=StackConfig)
     # what the decoder of chunk c sees besides its own tokens
     context: Context = Context.memory
+    # how the autoencoder's decoder spreads one vector over n_ctx positions: repeat or unrolled
     expansion: Expansion = Expansion.unrolled
+    # the decoder's output head reuses its input embedding table
     tie_embeddings: bool = False
+    # RoPE's base frequency in both stacks
     rope_base: float = 10_000.0
+    # epsilon of every RMSNorm
     norm_eps: float = 1e-5
+    # standard deviation of the normal initialisation
     init_std: float = 0.02
     # the curriculum; empty means one stage of `train.pretrain_steps + train.memory_steps` steps on
     # `objective` with `train.anchor_optim`
     stages: list[StageConfig] = field(default_factory=list)
+    # the training objective without stages: clm, autoencode, copy, blank_copy or combined
     objective: Objective = Objective.clm
     # the tokenizer's padding id, filled in from the prepared data (null until then)
     pad_id: Optional[int] = None

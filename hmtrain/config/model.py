@@ -29,16 +29,27 @@ class ModelConfig:
     # null: the prepared data's tokenizer size, padded up to `vocab_multiple` rows (the paper's
     # 50,432 is GPT-NeoX's 50,277 padded); a number must cover the tokenizer
     vocab_size: Optional[int] = None
+    # the vocabulary is padded up to a multiple of this many rows (GPU-friendly matrix shapes)
     vocab_multiple: int = 128
+    # the anchor's hidden size
     d_model: int = 512
+    # transformer blocks in the anchor
     n_layers: int = 35
+    # attention heads per block
     n_heads: int = 12
+    # dimension of each attention head (n_heads x head_dim need not equal d_model)
     head_dim: int = 32
+    # SwiGLU hidden units of each block's FFN (the memory's units are added beside them)
     ffn_hidden: int = 2048
+    # the output head reuses the input embedding table
     tie_embeddings: bool = True
+    # RMSNorm on queries and keys before RoPE (stabilises attention logits)
     qk_norm: bool = True
+    # RoPE's base frequency (positions restart at every document)
     rope_base: float = 100_000.0
+    # epsilon of every RMSNorm
     norm_eps: float = 1e-5
+    # standard deviation of the normal initialisation of the anchor's weights
     init_std: float = 0.02
     # memory-augmented FFN implementation. auto is torch on every device until a GPU run of the
     # kernel benchmark shows the Triton kernels correct and faster (docs/benchmarks.md)

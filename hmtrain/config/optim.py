@@ -16,12 +16,19 @@ class Schedule(Choice):
 class OptimConfig:
     """Paper memory phase: cosine 1e-4 -> 1e-5."""
 
+    # peak learning rate (after warmup)
     lr: float = 1e-3
+    # learning rate at the end of the schedule
     min_lr: float = 1e-4
+    # AdamW's (beta1, beta2)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    # AdamW's epsilon
     eps: float = 1e-8
+    # AdamW's decoupled weight decay
     weight_decay: float = 0.1
+    # linear warmup steps from 0 to lr
     warmup_steps: int = 100
+    # the decay after warmup: cosine, constant or wsd (warmup-stable-decay)
     schedule: Schedule = Schedule.cosine
     # wsd only: fraction of the phase spent decaying
     decay_fraction: float = 0.2

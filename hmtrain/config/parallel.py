@@ -28,12 +28,18 @@ class Backend(Choice):
 class ParallelConfig:
     # one process runs the plain model whatever the engine
     engine: Engine = Engine.fsdp
+    # DeepSpeed ZeRO stage (1, 2 or 3) when parallel.engine=deepspeed
     zero_stage: int = 2
+    # how the bank's rows are placed: gather (rows sharded, fetched by all-to-all) or owner (ranks own level-1
+    # subtrees and train their sequences)
     placement: Placement = Placement.gather
     # the first n tree levels are replicated on every rank (gradients all-reduced), the rest sharded
     replicate_levels: int = 0
+    # recompute each block's activations in the backward (less memory, ~1/3 more compute)
     activation_checkpointing: bool = False
+    # torch.compile each block
     compile: bool = False
+    # auto (NCCL on GPU, gloo on CPU), nccl or gloo
     backend: Backend = Backend.auto
     # seconds before a collective that a dead or hung rank blocks fails the job
     timeout_s: int = 120

@@ -23,20 +23,26 @@ class AnchorPosition(Choice):
 class RetentionConfig:
     # tokens per window; each window becomes one vector
     n_ctx: int = 32
+    # how the probe's decoder spreads one vector over its window: repeat, unrolled or both
     expansion: RetentionExpansion = RetentionExpansion.both
     # block type of the probe's decoder
     block: BlockType = BlockType.transformer
     decoder: StackConfig = field(default_factory=lambda: StackConfig(d_model=128, n_layers=2))
+    # optimizer steps training each probe decoder
     steps: int = 300
+    # windows per probe training batch
     batch_size: int = 32
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=2e-4, weight_decay=0.0,
                                                                    warmup_steps=20))
     # windows used to train / evaluate the decoder (0 = all)
     train_windows: int = 4096
+    # windows held out to measure what the decoder recovers (0 = all)
     heldout_windows: int = 512
     # anchor encoders: which layer's output (-1 = after the final norm) and which position
     anchor_layer: int = -1
+    # which token's hidden state of a window an anchor encoder keeps: last or mean
     anchor_position: AnchorPosition = AnchorPosition.last
+    # seed of the probe's initialisation and window draws (>= 0)
     seed: int = 0
 
     def validate(self) -> None:

@@ -55,8 +55,11 @@ def split_global_batch(global_batch: int, world_size: int, *, micro_batch_size: 
 
 @dataclass
 class TrainConfig:
+    # where checkpoints, metrics.jsonl and config.yaml go (one `train` at a time per directory)
     run_dir: str = "runs/default"
+    # seed of the initial weights and of every draw in a step (>= 0; no RNG state is saved)
     seed: int = 0
+    # hierarchical (anchor, then anchor + memory) or dense (a baseline of dense_multiplier x the anchor)
     mode: Mode = Mode.hierarchical
     # dense mode: total parameters as a multiple of the anchor's (paper: > 2x)
     dense_multiplier: float = 2.0
@@ -66,12 +69,15 @@ class TrainConfig:
     micro_batch_size: int = 8
     # anchor pretraining's global batch (paper: 1M tokens, half the memory phase's); null: the same
     pretrain_global_batch_size: Optional[int] = None
+    # optimizer steps of anchor pretraining (phase 1)
     pretrain_steps: int = 1000
+    # optimizer steps of the memory phase (phase 2: every sequence fetches its path's blocks)
     memory_steps: int = 1000
     # the anchor during the memory phase
     anchor: AnchorMode = AnchorMode.frozen
     # probability a sequence uses the generic memory while co-training; null = 1/(k_1+1)
     generic_prob: Optional[float] = None
+    # global gradient-norm clipping over anchor and bank together (0: off)
     clip_grad: float = 1.0
     # anchor pretraining (and the dense baseline): its schedule anneals by the end of pretraining
     anchor_optim: OptimConfig = field(default_factory=OptimConfig)
@@ -81,16 +87,22 @@ class TrainConfig:
         default_factory=lambda: OptimConfig(lr=1e-4, min_lr=1e-5, weight_decay=1e-3, warmup_steps=0)
     )
     cotrain_optim: Optional[OptimConfig] = None
+    # optimizer steps between checkpoints (the last step always checkpoints)
     checkpoint_every: int = 500
+    # complete checkpoints kept; older ones are pruned (>= 1)
     keep_checkpoints: int = 2
     # write checkpoints in a background thread (dcp.async_save) so steps do not wait on the disk
     async_checkpoint: bool = False
+    # optimizer steps between logged metric records
     log_every: int = 10
     # optimizer steps (counted from 1) to profile: a torch.profiler trace per rank, plus a CUDA memory snapshot
     # on GPU, in <run_dir>/profiles/step_XXXXXXXX/ (hmtrain/train/profiling.py)
     profile_steps: list[int] = field(default_factory=list)
+    # auto (CUDA when visible), cuda or cpu
     device: Device = Device.auto
+    # auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32
     dtype: Precision = Precision.auto
+    # show a progress bar on rank 0
     progress: bool = True
 
     def validate(self) -> None:

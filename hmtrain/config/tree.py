@@ -30,13 +30,18 @@ def check_branching(branching: Sequence[int], name: str = "branching") -> tuple[
 
 @dataclass
 class TreeConfig:
+    # children per node at each level of the hierarchical k-means tree, e.g. [16,16,16,16]
     branching: list[int] = field(default_factory=lambda: [16, 16, 16, 16])
+    # k-means EM iterations per node (each on a fresh subsample)
     em_steps: int = 20
+    # document embeddings sampled per EM iteration of a node
     subsample: int = 6400
+    # a cluster may hold at most this many times its fair share (1/k) of its parent's documents
     balance: float = 1.5
     # training documents sampled to fit the tree (all are routed afterwards); 0 = all. Their
     # embeddings are held in memory (fit_sample x 384 floats): state a size for a large corpus
     fit_sample: int = 0
+    # seed of the tree's k-means++ draws and subsamples (>= 0)
     seed: int = 0
 
     def validate(self) -> None:
