@@ -9,7 +9,8 @@
 
 An exception says itself which it is with an `input_error` attribute (True: 2, False: 1), as a
 broken checkpoint, a locked run directory and a peer rank's failure in `data prepare` do; otherwise
-its type decides.
+its type decides. One that failed for the machine's sake (`environment = True`: a full disk) exits 1
+with its own words, not as an "internal error".
 
 An exception with `every_rank_reports = True` is one every rank of the job raised together (the ranks of
 `data prepare` agree on a failure): each prints its line, then they meet at a barrier before leaving, because
@@ -41,7 +42,7 @@ def one_line(exc: BaseException) -> str:
     see more."""
     text = " ".join(str(exc).split())
     code = exit_code(exc)
-    if code == BAD_INPUT or code > 128:
+    if code == BAD_INPUT or code > 128 or getattr(exc, "environment", False) is True:
         return text
     named = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return f"internal error: {named} (rerun with --debug for the traceback)"

@@ -285,6 +285,7 @@ class Checkpointer:
             f"mounted at {_mount_point(self.directory)}")
         error = CheckpointError(f"checkpoint {pending.final}: save failed ({reason}){kept}")
         error.input_error = False
+        error.environment = full is not None  # a full disk is not hmtrain's fault: no "internal error" prefix
         return error
 
     def _delete(self, step_dir: Path) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[2]
+
 # A model small enough that a CLI training step takes milliseconds on CPU.
 MICRO = [
     "model.vocab_size=300", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.head_dim=16",
@@ -19,7 +21,10 @@ MICRO = [
 def run_cli(*args: str, cwd: Path, check: bool = True, timeout: int = 300, env: dict | None = None,
             module: str = "hmtrain.cli") -> subprocess.CompletedProcess:
     """`python -m module args` (the CLI, or a test's wrapper of it); `env` adds to or overrides the environment."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HMTRAIN_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HMTRAIN_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1",
+           # the repository on the path: a test's wrapper module (tests.e2e.full_disk) must import from any cwd
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+           **(env or {})}
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
