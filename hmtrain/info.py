@@ -148,8 +148,8 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
         f"anchor ({par.engine}{'' if par.engine == 'fsdp' else f' ZeRO-{par.zero_stage}'}): "
         "weights, grads, AdamW": anchor,
         f"bank weights ({cfg.memory.dtype}, {par.replicate_levels} top level(s) replicated)": bank.weights,
-        "bank fp32 master rows (bf16 banks only)": bank.masters,
-        "bank optimizer (fp32 moments + step)": bank.optimizer,
+        "bank fp32 master rows (bf16 banks only; replicated: own rows)": bank.masters,
+        "bank optimizer (fp32 moments + step; replicated: own rows)": bank.optimizer,
         "bank step gradients (fp32, at most)": bank.step_grads,
         f"fetched rows + fp32 gradients, micro-batch of {tc.micro_batch_size} (at most)": bank.fetched,
     }

@@ -8,12 +8,13 @@ phase only) on a small synthetic corpus prepared once, and reads the per-step ti
 
 - `gather`: every level sharded by row; ranks fetch the rows their batch needs (all-to-all both ways);
 - `owner`: sequences go to the rank that owns their level-1 subtree; deep levels stay local;
-- `replicated`: every level on every rank; gradients all-reduced at the end of the step.
+- `replicated`: every level on every rank, optimizer state sharded (ZeRO-1, hmtrain/memory/zero.py):
+  gradients reduce-scattered at the end of the step, updated rows all-gathered.
 
 Ratios are against `gather` at the same world size, and against the 1-rank run of the same
 placement. The last column is the bank's point-to-point traffic per step (rows fetched from other
-ranks plus their gradients sent back, from the trainer's metrics; a replicated level's all-reduce is
-not in it): bytes, so unlike the times it does not depend on the machine's load. On a CPU the ranks
+ranks plus their gradients sent back, from the trainer's metrics; a replicated level's reduce-scatter
+and all-gather are not in it): bytes, so unlike the times it does not depend on the machine's load. On a CPU the ranks
 share cores: a wider world only shows communication overhead, not speed-up (say so when quoting
 numbers). On a GPU machine pass `train.device=cuda`.
 """

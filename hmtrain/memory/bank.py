@@ -9,14 +9,17 @@ beside the weights, whatever the storage dtype. A table stored in less than fp32
 fp32 master rows, which the optimizer updates; the stored rows are their rounding, and are what
 fetches read and send. Row gradients are fp32 from the backward to the update: summed in fp32 over
 a micro-batch's sequences (hmtrain/memory/gather.py), returned to owners in fp32, accumulated over
-micro-batches in fp32. docs/design.md states the bytes per parameter of each layout.
+micro-batches in fp32. A replicated table keeps its masters and moments for its torch.chunk slice of
+rows only, and each rank updates only those (ZeRO-1, hmtrain/memory/zero.py). docs/design.md states
+the bytes per parameter of each layout.
 
 A training step, as the loop calls it:
 
     plan = bank.plan_step([(paths, use_generic) for each micro-batch])   # host; one id exchange
     for k: memory = bank.fetch(plan, k); ...backward...; bank.return_grads(memory)
-    sq_norm = bank.finish_grads()                                          # all-reduce; device scalar
-    bank.step(lr, grad_scale)                                              # sparse AdamW, touched rows only
+    bank.reduce_grads()                  # replicated tables: reduce-scatter issued async, on every rank here
+    sq_norm = bank.finish_grads()        # waits for it; device scalar
+    bank.step(lr, grad_scale)            # sparse AdamW, touched rows only (replicated: own rows, all-gathered)
 
 Only fetched rows and their gradients ever cross the network (one all-to-all each
 way per micro-batch); rows no sequence fetched, and their optimizer state, stay
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hmtrain.memory import bank_state
+from hmtrain.memory import bank_state, zero
 from hmtrain.memory import layout as layouts
 from hmtrain.memory.exchange import Comm
 from hmtrain.memory.fetched import GENERIC, FetchedMemory, Part
@@ -115,22 +118,34 @@ class MemoryBank:
             self.specs.append(TableSpec(GENERIC, None, kind.row_shape(n_layers, self.units_total),
                                         layouts.replicated(1, world, rank), "replicated"))
         self.spec = {s.name: s for s in self.specs}
+        # the rows whose optimizer state (masters, moments, steps) this rank holds: a replicated table's
+        # torch.chunk slice (ZeRO-1), every stored row of the others
+        self._owned = {s.name: zero.owned_layout(s.layout.num_rows, self.comm) if s.transport == "replicated"
+                       else s.layout for s in self.specs}
 
         self.has_master = dtype.itemsize < 4
         self._state: dict[str, dict[str, Tensor]] = {}
         for table_index, spec in enumerate(self.specs):
-            n_local = spec.layout.num_local
+            n_own = self._owned[spec.name].num_local
             rows = self._init_rows(spec, table_index, init_std, seed)
+            # a copy of the owned rows, so a replicated table's whole fp32 init is not kept alive by a view
+            master = self._owned_rows(spec, rows).clone() if spec.transport == "replicated" else rows
             self._state[spec.name] = {
                 "weight": rows.to(dtype),  # the rows themselves when dtype is fp32
-                **({MASTER: rows} if self.has_master else {}),
-                "exp_avg": torch.zeros((n_local, *spec.row_shape), device=self.device, dtype=torch.float32),
-                "exp_avg_sq": torch.zeros((n_local, *spec.row_shape), device=self.device, dtype=torch.float32),
-                "step": torch.zeros(n_local, device=self.device, dtype=torch.int64),
+                **({MASTER: master} if self.has_master else {}),
+                "exp_avg": torch.zeros((n_own, *spec.row_shape), device=self.device, dtype=torch.float32),
+                "exp_avg_sq": torch.zeros((n_own, *spec.row_shape), device=self.device, dtype=torch.float32),
+                "step": torch.zeros(n_own, device=self.device, dtype=torch.int64),
             }
         self._plan: StepPlan | None = None
         self._grads: dict[str, Tensor] = {}
+        self._shares: dict[str, zero.Shares] = {}  # replicated tables: the step's touched rows by owner
+        self._reducing: dict[str, tuple[Tensor, object]] | None = None  # reduce-scatters in flight
         self._mesh = None  # the DeviceMesh checkpoints use (hmtrain/memory/bank_state.py), made on first use
+
+    def _owned_rows(self, spec: TableSpec, rows: Tensor) -> Tensor:
+        """The rows of `rows` (a table as stored on this rank) whose optimizer state this rank holds."""
+        return zero.owned_rows(rows, self._owned[spec.name]) if spec.transport == "replicated" else rows
 
     def _init_rows(self, spec: TableSpec, table_index: int, init_std: float, seed: int) -> Tensor:
         """Every row as the kind starts a fresh memory, from its own seed (a fresh memory changes nothing), fp32."""
@@ -180,6 +195,8 @@ class MemoryBank:
         plan = make_plan(self.specs, host, self.comm, self.branching, element_size=self.dtype.itemsize)
         self._grads = {name: torch.zeros((len(rows), *self.spec[name].row_shape), device=self.device,
                                          dtype=torch.float32) for name, rows in plan.step_rows.items()}
+        self._shares = {s.name: zero.split_by_owner(plan.step_rows[s.name], self._owned[s.name])
+                        for s in self.specs if s.transport == "replicated"}
         self._plan = plan
         return plan
 
@@ -240,6 +257,9 @@ class MemoryBank:
             raise ValueError("return_grads needs a FetchedMemory from fetch() with requires_grad, in a planned step")
         if fetched.returned:
             raise ValueError("this FetchedMemory's gradients were already returned (they would count twice)")
+        if self._reducing is not None:
+            raise ValueError(f"micro-batch {fetched.micro_batch}'s gradients came after reduce_grads(), which reduces "
+                             "the replicated tables' gradients: they would be missing from the sum")
         fetched.returned = True
         fetches = plan.fetches[fetched.micro_batch]
         grads = {name: g.transpose(0, 1) for name, g in fetched.grads.items()}  # [U, n_layers, ...] views
@@ -248,8 +268,12 @@ class MemoryBank:
                 slots = self._to_device(fetches[spec.name].slots)
                 self._grads[spec.name].index_add_(0, slots, grads[spec.name].float(), alpha=scale)
         remote = [s for s in self.specs if s.transport == "remote"]
-        if not remote:
-            return
+        if remote:
+            self._return_remote(remote, fetched.micro_batch, grads, scale)
+
+    def _return_remote(self, remote: list[TableSpec], k: int, grads: dict[str, Tensor], scale: float) -> None:
+        """Send micro-batch k's gradients of other ranks' rows to their owners (one all-to-all), add what arrives."""
+        fetches, serves = self._plan.fetches[k], self._plan.serves[k]
         send, send_splits = [], []
         for owner in range(self.comm.world_size):
             size = 0
@@ -259,7 +283,6 @@ class MemoryBank:
                 send.append(grads[spec.name][start:start + count].reshape(-1))
                 size += count * spec.row_numel
             send_splits.append(size)
-        serves = plan.serves[fetched.micro_batch]
         recv_splits = [sum(len(serves[s.name].local_ids[r]) * s.row_numel for s in remote)
                        for r in range(self.comm.world_size)]
         received = self.comm.all_to_all(torch.cat(send), send_splits, recv_splits)
@@ -272,30 +295,47 @@ class MemoryBank:
                 self._grads[spec.name].index_add_(0, slots, chunk.float(), alpha=scale)
                 start += count * spec.row_numel
 
-    def finish_grads(self) -> Tensor:
-        """All-reduce the replicated tables' step gradients; return the squared L2 norm of all bank
-        gradients of the step, over all ranks (fp32 device scalar; no host sync)."""
-        replicated = [s.name for s in self.specs if s.transport == "replicated" and self._grads[s.name].numel()]
-        if replicated and self.comm.world_size > 1:
-            flat = torch.cat([self._grads[name].reshape(-1) for name in replicated])
-            self.comm.all_reduce_(flat)
-            start = 0
-            for name in replicated:
-                n = self._grads[name].numel()
-                self._grads[name].copy_(flat[start:start + n].view_as(self._grads[name]))
-                start += n
-        sharded = torch.zeros((), device=self.device, dtype=torch.float32)
-        shared = torch.zeros((), device=self.device, dtype=torch.float32)
+    def reduce_grads(self) -> None:
+        """After the step's last return_grads: issue the replicated tables' reduce-scatters (async), after
+        which each rank holds the summed gradients of the touched rows it owns. Every rank calls it at the
+        same point among its collectives (the loop: before the anchor's gradient norm, whose kernels then
+        run beside them); `finish_grads` waits for them, and calls it if the loop did not. Sharing its group
+        with FSDP (the trainer's default group), NCCL runs them after the anchor's gradient reduce-scatter."""
+        if self._plan is None:
+            raise RuntimeError("reduce_grads() without plan_step(): no gradients to reduce")
+        if self._reducing is not None:
+            return
+        self._reducing = {}
         for spec in self.specs:
-            target = shared if spec.transport == "replicated" else sharded
-            target += self._grads[spec.name].pow(2).sum()
-        # sharded rows are disjoint across ranks: sum them; replicated ones are the same everywhere
-        return self.comm.all_reduce_(sharded.to(self.comm.device)).to(self.device) + shared
+            if spec.transport == "replicated" and len(self._shares[spec.name].rows):
+                self._reducing[spec.name] = self.comm.reduce_scatter(
+                    self._grads[spec.name], self._shares[spec.name].counts, async_op=True)
+
+    def _finish_reduction(self) -> None:
+        """Wait for the reduce-scatters; a replicated table's step gradients become those of its own rows."""
+        self.reduce_grads()
+        for name, (own, work) in self._reducing.items():
+            if work is not None:
+                work.wait()
+                self._reducing[name] = (own, None)
+            self._grads[name] = own  # the whole-table buffer is released here
+
+    def finish_grads(self) -> Tensor:
+        """Reduce the replicated tables' step gradients to their owners; return the squared L2 norm of all bank
+        gradients of the step, over all ranks (fp32 device scalar; no host sync)."""
+        self._finish_reduction()
+        # every rank now holds gradients of its own rows only, disjoint across ranks: sum them
+        sq = torch.zeros((), device=self.device, dtype=torch.float32)
+        for spec in self.specs:
+            sq += self._grads[spec.name].pow(2).sum()
+        return self.comm.all_reduce_(sq.to(self.comm.device)).to(self.device)
 
     def step(self, lr: float, grad_scale: Tensor | float = 1.0) -> dict[str, int]:
-        """Scale the step's gradients (global clipping) and apply row-wise AdamW to touched rows only."""
+        """Scale the step's gradients (global clipping) and apply row-wise AdamW to touched rows only; a
+        replicated table's owners update their rows and send them to every rank."""
         if self._plan is None:
             raise RuntimeError("step() without plan_step(): nothing to update")
+        self._finish_reduction()  # done already when finish_grads() ran
         updated = {}
         for spec in self.specs:
             rows = self._plan.step_rows[spec.name]
@@ -305,14 +345,22 @@ class MemoryBank:
             grads = self._grads[spec.name]
             grads.mul_(grad_scale)
             state = self._state[spec.name]
-            self.optimizer.update_(state["weight"], state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                   self._to_device(rows), grads, lr=lr, validate=False, master=state.get(MASTER))
-        self._plan, self._grads = None, {}
+            own = self._owned_rows(spec, state["weight"])
+            mine = self._shares[spec.name].mine if spec.transport == "replicated" else rows
+            idx = self._to_device(mine)
+            self.optimizer.update_(own, state["exp_avg"], state["exp_avg_sq"], state["step"], idx, grads, lr=lr,
+                                   validate=False, master=state.get(MASTER))
+            if spec.transport == "replicated":
+                zero.gather_updated(self.comm, state["weight"], own, self._shares[spec.name])
+        self.abandon_step()
         return updated
 
     def abandon_step(self) -> None:
         """Drop a planned step without updating (e.g. evaluation inside a step)."""
-        self._plan, self._grads = None, {}
+        for _, work in (self._reducing or {}).values():
+            if work is not None:
+                work.wait()  # every rank issued it: let it finish before its buffers go
+        self._plan, self._grads, self._shares, self._reducing = None, {}, {}, None
 
     # ---- checkpoint state (hmtrain/memory/bank_state.py) ----------------------
 
@@ -321,17 +369,23 @@ class MemoryBank:
             self._mesh = bank_state.checkpoint_mesh(self.comm)
         return self._mesh
 
+    def _layout_of(self, spec: TableSpec, field: str):
+        """How a state field's rows lie over the ranks: the stored rows as the table's layout says, the
+        optimizer state (masters, moments, steps) as `_owned` does (they differ for replicated tables)."""
+        return spec.layout if field == "weight" else self._owned[spec.name]
+
     def state_dict(self) -> dict[str, Tensor]:
         """Flat `<table>.<field>` -> tensor (one process) or chunk-layout Shard(0) DTensor; a bf16 table
-        saves its fp32 masters too (`<table>.master`), so a resume continues exactly."""
+        saves its fp32 masters too (`<table>.master`), so a resume continues exactly. The on-disk form does
+        not depend on the layouts: a replicated table's owned optimizer state is its chunk slice already."""
         mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
-        return {f"{spec.name}.{field}": bank_state.saved(live, spec.layout, self.comm, mesh)
+        return {f"{spec.name}.{field}": bank_state.saved(live, self._layout_of(spec, field), self.comm, mesh)
                 for spec in self.specs for field, live in self._state[spec.name].items()}
 
     def load_template(self) -> dict[str, Tensor]:
         """The tensors a checkpoint's bank loads into (`load_state_dict` then finishes the load)."""
         mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
-        return {f"{spec.name}.{field}": bank_state.to_load(live, spec.layout, self.comm, mesh)
+        return {f"{spec.name}.{field}": bank_state.to_load(live, self._layout_of(spec, field), self.comm, mesh)
                 for spec in self.specs for field, live in self._state[spec.name].items()}
 
     def load_state_dict(self, loaded: dict[str, Tensor]) -> None:
@@ -342,9 +396,9 @@ class MemoryBank:
             state = self._state[spec.name]
             for field, live in state.items():  # "weight" comes before MASTER
                 if field == MASTER and f"{spec.name}.{MASTER}" not in loaded:
-                    live.copy_(state["weight"])
+                    live.copy_(self._owned_rows(spec, state["weight"]))
                     continue
-                bank_state.restore(live, loaded[f"{spec.name}.{field}"], spec.layout, self.comm)
+                bank_state.restore(live, loaded[f"{spec.name}.{field}"], self._layout_of(spec, field), self.comm)
         self.abandon_step()
 
     # ---- evaluation (one process) ------------------------------------------

@@ -3,6 +3,10 @@
 NCCL wants device tensors and gloo host tensors; `Comm.device` is where collective
 buffers live. With one process every call is the identity, so the single-process
 bank runs the same code path without a process group.
+
+`reduce_scatter` and `all_gather` take uneven parts (rank r's part is `splits[r]` rows along dim 0): the
+replicated tables' ZeRO-1 step (hmtrain/memory/zero.py) splits a step's touched rows by the rank whose
+torch.chunk slice holds them, and those counts differ from rank to rank.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class Comm:
         # trainer gives one, NCCL or not): exchanging them never makes the host wait for the GPU, and
         # no other thread's collectives (a background checkpoint's) share their order
         self.control_group = control_group
+        self.backend = dist.get_backend(group) if distributed else None
 
     def all_to_all(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
         """Uneven all-to-all along dim 0 (both sides know the splits from the step plan)."""
@@ -58,6 +63,37 @@ class Comm:
         if self.world_size > 1:
             dist.all_reduce(tensor, op=op, group=self.group)
         return tensor
+
+    def reduce_scatter(self, send: Tensor, splits: list[int],
+                       async_op: bool = False) -> tuple[Tensor, dist.Work | None]:
+        """Sum `send` over ranks and keep this rank's part, rows [sum(splits[:rank]), +splits[rank]) of dim 0.
+        Returns (that part, the collective's handle when `async_op`: wait on it before reading the part)."""
+        if self.world_size == 1:
+            return send, None
+        out = send.new_empty((splits[self.rank], *send.shape[1:]))
+        if len(set(splits)) == 1:  # equal parts: the one ring collective
+            work = dist.reduce_scatter_single(out, send.contiguous(), group=self.group, async_op=async_op)
+        else:  # torch's uneven form: on NCCL one reduce per rank, coalesced into one launch; gloo has it as is
+            work = dist.reduce_scatter(out, list(send.contiguous().split(splits)), group=self.group,
+                                       async_op=async_op)
+        return out, work if async_op else None
+
+    def all_gather(self, send: Tensor, splits: list[int]) -> Tensor:
+        """Every rank's part (rank r sends `splits[r]` rows), concatenated in rank order on every rank."""
+        if self.world_size == 1:
+            return send
+        recv = send.new_empty((sum(splits), *send.shape[1:]))
+        if len(set(splits)) == 1:
+            dist.all_gather_single(recv, send.contiguous(), group=self.group)
+        elif self.backend != dist.Backend.GLOO:  # torch's uneven form: on NCCL one broadcast per rank, coalesced
+            dist.all_gather(list(recv.split(splits)), send.contiguous(), group=self.group)
+        else:  # gloo's all_gather wants equal parts: broadcast each rank's part that has rows, into its place
+            parts = recv.split(splits)
+            parts[self.rank].copy_(send)
+            for source, part in enumerate(parts):
+                if part.numel():
+                    dist.broadcast(part, group=self.group, group_src=source)
+        return recv
 
     def all_reduce_ints(self, values: np.ndarray, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> np.ndarray:
         if self.world_size == 1:

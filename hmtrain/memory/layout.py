@@ -2,8 +2,9 @@
 
 Three layouts (docs/design.md, "The bank in a distributed job"):
 
-- ``replicated``: every rank stores every row (small top levels, the generic row);
-  gradients are all-reduced and every rank applies the same sparse update.
+- ``replicated``: every rank stores every row (small top levels, the generic row); their
+  optimizer state is sharded in the ``chunk`` layout: gradients are reduce-scattered, each
+  rank updates its own rows and all-gathers them (ZeRO-1, hmtrain/memory/zero.py).
 - ``chunk``: the ``torch.chunk`` layout, ceil(N/W) consecutive rows per rank, the last
   rank short. This is the layout checkpoints use (a ``Shard(0)`` DTensor that DCP
   reshards to any world size) and the runtime layout of ``gather`` placement.

@@ -10,8 +10,8 @@ Made once per step on the host, from the paths of all of the step's micro-batche
   all-to-all split of the step, agreed with the owners by one exchange of row ids,
   so fetching and returning gradients need no further size exchange or host sync.
 
-Transports: ``replicated`` (every rank holds the table; gradients all-reduced at the
-end of the step), ``local`` (owner placement: the loader sent this rank only
+Transports: ``replicated`` (every rank holds the table; gradients reduce-scattered to the
+rows' owners at the end of the step, hmtrain/memory/zero.py), ``local`` (owner placement: the loader sent this rank only
 sequences whose rows it stores), ``remote`` (gather placement: rows come from their
 owners and gradients go back to them).
 """

@@ -84,7 +84,8 @@ class RankFootprint:
     """Bytes one rank holds for the bank, and bytes one step moves (worst case over ranks)."""
 
     weights: int  # the stored rows, in the bank's dtype: what fetches read and send
-    masters: int  # fp32 master rows of a bank stored in less than fp32 (0 for an fp32 bank)
+    masters: int  # fp32 master rows of a bank stored in less than fp32 (0 for an fp32 bank); replicated tables'
+    #               only for the rank's torch.chunk slice of rows (ZeRO-1), as their optimizer state
     optimizer: int  # fp32 exp_avg + exp_avg_sq, and one int64 step count per row
     step_grads: int  # fp32 gradient buffer of the rows a step touches (upper bound)
     fetched: int  # one micro-batch's fetched rows plus their fp32 gradient buffer (upper bound)
@@ -115,16 +116,18 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
         tables.append((1, sum(units), True))
     for nodes, m, replicated in tables:
         row = per_unit * m
-        rows = nodes if replicated else -(-nodes // world_size)
+        owned = -(-nodes // world_size)  # the most rows any rank's torch.chunk slice holds (rank 0's)
+        rows = nodes if replicated else owned  # a replicated table's stored rows are all on every rank
         weights += rows * row * weight_bytes
-        masters += rows * row * master_bytes
-        optimizer += rows * (row * 8 + 8)
+        masters += owned * row * master_bytes  # ZeRO-1: a replicated table's state only for its owned rows
+        optimizer += owned * (row * 8 + 8)
         step_grads += min(rows, global_batch) * row * 4
         fetched += min(nodes, micro_batch) * row * (weight_bytes + GRAD_BYTES)
-        if replicated:  # ring all-reduce of the step's touched rows, fp32
-            reduce = 2 * (world_size - 1) / world_size * _expected_distinct(nodes, global_batch) * row * 4
-            moved_gather += reduce
-            moved_owner += reduce
+        if replicated:  # ZeRO-1: the touched rows' fp32 gradients reduce-scattered, the updated rows all-gathered
+            # in the bank's dtype; a rank sends and receives (W-1)/W of each (the ring's share)
+            zero = 2 * (world_size - 1) / world_size * _expected_distinct(nodes, global_batch) * row
+            moved_gather += zero * (GRAD_BYTES + weight_bytes)
+            moved_owner += zero * (GRAD_BYTES + weight_bytes)
         else:  # rows from the other ranks' shares and their fp32 gradients back, per micro-batch
             remote = _expected_distinct(nodes, micro_batch) * (world_size - 1) / world_size
             moved_gather += 2 * remote * row * (weight_bytes + GRAD_BYTES) * micro_batches  # sent and received

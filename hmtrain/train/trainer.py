@@ -199,6 +199,8 @@ def train_step(run: Parts, now, step: int, micro_batches: list[dict], window: Wi
             bank.return_grads(memory, scale=1.0 / engine.loss_multiplier)
         loss_sum += micro_loss.detach()
 
+    if memory_phase:
+        bank.reduce_grads()  # replicated tables: the reduce-scatter runs while the anchor's norm is taken
     anchor_sq = engine.grad_sq_norm() if now.anchor_trains else torch.zeros((), device=device)
     bank_sq = bank.finish_grads() if memory_phase else torch.zeros((), device=device)
     grad_norm = torch.sqrt(anchor_sq + bank_sq)  # one global norm, as if anchor and bank were one model

@@ -1,12 +1,13 @@
 """torchrun worker: train a bank alone for a few steps on a fixed global batch, save it with DCP.
 
 Usage: bank_worker.py OUT --placement gather|owner --replicate N --steps S [--resume DIR] [--generic]
-                     [--dtype fp32|bf16] [--background]
+                     [--dtype fp32|bf16] [--background] [--dump DIR]
 Every rank takes its part of each global batch (gather: equal chunks; owner: the sequences of the
 subtrees it owns), so the union over ranks is the same whatever the world size, and the saved bank
 must match the one-process run's. `--background` saves with dcp.async_save on a gloo group of its own
 (as `train.async_checkpoint` does) and trains one more step while the write runs: the checkpoint
-still holds the bank as it was when the save began.
+still holds the bank as it was when the save began. `--dump DIR` writes each rank's live state (every
+field of every table, as this rank holds it) to DIR/rank<r>.pt after the save.
 """
 import argparse
 import datetime
@@ -81,6 +82,25 @@ def save(bank: MemoryBank, out: str, background: bool, next_step: int, world: in
     pending.result()
 
 
+def make_bank(placement: str, replicate: int, dtype: str, world: int) -> tuple[MemoryBank, np.ndarray | None]:
+    """The bank every run trains (on a process group when there is one), and the subtree owners (owner placement)."""
+    owner = assign_subtrees([5, 1, 3, 2], world) if placement == "owner" else None
+    bank = MemoryBank(n_layers=LAYERS, kind=SwiGLUUnits(d_model=D), branching=BRANCHING, units=UNITS, generic=True,
+                      seed=0, optimizer=SparseAdamW(lr=0.05, weight_decay=0.1), comm=Comm(), placement=placement,
+                      replicate_levels=replicate, owner_of_subtree=owner,
+                      dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    for table in bank._state.values():  # non-zero down rows, so every slot gets gradients from step 0
+        for rows in (table["weight"], table.get("master")):  # a bf16 bank's fp32 masters too
+            if rows is not None:
+                rows[:, :, 2] = 0.5
+    return bank, owner
+
+
+def live_state(bank: MemoryBank) -> dict[str, torch.Tensor]:
+    """`<table>.<field>` -> this rank's live tensor, copied."""
+    return {f"{t}.{f}": v.clone() for t, fields in bank._state.items() for f, v in fields.items()}
+
+
 def main() -> int:
     args = argparse.ArgumentParser()
     args.add_argument("out")
@@ -92,22 +112,12 @@ def main() -> int:
     args.add_argument("--generic", action="store_true")
     args.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args.add_argument("--background", action="store_true")
+    args.add_argument("--dump")
     a = args.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo", timeout=TIMEOUT)
-    comm = Comm()
-    owner = None
-    if a.placement == "owner":
-        owner = assign_subtrees([5, 1, 3, 2], world)
-    bank = MemoryBank(n_layers=LAYERS, kind=SwiGLUUnits(d_model=D), branching=BRANCHING, units=UNITS, generic=True,
-                      seed=0, optimizer=SparseAdamW(lr=0.05, weight_decay=0.1), comm=comm, placement=a.placement,
-                      replicate_levels=a.replicate, owner_of_subtree=owner,
-                      dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype])
-    for table in bank._state.values():  # non-zero down rows, so every slot gets gradients from step 0
-        for rows in (table["weight"], table.get("master")):  # a bf16 bank's fp32 masters too
-            if rows is not None:
-                rows[:, :, 2] = 0.5
+    bank, owner = make_bank(a.placement, a.replicate, a.dtype, world)
     if a.resume:
         state = {"bank": bank.load_template()}
         dcp.load(state, checkpoint_id=a.resume)
@@ -115,6 +125,9 @@ def main() -> int:
     for step in range(a.first_step, a.first_step + a.steps):
         train_step(bank, step, world, owner, a.generic)
     save(bank, a.out, a.background, a.first_step + a.steps, world, owner, a.generic)
+    if a.dump:
+        os.makedirs(a.dump, exist_ok=True)
+        torch.save(live_state(bank), os.path.join(a.dump, f"rank{bank.comm.rank}.pt"))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def run(tmp_path, name, nproc, placement="gather", replicate=0, steps=4, start=0, resume=None, dtype="fp32",
-        background=False):
+        background=False, dump=None):
     out = tmp_path / name
     args = [worker.__file__, str(out), "--placement", placement, "--replicate", str(replicate), "--steps",
             str(steps), "--first-step", str(start), "--generic", "--dtype", dtype]
@@ -21,6 +21,8 @@ def run(tmp_path, name, nproc, placement="gather", replicate=0, steps=4, start=0
         args += ["--resume", str(resume)]
     if background:
         args.append("--background")
+    if dump:
+        args += ["--dump", str(dump)]
     torchrun(nproc, args, cwd=tmp_path)
     return out
 

@@ -194,6 +194,20 @@ def test_gradients_cannot_be_returned_twice_or_without_a_plan():
         bank.return_grads(bank.lookup(torch.from_numpy(paths(0))))
 
 
+def test_no_gradient_is_returned_after_the_reduction_started():
+    # reduce_grads() issues the replicated tables' reduce-scatter (on W ranks, async): a gradient returned
+    # after it would be missing from the reduced sum
+    bank = make_bank("replicated")
+    plan = bank.plan_step([(paths(0), None), (paths(7), None)])
+    first, last = bank.fetch(plan, 0), bank.fetch(plan, 1)
+    for fetched in (first, last):
+        fetched.layer(0)[0].sum().backward()
+    bank.return_grads(first)
+    bank.reduce_grads()
+    with pytest.raises(ValueError, match="after reduce_grads"):
+        bank.return_grads(last)
+
+
 def test_lookup_for_eval_has_no_graph():
     bank = make_bank()
     fetched = bank.lookup(torch.from_numpy(paths(1, 2)), torch.tensor([False, True]))

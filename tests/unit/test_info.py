@@ -23,8 +23,9 @@ def test_rank_footprint_by_hand():
                        replicate_levels=1, generic=False, weight_bytes=2, micro_batch=2, global_batch=8)
     row0, row1 = 3 * 8 * 2, 3 * 8 * 1  # parameters per row of each level
     assert f.weights == (4 * row0 + 4 * row1) * 2  # all of level 0, a quarter of level 1, in bf16
-    assert f.masters == (4 * row0 + 4 * row1) * 4  # and their fp32 masters
-    assert f.optimizer == 4 * (row0 * 8 + 8) + 4 * (row1 * 8 + 8)  # fp32 moments + an int64 step per row
+    # ZeRO-1: the replicated level's fp32 masters, moments and step counts for its own chunk row only
+    assert f.masters == (1 * row0 + 4 * row1) * 4
+    assert f.optimizer == 1 * (row0 * 8 + 8) + 4 * (row1 * 8 + 8)  # fp32 moments + an int64 step per row
     assert f.step_grads == (4 * row0 + 4 * row1) * 4  # at most min(rows, global batch) rows, fp32
     assert f.fetched == (2 * row0 + 2 * row1) * (2 + 4)  # a micro-batch's bf16 rows and their fp32 gradients
     fp32 = rank_footprint(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], world_size=4,
@@ -34,6 +35,11 @@ def test_rank_footprint_by_hand():
     assert f.moved_gather - f.moved_owner == pytest.approx((fp32.moved_gather - fp32.moved_owner) * (2 + 4) / (4 + 4),
                                                            abs=2)
     assert f.moved_owner > 0 and f.moved_gather > f.moved_owner  # gather also moves level 1 rows
+    # owner placement moves the replicated level only: its touched rows (of 4, 8 sequences a step), fp32
+    # gradients reduce-scattered and bf16 rows all-gathered, 3/4 of each sent and as much received
+    touched = 4 * (1 - (3 / 4) ** 8)
+    assert f.moved_owner == pytest.approx(2 * 3 / 4 * touched * row0 * (4 + 2), abs=1)
+    assert fp32.moved_owner == pytest.approx(2 * 3 / 4 * touched * row0 * (4 + 4), abs=1)  # fp32 rows back
 
 
 def test_anchor_bytes_by_engine():
