@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from hmtrain.eval.evaluate import SHORT
 
@@ -96,6 +97,7 @@ def _balance_panel(axes, counts: list[int], level: int, what: str) -> None:
     mean = sum(counts) / len(counts)
     if len(counts) <= MAX_BARS:
         axes.bar(range(len(counts)), counts, width=0.85)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel(f"level-{level} node")
     else:
         axes.step(range(len(counts)), sorted(counts, reverse=True), where="mid")
