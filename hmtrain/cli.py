@@ -91,7 +91,8 @@ def _training_commands(commands) -> None:
     _config_args(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory)")
     evaluate.add_argument("--baseline", help="dense baseline checkpoint (or run directory) to compare with")
-    evaluate.add_argument("--out", type=Path, help="write results as JSON here")
+    evaluate.add_argument("--out", type=Path, help="write results as JSON here, and its figures beside it "
+                          "(FILE's stem + _long_tail.png, _subtree_perplexity.png, _tree_balance.png)")
 
     retention = commands.add_parser(
         "retention", help="information retention of frozen encoders (Badger 2026); also `hmtrain eval retention`")
@@ -195,6 +196,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from hmtrain.eval.evaluate import check_output_path, evaluate, render, write_results
     from hmtrain.eval.memory_eval import checkpoint_family, evaluate_memory_models, render_memory
+    from hmtrain.eval.publish import publish
 
     cfg = load_config(args.config, args.overrides)
     if args.out:
@@ -202,11 +204,19 @@ def cmd_eval(args) -> None:
     if checkpoint_family(args.checkpoint) == "memory_model":
         results = evaluate_memory_models(cfg, [args.checkpoint, *([args.baseline] if args.baseline else [])])
         render_memory(results)
-    else:
-        results = evaluate(cfg, args.checkpoint, baseline=args.baseline)
-        render(results)
+        if args.out:
+            write_results(results, args.out)
+        return
+    results = evaluate(cfg, args.checkpoint, baseline=args.baseline)
+    render(results)
     if args.out:
-        write_results(results, args.out)
+        write_results(results, args.out)  # before figures and MLflow: neither can cost the results
+    published = publish(cfg, results, args.out.parent if args.out else None,
+                        prefix=f"{args.out.stem}_" if args.out else "")
+    if published.figures:
+        print("figures: " + ", ".join(map(str, published.figures)))
+    if published.mlflow_run_id:
+        print(f"MLflow: eval logged as run {published.mlflow_run_id}, a child of the checkpoint's training run")
 
 
 def cmd_retention(args) -> None:

@@ -2,7 +2,8 @@
 
 synth -> prepare -> for each seed: train (anchor, then memory phase), train (dense baseline), eval ->
 the table of every seed and, with several seeds, their mean and spread (one seed at this scale is one
-sample, not a result). All runs log to one MLflow store in the demo directory.
+sample, not a result), and each seed's figures (seed<S>_long_tail.png, ...) beside results.json. All runs
+log to one MLflow store in the demo directory; each evaluation is a child run of its memory run.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from hmtrain.config import load_config
 from hmtrain.data.corpus.synth import synthesize
 from hmtrain.data.prepare.pipeline import prepare
 from hmtrain.eval.evaluate import evaluate, render, to_markdown
+from hmtrain.eval.publish import publish
 from hmtrain.eval.summary import render_summary, subtree_markdown, subtree_summary, summarize, summary_markdown
 from hmtrain.info import print_info
 from hmtrain.train.trainer import train
@@ -33,6 +35,14 @@ def mlflow_command() -> str:
         return str(script.relative_to(Path.cwd()))
     except ValueError:
         return str(script)
+
+
+def print_outputs(console: Console, out: Path, tracking: str, figures: Sequence[Path]) -> None:
+    """The demo's last lines: where its results, figures and MLflow runs are."""
+    console.print(f"results: {out / 'results.json'} and {out / 'results.md'}")
+    console.print("figures: " + ", ".join(str(path) for path in figures), soft_wrap=True)
+    console.print(f"MLflow: {mlflow_command()} ui --backend-store-uri {tracking}  (then open http://127.0.0.1:5000); "
+                  "each evaluation is a child run of its training run")
 
 
 def run_demo(out: Path, preset: str = "tiny", overrides: Sequence[str] = (), seeds: Sequence[int] = (0,),
@@ -52,7 +62,7 @@ def run_demo(out: Path, preset: str = "tiny", overrides: Sequence[str] = (), see
     console.rule(f"2/{steps} prepare: embed, fit the tree, route, tokenize, shard")
     prepare(data_cfg, overwrite=True)
     print_info(data_cfg, console)
-    per_seed = {}
+    per_seed, figures = {}, []
     for i, seed in enumerate(seeds):
         run = out / f"seed{seed}"
         seeded = [*base, f"train.seed={seed}"]
@@ -65,6 +75,7 @@ def run_demo(out: Path, preset: str = "tiny", overrides: Sequence[str] = (), see
         console.rule(f"{5 + 3 * i}/{steps} seed {seed}: evaluate")
         per_seed[seed] = evaluate(memory_cfg, memory_ckpt, baseline=dense_ckpt)
         render(per_seed[seed], console)
+        figures += publish(memory_cfg, per_seed[seed], out, prefix=f"seed{seed}_").figures  # and into MLflow
     summary = summarize(per_seed)
     (out / "results.json").write_text(json.dumps({"seeds": per_seed, "summary": summary}, indent=2))
     tables = [summary_markdown(summary), subtree_markdown(subtree_summary(per_seed)),
@@ -72,7 +83,6 @@ def run_demo(out: Path, preset: str = "tiny", overrides: Sequence[str] = (), see
     (out / "results.md").write_text("\n".join(tables))
     if len(seeds) > 1:
         render_summary(summary, console)
-    console.print(f"results: {out / 'results.json'} and {out / 'results.md'}")
-    console.print(f"MLflow: {mlflow_command()} ui --backend-store-uri {tracking}  (then open http://127.0.0.1:5000)")
+    print_outputs(console, out, tracking, figures)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return {"seeds": per_seed, "summary": summary}

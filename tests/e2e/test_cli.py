@@ -43,6 +43,8 @@ def test_pipeline_trains_and_evaluates(prepared, tmp_path):
 
     client = MlflowClient(tracking_uri=tracking)
     runs = client.search_runs([client.get_experiment_by_name("hmtrain").experiment_id])
+    (evaluation,) = [r for r in runs if r.data.tags.get("hmtrain.kind") == "eval"]  # a child of the memory run
+    runs = [r for r in runs if r is not evaluation]
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     memory_run = next(r for r in runs if r.data.params["train.mode"] == "hierarchical")
     losses = client.get_metric_history(memory_run.info.run_id, "loss")
@@ -50,6 +52,8 @@ def test_pipeline_trains_and_evaluates(prepared, tmp_path):
     assert "memory/level2/rows_updated" in memory_run.data.metrics
     assert "memory/generic_sequences" in memory_run.data.metrics
     assert memory_run.data.params["train.global_batch_size"] == "4"
+    assert evaluation.data.tags["mlflow.parentRunId"] == memory_run.info.run_id
+    assert evaluation.data.metrics["eval/dense/ppl"] == dense["perplexity"]
     assert any(key.startswith("system/cpu_utilization") for key in memory_run.data.metrics)  # node's first rank
 
     # it learns: the loss falls by a stated margin over six steps, and the anchor moves in both phases

@@ -5,7 +5,10 @@ train, dense baseline, eval -> the tables and files), only smaller.
 """
 import json
 
+from mlflow.tracking import MlflowClient
+
 from tests.e2e.conftest import MICRO, run_cli
+from tests.e2e.test_eval_figures import FIGURES, assert_png
 
 ROWS = ["anchor + fetched memory", "anchor + generic memory", "anchor alone", "dense baseline"]
 STEPS = ["train.pretrain_steps=2", "train.memory_steps=2", "train.checkpoint_every=2",
@@ -32,3 +35,19 @@ def test_demo_with_two_seeds_writes_its_results(tmp_path, monkeypatch):
     subtree_rows = markdown.split("Held-out perplexity per level-1 subtree, mean")[1].split("\n\n")[1].splitlines()
     assert [row.split(" | ")[0] for row in subtree_rows[2:]] == ["| 0", "| 1"]  # tree.branching=[2,3]
     assert list(results["seeds"]["0"]["rows"][0]["subtrees"]) == ["0", "1"]
+
+    # it ends by naming its figures, each seed's, beside results.json; each is in its evaluation's MLflow run
+    figures = [out / f"seed{seed}_{name}.png" for seed in (0, 1) for name in FIGURES]
+    assert "figures: " + ", ".join(map(str, figures)) in proc.stdout
+    for path in figures:
+        assert_png(path)
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("hmtrain").experiment_id])
+    evals = [r for r in runs if r.data.tags.get("hmtrain.kind") == "eval"]
+    memory_runs = {json.loads((out / f"seed{seed}" / "memory" / "mlflow_run.json").read_text())["run_id"]
+                   for seed in (0, 1)}
+    assert {r.data.tags["mlflow.parentRunId"] for r in evals} == memory_runs and len(evals) == 2
+    for run in evals:
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+        seed = next(s for s in (0, 1) if f"figures/seed{s}_long_tail.png" in logged)
+        assert logged == {f"figures/seed{seed}_{name}.png" for name in FIGURES}
