@@ -100,17 +100,7 @@ def test_kill_before_the_first_checkpoint_keeps_one_mlflow_run(prepared, tmp_pat
     run_dir, tracking = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [*prepared["overrides"], "train.pretrain_steps=12", "train.memory_steps=0",
                  "train.checkpoint_every=1000", f"logging.tracking_uri={tracking}", f"train.run_dir={run_dir}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HMTRAIN_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "hmtrain.cli", "train", "--config", "tiny", *overrides],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL, "training finished before it could be killed"
+    kill_after(overrides, run_dir, tmp_path, lines=3)
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
 
     run_cli("train", "--config", "tiny", *overrides, "--resume", cwd=tmp_path)  # a requeued job passes --resume
