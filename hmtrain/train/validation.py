@@ -28,6 +28,7 @@ from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.format.sequences import Sequences
 from hmtrain.data.loading.batch import pad_batch, real_rows
 from hmtrain.model import counted_targets
+from hmtrain.parallel.parallelize import reshard_after_inference
 from hmtrain.train.build import Parts
 
 HELDOUT = "heldout"
@@ -82,6 +83,7 @@ def validate(run: Parts, memory_phase: bool) -> dict[str, float]:
     for variant in names:
         sums += _score(run, sequences, batches, variant if memory_phase else "none", bar)
     bar.close()
+    reshard_after_inference(run.model)
     totals = run.comm.all_reduce_(torch.tensor(sums, dtype=torch.float64, device=run.comm.device)).tolist()
     record = {}
     for k, variant in enumerate(names):
