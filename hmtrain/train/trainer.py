@@ -138,18 +138,17 @@ def _run_to_end(run: Parts, checkpointer: Checkpointer, tracker: Tracker, state:
             state.step, state.optimizer_phase = state.step + 1, now.phase
             watch.note(state.step, result.loss_sum, result.grad_norm)
             last = state.step == recipe.total_steps
-            logged = state.step % tc.log_every == 0 or last
             validation = {}
             if tc.eval_every and (state.step % tc.eval_every == 0 or last):
                 validation = validate(run, now.phase == MEMORY)
                 window.started += validation["val/seconds"]  # the window's throughput counts training alone
+            # a validated step is logged whole (MLflow's resume tells the steps it holds by their loss)
+            logged = state.step % tc.log_every == 0 or last or bool(validation)
             if logged:
                 record = step_record(run.comm, now, result, window, flops_per_token, peak)
                 tracker.log({**record, **validation}, state.step)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", phase=now.phase)
                 window = Window()
-            elif validation:
-                tracker.log(validation, state.step)
             bar.update(1)
             checkpointer.poll()  # complete a background save whose write has finished
             signum = stop.agreed(run.comm)
