@@ -27,7 +27,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "train.pretrain_steps", "train.memory_steps",
     # bookkeeping that does not touch the numbers
     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.progress", "train.run_dir",
-    "train.profile_steps",
+    "train.profile_steps", "train.eval_every", "train.eval_sequences", "train.eval_variants",
     "logging.*", "eval.*", "data.probes",
     # hardware and parallel layout: DCP reshards, the loader's position is global
     # (not parallel.engine / zero_stage: the anchor's optimizer state is stored in the engine's own layout)

@@ -104,6 +104,14 @@ class TrainConfig:
     dtype: Precision = Precision.auto
     # show a progress bar on rank 0
     progress: bool = True
+    # optimizer steps between validations on the held-out split (and at the last step); 0: off. They log val/loss
+    # and val/ppl (the memory the phase trains with: the anchor alone in pretraining) at that step
+    eval_every: int = 0
+    # held-out sequences each validation scores, the first ones in id order (0: all of them)
+    eval_sequences: int = 0
+    # also score the held-out sequences with the generic memory (val/ppl_generic) and the anchor alone
+    # (val/ppl_anchor) in the memory phase: the paper's controls, one more pass over them each
+    eval_variants: bool = False
 
     def validate(self) -> None:
         require(bool(self.run_dir.strip()), "train.run_dir", "is empty; name the run's directory")
@@ -122,6 +130,9 @@ class TrainConfig:
         if self.generic_prob is not None:
             require(0.0 <= self.generic_prob <= 1.0, "train.generic_prob",
                     f"must be in [0, 1], got {self.generic_prob}")
+        require(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: no validation), got {self.eval_every}")
+        require(self.eval_sequences >= 0, "train.eval_sequences",
+                f"must be >= 0 (0: the whole held-out split), got {self.eval_sequences}")
         require(all(isinstance(s, int) and s >= 1 for s in self.profile_steps), "train.profile_steps",
                 f"steps are counted from 1, got {list(self.profile_steps)}")
         for name in ("anchor_optim", "memory_optim", "cotrain_optim"):

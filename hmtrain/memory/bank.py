@@ -179,6 +179,24 @@ class MemoryBank:
         """Plan the step's fetches from its micro-batches' (paths [B, L], use_generic [B] or None), on the host."""
         if self._plan is not None:
             raise RuntimeError("plan_step: the previous step was not finished with step()")
+        plan = make_plan(self.specs, self._host_batches(micro_batches), self.comm, self.branching,
+                         element_size=self.dtype.itemsize)
+        self._grads = {name: torch.zeros((len(rows), *self.spec[name].row_shape), device=self.device,
+                                         dtype=torch.float32) for name, rows in plan.step_rows.items()}
+        self._shares = {s.name: zero.split_by_owner(plan.step_rows[s.name], self._owned[s.name])
+                        for s in self.specs if s.transport == "replicated"}
+        self._plan = plan
+        return plan
+
+    def plan_lookup(self, micro_batches: Sequence[tuple[np.ndarray | Tensor, np.ndarray | Tensor | None]]) -> StepPlan:
+        """Plan fetches that train nothing (validation inside training): the same collective id exchange as
+        `plan_step`, so every rank calls it at the same point, but no gradient buffers, and a planned step is
+        left as it was. Fetch its micro-batches with `fetch(plan, k, requires_grad=False)`."""
+        return make_plan(self.specs, self._host_batches(micro_batches), self.comm, self.branching,
+                         element_size=self.dtype.itemsize)
+
+    def _host_batches(self, micro_batches) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(paths [B, L] int64, use_generic [B] bool) numpy pairs for `make_plan`, checked."""
         host = []
         for paths, use_generic in micro_batches:
             paths = np.asarray(paths.cpu() if isinstance(paths, Tensor) else paths, dtype=np.int64)
@@ -192,13 +210,7 @@ class MemoryBank:
             if paths.size == 0:  # an empty micro-batch (owner placement) still takes part in the plan
                 paths = np.zeros((0, len(self.branching)), dtype=np.int64)
             host.append((paths, use_generic))
-        plan = make_plan(self.specs, host, self.comm, self.branching, element_size=self.dtype.itemsize)
-        self._grads = {name: torch.zeros((len(rows), *self.spec[name].row_shape), device=self.device,
-                                         dtype=torch.float32) for name, rows in plan.step_rows.items()}
-        self._shares = {s.name: zero.split_by_owner(plan.step_rows[s.name], self._owned[s.name])
-                        for s in self.specs if s.transport == "replicated"}
-        self._plan = plan
-        return plan
+        return host
 
     def fetch(self, plan: StepPlan, k: int, *, requires_grad: bool = True,
               padded_to: int | None = None) -> FetchedMemory:

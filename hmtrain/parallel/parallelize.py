@@ -41,3 +41,12 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, info: DistInfo,
                 module.set_force_sum_reduction_for_comms(True)
         log.info("anchor sharded with FSDP2 over %d ranks", info.world_size)
     return model
+
+
+def reshard_after_inference(model: nn.Module) -> None:
+    """After forwards that no backward follows (validation inside training): FSDP2 keeps the root's
+    parameters unsharded after forward, for the backward, which is what reshards them; a checkpoint would
+    then see other parameter objects than the optimizer's. Reshard them here (no-op without FSDP)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from hmtrain.config import Config, split_global_batch
@@ -81,6 +82,7 @@ class Parts:
     bank: Optional[MemoryBank]
     engine: Engine
     batches: Batches
+    owner_of_subtree: Optional[np.ndarray] = None  # owner placement: level-1 node -> its rank (None: gather)
 
     def accumulation(self, step: int) -> int:
         """Micro-batches per optimizer step on this rank, at `step`'s global batch."""
@@ -131,7 +133,8 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
                           num_workers=cfg.data.num_workers)
 
     engine = engine_for_step(model, cfg, info, recipe, 0, precision)
-    return Parts(cfg, info, data, precision, comm, groups, model, recipe, bank, engine, Batches(loader))
+    return Parts(cfg, info, data, precision, comm, groups, model, recipe, bank, engine, Batches(loader),
+                 owner_of_subtree)
 
 
 def restore_in_phase(engine: Engine, model, recipe: Recipe, step: int, saved_phase: Optional[str],

@@ -47,6 +47,7 @@ from hmtrain.train.throughput import (
     train_flops_per_token,
 )
 from hmtrain.train.tracking import Tracker, start_tracking
+from hmtrain.train.validation import check_heldout, validate
 from hmtrain.util.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def train(cfg: Config, *, resume: bool = False, fallback: bool = False) -> Path:
     data = PreparedData.open(cfg.data.prepared, verify="checksums" if cfg.data.verify_checksums else "sizes")
     data.check_compatible(cfg)
     check_world(cfg, info.world_size, data)
+    check_heldout(data, cfg.train.eval_every)
     with lock_run_dir(Path(cfg.train.run_dir), rank=info.rank):  # one live `train` per run directory
         run = build(cfg, info, data)
         tc = run.cfg.train
@@ -136,10 +138,15 @@ def _run_to_end(run: Parts, checkpointer: Checkpointer, tracker: Tracker, state:
             state.step, state.optimizer_phase = state.step + 1, now.phase
             watch.note(state.step, result.loss_sum, result.grad_norm)
             last = state.step == recipe.total_steps
-            logged = state.step % tc.log_every == 0 or last
+            validation = {}
+            if tc.eval_every and (state.step % tc.eval_every == 0 or last):
+                validation = validate(run, now.phase == MEMORY)
+                window.started += validation["val/seconds"]  # the window's throughput counts training alone
+            # a validated step is logged whole (MLflow's resume tells the steps it holds by their loss)
+            logged = state.step % tc.log_every == 0 or last or bool(validation)
             if logged:
                 record = step_record(run.comm, now, result, window, flops_per_token, peak)
-                tracker.log(record, state.step)
+                tracker.log({**record, **validation}, state.step)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", phase=now.phase)
                 window = Window()
             bar.update(1)

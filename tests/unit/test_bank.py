@@ -216,6 +216,36 @@ def test_lookup_for_eval_has_no_graph():
     assert not gate.requires_grad
 
 
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_a_lookup_plan_inside_a_step_changes_nothing_of_it(transport):
+    """Validation inside training: `plan_lookup` + a no-grad fetch between a step's micro-batches reads the
+    rows as `lookup` does, holds no gradient, and the step updates the bank exactly as without it."""
+    banks = [make_bank(transport), make_bank(transport)]
+    for bank in banks:
+        randomize(bank)
+    for with_lookup, bank in zip((False, True), banks):
+        plan = bank.plan_step([(paths(0, 7), None), (paths(7, 11), np.array([False, True]))])
+        for k in range(2):
+            fetched = bank.fetch(plan, k)
+            toy_loss([fetched.layer(i) for i in range(CFG["n_layers"])], 2, k).backward()
+            bank.return_grads(fetched)
+            if with_lookup:
+                lookup = bank.plan_lookup([(paths(3, 11, 4), np.array([False, False, True]))])
+                seen = bank.fetch(lookup, 0, requires_grad=False)
+                expected = bank.lookup(torch.from_numpy(paths(3, 11, 4)), torch.tensor([False, False, True]))
+                for i in range(CFG["n_layers"]):
+                    for got, want in zip(seen.layer(i), expected.layer(i)):
+                        assert not got.requires_grad and torch.equal(got, want)
+                with pytest.raises(ValueError, match="requires_grad"):
+                    bank.return_grads(seen)
+        bank.finish_grads()
+        bank.step(1e-2)
+    for name, table in banks[0].tables.items():
+        assert torch.equal(table, banks[1].tables[name]), name
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(banks[0]._state[name][field], banks[1]._state[name][field]), (name, field)
+
+
 def test_bf16_storage_keeps_fp32_moments():
     bank = make_bank(dtype=torch.bfloat16)
     assert bank.tables["level1"].dtype == torch.bfloat16

@@ -1,0 +1,117 @@
+"""Validation during training (`train.eval_every`): held-out loss and perplexity at the weights of a step.
+
+The held-out split's first `train.eval_sequences` sequences (all when 0), in id order, are cut into
+micro-batches of `train.micro_batch_size`; under W ranks rank r scores batches r, r + W, ... (owner
+placement: the sequences of the subtrees it owns, whose rows only it holds). Every rank
+runs the same number of rounds, padding with rows that score nothing (hmtrain/data/loading/batch.py), because
+each forward is a collective: the bank's id exchange and row fetch, FSDP's parameter all-gathers. One
+all-reduce sums the loss and token counts at the end, so the result does not depend on the world size, and
+equals `hmtrain eval`'s held-out numbers of the step's checkpoint (hmtrain/eval/scoring.py, which reads a
+checkpoint on one process; train cannot import eval, docs/design.md "Parts").
+
+Memory as in training: none in anchor pretraining, each sequence's fetched path in the memory phase
+(`val/loss`, `val/ppl`); `train.eval_variants` adds the generic memory and the anchor alone. Fetches plan
+with `MemoryBank.plan_lookup` and no gradients, so the bank's step state and the model are untouched:
+training goes on bit for bit as without validation.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hmtrain.config import ConfigError
+from hmtrain.data.format.prepared import PreparedData
+from hmtrain.data.format.sequences import Sequences
+from hmtrain.data.loading.batch import pad_batch, real_rows
+from hmtrain.model import counted_targets
+from hmtrain.parallel.parallelize import reshard_after_inference
+from hmtrain.train.build import Parts
+
+HELDOUT = "heldout"
+# variant -> metric suffix; "fetched" is the memory the memory phase trains with
+SUFFIX = {"fetched": "", "generic": "_generic", "none": "_anchor"}
+
+
+def check_heldout(data: PreparedData, eval_every: int) -> None:
+    """Before anything is written: validation needs held-out sequences to score."""
+    if eval_every and len(data.sequences(HELDOUT)) == 0:
+        raise ConfigError(f"config key 'train.eval_every': {eval_every} asks for validation, but {data.root} holds "
+                          "no held-out sequences; prepare the data with a held-out split, or set train.eval_every=0")
+
+
+def this_ranks_ids(sequences: Sequences, count: int, micro: int, rank: int, world: int,
+                   owner_of_subtree: np.ndarray | None) -> list[np.ndarray]:
+    """Sequence ids of this rank's micro-batches, as many on every rank; an empty array where this rank has
+    none left. Gather placement: batch b holds ids b*micro..., rank r takes batches r, r + W, ... Owner
+    placement (the bank keeps a subtree's rows on its rank alone): rank r takes its subtrees' ids, in order."""
+    ids = np.arange(count)
+    if owner_of_subtree is None:
+        batches = [ids[lo:lo + micro] for lo in range(0, count, micro)]
+        rounds = -(-len(batches) // world)
+        return [batches[b] if b < len(batches) else ids[:0] for b in range(rank, rounds * world, world)]
+    owners = np.asarray(owner_of_subtree)[sequences.level1(ids)] if count else ids
+    rounds = -(-int(np.bincount(owners, minlength=world).max(initial=0)) // micro)
+    mine = ids[owners == rank]
+    return [mine[i * micro:(i + 1) * micro] for i in range(rounds)]
+
+
+def variants(run: Parts, memory_phase: bool) -> list[str]:
+    if not memory_phase:
+        return ["none"]
+    if not run.cfg.train.eval_variants:
+        return ["fetched"]
+    return ["fetched", *(["generic"] if run.bank.has_generic else []), "none"]
+
+
+@torch.no_grad()
+def validate(run: Parts, memory_phase: bool) -> dict[str, float]:
+    """Held-out metrics at the current weights, the same on every rank (every rank must call it)."""
+    tc, info = run.cfg.train, run.info
+    started = time.perf_counter()
+    sequences = run.data.sequences(HELDOUT)
+    count = min(tc.eval_sequences, len(sequences)) if tc.eval_sequences else len(sequences)
+    batches = this_ranks_ids(sequences, count, tc.micro_batch_size, info.rank, info.world_size,
+                             run.owner_of_subtree)
+    names = variants(run, memory_phase)
+    bar = tqdm(total=len(batches) * len(names), desc="validation", leave=False, dynamic_ncols=True,
+               disable=not (tc.progress and info.is_main))
+    sums = []
+    for variant in names:
+        sums += _score(run, sequences, batches, variant if memory_phase else "none", bar)
+    bar.close()
+    reshard_after_inference(run.model)
+    totals = run.comm.all_reduce_(torch.tensor(sums, dtype=torch.float64, device=run.comm.device)).tolist()
+    record = {}
+    for k, variant in enumerate(names):
+        loss = totals[2 * k] / max(totals[2 * k + 1], 1)
+        suffix = SUFFIX[variant] if memory_phase else ""
+        if not suffix:
+            record["val/loss"] = loss
+        record[f"val/ppl{suffix}"] = math.exp(loss)
+    record["val/tokens"] = totals[1]
+    record["val/seconds"] = time.perf_counter() - started
+    return record
+
+
+def _score(run: Parts, sequences, batches: list[np.ndarray], variant: str, bar) -> list[float]:
+    """[summed token loss, scored tokens] of this rank's batches, one variant."""
+    micro, device = run.cfg.train.micro_batch_size, run.info.device
+    loss_sum, tokens = torch.zeros((), device=device, dtype=torch.float64), 0
+    for ids in batches:
+        mb = pad_batch(sequences.batch(ids), micro, sequences.pad_id)  # one shape: compiled attention
+        tokens += counted_targets(run.model, mb)
+        memory = None
+        if variant != "none":  # every rank takes part in every fetch, padding-only batches too
+            n = real_rows(mb)
+            plan = run.bank.plan_lookup([(mb["paths"][:n], np.full(n, variant == "generic"))])
+            memory = run.bank.fetch(plan, 0, requires_grad=False, padded_to=micro)
+        mb = {key: value.to(device, non_blocking=True) for key, value in mb.items()}
+        with run.precision.autocast():
+            loss, _ = run.engine.model(mb["tokens"], segments=mb["segments"], memory=memory, labels=mb["labels"])
+        loss_sum += loss.double()
+        bar.update(1)
+    return [float(loss_sum), float(tokens)]
