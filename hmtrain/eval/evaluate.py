@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from rich.console import Console
 from rich.table import Table
+from tqdm import tqdm
 
 from hmtrain.checkpoint.resume import check_data_fingerprints
 from hmtrain.config import Config
@@ -32,6 +33,11 @@ SHORT = {"anchor + fetched memory": "anchor+memory", "anchor + generic memory": 
 
 def _heldout_batches(data: PreparedData, batch_size: int):
     return sequential_batches(data, "heldout", batch_size)
+
+
+def _heldout_count(data: PreparedData, max_sequences: int) -> int:
+    count = len(data.sequences("heldout"))
+    return min(count, max_sequences) if max_sequences > 0 else count
 
 
 def evaluate(cfg: Config, checkpoint: str | Path, baseline: Optional[str | Path] = None,
@@ -65,11 +71,16 @@ def evaluate(cfg: Config, checkpoint: str | Path, baseline: Optional[str | Path]
     for name, run, variant in models:
         row = {"name": name, "variant": variant, "checkpoint": str(run.path),
                "parameters": run.parameters + (fetched if variant != "none" else 0)}
-        row.update(heldout_perplexity(run.model, run.bank, _heldout_batches(data, cfg.eval.batch_size), variant,
-                                      device, max_sequences=cfg.eval.max_sequences))
+        batches = _heldout_batches(data, cfg.eval.batch_size)
+        if progress:  # one bar per stage: a paper-size eval runs for many minutes
+            batches = tqdm(batches, desc=f"held-out ppl, {name}", unit="batch", leave=False, dynamic_ncols=True,
+                           total=-(-_heldout_count(data, cfg.eval.max_sequences) // cfg.eval.batch_size))
+        row.update(heldout_perplexity(run.model, run.bank, batches, variant, device,
+                                      max_sequences=cfg.eval.max_sequences))
         if probe_set is not None:
             row["probe_accuracy"] = probe_accuracy(run.model, run.bank, variant, probe_set, data, device,
-                                                   batch_size=cfg.eval.probe_batch_size)
+                                                   batch_size=cfg.eval.probe_batch_size,
+                                                   progress=f"probes, {name}" if progress else "")
         results["rows"].append(row)
     if probe_set is not None:
         results["probes"] = {"count": len(probe_set.probes), "per_bucket": bucket_counts(probe_set.probes)}

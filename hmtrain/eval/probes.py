@@ -101,7 +101,8 @@ def routing_agreement(data: PreparedData, probe_set: ProbeSet) -> dict[str, floa
 
 
 def probe_accuracy(model: Transformer, bank: Optional[Bank], variant: str, probe_set: ProbeSet,
-                   data: PreparedData, device: torch.device, batch_size: int = 64) -> dict[str, float]:
+                   data: PreparedData, device: torch.device, batch_size: int = 64,
+                   progress: str = "") -> dict[str, float]:
     """Accuracy per frequency bucket (and overall): the choice with the highest log-likelihood wins."""
     tok = data.tokenizer
     prompts, choices, paths, owner = [], [], [], []
@@ -113,7 +114,7 @@ def probe_accuracy(model: Transformer, bank: Optional[Bank], variant: str, probe
             paths.append(probe_set.paths[index])
             owner.append(index)
     scores = choice_logprobs(model, bank, variant, prompts, choices, torch.stack(paths), tok.pad_id, device,
-                             batch_size=batch_size)
+                             batch_size=batch_size, progress=progress)
     best: dict[int, tuple[float, str]] = {}
     cursor = 0
     for index, probe in enumerate(probe_set.probes):

@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from hmtrain.memory import MemoryBank
 from hmtrain.memory.read_only import ReadOnlyBank
@@ -67,10 +68,12 @@ def heldout_perplexity(model: Transformer, bank: Optional[Bank], batches: Iterab
 @torch.no_grad()
 def choice_logprobs(model: Transformer, bank: Optional[Bank], variant: str, prompts: Sequence[list[int]],
                     choices: Sequence[list[int]], paths: Tensor, pad_id: int, device: torch.device,
-                    batch_size: int = 64) -> Tensor:
-    """Sum of log p(choice tokens | prompt) for each (prompt, choice) pair; paths route the memory."""
+                    batch_size: int = 64, progress: str = "") -> Tensor:
+    """Sum of log p(choice tokens | prompt) for each (prompt, choice) pair; paths route the memory.
+    `progress`: a bar with that title over the pairs (none when empty)."""
     scores = torch.empty(len(prompts))
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", disable=not progress, leave=False, dynamic_ncols=True):
         stop = min(start + batch_size, len(prompts))
         seqs = [prompts[i] + choices[i] for i in range(start, stop)]
         width = max(len(s) for s in seqs)

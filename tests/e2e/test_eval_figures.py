@@ -47,8 +47,14 @@ def evaluated(prepared, tmp_path_factory):
     out = work / "eval" / "results.json"
     proc = run_cli("eval", "--config", "tiny", *overrides, "--checkpoint", str(work / "memory"), "--out", str(out),
                    cwd=work)
-    return {"work": work, "tracking": tracking, "out": out, "stdout": proc.stdout,
+    return {"work": work, "tracking": tracking, "out": out, "stdout": proc.stdout, "stderr": proc.stderr,
             "results": json.loads(out.read_text())}
+
+
+def test_eval_shows_a_progress_bar_per_stage(evaluated):
+    for row in ("anchor + fetched memory", "anchor + generic memory", "anchor alone"):
+        assert f"held-out ppl, {row}" in evaluated["stderr"], evaluated["stderr"][-2000:]
+        assert f"probes, {row}" in evaluated["stderr"], evaluated["stderr"][-2000:]
 
 
 def test_eval_writes_valid_figures_beside_its_results(evaluated):
