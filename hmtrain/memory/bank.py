@@ -37,7 +37,7 @@ from torch import Tensor
 from hmtrain.memory import bank_state, zero
 from hmtrain.memory import layout as layouts
 from hmtrain.memory.exchange import Comm
-from hmtrain.memory.fetched import GENERIC, FetchedMemory, Part
+from hmtrain.memory.fetched import GENERIC, FetchedMemory, Part, unit_index
 from hmtrain.memory.indices import DeviceIndices
 from hmtrain.memory.kind import MemoryKind
 from hmtrain.memory.plan import StepPlan, TableSpec, make_plan
@@ -207,6 +207,9 @@ class MemoryBank:
         """Every index array the step's fetches, gradient returns and updates use, copied to the device at once."""
         arrays = {}
         for k, fetches in enumerate(plan.fetches):
+            index = {p.table: fetches[p.table].index for p in self.parts}
+            arrays[k, "units"] = unit_index(self.parts, index, {name: len(f.ids) for name, f in fetches.items()},
+                                            plan.batch_sizes[k])  # every layer's blocks, in one gather
             for spec in self.specs:
                 fetch = fetches[spec.name]
                 if spec.transport == "remote":
@@ -249,11 +252,11 @@ class MemoryBank:
             for spec in remote:
                 count = len(fetches[spec.name].ids)
                 rows[spec.name] = received.index_select(0, idx[k, spec.name, "fetch_at"]).view(count, *spec.row_shape)
-        layer_major = {name: r.transpose(0, 1).contiguous() for name, r in rows.items()}
+        layer_major = {name: r.transpose(0, 1) for name, r in rows.items()}  # FetchedMemory copies them once
         index = {p.table: fetches[p.table].index for p in self.parts}
         return FetchedMemory(layer_major, index, self.parts, self.kind, n_layers=self.n_layers,
                              batch_size=sequences, requires_grad=requires_grad, micro_batch=k,
-                             padding=padding)
+                             padding=padding, units_on_device=idx[k, "units"])
 
     def return_grads(self, fetched: FetchedMemory, scale: float = 1.0) -> None:
         """After backward: add the micro-batch's row gradients into the owners' step buffers."""

@@ -25,3 +25,9 @@ def test_index_ops_and_uploads_per_micro_batch_do_not_grow_with_the_world():
     # one gather and one scatter (or add) per table and micro-batch each way, plus the step's own few
     assert sum(large_ops.values()) <= 2 * 8 * tables + 4 * tables
 
+
+
+def test_index_arrays_are_copied_once_per_step_not_per_micro_batch():
+    _, two, _ = count(8, micro=2)
+    _, four, _ = count(8, micro=4)
+    assert four == two
