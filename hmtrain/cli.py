@@ -366,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         text = f"{'' if rc > 128 else 'error: '}{one_line(exc)}"
         # a stopped rank's line says how to resume: each prints its own; errors go through the launcher
         if rc > 128 or not report_to_launcher(f"hmtrain {command}", text):
-            print(f"hmtrain {command}{where}: {text}", file=sys.stderr)
+            # one write with its newline: ranks share the launcher's stderr, and print() writes the
+            # newline apart, so two ranks failing at once could run their lines together
+            sys.stderr.write(f"hmtrain {command}{where}: {text}\n")
+            sys.stderr.flush()
         if every_rank_reports(exc):
             _meet()
     return _leave(rc)

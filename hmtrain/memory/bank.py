@@ -37,7 +37,8 @@ from torch import Tensor
 from hmtrain.memory import bank_state, zero
 from hmtrain.memory import layout as layouts
 from hmtrain.memory.exchange import Comm
-from hmtrain.memory.fetched import GENERIC, FetchedMemory, Part
+from hmtrain.memory.fetched import GENERIC, FetchedMemory, Part, unit_index
+from hmtrain.memory.indices import DeviceIndices
 from hmtrain.memory.kind import MemoryKind
 from hmtrain.memory.plan import StepPlan, TableSpec, make_plan
 from hmtrain.memory.sizes import level_nodes, validate_tree
@@ -138,6 +139,7 @@ class MemoryBank:
                 "step": torch.zeros(n_own, device=self.device, dtype=torch.int64),
             }
         self._plan: StepPlan | None = None
+        self._indices: DeviceIndices | None = None  # the planned step's index arrays, on the device
         self._grads: dict[str, Tensor] = {}
         self._shares: dict[str, zero.Shares] = {}  # replicated tables: the step's touched rows by owner
         self._reducing: dict[str, tuple[Tensor, object]] | None = None  # reduce-scatters in flight
@@ -185,6 +187,7 @@ class MemoryBank:
                                          dtype=torch.float32) for name, rows in plan.step_rows.items()}
         self._shares = {s.name: zero.split_by_owner(plan.step_rows[s.name], self._owned[s.name])
                         for s in self.specs if s.transport == "replicated"}
+        self._indices = self._upload(plan)
         self._plan = plan
         return plan
 
@@ -212,6 +215,28 @@ class MemoryBank:
             host.append((paths, use_generic))
         return host
 
+    def _upload(self, plan: StepPlan) -> DeviceIndices:
+        """Every index array the step's fetches, gradient returns and updates use, copied to the device at once."""
+        arrays = {}
+        for k, fetches in enumerate(plan.fetches):
+            index = {p.table: fetches[p.table].index for p in self.parts}
+            arrays[k, "units"] = unit_index(self.parts, index, {name: len(f.ids) for name, f in fetches.items()},
+                                            plan.batch_sizes[k])  # every layer's blocks, in one gather
+            for spec in self.specs:
+                fetch = fetches[spec.name]
+                if spec.transport == "remote":
+                    serve, wire = plan.serves[k][spec.name], plan.wires[k]
+                    arrays.update({(k, spec.name, "serve"): serve.local_ids, (k, spec.name, "serve_slots"): serve.slots,
+                                   (k, spec.name, "serve_at"): wire.serve_at[spec.name],
+                                   (k, spec.name, "fetch_at"): wire.fetch_at[spec.name]})
+                else:
+                    local = fetch.ids if spec.transport == "replicated" else spec.layout.local[fetch.ids]
+                    arrays.update({(k, spec.name, "rows"): local, (k, spec.name, "slots"): fetch.slots})
+        for spec in self.specs:  # the rows step() updates: a replicated table's own share, every touched row else
+            shares = self._shares.get(spec.name)
+            arrays[spec.name, "update"] = shares.mine if shares is not None else plan.step_rows[spec.name]
+        return DeviceIndices(arrays, self.device)
+
     def fetch(self, plan: StepPlan, k: int, *, requires_grad: bool = True,
               padded_to: int | None = None) -> FetchedMemory:
         """Micro-batch k's rows (one all-to-all for rows other ranks own), as per-layer autograd leaves.
@@ -222,45 +247,28 @@ class MemoryBank:
         if padding < 0:
             raise ValueError(f"fetch: padded_to={padded_to} is fewer than the {sequences} sequences micro-batch "
                              f"{k} planned")
-        fetches = plan.fetches[k]
+        # a plan of this bank's step, or one made for a lookup (no step: its indices are uploaded here)
+        fetches, idx = plan.fetches[k], self._indices if plan is self._plan else self._upload(plan)
         rows: dict[str, Tensor] = {}
         for spec in self.specs:
             if spec.transport != "remote":
-                ids = fetches[spec.name].ids
-                local = ids if spec.transport == "replicated" else spec.layout.local[ids]
-                rows[spec.name] = self._state[spec.name]["weight"].index_select(0, self._to_device(local))
+                rows[spec.name] = self._state[spec.name]["weight"].index_select(0, idx[k, spec.name, "rows"])
         remote = [s for s in self.specs if s.transport == "remote"]
-        if remote:
-            serves = plan.serves[k]
-            send, send_splits = [], []
-            for requester in range(self.comm.world_size):
-                size = 0
-                for spec in remote:
-                    local = serves[spec.name].local_ids[requester]
-                    send.append(self._state[spec.name]["weight"].index_select(0, self._to_device(local)).reshape(-1))
-                    size += len(local) * spec.row_numel
-                send_splits.append(size)
-            recv_splits = [sum(int(fetches[s.name].per_owner[o]) * s.row_numel for s in remote)
-                           for o in range(self.comm.world_size)]
-            received = self.comm.all_to_all(torch.cat(send), send_splits, recv_splits)
-            for spec, buffer in zip(remote, self._split_by_table(received, remote, fetches, recv_splits)):
-                rows[spec.name] = buffer
-        layer_major = {name: r.transpose(0, 1).contiguous() for name, r in rows.items()}
+        if remote:  # one all-to-all: each table's served rows go into the buffer with one gather and one scatter
+            wire = plan.wires[k]
+            send = self._state[remote[0].name]["weight"].new_empty((sum(wire.serve_splits), wire.chunk))
+            for spec in remote:
+                served = self._state[spec.name]["weight"].index_select(0, idx[k, spec.name, "serve"])
+                send.index_copy_(0, idx[k, spec.name, "serve_at"], served.view(-1, wire.chunk))
+            received = self.comm.all_to_all(send, wire.serve_splits, wire.fetch_splits)
+            for spec in remote:
+                count = len(fetches[spec.name].ids)
+                rows[spec.name] = received.index_select(0, idx[k, spec.name, "fetch_at"]).view(count, *spec.row_shape)
+        layer_major = {name: r.transpose(0, 1) for name, r in rows.items()}  # FetchedMemory copies them once
         index = {p.table: fetches[p.table].index for p in self.parts}
         return FetchedMemory(layer_major, index, self.parts, self.kind, n_layers=self.n_layers,
                              batch_size=sequences, requires_grad=requires_grad, micro_batch=k,
-                             padding=padding)
-
-    def _split_by_table(self, received: Tensor, remote: list[TableSpec], fetches, recv_splits) -> list[Tensor]:
-        """The received flat buffer is [owner 0: table rows..., owner 1: ...]; regroup it per table."""
-        per_table: list[list[Tensor]] = [[] for _ in remote]
-        start = 0
-        for owner in range(self.comm.world_size):
-            for t, spec in enumerate(remote):
-                count = int(fetches[spec.name].per_owner[owner])
-                per_table[t].append(received[start:start + count * spec.row_numel].view(count, *spec.row_shape))
-                start += count * spec.row_numel
-        return [torch.cat(chunks) for chunks in per_table]
+                             padding=padding, units_on_device=idx[k, "units"])
 
     def return_grads(self, fetched: FetchedMemory, scale: float = 1.0) -> None:
         """After backward: add the micro-batch's row gradients into the owners' step buffers."""
@@ -273,39 +281,28 @@ class MemoryBank:
             raise ValueError(f"micro-batch {fetched.micro_batch}'s gradients came after reduce_grads(), which reduces "
                              "the replicated tables' gradients: they would be missing from the sum")
         fetched.returned = True
-        fetches = plan.fetches[fetched.micro_batch]
+        k, idx = fetched.micro_batch, self._indices
         grads = {name: g.transpose(0, 1) for name, g in fetched.grads.items()}  # [U, n_layers, ...] views
         for spec in self.specs:
             if spec.transport != "remote":
-                slots = self._to_device(fetches[spec.name].slots)
-                self._grads[spec.name].index_add_(0, slots, grads[spec.name].float(), alpha=scale)
+                self._grads[spec.name].index_add_(0, idx[k, spec.name, "slots"], grads[spec.name].float(),
+                                                  alpha=scale)
         remote = [s for s in self.specs if s.transport == "remote"]
         if remote:
-            self._return_remote(remote, fetched.micro_batch, grads, scale)
+            self._return_remote(remote, k, grads, scale)
 
     def _return_remote(self, remote: list[TableSpec], k: int, grads: dict[str, Tensor], scale: float) -> None:
-        """Send micro-batch k's gradients of other ranks' rows to their owners (one all-to-all), add what arrives."""
-        fetches, serves = self._plan.fetches[k], self._plan.serves[k]
-        send, send_splits = [], []
-        for owner in range(self.comm.world_size):
-            size = 0
-            for spec in remote:
-                per_owner = fetches[spec.name].per_owner
-                start, count = int(per_owner[:owner].sum()), int(per_owner[owner])
-                send.append(grads[spec.name][start:start + count].reshape(-1))
-                size += count * spec.row_numel
-            send_splits.append(size)
-        recv_splits = [sum(len(serves[s.name].local_ids[r]) * s.row_numel for s in remote)
-                       for r in range(self.comm.world_size)]
-        received = self.comm.all_to_all(torch.cat(send), send_splits, recv_splits)
-        start = 0
-        for requester in range(self.comm.world_size):
-            for spec in remote:
-                count = len(serves[spec.name].local_ids[requester])
-                chunk = received[start:start + count * spec.row_numel].view(count, *spec.row_shape)
-                slots = self._to_device(serves[spec.name].slots[requester])
-                self._grads[spec.name].index_add_(0, slots, chunk.float(), alpha=scale)
-                start += count * spec.row_numel
+        """Send micro-batch k's gradients of other ranks' rows to their owners (one all-to-all, the fetch's
+        buffer layout backwards), add what arrives: one scatter and one gather per table."""
+        wire, idx = self._plan.wires[k], self._indices
+        send = torch.empty((sum(wire.fetch_splits), wire.chunk), device=self.device, dtype=torch.float32)
+        for spec in remote:
+            send.index_copy_(0, idx[k, spec.name, "fetch_at"], grads[spec.name].float().reshape(-1, wire.chunk))
+        received = self.comm.all_to_all(send, wire.fetch_splits, wire.serve_splits)
+        for spec in remote:
+            served = received.index_select(0, idx[k, spec.name, "serve_at"])
+            rows = served.view(len(self._plan.serves[k][spec.name].local_ids), *spec.row_shape)
+            self._grads[spec.name].index_add_(0, idx[k, spec.name, "serve_slots"], rows, alpha=scale)
 
     def reduce_grads(self) -> None:
         """After the step's last return_grads: issue the replicated tables' reduce-scatters (async), after
@@ -358,8 +355,7 @@ class MemoryBank:
             grads.mul_(grad_scale)
             state = self._state[spec.name]
             own = self._owned_rows(spec, state["weight"])
-            mine = self._shares[spec.name].mine if spec.transport == "replicated" else rows
-            idx = self._to_device(mine)
+            idx = self._indices[spec.name, "update"]
             self.optimizer.update_(own, state["exp_avg"], state["exp_avg_sq"], state["step"], idx, grads, lr=lr,
                                    validate=False, master=state.get(MASTER))
             if spec.transport == "replicated":
@@ -373,6 +369,7 @@ class MemoryBank:
             if work is not None:
                 work.wait()  # every rank issued it: let it finish before its buffers go
         self._plan, self._grads, self._shares, self._reducing = None, {}, {}, None
+        self._indices = None
 
     # ---- checkpoint state (hmtrain/memory/bank_state.py) ----------------------
 

@@ -39,20 +39,23 @@ class Comm:
                                input_split_sizes=send_splits, group=self.group)
         return recv
 
-    def exchange_ints(self, per_destination: list[np.ndarray]) -> list[np.ndarray]:
-        """Send one int64 array to every rank, receive one from every rank (sizes exchanged first)."""
+    def exchange_ints(self, send: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Send int64 ids to every rank, receive every rank's: `counts` [world, n] says how many ids of each
+        of n kinds go to each rank, and `send` holds them rank by rank, kind by kind. Returns the ids
+        received (source by source, kind by kind) and their counts [world, n]. Two collectives, the
+        counts first (equal parts), whatever the world size; no Python loop runs per peer."""
+        counts = np.asarray(counts, dtype=np.int64)
         if self.world_size == 1:
-            return [np.asarray(per_destination[0], dtype=np.int64)]
+            return np.asarray(send, dtype=np.int64), counts
         group, device = self._control()
-        sizes = torch.tensor([len(a) for a in per_destination], dtype=torch.int64, device=device)
-        recv_sizes = torch.empty_like(sizes)
-        dist.all_to_all_single(recv_sizes, sizes, group=group)
-        recv_splits = recv_sizes.tolist()
-        send = torch.from_numpy(np.concatenate(per_destination).astype(np.int64)).to(device)
-        recv = send.new_empty(sum(recv_splits))
-        dist.all_to_all_single(recv, send, output_split_sizes=recv_splits,
-                               input_split_sizes=[len(a) for a in per_destination], group=group)
-        return np.split(recv.cpu().numpy(), np.cumsum(recv_splits)[:-1])
+        recv_counts = torch.empty(counts.shape, dtype=torch.int64, device=device)
+        dist.all_to_all_single(recv_counts, torch.from_numpy(counts).to(device), group=group)
+        got = recv_counts.cpu().numpy()
+        send_t = torch.from_numpy(np.ascontiguousarray(send, dtype=np.int64)).to(device)
+        recv = send_t.new_empty(int(got.sum()))
+        dist.all_to_all_single(recv, send_t, output_split_sizes=got.sum(1).tolist(),
+                               input_split_sizes=counts.sum(1).tolist(), group=group)
+        return recv.cpu().numpy(), got
 
     def _control(self) -> tuple[dist.ProcessGroup | None, torch.device]:
         if self.control_group is not None:

@@ -1,70 +1,43 @@
-"""Per-sequence memory blocks of one layer from the fetched unique rows, with a backward that
-adds straight into the rows' gradient buffer.
+"""Every layer's per-sequence memory blocks from the fetched rows in one gather, with a backward that
+adds all their gradients into the rows' gradient buffer in one index_add_.
 
-Forward: for every tree level (a `Part`) each sequence's block is its row (or the generic row's
-slice) of that level; the blocks are written side by side into one [B, M, width] tensor per slot
-of the memory kind (hmtrain/memory/kind.py; SwiGLU units: u_gate, u_up, u_down^T).
-Padding rows after the sequences (a micro-batch of fixed shape) get zero blocks, a memory that adds
-nothing. Backward: each sequence's block gradient is index-added into the preallocated fp32 gradient buffer
-of the layer's rows (`grads[i]` of hmtrain/memory/fetched.py), in place; the sums over sequences
-sharing a row (and the generic row's over all its sequences) run in fp32 whatever the blocks'
-dtype. No zero-filled gradient of the fetched rows, no per-layer copy and no AccumulateGrad are
-allocated: the only gradients the backward creates are the [B, M, d] block gradients that the
-FFN's matmuls produce anyway (and their fp32 copies, one level and slot at a time).
+The fetched rows of a micro-batch lie in one unit pool [n_layers, slots, P, width]
+(hmtrain/memory/fetched.py): every table's rows unit by unit, then the generic row's M units, then
+one zero unit. A sequence's block in every layer and slot is M units of that pool, so one index of
+(B + padding) * M unit numbers (`unit_index`) names every block of the micro-batch: sequence b's
+units [level0 block | level1 block | ...], or the generic row's, or, for a padding row, the zero unit
+M times (a memory that adds nothing). Forward: one index_select along the unit dim gives
+[n_layers, slots, B + padding, M, width]; each layer's slot is a view of it. Backward: the block
+gradients of all layers are stacked and index-added, in fp32 whatever the blocks' dtype, into the
+fp32 gradient pool of the same layout, in place: sums over sequences sharing a row (and the generic
+row's over all its sequences) run in fp32, and a padding row's gradient lands in the zero unit's
+slot, which nothing reads. So the kernels a micro-batch launches for its blocks do not depend on the
+number of layers, tables or sequences: one forward, two or three backward (stack, cast, add).
+The price: autograd calls the backward once every layer's block gradient is in, so those gradients
+(the size of the blocks, which the forward holds anyway) stay alive until the first layer's backward,
+and the stack copies them once more there.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where one level's blocks come from in one layer."""
-
-    offset: int  # first unit of this level in [level0 | level1 | ...]
-    units: int
-    rows: Tensor | None  # [U, slots, m, width] this layer's rows (None if no sequence uses its own)
-    grads: Tensor | None  # [U, slots, m, width] slice of the gradient buffer for those rows
-    own_seq: Tensor  # [B_own] sequences that use their own row
-    own_row: Tensor  # [B_own] which row each of them uses
-    generic_seq: Tensor  # [B_gen] sequences that use the generic row
-
-
 class GatherBlocks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor: Tensor, sources: list[Source], generic_rows: Tensor | None,
-                generic_grads: Tensor | None, batch: int, padding: int, slots: int) -> tuple[Tensor, ...]:
-        # `anchor` is the fetched buffer (a leaf requiring grad): it only makes autograd call backward.
-        # `padding` rows follow the `batch` sequences: zero blocks, whose gradients are dropped
-        units = sum(s.units for s in sources)
-        width = anchor.shape[-1]
-        out = [anchor.new_empty((batch + padding, units, width)) for _ in range(slots)]
-        for block in out:
-            block[batch:].zero_()
-        for s in sources:
-            for slot in range(slots):
-                target = out[slot][:, s.offset:s.offset + s.units]
-                if s.rows is not None and s.own_seq.numel():
-                    target.index_copy_(0, s.own_seq, s.rows[:, slot].index_select(0, s.own_row))
-                if s.generic_seq.numel():
-                    g = generic_rows[0, slot, s.offset:s.offset + s.units]
-                    target.index_copy_(0, s.generic_seq, g.expand(s.generic_seq.numel(), -1, -1))
-        ctx.sources, ctx.generic_grads = sources, generic_grads
-        return tuple(out)
+    def forward(ctx, anchor: Tensor, pool: Tensor, grad_pool: Tensor | None, unit_index: Tensor,
+                sequences: int, units: int) -> tuple[Tensor, ...]:
+        # `anchor` is a leaf requiring grad (the pool itself): it only makes autograd call backward.
+        # Returns n_layers * slots blocks [sequences, units, width], layer-major: views of one gather
+        n_layers, slots, _, width = pool.shape
+        blocks = pool.index_select(2, unit_index).view(n_layers * slots, sequences, units, width)
+        ctx.grad_pool, ctx.unit_index = grad_pool, unit_index
+        return tuple(blocks.unbind(0))
 
     @staticmethod
     def backward(ctx, *grad_out: Tensor):
-        for s in ctx.sources:
-            for slot, grad in enumerate(grad_out):
-                if grad is None:
-                    continue
-                block = grad[:, s.offset:s.offset + s.units]
-                if s.grads is not None and s.own_seq.numel():
-                    s.grads[:, slot].index_add_(0, s.own_row, block.index_select(0, s.own_seq).to(s.grads.dtype))
-                if s.generic_seq.numel():
-                    summed = block.index_select(0, s.generic_seq).sum(0, dtype=ctx.generic_grads.dtype)
-                    ctx.generic_grads[0, slot, s.offset:s.offset + s.units] += summed
-        return None, None, None, None, None, None, None
+        if ctx.grad_pool is not None:
+            n_layers, slots, _, width = ctx.grad_pool.shape
+            grads = torch.stack(grad_out).view(n_layers, slots, -1, width).to(ctx.grad_pool.dtype)
+            ctx.grad_pool.index_add_(2, ctx.unit_index, grads)
+        return None, None, None, None, None, None

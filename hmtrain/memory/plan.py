@@ -51,16 +51,31 @@ class Fetch:
 
 @dataclass
 class Serve:
-    """One remote table in one micro-batch, as an owner sees it: what each requester asked for."""
+    """One remote table in one micro-batch, as an owner sees it: what the requesters asked for."""
 
-    local_ids: list[np.ndarray]  # per requesting rank: local row indices, in the order it expects them
-    slots: list[np.ndarray]  # per requesting rank: step-buffer slots of those rows
+    local_ids: np.ndarray  # local row indices, requester by requester in rank order, each in the order it expects
+    counts: np.ndarray  # [world] how many of local_ids each rank asked for
+    slots: np.ndarray  # step-buffer slot of every one of local_ids
+
+
+@dataclass
+class Wire:
+    """One micro-batch's all-to-all of remote rows, and of their gradients back: one flat buffer of
+    `chunk`-value chunks each way (chunk: the gcd of the remote tables' row sizes), rank-major and
+    table-minor, so each table's rows go in and out with one index op, whatever the world size."""
+
+    chunk: int
+    serve_splits: list[int]  # chunks of rows this rank sends each requester (and of gradients it gets back)
+    fetch_splits: list[int]  # chunks of rows this rank receives from each owner (and of gradients it returns)
+    serve_at: dict[str, np.ndarray]  # table -> chunk positions of Serve.local_ids' rows in the serving buffer
+    fetch_at: dict[str, np.ndarray]  # table -> chunk positions of Fetch.ids' rows in the fetched buffer
 
 
 @dataclass
 class StepPlan:
     fetches: list[dict[str, Fetch]]  # per micro-batch: table -> Fetch
     serves: list[dict[str, Serve]]  # per micro-batch: remote table -> Serve
+    wires: list[Wire | None]  # per micro-batch: the all-to-all layout of its remote tables (None: none)
     step_rows: dict[str, np.ndarray]  # table -> local row indices this rank accumulates this step
     batch_sizes: list[int]
     stats: dict[str, float] = field(default_factory=dict)
@@ -152,47 +167,71 @@ def make_plan(specs: list[TableSpec], micro_batches: list[tuple[np.ndarray, np.n
                 local = f[spec.name].ids if spec.transport == "replicated" else spec.layout.local[f[spec.name].ids]
                 f[spec.name].slots = np.searchsorted(step_rows[spec.name], local)
 
-    serves = _plan_remote([s for s in specs if s.transport == "remote"], fetches, comm, step_rows)
-    plan = StepPlan(fetches, serves, step_rows, [len(p) for p, _ in micro_batches])
+    serves, wires = _plan_remote([s for s in specs if s.transport == "remote"], fetches, comm, step_rows)
+    plan = StepPlan(fetches, serves, wires, step_rows, [len(p) for p, _ in micro_batches])
     plan.stats = _stats(specs, plan, rank, element_size)
     return plan
 
 
 def _plan_remote(remote: list[TableSpec], fetches: list[dict[str, Fetch]], comm: Comm,
-                 step_rows: dict[str, np.ndarray]) -> list[dict[str, Serve]]:
-    """Tell every owner which of its rows each micro-batch needs (one exchange of local row ids per step)."""
-    if not remote:
-        return [{} for _ in fetches]
-    world = comm.world_size
-    outgoing = []  # per destination: per (micro-batch, table) the count, then all the local ids
-    for dest in range(world):
-        counts, ids = [], []
-        for f in fetches:
-            for spec in remote:
-                fetch = f[spec.name]
-                start = int(fetch.per_owner[:dest].sum())
-                mine = fetch.ids[start:start + int(fetch.per_owner[dest])]
-                counts.append(len(mine))
-                ids.append(spec.layout.local[mine])
-        outgoing.append(np.concatenate([np.asarray(counts, dtype=np.int64), *ids]))
-    incoming = comm.exchange_ints(outgoing)
-    header = len(fetches) * len(remote)
-    requested: list[list[dict[str, np.ndarray]]] = [[{} for _ in range(world)] for _ in fetches]
-    for source, message in enumerate(incoming):
-        counts, ids = message[:header], message[header:]
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        for j in range(header):  # j = micro-batch * tables + table, the order they were sent in
-            k, t = divmod(j, len(remote))
-            requested[k][source][remote[t].name] = ids[bounds[j]:bounds[j + 1]]
+                 step_rows: dict[str, np.ndarray]) -> tuple[list[dict[str, Serve]], list[Wire | None]]:
+    """Tell every owner which of its rows each micro-batch needs (one exchange of local row ids per step),
+    and lay out every micro-batch's all-to-all. Vectorised over ranks: no Python loop runs per peer."""
+    if not remote or not fetches:
+        step_rows.update({s.name: np.zeros(0, np.int64) for s in remote})
+        return [{} for _ in fetches], [None for _ in fetches]
+    world, kinds = comm.world_size, len(fetches) * len(remote)  # kind j = micro-batch * tables + table
+    local, dest, kind = [], [], []
+    for k, f in enumerate(fetches):
+        for t, spec in enumerate(remote):
+            ids = f[spec.name].ids
+            local.append(spec.layout.local[ids])
+            dest.append(spec.layout.owner[ids])
+            kind.append(np.full(len(ids), k * len(remote) + t, dtype=np.int64))
+    key = np.concatenate(dest) * kinds + np.concatenate(kind)
+    order = np.argsort(key, kind="stable")  # by owner, then kind; a kind's ids keep their order
+    counts = np.bincount(key, minlength=world * kinds).reshape(world, kinds)
+    received, got = comm.exchange_ints(np.concatenate(local)[order], counts)  # got: [source, kind]
+    # regroup what arrived (source-major) kind by kind, sources in rank order within a kind
+    segment = np.repeat(np.arange(world * kinds), got.reshape(-1))
+    wanted = received[np.argsort((segment % kinds) * world + segment // kinds, kind="stable")]
+    per_kind = got.T  # [kind, source]
+    bounds = np.concatenate([[0], np.cumsum(per_kind.sum(1))])
+    asked = [wanted[bounds[j]:bounds[j + 1]] for j in range(kinds)]
     serves: list[dict[str, Serve]] = [{} for _ in fetches]
-    for spec in remote:
-        wanted = [requested[k][s][spec.name] for k in range(len(fetches)) for s in range(world)]
-        rows = np.unique(np.concatenate(wanted)) if wanted else np.zeros(0, np.int64)
+    for t, spec in enumerate(remote):
+        rows = np.unique(np.concatenate(asked[t::len(remote)]))
         step_rows[spec.name] = rows
         for k in range(len(fetches)):
-            local_ids = [requested[k][s][spec.name] for s in range(world)]
-            serves[k][spec.name] = Serve(local_ids, [np.searchsorted(rows, ids) for ids in local_ids])
-    return serves
+            j = k * len(remote) + t
+            serves[k][spec.name] = Serve(asked[j], per_kind[j], np.searchsorted(rows, asked[j]))
+    chunk = int(np.gcd.reduce([s.row_numel for s in remote]))
+    sizes = np.array([s.row_numel // chunk for s in remote], dtype=np.int64)
+    wires = []
+    for k, f in enumerate(fetches):
+        serve_at, serve_splits = _chunk_positions(per_kind[k * len(remote):(k + 1) * len(remote)], sizes)
+        fetch_at, fetch_splits = _chunk_positions(np.stack([f[s.name].per_owner for s in remote]), sizes)
+        wires.append(Wire(chunk, serve_splits, fetch_splits, dict(zip((s.name for s in remote), serve_at)),
+                          dict(zip((s.name for s in remote), fetch_at))))
+    return serves, wires
+
+
+def _chunk_positions(counts: np.ndarray, sizes: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+    """A buffer of chunks, rank-major and table-minor: `counts[t, r]` rows of table t for rank r, each row
+    `sizes[t]` chunks. Returns per table the positions of its rows' chunks (rank by rank, row by row), so
+    one index_copy / index_select per table fills or reads the buffer, and the chunks per rank."""
+    tables, world = counts.shape
+    chunks = counts * sizes[:, None]
+    by_rank = chunks.T.reshape(-1)  # [rank, table]
+    starts = (np.cumsum(by_rank) - by_rank).reshape(world, tables).T  # [table, rank]
+    positions = []
+    for t in range(tables):
+        n = counts[t]
+        rank = np.repeat(np.arange(world), n)
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        first = starts[t][rank] + within * sizes[t]
+        positions.append((first[:, None] + np.arange(sizes[t])).reshape(-1))
+    return positions, chunks.sum(0).tolist()
 
 
 def _stats(specs: list[TableSpec], plan: StepPlan, rank: int, element_size: int) -> dict[str, float]:

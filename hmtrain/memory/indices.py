@@ -1,0 +1,35 @@
+"""A step's host index arrays, copied to the device once: one buffer, pinned on CUDA, views by key.
+
+Planning a step (hmtrain/memory/plan.py) yields many small int64 arrays: per micro-batch and table, the
+rows to read, the step-buffer slots to add gradients to, the chunk positions of the all-to-all buffers,
+the gather index of every layer's blocks. Copied one by one they cost one small pageable host-to-device
+copy each, per micro-batch; packed here they cost one copy per step (non-blocking from pinned memory,
+so the host does not wait for it), and every use is a view of the device buffer.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class DeviceIndices:
+    def __init__(self, arrays: Mapping[Hashable, np.ndarray], device: torch.device):
+        self._bounds: dict[Hashable, tuple[int, int]] = {}
+        start = 0
+        for key, array in arrays.items():
+            self._bounds[key] = (start, start + len(array))
+            start += len(array)
+        flat = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays.values()]
+                              + [np.zeros(0, np.int64)])
+        host = torch.from_numpy(flat)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        self._host = host  # kept alive until the non-blocking copy has surely run
+        self._device = host.to(device, non_blocking=True)
+
+    def __getitem__(self, key: Hashable) -> Tensor:
+        start, stop = self._bounds[key]
+        return self._device[start:stop]
