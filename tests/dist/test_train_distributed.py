@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.dist.conftest import REPO, free_port, torchrun
+from tests.dist.conftest import REPO, free_port, prepare_four_subtrees, torchrun
 from tests.e2e.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(1200)
@@ -27,14 +27,7 @@ TRAIN = ["train.global_batch_size=12", "train.micro_batch_size=2", "train.pretra
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     """A prepared corpus whose tree has 4 level-1 subtrees, so owner placement can use 3 ranks."""
-    from tests.e2e.conftest import MICRO
-
-    root = tmp_path_factory.mktemp("dist")
-    run_cli("data", "synth", "--out", str(root / "corpus"), "--people", "40", "--documents", "240", cwd=root)
-    overrides = [*MICRO, "tree.branching=[4,2]", f"data.documents={root / 'corpus' / 'documents.jsonl.gz'}",
-                 f"data.prepared={root / 'prepared'}"]
-    run_cli("data", "prepare", "--config", "tiny", *overrides, cwd=root)
-    return {"root": root, "overrides": overrides}
+    return prepare_four_subtrees(tmp_path_factory.mktemp("dist"), people=40, documents=240)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 
 from hmtrain.config import load_config
 from hmtrain.eval.evaluate import evaluate
-from tests.dist.conftest import torchrun
-from tests.e2e.conftest import MICRO, run_cli
+from tests.dist.conftest import prepare_four_subtrees, torchrun
+from tests.e2e.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -20,12 +20,7 @@ TRAIN = ["train.global_batch_size=4", "train.micro_batch_size=2", "train.pretrai
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("val_dist")
-    run_cli("data", "synth", "--out", str(root / "corpus"), "--people", "30", "--documents", "160", cwd=root)
-    overrides = [*MICRO, "tree.branching=[4,2]", f"data.documents={root / 'corpus' / 'documents.jsonl.gz'}",
-                 f"data.prepared={root / 'prepared'}"]
-    run_cli("data", "prepare", "--config", "tiny", *overrides, cwd=root)
-    return {"root": root, "overrides": overrides}
+    return prepare_four_subtrees(tmp_path_factory.mktemp("val_dist"), people=30, documents=160)
 
 
 def train(data, name: str, nproc: int, *extra: str):
