@@ -140,6 +140,7 @@ class MemoryBank:
             }
         self._plan: StepPlan | None = None
         self._indices: DeviceIndices | None = None  # the planned step's index arrays, on the device
+        self._lookup: tuple[StepPlan, DeviceIndices] | None = None  # the last lookup plan's, uploaded once
         self._grads: dict[str, Tensor] = {}
         self._shares: dict[str, zero.Shares] = {}  # replicated tables: the step's touched rows by owner
         self._reducing: dict[str, tuple[Tensor, object]] | None = None  # reduce-scatters in flight
@@ -237,6 +238,12 @@ class MemoryBank:
             arrays[spec.name, "update"] = shares.mine if shares is not None else plan.step_rows[spec.name]
         return DeviceIndices(arrays, self.device)
 
+    def _lookup_indices(self, plan: StepPlan) -> DeviceIndices:
+        """A lookup plan's index arrays, uploaded at its first fetch rather than at every one."""
+        if self._lookup is None or self._lookup[0] is not plan:
+            self._lookup = (plan, self._upload(plan))
+        return self._lookup[1]
+
     def fetch(self, plan: StepPlan, k: int, *, requires_grad: bool = True,
               padded_to: int | None = None) -> FetchedMemory:
         """Micro-batch k's rows (one all-to-all for rows other ranks own), as per-layer autograd leaves.
@@ -248,7 +255,7 @@ class MemoryBank:
             raise ValueError(f"fetch: padded_to={padded_to} is fewer than the {sequences} sequences micro-batch "
                              f"{k} planned")
         # a plan of this bank's step, or one made for a lookup (no step: its indices are uploaded here)
-        fetches, idx = plan.fetches[k], self._indices if plan is self._plan else self._upload(plan)
+        fetches, idx = plan.fetches[k], self._indices if plan is self._plan else self._lookup_indices(plan)
         rows: dict[str, Tensor] = {}
         for spec in self.specs:
             if spec.transport != "remote":
