@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Layers from the bottom up, as in docs/design.md; a part may use only parts of lower layers, and
 # MAY_USE below narrows that further.
-LAYERS = (("util",), ("config",), ("data", "model", "memory"), ("parallel",), ("checkpoint",), ("train",),
+LAYERS = (("util",), ("config",), ("data", "memory"), ("model",), ("parallel",), ("checkpoint",), ("train",),
           ("eval",), ("serve", "retention"), ("bench",))
 LOWER = {part: {p for below in LAYERS[:i] for p in below} for i, layer in enumerate(LAYERS) for part in layer}
 MAY_USE = {
@@ -26,7 +26,8 @@ MAY_USE = {
     "util": set(),
     "config": {"util"},
     "data": {"util", "config"},
-    "model": {"util", "config", "kernels"},  # the memory FFN's kernels; the model knows nothing of the bank
+    # the memory FFN's kernels; memory: the block types its kind hands each layer (memory/kind.py), never the bank
+    "model": {"util", "config", "kernels", "memory"},
     "memory": {"util", "config"},  # the bank holds tensors; it builds no model
     "parallel": {"util", "config", "model", "memory"},
     "checkpoint": {"util", "config", "data", "model", "memory", "parallel"},
