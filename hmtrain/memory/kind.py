@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from hmtrain.config import Config
+from hmtrain.config.hf import hf_shape
 
 
 class MemoryKind(ABC):
@@ -48,7 +49,9 @@ class MemoryKind(ABC):
 
 @dataclass(frozen=True)
 class SwiGLUUnits(MemoryKind):
-    """Extra SwiGLU hidden units: per unit and layer a gate row, an up row and a down column.
+    """Extra gated hidden units: per unit and layer a gate row, an up row and a down column. hmtrain's
+    anchor reads them with SiLU (SwiGLU); a Hugging Face anchor with its own MLP's activation (Gemma 3:
+    tanh-GELU), the same rows either way.
 
     The down column is stored as a row (slot 2 holds W_down's columns transposed) so the three
     slots share a shape; `layer_tensors` hands the model u_down as [B, d, M] again (a view).
@@ -79,8 +82,40 @@ class SwiGLUUnits(MemoryKind):
         row[:, 0:2] = draw.normal_(0.0, init_std, generator=generator).to(device=row.device, dtype=row.dtype)
 
 
+@dataclass(frozen=True)
+class UngatedUnits(MemoryKind):
+    """Extra hidden units of an ungated MLP (GPT-2's c_fc/c_proj): per unit and layer an up row and a down
+    column, read as act(x U_up^T) U_down. The down column is stored as a row, as `SwiGLUUnits` does."""
+
+    d_model: int
+    slots: ClassVar[tuple[str, ...]] = ("up", "down")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.d_model, bool) or not isinstance(self.d_model, int) or self.d_model < 1:
+            raise ValueError(f"d_model must be a positive int, got {self.d_model!r}")
+
+    @property
+    def width(self) -> int:
+        return self.d_model
+
+    def layer_tensors(self, blocks: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """u_up [B, M, d], u_down [B, d, M] (a view)."""
+        up, down_t = blocks
+        return up, down_t.transpose(1, 2)
+
+    def init_row(self, row: Tensor, init_std: float, generator: torch.Generator) -> None:
+        """up ~ N(0, init_std); down stays zero, so the memory adds nothing (drawn in fp32 on the CPU)."""
+        n_layers, _, units, width = row.shape
+        draw = torch.empty((n_layers, 1, units, width), dtype=torch.float32)
+        row[:, 0:1] = draw.normal_(0.0, init_std, generator=generator).to(device=row.device, dtype=row.dtype)
+
+
 def memory_kind(cfg: Config) -> MemoryKind:
-    """The kind of memory a config trains (`memory.kind`)."""
+    """The kind of memory a config trains (`memory.kind`): for a Hugging Face anchor, the units its MLP
+    has (gated: three slots a unit; GPT-2: two)."""
     if cfg.memory.kind == "ffn":
+        if cfg.model.family == "hf":
+            if not hf_shape(cfg.model.hf_path).gated:
+                return UngatedUnits(d_model=cfg.model.d_model)
         return SwiGLUUnits(d_model=cfg.model.d_model)
     raise ValueError(f"memory.kind: only 'ffn' memories are implemented, got {cfg.memory.kind!r}")
