@@ -24,6 +24,7 @@ turns it off, as the open-weight models were trained without it.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -151,10 +152,16 @@ class HFAnchor(nn.Module):
 
 def hf_parameter_count(path: str | Path) -> int:
     """Parameters of the HF model in `path`, counted from its config.json alone (built on the meta device)."""
+    hf_shape(path)
+    file = Path(path).resolve() / "config.json"
+    return _count(str(file.parent), file.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _count(path: str, mtime_ns: int) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_shape(path)
-    config = AutoConfig.from_pretrained(Path(path), local_files_only=True)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
