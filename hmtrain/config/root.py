@@ -47,7 +47,8 @@ class Config:
         self.parallel.validate(levels=len(self.tree.branching))
         self.memory.validate(levels=len(self.tree.branching))
         if self.data.tokenizer == "hf":
-            require(bool(self.model.hf_path), "data.tokenizer", "hf reads tokenizer.json of model.hf_path, which is empty")
+            require(bool(self.model.hf_path), "data.tokenizer",
+                    "hf reads tokenizer.json of model.hf_path, which is empty")
         if self.model.family == Family.hf:
             require(self.train.mode == Mode.hierarchical, "train.mode",
                     "a Hugging Face anchor (model.family=hf) trains hierarchical memories; a dense baseline is "

@@ -1,4 +1,5 @@
-"""The anchor transformer, open-weight Hugging Face anchors, its memory-augmented FFN, the chunked LM loss, parameter accounting, and the
+"""The anchor transformer, open-weight Hugging Face anchors, its
+memory-augmented FFN, the chunked LM loss, parameter accounting, and the
 encoder-decoder memory models (`build_model` picks one by `model.family`)."""
 from hmtrain.model.factory import FAMILIES, build_model, counted_targets
 from hmtrain.model.hf_anchor import HFAnchor
