@@ -45,7 +45,9 @@ def size_summary(cfg: Config) -> dict:
                           branching=cfg.tree.branching, units=cfg.memory.units)
     return {
         "anchor": count_parameters(model),
-        "dense_baseline": count_parameters(run_model_config(model, "dense", cfg.train.dense_multiplier)),
+        # an open-weight anchor has no dense baseline of its family (train.mode=dense is model.family=lm)
+        "dense_baseline": None if model.family == "hf" else count_parameters(
+            run_model_config(model, "dense", cfg.train.dense_multiplier)),
         "fetched": sum(level.fetched_params for level in levels),
         "bank": sum(level.bank_params for level in levels),
         "levels": levels,
@@ -125,8 +127,9 @@ def print_info(cfg: Config, console: Console | None = None, world_size: int = 1,
     table.add_row("memory total", "", str(sum(cfg.memory.units)),
                   f"{summary['fetched']:,} ({human(summary['fetched'])})",
                   f"{summary['bank']:,} ({human(summary['bank'])})")
-    table.add_row(f"dense baseline (x{cfg.train.dense_multiplier:g})", "", "",
-                  f"{summary['dense_baseline']:,} ({human(summary['dense_baseline'])})", "")
+    if summary["dense_baseline"] is not None:
+        table.add_row(f"dense baseline (x{cfg.train.dense_multiplier:g})", "", "",
+                      f"{summary['dense_baseline']:,} ({human(summary['dense_baseline'])})", "")
     console.print(table)
     summary["per_rank"] = print_rank_memory(cfg, summary, console, world_size)
     summary["checkpoint"] = print_checkpoint(cfg, summary, console, checkpoint_gbps)

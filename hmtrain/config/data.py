@@ -10,6 +10,7 @@ from hmtrain.config.checks import Choice, require, require_positive
 class Tokenizer(Choice):
     bpe = "bpe"
     byte = "byte"
+    hf = "hf"
 
 
 @dataclass
@@ -26,7 +27,8 @@ class DataConfig:
     embedder: str = "minilm"
     # documents per batch of the embedder
     embed_batch_size: int = 64
-    # byte (256 ids, nothing to train) or bpe (trained on the documents at prepare)
+    # byte (256 ids, nothing to train), bpe (trained on the documents at prepare) or hf (the tokenizer.json
+    # of model.hf_path: an open-weight anchor's own vocabulary)
     tokenizer: Tokenizer = Tokenizer.bpe
     # the BPE tokenizer's vocabulary size
     tokenizer_vocab: int = 4096

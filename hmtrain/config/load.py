@@ -15,6 +15,8 @@ from omegaconf import ListConfig, OmegaConf, ValueNode
 from omegaconf.errors import OmegaConfBaseException
 
 from hmtrain.config.checks import Choice, ConfigError
+from hmtrain.config.hf import resolve_hf_model
+from hmtrain.config.model import Family
 from hmtrain.config.root import Config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -53,6 +55,8 @@ def load_config(preset: str | Path | None = None, overrides: Sequence[str] = ())
             raise ConfigError(f"override {item!r}: unknown key {key!r}{_did_you_mean(key)}")
         merged = _merge(merged, OmegaConf.from_dotlist([item]), f"config key {key!r}")
     config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if config.model.family == Family.hf:  # its sizes are the model's own (hmtrain/config/hf.py)
+        resolve_hf_model(config.model)
     validate(config)
     return config
 

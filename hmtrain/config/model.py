@@ -1,4 +1,5 @@
-"""`model`: the anchor transformer (paper's 160M preset: OpenLM, 35 layers, d 512)."""
+"""`model`: the anchor transformer (paper's 160M preset: OpenLM, 35 layers, d 512), or an open-weight
+Hugging Face causal LM read from a local directory (`family: hf`, hmtrain/config/hf.py reads its shape)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ class Attention(Choice):
 class Family(Choice):
     lm = "lm"
     memory_model = "memory_model"
+    hf = "hf"
 
 
 @dataclass
@@ -59,9 +61,19 @@ class ModelConfig:
     attention: Attention = Attention.auto
     # lm: the anchor transformer above; memory_model: the encoder-decoder of the `memory_model`
     # section (Badger 2026), trained by the same trainer (the sizes above are then unused)
+    # hf: an open-weight causal LM (Llama, Qwen2/Qwen3, Gemma 3, GPT-2) from the local directory `hf_path`,
+    # its sizes above read from that directory's config.json (hmtrain/model/hf_anchor.py)
     family: Family = Family.lm
+    # model.family=hf: a local directory as `save_pretrained` writes it (config.json, *.safetensors,
+    # tokenizer.json); nothing is ever downloaded
+    hf_path: str = ""
+    # attention never crosses a document in a packed row, and positions restart at each document (the
+    # paper's pretraining); false: plain causal attention over the row, as open-weight models were trained
+    document_mask: bool = True
 
     def validate(self) -> None:
+        if self.family == Family.hf:
+            require(bool(self.hf_path), "model.hf_path", "model.family=hf needs the model's local directory")
         require_positive(self, "model", "vocab_multiple", "d_model", "n_layers", "n_heads", "head_dim", "ffn_hidden")
         if self.vocab_size is not None:
             require(self.vocab_size > 0, "model.vocab_size",

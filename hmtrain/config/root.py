@@ -46,7 +46,15 @@ class Config:
         self.tree.validate()
         self.parallel.validate(levels=len(self.tree.branching))
         self.memory.validate(levels=len(self.tree.branching))
-        if self.model.family == Family.lm and self.train.mode == Mode.hierarchical and self.train.memory_steps > 0:
+        if self.data.tokenizer == "hf":
+            require(bool(self.model.hf_path), "data.tokenizer",
+                    "hf reads tokenizer.json of model.hf_path, which is empty")
+        if self.model.family == Family.hf:
+            require(self.train.mode == Mode.hierarchical, "train.mode",
+                    "a Hugging Face anchor (model.family=hf) trains hierarchical memories; a dense baseline is "
+                    "model.family=lm")
+        if (self.model.family in (Family.lm, Family.hf) and self.train.mode == Mode.hierarchical
+                and self.train.memory_steps > 0):
             require(sum(self.memory.units) > 0, "memory.units",
                     f"{self.memory.units} gives the memory phase no memory to train; give a level units > 0, or "
                     "train.mode=dense for a dense baseline, or train.memory_steps=0 to pretrain the anchor alone")

@@ -1,9 +1,13 @@
 """An offline tokenizer that is trained on (or chosen for) the data and saved with it.
 
-Two kinds:
+Three kinds:
 - "bpe": byte-level BPE trained with HF `tokenizers` (GPT-2 style: ByteLevel
   pre-tokenizer and decoder), so any text round-trips exactly.
 - "byte": the 256 byte values plus EOT and PAD; needs no training, for tests.
+- "hf": an open-weight model's own `tokenizer.json` (`model.family=hf`), read from
+  its directory with `tokenizers`; EOT is its config.json's eos_token_id, padding its
+  pad_token_id. Its name carries the file's sha256, so data prepared with another
+  tokenizer is refused by name (`PreparedData.check_compatible`).
 
 Saved as `tokenizer.json` (bpe only) plus `tokenizer_meta.json`, next to the
 shards, so training and evaluation always use the tokenizer the data was cut with.
@@ -17,7 +21,7 @@ from pathlib import Path
 
 EOT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-KINDS = ("bpe", "byte")
+KINDS = ("bpe", "byte", "hf")
 META_FILE = "tokenizer_meta.json"
 HF_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
@@ -26,12 +30,18 @@ FORMAT_VERSION = 1
 class Tokenizer:
     """Text <-> token ids. Build with `train_tokenizer` or `Tokenizer.load`."""
 
-    def __init__(self, kind: str, hf_tokenizer=None) -> None:
+    def __init__(self, kind: str, hf_tokenizer=None, *, special: dict | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
         self.kind = kind
         self._hf = hf_tokenizer
-        if kind == "byte":
+        if kind == "hf":  # a model's own: its ids and name come with it (`special`: eot_id, pad_id, name)
+            if hf_tokenizer is None or special is None:
+                raise ValueError("an 'hf' Tokenizer needs a tokenizers.Tokenizer and its eot_id, pad_id and name")
+            hf_tokenizer.encode_special_tokens = True
+            self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+            self.eot_id, self.pad_id, self.name = int(special["eot_id"]), int(special["pad_id"]), str(special["name"])
+        elif kind == "byte":
             self.vocab_size = 258
             self.eot_id = 256
             self.pad_id = 257
@@ -89,7 +99,7 @@ class Tokenizer:
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if self.kind == "bpe":
+        if self.kind in ("bpe", "hf"):
             self._hf.save(str(directory / HF_FILE))
         meta = {
             "format_version": FORMAT_VERSION,
@@ -118,7 +128,7 @@ class Tokenizer:
             raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
         if kind == "byte":
             tok = cls("byte")
-        elif kind == "bpe":
+        elif kind in ("bpe", "hf"):
             hf_path = directory / HF_FILE
             if not hf_path.is_file():
                 raise FileNotFoundError(f"bpe tokenizer in {directory}: {HF_FILE} is missing")
@@ -128,13 +138,44 @@ class Tokenizer:
                 hf = HFTokenizer.from_file(str(hf_path))
             except Exception as e:  # the Rust side raises a bare Exception
                 raise ValueError(f"{hf_path}: corrupt tokenizer file ({e})") from e
-            tok = cls("bpe", hf)
+            tok = cls(kind, hf, special=meta if kind == "hf" else None)
         else:
             raise ValueError(f"{meta_path}: unknown tokenizer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
         for key in ("vocab_size", "eot_id", "pad_id"):
             if meta.get(key) != getattr(tok, key):
                 raise ValueError(f"{directory}: {key} is {getattr(tok, key)} but {META_FILE} says {meta.get(key)!r}")
         return tok
+
+
+def model_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """The `tokenizer.json` of an HF model directory (`data.tokenizer=hf`), EOT and padding from its
+    config.json; its name is `hf-` and the first 12 hex digits of the file's sha256."""
+    import hashlib
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from hmtrain.config.hf import hf_shape
+
+    directory = Path(model_dir)
+    shape = hf_shape(directory)
+    file = directory / HF_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"config key 'model.hf_path': {directory} has no {HF_FILE} (data.tokenizer=hf reads "
+                                "the model's own tokenizer)")
+    try:
+        hf = HFTokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side raises a bare Exception
+        raise ValueError(f"{file}: corrupt tokenizer file ({e})") from e
+    eot, pad = shape.eos_token_id, shape.pad_token_id
+    if eot is None or pad is None or eot == pad:
+        raise ValueError(f"{directory / 'config.json'}: data.tokenizer=hf needs an eos_token_id and a different "
+                         f"pad_token_id (got {eot} and {pad}): documents are packed with EOT between them and "
+                         "padded with PAD; add a padding token to the tokenizer and its id to config.json")
+    vocab = hf.get_vocab_size(with_added_tokens=True)
+    if not (0 <= eot < vocab and 0 <= pad < vocab):
+        raise ValueError(f"{directory}: eos_token_id {eot} or pad_token_id {pad} is outside {file.name}'s {vocab} ids")
+    name = "hf-" + hashlib.sha256(file.read_bytes()).hexdigest()[:12]
+    return Tokenizer("hf", hf, special={"eot_id": eot, "pad_id": pad, "name": name})
 
 
 def _checked(texts: Iterable[str], counter: list[int]) -> Iterator[str]:
@@ -153,7 +194,7 @@ def train_tokenizer(texts: Iterable[str], *, kind: str = "bpe", vocab_size: int 
     """
     if kind == "byte":
         return Tokenizer("byte")
-    if kind != "bpe":
+    if kind != "bpe":  # (an "hf" tokenizer is the model's own: `model_tokenizer`)
         raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     if vocab_size < 258:
         raise ValueError(f"bpe vocab_size must be >= 258 (256 bytes + 2 special tokens), got {vocab_size}")

@@ -18,7 +18,7 @@ from hmtrain.checkpoint.resume import broken_checkpoint
 from hmtrain.checkpoint.verify import CheckpointError, check_complete
 from hmtrain.config import Config
 from hmtrain.memory import HostBank, build_host_bank, uses_memory
-from hmtrain.model import Transformer, count_parameters, run_model_config
+from hmtrain.model import Transformer, build_model, count_parameters
 
 
 @dataclass
@@ -63,8 +63,7 @@ def read_checkpoint(path: str | Path, hint: str = "evaluate it with --checkpoint
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Trained:
     path, record, cfg = read_checkpoint(path)
-    model = Transformer(run_model_config(cfg.model, cfg.train.mode, cfg.train.dense_multiplier),
-                        max_seq_len=cfg.data.seq_len).to(device)
+    model = build_model(cfg).to(device)  # an HF anchor's architecture from model.hf_path, its weights from here
     bank = None
     state = {"model": get_model_state_dict(model)}
     if uses_memory(cfg):

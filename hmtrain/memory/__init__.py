@@ -21,7 +21,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def uses_memory(cfg: Config) -> bool:
     """Whether a run trains a bank: an LM (not a memory model) in hierarchical mode, a memory phase, and
     some units."""
-    return (cfg.model.family == "lm" and cfg.train.mode == "hierarchical" and cfg.train.memory_steps > 0
+    return (cfg.model.family in ("lm", "hf") and cfg.train.mode == "hierarchical" and cfg.train.memory_steps > 0
             and sum(cfg.memory.units) > 0)
 
 

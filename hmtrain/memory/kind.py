@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from hmtrain.config import Config
+from hmtrain.config.hf import hf_shape
 
 LORA_ALPHA = 2.0  # the paper's LoRA scale (App. I): adapters add (alpha / r) * B A x, r the fetched rank
 
@@ -121,7 +122,9 @@ def _fill(view: Tensor, draw: Tensor) -> None:
 
 @dataclass(frozen=True)
 class SwiGLUUnits(MemoryKind):
-    """Extra SwiGLU hidden units: per unit and layer a gate row, an up row and a down column.
+    """Extra gated hidden units: per unit and layer a gate row, an up row and a down column. hmtrain's
+    anchor reads them with SiLU (SwiGLU); a Hugging Face anchor with its own MLP's activation (Gemma 3:
+    tanh-GELU), the same rows either way.
 
     The down column is stored as a row (slot 2 holds W_down's columns transposed) so the three
     slots share a shape; `layer_tensors` hands the model u_down as [B, d, M] again (a view).
@@ -230,6 +233,35 @@ class KeyValues(MemoryKind):
         _fill(row[:, 0], draw.normal_(0.0, init_std, generator=generator))
 
 
+@dataclass(frozen=True)
+class UngatedUnits(MemoryKind):
+    """Extra hidden units of an ungated MLP (GPT-2's c_fc/c_proj, `model.family=hf`): per unit and layer an
+    up row and a down column, read as act(x U_up^T) U_down. The down column is stored as a row, as
+    `SwiGLUUnits` does; `layer_tensors` hands u_down back as [B, d, M] (a view)."""
+
+    d_model: int
+    name: ClassVar[str] = "ffn_ungated"
+    slots: ClassVar[tuple[str, ...]] = ("up", "down")
+
+    def __post_init__(self) -> None:
+        _positive(self, "d_model")
+
+    @property
+    def width(self) -> int:
+        return self.d_model
+
+    def layer_tensors(self, blocks: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """u_up [B, M, d], u_down [B, d, M]."""
+        up, down_t = blocks
+        return up, down_t.transpose(1, 2)
+
+    def init_row(self, row: Tensor, init_std: float, generator: torch.Generator) -> None:
+        """up ~ N(0, init_std); down stays zero, so the memory adds nothing."""
+        n_layers, _, units, width = row.shape
+        draw = torch.empty((n_layers, 1, units, width), dtype=torch.float32)
+        _fill(row[:, 0:1], draw.normal_(0.0, init_std, generator=generator))
+
+
 def kind_named(name: str, *, d_model: int, ffn_hidden: int, n_heads: int, head_dim: int) -> MemoryKind:
     """The kind `name` for an anchor of these widths."""
     inner = n_heads * head_dim
@@ -252,13 +284,21 @@ def kind_from_spec(spec: dict) -> MemoryKind:
     name = spec.pop("name")
     if name == "ffn":
         return SwiGLUUnits(**spec)
+    if name == "ffn_ungated":
+        return UngatedUnits(**spec)
     if name == "kv":
         return KeyValues(**spec)
     return LoRA(name=name, targets=tuple(tuple(t) for t in spec["targets"]))
 
 
 def memory_kind(cfg: Config) -> MemoryKind:
-    """The kind of memory a config trains (`memory.kind`)."""
+    """The kind of memory a config trains (`memory.kind`). A Hugging Face anchor (`model.family=hf`) takes
+    FFN units, those its MLP has: gated (three slots a unit) or, for GPT-2, ungated (two)."""
     m = cfg.model
+    if m.family == "hf":
+        if cfg.memory.kind != "ffn":
+            raise ValueError(f"config key 'memory.kind': a Hugging Face anchor (model.family=hf) reads ffn "
+                             f"memories, got {cfg.memory.kind!r}")
+        return SwiGLUUnits(d_model=m.d_model) if hf_shape(m.hf_path).gated else UngatedUnits(d_model=m.d_model)
     return kind_named(str(cfg.memory.kind), d_model=m.d_model, ffn_hidden=m.ffn_hidden, n_heads=m.n_heads,
                       head_dim=m.head_dim)

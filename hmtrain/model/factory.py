@@ -1,4 +1,5 @@
-"""Build the model a config trains: the anchor transformer (`model.family=lm`) or a memory model."""
+"""Build the model a config trains: the anchor transformer (`model.family=lm`), an open-weight Hugging Face
+anchor (`hf`) or a memory model."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 from hmtrain.config import Config, Family, ModelConfig
+from hmtrain.model.hf_anchor import HFAnchor
 from hmtrain.model.memory_model import MemoryModel
 from hmtrain.model.sizes import run_model_config
 from hmtrain.model.transformer import Transformer
@@ -23,6 +25,8 @@ def build_model(cfg: Config, model_cfg: Optional[ModelConfig] = None) -> nn.Modu
         if cfg.model.vocab_size is None:
             raise ValueError("model.vocab_size is not resolved: a memory model takes it from the prepared data")
         return MemoryModel(cfg.memory_model, cfg.model.vocab_size)
+    if cfg.model.family == "hf":
+        return HFAnchor(cfg.model, max_seq_len=cfg.data.seq_len)
     if cfg.model.family != "lm":
         raise ValueError(f"config key 'model.family' must be one of {FAMILIES}, got {cfg.model.family!r}")
     model_cfg = model_cfg or run_model_config(cfg.model, cfg.train.mode, cfg.train.dense_multiplier)

@@ -12,6 +12,10 @@ from hmtrain.model.loss import CHUNK_TOKENS
 
 
 def count_parameters(cfg: ModelConfig) -> int:
+    if cfg.family == "hf":  # an open-weight model: counted from its config.json by transformers itself
+        from hmtrain.model.hf_anchor import hf_parameter_count
+
+        return hf_parameter_count(cfg.hf_path)
     inner = cfg.n_heads * cfg.head_dim
     attention = 4 * cfg.d_model * inner + (2 * inner if cfg.qk_norm else 0)
     ffn = 3 * cfg.d_model * cfg.ffn_hidden

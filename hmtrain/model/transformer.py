@@ -185,8 +185,11 @@ class Transformer(nn.Module):
                       memory: Optional[LayerMemory] = None) -> Tensor:
         """tokens [B, T] -> final-norm output [B, T, d_model], the head's input (for a chunked loss).
         `segments` [B, T] marks documents (attention and RoPE stay inside each); `memory` supplies
-        each sequence's fetched blocks, layer by layer."""
+        each sequence's fetched blocks, layer by layer. With `model.document_mask=false` segments are
+        ignored: attention is causal over the whole row and positions run from its start."""
         B, T = tokens.shape
+        if not self.cfg.document_mask:  # one causal stream per row (both attention paths), positions from 0
+            segments = None
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's max_seq_len {self.max_seq_len}")
         if segments is None:

@@ -11,7 +11,7 @@ from hmtrain.config import Config
 from hmtrain.data.format.manifest import read_manifest, verify_manifest_files
 from hmtrain.data.format.sequences import Sequences
 from hmtrain.data.routing.tree import Tree
-from hmtrain.data.tokenizer import Tokenizer
+from hmtrain.data.tokenizer import Tokenizer, model_tokenizer
 from hmtrain.util.files import aside_names
 
 VERIFY = (None, "sizes", "checksums")
@@ -110,6 +110,12 @@ class PreparedData:
         if cfg.data.seq_len != m["seq_len"]:
             raise ValueError(f"config key 'data.seq_len' is {cfg.data.seq_len} but {self.root} was prepared "
                              f"with {m['seq_len']}")
+        if cfg.model.family == "hf":  # an open-weight anchor reads only its own vocabulary
+            own = model_tokenizer(cfg.model.hf_path).name
+            if m.get("tokenizer_name") != own:
+                raise ValueError(f"{self.root} was prepared with tokenizer {m.get('tokenizer_name')!r}, not the "
+                                 f"anchor's own {own!r} (tokenizer.json of {cfg.model.hf_path}); prepare it with "
+                                 "data.tokenizer=hf and that model.hf_path")
         if cfg.model.vocab_size is not None and cfg.model.vocab_size < m["vocab_size"]:  # None: the tokenizer's
             raise ValueError(f"config key 'model.vocab_size' is {cfg.model.vocab_size}, smaller than the "
                              f"tokenizer's {m['vocab_size']} in {self.root}")

@@ -48,7 +48,7 @@ from hmtrain.data.prepare.route import route_file
 from hmtrain.data.prepare.work import Work, building, input_stats, load_npz, read_json, save_npz
 from hmtrain.data.routing.embed import build_embedder, default_device, embed_texts
 from hmtrain.data.routing.tree import Tree, fit_tree
-from hmtrain.data.tokenizer import KINDS, Tokenizer, train_tokenizer
+from hmtrain.data.tokenizer import KINDS, Tokenizer, model_tokenizer, train_tokenizer
 from hmtrain.util.files import atomic_write, check_output_dir, recover_dir, replace_dir, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ def run_prepare(cfg: Config, *, overwrite: bool = False, progress: bool = True) 
         raise ValueError("config key 'data.documents': no documents given (a file, directory or glob)")
     if data.tokenizer not in KINDS:
         raise ValueError(f"config key 'data.tokenizer': must be one of {KINDS}, got {data.tokenizer!r}")
+    if data.tokenizer == "hf":
+        model_tokenizer(cfg.model.hf_path)  # the model's tokenizer is readable, before any work
     out = Path(data.prepared)
     check_output_dir(out, "config key 'data.prepared':")
     group = Group(timeout_s=data.prepare_timeout_s)
@@ -320,7 +322,10 @@ def _fit(cfg: Config, work: Work, n: int, num_train: int, num_heldout: int, mete
             counted[0] += 1
             yield text
 
-    tokenizer = train_tokenizer(counting(), kind=data.tokenizer, vocab_size=data.tokenizer_vocab)
+    if data.tokenizer == "hf":
+        tokenizer = model_tokenizer(cfg.model.hf_path)
+    else:
+        tokenizer = train_tokenizer(counting(), kind=data.tokenizer, vocab_size=data.tokenizer_vocab)
     if (work.out / "tokenizer").exists():
         shutil.rmtree(work.out / "tokenizer")
     tokenizer.save(work.out / "tokenizer")
