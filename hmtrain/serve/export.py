@@ -38,7 +38,7 @@ from hmtrain.checkpoint.checkpointer import Checkpointer
 from hmtrain.checkpoint.formats import saved_name
 from hmtrain.checkpoint.resume import check_data_fingerprints
 from hmtrain.checkpoint.verify import CONFIG_FILE, CheckpointError
-from hmtrain.config import Config, ModelConfig, load_config
+from hmtrain.config import Config, ConfigError, ModelConfig, load_config
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
@@ -158,6 +158,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: Option
     its fingerprints must be the ones the checkpoint was trained with."""
     out = Path(out)
     path, record, cfg = read_checkpoint(checkpoint, hint="export it with --checkpoint")
+    if cfg.model.family == "hf":  # the export format's anchor is hmtrain's Transformer (docs/design.md)
+        raise ConfigError(f"{path}: an open-weight anchor (model.family=hf) cannot be exported yet; evaluate the "
+                          "checkpoint with `hmtrain eval --checkpoint` instead")
     data_cfg = cfg if config is None and not overrides else load_config(config or path / CONFIG_FILE, overrides)
     prepared = Path(data_cfg.data.prepared)
     _check_out(out, overwrite, [path, prepared])

@@ -43,3 +43,8 @@ def test_posthoc_memory_phase_keeps_the_anchor_and_lowers_the_loss(prepared, tmp
             assert torch.equal(value, original[key]), name  # bit-identical after the memory phase
             checked += 1
     assert checked == len(original)
+    # the export format holds hmtrain's own anchor: an HF run is refused in one line, nothing written
+    refused = run_cli("export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "exported"),
+                      cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "model.family=hf" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "exported").exists()
