@@ -8,6 +8,10 @@ from hmtrain.config.checks import Choice, require
 
 class MemoryKind(Choice):
     ffn = "ffn"
+    lora_ffn = "lora_ffn"
+    lora_qk = "lora_qk"
+    lora_ov = "lora_ov"
+    kv = "kv"
 
 
 class BankDtype(Choice):
@@ -17,7 +21,8 @@ class BankDtype(Choice):
 
 @dataclass
 class MemoryConfig:
-    # what a memory block is: extra FFN units (the paper's choice)
+    # what a memory unit is (docs/memory-kinds.md): extra SwiGLU units (ffn, the paper's choice), one rank of LoRA
+    # adapters on the FFN's linears (lora_ffn), on q/k (lora_qk) or v/o (lora_ov), or a learned key/value pair (kv)
     kind: MemoryKind = MemoryKind.ffn
     # FFN units per layer fetched from each tree level, from level 1 down (one entry per level; 0: none)
     units: list[int] = field(default_factory=lambda: [256, 64, 16, 0])

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from hmtrain.memory.fetched import GENERIC
-from hmtrain.memory.kind import MemoryKind, SwiGLUUnits
+from hmtrain.memory.kind import MemoryKind, SwiGLUUnits, kind_from_spec
 from hmtrain.memory.read_only import ReadOnlyBank
 
 # what a table's elements are, and how they are stored in the .npy file
@@ -70,8 +70,8 @@ class MappedBank(ReadOnlyBank):
             if set(tables) != expected:
                 raise ValueError(f"tables {sorted(tables)} do not match units {list(units)} "
                                  f"(generic={bank['generic']}): expected {sorted(expected)}")
-            # the manifest names no kind: hmtrain trains only SwiGLU FFN memories (memory.kind 'ffn')
-            kind = SwiGLUUnits(d_model=int(bank["d_model"]))
+            # an export from before memory kinds names none: its memory is SwiGLU units (memory.kind 'ffn')
+            kind = kind_from_spec(bank["kind"]) if "kind" in bank else SwiGLUUnits(d_model=int(bank["d_model"]))
             return cls(n_layers=int(bank["n_layers"]), kind=kind, branching=branching, units=units, dtype=dtype,
                        tables=tables, device=device)
         except (KeyError, TypeError) as exc:

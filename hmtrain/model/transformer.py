@@ -5,9 +5,13 @@ QK-norm over the full query/key projections (OpenLM), SwiGLU FFN, causal attenti
 that never crosses a document boundary (hmtrain/model/attention.py: FlexAttention or SDPA).
 No parallelism lives here (see hmtrain/parallel).
 
-With memory, layer i's FFN is (docs/design.md, "The memory, exactly")
-    y = [W_down | U_down_b] . (silu([W_gate; U_gate_b] x) * [W_up; U_up_b] x)
-computed by `hmtrain_kernels.memory_ffn`, where U_b are the blocks fetched for sequence b.
+With memory, layer i reads what its memory kind hands it (hmtrain/memory/kind.py, docs/memory-kinds.md):
+- `FFNUnits` (memory.kind=ffn): the FFN is (docs/design.md, "The memory, exactly")
+      y = [W_down | U_down_b] . (silu([W_gate; U_gate_b] x) * [W_up; U_up_b] x)
+  computed by `hmtrain_kernels.memory_ffn`, where U_b are the blocks fetched for sequence b;
+- `LoRABlocks` (lora_ffn, lora_qk, lora_ov): each adapted linear computes W x + scale * B_b (A_b x);
+- `KVBlocks` (kv): every query also attends, with a softmax of its own and neither causal mask nor
+  position, to sequence b's memory keys; the result is added to the attention's output before W_o.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hmtrain.config import ModelConfig
+from hmtrain.memory.kind import KVBlocks, LoRABlocks
 from hmtrain.model.attention import DocumentMask, attend, build_mask, resolve_attention
 from hmtrain.model.loss import lm_loss_sum
 from hmtrain.util.labels import IGNORE_INDEX
@@ -26,9 +31,19 @@ from hmtrain_kernels import memory_ffn, resolve_impl
 
 
 class LayerMemory(Protocol):
-    """What the model needs from fetched memory: per-layer (u_gate, u_up, u_down) blocks."""
+    """What the model needs from fetched memory: per layer, what the memory kind hands the forward
+    (FFNUnits, or any (u_gate, u_up, u_down) tuple; LoRABlocks; KVBlocks)."""
 
-    def layer(self, i: int) -> tuple[Tensor, Tensor, Tensor]: ...
+    def layer(self, i: int) -> tuple: ...
+
+
+def adapted(linear: nn.Linear, name: str, x: Tensor, lora: Optional[LoRABlocks]) -> Tensor:
+    """linear(x), plus sequence b's low-rank update scale * (x A_b^T) B_b^T where `lora` adapts `name`."""
+    y = linear(x)
+    if lora is None or name not in lora.adapters:
+        return y
+    a, b_t = (t.to(x.dtype) for t in lora.adapters[name])  # [B, M, d_in], [B, M, d_out]
+    return y + lora.scale * ((x @ a.transpose(1, 2)) @ b_t).to(y.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -80,14 +95,24 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(inner, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(inner, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask,
+                memory: LoRABlocks | KVBlocks | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_norm(self.wq(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_norm(self.wk(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, mask)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        lora = memory if isinstance(memory, LoRABlocks) else None
+        q = self.q_norm(adapted(self.wq, "wq", x, lora)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_norm(adapted(self.wk, "wk", x, lora)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = adapted(self.wv, "wv", x, lora).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask)
+        if isinstance(memory, KVBlocks):  # the query without its position: memory keys carry none
+            out = out + self.attend_memory(q, memory)
+        return adapted(self.wo, "wo", out.transpose(1, 2).reshape(B, T, -1), lora)
+
+    def attend_memory(self, q: Tensor, memory: KVBlocks) -> Tensor:
+        """q [B, H, T, hd] over sequence b's M memory keys and values (all heads' [B, M, H * hd])."""
+        B, M = memory.keys.shape[:2]
+        keys, values = (t.to(q.dtype).view(B, M, self.n_heads, self.head_dim).transpose(1, 2)
+                        for t in (memory.keys, memory.values))
+        return F.scaled_dot_product_attention(q, keys, values)
 
 
 class FeedForward(nn.Module):
@@ -99,9 +124,11 @@ class FeedForward(nn.Module):
         self.w_up = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.w_down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, memory: Optional[tuple[Tensor, Tensor, Tensor]], impl: str) -> Tensor:
-        if memory is None:
-            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+    def forward(self, x: Tensor, memory: Optional[tuple], impl: str) -> Tensor:
+        if memory is None or isinstance(memory, (LoRABlocks, KVBlocks)):
+            lora = memory if isinstance(memory, LoRABlocks) else None
+            hidden = F.silu(adapted(self.w_gate, "w_gate", x, lora)) * adapted(self.w_up, "w_up", x, lora)
+            return adapted(self.w_down, "w_down", hidden, lora)
         # one dtype for the kernel: under autocast x is bf16 while parameters stay fp32
         w_gate, w_up, w_down = (w.to(x.dtype) for w in (self.w_gate.weight, self.w_up.weight, self.w_down.weight))
         u_gate, u_up, u_down = (u.to(x.dtype) for u in memory)
@@ -117,8 +144,9 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: DocumentMask,
-                memory: Optional[tuple[Tensor, Tensor, Tensor]], impl: str) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+                memory: Optional[tuple], impl: str) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, memory if isinstance(memory, (LoRABlocks, KVBlocks))
+                          else None)
         return x + self.ffn(self.ffn_norm(x), memory, impl)
 
 

@@ -179,7 +179,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: Option
             for name, entry in entries.items():  # where each level's units sit in a sequence's fetched memory
                 entry["unit_offset"] = 0 if entry["level"] is None else int(offsets[entry["level"]])
             n_layers, d = cfg.model.n_layers, cfg.model.d_model
-            bank = {"n_layers": n_layers, "d_model": d, "branching": list(cfg.tree.branching),
+            bank = {"n_layers": n_layers, "d_model": d, "kind": memory_kind(cfg).spec(),
+                    "branching": list(cfg.tree.branching),
                     "units": list(cfg.memory.units), "generic": cfg.memory.generic, "dtype": dtype,
                     "storage_dtype": STORAGE[dtype].str, "tables": entries,
                     "fetched_parameters": n_layers * memory_kind(cfg).params_per_unit * sum(cfg.memory.units),

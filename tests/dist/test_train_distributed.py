@@ -183,3 +183,10 @@ def test_a_diverging_run_stops_on_every_rank_before_checkpointing_the_damage(dat
     assert lines[1] == lines[0].replace("(rank 0)", "(rank 1)")  # the same step on both ranks
     assert "train.memory_optim.lr" in lines[0] and "step_00000002, predates it" in lines[0]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+
+
+def test_a_mixed_width_memory_kind_trains_on_two_ranks_as_on_one(data, tmp_path):
+    """lora_ffn rows hold slots of two widths (d and d_ff), flattened per layer: fetched across ranks, their
+    gradients returned and reduced, and updated as one process does."""
+    kind = ["memory.kind=lora_ffn"]
+    assert_same_run(train(data, tmp_path, "one", 1, *kind), train(data, tmp_path, "two", 2, *kind), "lora_ffn")

@@ -41,7 +41,7 @@ def test_row_shape_is_layers_slots_units_width():
 def test_memory_kind_refuses_a_kind_it_does_not_know():
     cfg = load_config("tiny")
     cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, kind="lora"))
-    with pytest.raises(ValueError, match="memory.kind: only 'ffn'.*'lora'"):
+    with pytest.raises(ValueError, match="memory.kind must be one of ffn, .* or kv, got 'lora'"):
         memory_kind(cfg)
     with pytest.raises(ValueError, match="d_model must be a positive int, got 0"):
         SwiGLUUnits(d_model=0)
