@@ -1,7 +1,8 @@
 """`hmtrain info`: the parameter budget of a config, per level, what one training rank holds and moves, what a
 checkpoint stores, and what evaluation needs on the device and on the host, without allocating. Every figure is
-arithmetic stated beside it; rows the trainer would refuse (a global batch that does not split, owner placement on
-more ranks than level-1 subtrees) say so."""
+arithmetic stated beside it; rows the trainer would refuse (a global batch that does not split) say so. Owner
+placement runs on any world size: past k_1 ranks its groups hold several ranks each, and its traffic counts the
+rows they fetch from each other (hmtrain/parallel/placement.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.sizes import bank_checkpoint_bytes, eval_footprint, rank_footprint, step_transients
 from hmtrain.model import count_parameters, run_model_config
 from hmtrain.model.sizes import activation_bytes, human
-from hmtrain.parallel.placement import assign_subtrees
+from hmtrain.parallel.placement import Groups, assign_groups
 
 GiB = 2**30
 # checkpoint write bandwidth, all ranks together, when --checkpoint-gbps is not given: 1 GB/s, a modest
@@ -67,13 +68,22 @@ def value_bytes(cfg: Config) -> int:
     return 4 if cfg.train.dtype == "fp32" else 2
 
 
-def nccl_buffer_bytes(world_size: int, placement: str) -> int:
-    """NCCL's buffers on one rank under the assumptions stated at NCCL_BUFFSIZE (none on one process)."""
+def nccl_buffer_bytes(world_size: int, placement: str, group_size: int = 1) -> int:
+    """NCCL's buffers on one rank under the assumptions stated at NCCL_BUFFSIZE (none on one process); the
+    bank's all-to-all reaches every other rank under gather placement, the group's others under owner."""
     if world_size == 1:
         return 0
     ring = 2 * NCCL_CHANNELS * NCCL_BUFFSIZE
-    all_to_all = (world_size - 1) * NCCL_P2P_CHANNELS * NCCL_BUFFSIZE if placement == "gather" else 0
-    return ring + all_to_all
+    return ring + all_to_all_peers(world_size, placement, group_size) * NCCL_P2P_CHANNELS * NCCL_BUFFSIZE
+
+
+def all_to_all_peers(world_size: int, placement: str, group_size: int) -> int:
+    return world_size - 1 if placement == "gather" else group_size - 1
+
+
+def owner_groups(cfg: Config, world_size: int) -> Groups:
+    """Owner placement's groups on `world_size` ranks (for the counts; tokens taken as equal per subtree)."""
+    return assign_groups([1] * cfg.tree.branching[0], world_size)
 
 
 def anchor_checkpoint_bytes(params: int, tied_embedding: int, engine: str, weight_bytes: int) -> int:
@@ -101,16 +111,6 @@ def micro_batches_per_rank(cfg: Config, world_size: int) -> dict[str, int | str]
         except ConfigError as error:
             out[key] = str(error)
     return out
-
-
-def owner_refusal(cfg: Config, world_size: int) -> str | None:
-    """Why owner placement cannot run on `world_size` ranks (hmtrain/parallel/placement.py's rule), or None."""
-    k1 = cfg.tree.branching[0]
-    try:
-        assign_subtrees([1] * k1, world_size)
-    except ValueError:
-        return f"owner placement: not possible on {world_size} ranks (needs W <= k_1 = {k1})"
-    return None
 
 
 def print_info(cfg: Config, console: Console | None = None, world_size: int = 1,
@@ -145,7 +145,7 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
                           branching=cfg.tree.branching, units=cfg.memory.units, world_size=world_size,
                           replicate_levels=par.replicate_levels, generic=cfg.memory.generic,
                           weight_bytes=weight_bytes, micro_batch=tc.micro_batch_size,
-                          global_batch=tc.global_batch_size)
+                          global_batch=tc.global_batch_size, group_size=owner_groups(cfg, world_size).group_size)
     anchor = anchor_bytes_per_rank(summary["anchor"], world_size, par.engine, par.zero_stage)
     rows = {
         f"anchor ({par.engine}{'' if par.engine == 'fsdp' else f' ZeRO-{par.zero_stage}'}): "
@@ -165,17 +165,15 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
     table.add_row("total held through the step", f"{total / GiB:.2f}")
     step = add_step_rows(table, cfg, summary, world_size, total)
     table.add_row("bank traffic per step, gather placement (expected)", f"{bank.moved_gather / GiB:.2f}")
-    refusal = owner_refusal(cfg, world_size)
-    if refusal is None:
-        table.add_row("bank traffic per step, owner placement (expected)", f"{bank.moved_owner / GiB:.2f}")
-    else:
-        table.add_row(refusal, "-")
+    groups = owner_groups(cfg, world_size)
+    table.add_row(f"bank traffic per step, owner placement, {groups.num_groups} group(s) of {groups.group_size} "
+                  "rank(s) (expected)", f"{bank.moved_owner / GiB:.2f}")
     console.print(table)
     for value in step["micro_batches"].values():
         if isinstance(value, str):  # the trainer's own message, in full
             console.print(f"error: {value}", style="red", markup=False, highlight=False)
     return {"total": total, **rows, **step, "moved_gather": bank.moved_gather,
-            "moved_owner": bank.moved_owner if refusal is None else None}
+            "moved_owner": bank.moved_owner, "owner_groups": (groups.num_groups, groups.group_size)}
 
 
 def add_step_rows(table: Table, cfg: Config, summary: dict, world_size: int, total: int) -> dict:
@@ -184,8 +182,10 @@ def add_step_rows(table: Table, cfg: Config, summary: dict, world_size: int, tot
     step, largest = step_memory(cfg, summary, world_size)
     for name, value in step.items():
         table.add_row(name, f"{value / GiB:.2f}")
-    nccl = nccl_buffer_bytes(world_size, par.placement)
-    peers = f" + {NCCL_P2P_CHANNELS} channels x {world_size - 1} all-to-all peers" if par.placement == "gather" else ""
+    group_size = owner_groups(cfg, world_size).group_size
+    nccl = nccl_buffer_bytes(world_size, par.placement, group_size)
+    others = all_to_all_peers(world_size, par.placement, group_size)
+    peers = f" + {NCCL_P2P_CHANNELS} channels x {others} all-to-all peers" if others else ""
     table.add_row(f"NCCL buffers (assumed: {NCCL_BUFFSIZE // 2**20} MiB x ({NCCL_CHANNELS} channels x 2 ring peers"
                   f"{peers}))", f"{nccl / GiB:.2f}")
     # fetches run before a micro-batch's forward, activations live from its forward to its backward, gradient
@@ -210,7 +210,8 @@ def step_memory(cfg: Config, summary: dict, world_size: int) -> tuple[dict[str, 
         n_layers=model.n_layers, params_per_unit=memory_kind(cfg).params_per_unit, branching=cfg.tree.branching,
         units=cfg.memory.units, world_size=world_size, replicate_levels=par.replicate_levels,
         generic=cfg.memory.generic, weight_bytes=weight_bytes, micro_batch=tc.micro_batch_size,
-        global_batch=tc.global_batch_size, placement=par.placement)
+        global_batch=tc.global_batch_size, placement=par.placement,
+        group_size=owner_groups(cfg, world_size).group_size)
     shape = f"micro-batch of {tc.micro_batch_size} x {cfg.data.seq_len} tokens"
     rows = {f"bank fetch copies, one micro-batch, {par.placement} placement (at most)": transients.fetch,
             "bank gradient-return copies, one micro-batch (at most)": transients.grad_return,

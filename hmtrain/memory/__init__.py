@@ -26,8 +26,9 @@ def uses_memory(cfg: Config) -> bool:
 
 
 def build_bank(cfg: Config, device: torch.device | str = "cpu", comm: Comm | None = None,
-               owner_of_subtree: Sequence[int] | None = None) -> MemoryBank:
-    """The bank a config describes, with the memory phase's optimizer settings."""
+               owner_of_subtree: Sequence[int] | None = None, group_size: int = 1) -> MemoryBank:
+    """The bank a config describes, with the memory phase's optimizer settings; owner placement: each
+    level-1 subtree's group, and the ranks per group (hmtrain/parallel/placement.py)."""
     optim = cfg.train.memory_optim
     return MemoryBank(
         n_layers=cfg.model.n_layers, kind=memory_kind(cfg), branching=cfg.tree.branching,
@@ -35,7 +36,7 @@ def build_bank(cfg: Config, device: torch.device | str = "cpu", comm: Comm | Non
         seed=cfg.train.seed, device=device, dtype=DTYPES[cfg.memory.dtype],
         optimizer=SparseAdamW(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay),
         comm=comm, placement=cfg.parallel.placement, replicate_levels=cfg.parallel.replicate_levels,
-        owner_of_subtree=owner_of_subtree,
+        owner_of_subtree=owner_of_subtree, group_size=group_size,
     )
 
 

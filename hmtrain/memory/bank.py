@@ -4,7 +4,8 @@ One table per level i with m_i > 0 units: N_i rows (tree nodes) of the memory ki
 shape for m_i units (hmtrain/memory/kind.py: for SwiGLU units, gate, up and down rows of every
 layer), plus optionally the generic (context-free) memory: one row of the fetched size M = sum(m_i). Rows live where
 their layout says (hmtrain/memory/layout.py): replicated, in torch.chunk slices
-(gather placement) or by level-1 subtree (owner placement). Optimizer moments are fp32
+(gather placement) or by level-1 subtree (owner placement: each subtree's rows in the group of ranks
+that owns it, fetched only within that group). Optimizer moments are fp32
 beside the weights, whatever the storage dtype. A table stored in less than fp32 (bf16) also keeps
 fp32 master rows, which the optimizer updates; the stored rows are their rounding, and are what
 fetches read and send. Row gradients are fp32 from the backward to the update: summed in fp32 over
@@ -73,6 +74,7 @@ class MemoryBank:
         placement: str = "gather",
         replicate_levels: int = 0,
         owner_of_subtree: Sequence[int] | None = None,
+        group_size: int = 1,
     ) -> None:
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
@@ -98,7 +100,7 @@ class MemoryBank:
         self.placement = placement
         world, rank = self.comm.world_size, self.comm.rank
         if placement == "owner" and owner_of_subtree is None:
-            owner_of_subtree = np.arange(self.branching[0]) % world
+            owner_of_subtree = np.arange(self.branching[0]) % (world // group_size)
         self.specs: list[TableSpec] = []
         self.parts: list[Part] = []
         offset = 0
@@ -107,9 +109,10 @@ class MemoryBank:
                 n = self.nodes[level]
                 if level < replicate_levels:
                     lay, transport = layouts.replicated(n, world, rank), "replicated"
-                elif placement == "owner":
-                    lay = layouts.by_subtree(n, self.branching[0], np.asarray(owner_of_subtree), world, rank)
-                    transport = "local"
+                elif placement == "owner":  # groups of one rank read locally; larger ones fetch from each other
+                    lay = layouts.by_subtree(n, self.branching[0], np.asarray(owner_of_subtree), world, rank,
+                                             group_size)
+                    transport = "local" if group_size == 1 else "remote"
                 else:
                     lay, transport = layouts.chunked(n, world, rank), "remote"
                 self.specs.append(TableSpec(f"level{level + 1}", level, kind.row_shape(n_layers, m), lay, transport))

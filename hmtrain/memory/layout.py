@@ -8,10 +8,11 @@ Three layouts (docs/design.md, "The bank in a distributed job"):
 - ``chunk``: the ``torch.chunk`` layout, ceil(N/W) consecutive rows per rank, the last
   rank short. This is the layout checkpoints use (a ``Shard(0)`` DTensor that DCP
   reshards to any world size) and the runtime layout of ``gather`` placement.
-- ``subtree``: ``owner`` placement. Level-1 subtrees are assigned to ranks (balanced by
-  tokens); a rank stores every row of its subtrees at every sharded level, so the
-  sequences the loader sends it never need another rank's rows. Checkpoints convert
-  it to ``chunk`` and back.
+- ``subtree``: ``owner`` placement. Level-1 subtrees are assigned to groups of ranks
+  (hmtrain/parallel/placement.py); a group stores every row of its subtrees at every sharded
+  level, cut among its ranks, so the sequences the loader sends a group never need another
+  group's rows. With groups of one rank (W <= k_1) a rank holds its subtrees' rows whole.
+  Checkpoints convert it to ``chunk`` and back.
 
 All of it is host-side numpy: layouts are fixed for a run, and every lookup happens
 while planning a step, never on the device.
@@ -38,6 +39,7 @@ class RowLayout:
     rank: int
     owner: np.ndarray | None = None  # [N] int64 rank storing each row (None when replicated)
     local: np.ndarray | None = None  # [N] int64 index of each row in its owner's storage
+    group_size: int = 1  # subtree: ranks per owning group (rows are fetched only from the own group's ranks)
 
     @property
     def num_local(self) -> int:
@@ -71,23 +73,33 @@ def chunked(num_rows: int, world_size: int, rank: int) -> RowLayout:
 
 
 def by_subtree(num_rows: int, num_subtrees: int, owner_of_subtree: np.ndarray, world_size: int,
-               rank: int) -> RowLayout:
-    """Rows of one level, each stored by the rank that owns its level-1 subtree.
+               rank: int, group_size: int = 1) -> RowLayout:
+    """Rows of one level, each stored in the group of ranks that owns its level-1 subtree.
 
-    A level with N rows has N / k_1 rows per level-1 subtree, consecutive in node order
-    (node j's parent is j // k_l), so row r belongs to subtree r // (N / k_1).
+    `owner_of_subtree[s]` is subtree s's group; group g is ranks [g * R, (g + 1) * R) for R = `group_size`.
+    A level with N rows has N / k_1 rows per level-1 subtree, consecutive in node order (node j's parent is
+    j // k_l), so row r belongs to subtree r // (N / k_1). A group's rows of the level, in node order, are
+    cut among its R ranks as torch.chunk cuts a table (ceil(n / R) consecutive rows each, the last short).
+    R = 1: every row on its subtree's one owner.
     """
     if num_rows % num_subtrees:
         raise ValueError(f"a level of {num_rows} rows does not split into {num_subtrees} subtrees")
+    if group_size < 1 or world_size % group_size:
+        raise ValueError(f"group_size must divide world_size {world_size}, got {group_size}")
+    groups = world_size // group_size
     owner_of_subtree = np.asarray(owner_of_subtree, dtype=np.int64)
     if owner_of_subtree.shape != (num_subtrees,) or owner_of_subtree.min() < 0 or \
-            owner_of_subtree.max() >= world_size:
-        raise ValueError(f"owner_of_subtree must give a rank in [0, {world_size}) for each of "
+            owner_of_subtree.max() >= groups:
+        raise ValueError(f"owner_of_subtree must give a group in [0, {groups}) for each of "
                          f"{num_subtrees} subtrees, got {owner_of_subtree.tolist()}")
     rows = np.arange(num_rows, dtype=np.int64)
-    owner = owner_of_subtree[rows // (num_rows // num_subtrees)]
+    group = owner_of_subtree[rows // (num_rows // num_subtrees)]
+    owner = np.empty(num_rows, dtype=np.int64)
     local = np.empty(num_rows, dtype=np.int64)
-    for r in range(world_size):  # rows of one owner keep node order
-        mine = owner == r
-        local[mine] = np.arange(int(mine.sum()))
-    return RowLayout("subtree", num_rows, world_size, rank, owner=owner, local=local)
+    for g in range(groups):  # a group's rows keep node order; O(groups) host work, once per run
+        mine = np.flatnonzero(group == g)
+        per = max(1, -(-len(mine) // group_size))
+        position = np.arange(len(mine))
+        owner[mine] = g * group_size + position // per
+        local[mine] = position % per
+    return RowLayout("subtree", num_rows, world_size, rank, owner=owner, local=local, group_size=group_size)

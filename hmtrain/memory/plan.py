@@ -11,9 +11,10 @@ Made once per step on the host, from the paths of all of the step's micro-batche
   so fetching and returning gradients need no further size exchange or host sync.
 
 Transports: ``replicated`` (every rank holds the table; gradients reduce-scattered to the
-rows' owners at the end of the step, hmtrain/memory/zero.py), ``local`` (owner placement: the loader sent this rank only
-sequences whose rows it stores), ``remote`` (gather placement: rows come from their
-owners and gradients go back to them).
+rows' owners at the end of the step, hmtrain/memory/zero.py), ``local`` (owner placement with groups of one
+rank: the loader sent this rank only sequences whose rows it stores), ``remote`` (gather placement, and owner
+placement with groups of several ranks: rows come from their owners and gradients go back to them; under owner
+placement every owner is a rank of the requester's own group, checked here).
 """
 from __future__ import annotations
 
@@ -108,6 +109,17 @@ def _order_by_owner(ids: np.ndarray, layout: RowLayout) -> np.ndarray:
     return ids[np.lexsort((layout.local[ids], layout.owner[ids]))]
 
 
+def _check_group(spec: TableSpec, ids: np.ndarray, rank: int) -> None:
+    """Owner placement with groups of several ranks: a rank fetches rows from its own group's ranks only."""
+    size = spec.layout.group_size
+    stranger = spec.layout.owner[ids] // size != rank // size
+    if stranger.any():
+        node = int(ids[stranger][0])
+        raise RuntimeError(f"owner placement: rank {rank} (group {rank // size}) got a sequence on node {node} of "
+                           f"{spec.name}, which group {int(spec.layout.owner[node]) // size} stores; the loader's "
+                           "subtree assignment and the bank's disagree")
+
+
 def _requests(spec: TableSpec, paths: np.ndarray, use_generic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows one micro-batch needs from a table, and each sequence's index into them."""
     batch = len(use_generic)
@@ -139,6 +151,8 @@ def make_plan(specs: list[TableSpec], micro_batches: list[tuple[np.ndarray, np.n
             per_owner = None
             if spec.transport == "remote":
                 per_owner = np.bincount(spec.layout.owner[ids], minlength=world)
+                if spec.layout.kind == "subtree":
+                    _check_group(spec, ids, rank)
             elif spec.transport == "local" and ids.size and (spec.layout.owner[ids] != rank).any():
                 node = int(ids[spec.layout.owner[ids] != rank][0])
                 raise RuntimeError(f"owner placement: rank {rank} got a sequence on node {node} of {spec.name}, "

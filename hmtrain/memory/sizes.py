@@ -90,7 +90,8 @@ class RankFootprint:
     step_grads: int  # fp32 gradient buffer of the rows a step touches (upper bound)
     fetched: int  # one micro-batch's fetched rows plus their fp32 gradient buffer (upper bound)
     moved_gather: int  # bytes sent + received per optimizer step by one rank, gather placement (expected)
-    moved_owner: int  # the same for owner placement (replicated levels and the generic row only)
+    moved_owner: int  # the same for owner placement: replicated levels and the generic row, and with groups of
+    #                   several ranks (W > k_1) the sharded rows fetched from the group's other ranks
 
 
 def _expected_distinct(nodes: int, draws: int) -> float:
@@ -100,9 +101,11 @@ def _expected_distinct(nodes: int, draws: int) -> float:
 
 def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[int], units: Sequence[int],
                    world_size: int, replicate_levels: int, generic: bool, weight_bytes: int, micro_batch: int,
-                   global_batch: int) -> RankFootprint:
+                   global_batch: int, group_size: int = 1) -> RankFootprint:
     """Per-rank bank memory and traffic, assuming a batch's leaves spread uniformly over the tree.
-    `weight_bytes`: bytes per stored value (2 for bf16, which adds fp32 masters; 4 for fp32)."""
+    `weight_bytes`: bytes per stored value (2 for bf16, which adds fp32 masters; 4 for fp32). `group_size`:
+    owner placement's ranks per group (hmtrain/parallel/placement.py); a group's sequences route to its
+    1/G of each level's nodes, G = world_size / group_size groups."""
     validate_tree(branching, units)
     master_bytes = MASTER_BYTES if weight_bytes < 4 else 0
     per_unit = n_layers * params_per_unit
@@ -131,6 +134,10 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
         else:  # rows from the other ranks' shares and their fp32 gradients back, per micro-batch
             remote = _expected_distinct(nodes, micro_batch) * (world_size - 1) / world_size
             moved_gather += 2 * remote * row * (weight_bytes + GRAD_BYTES) * micro_batches  # sent and received
+            # owner placement: the same within a group, over the group's nodes and its other ranks' shares
+            groups = world_size // group_size
+            remote = _expected_distinct(max(nodes / groups, 1.0), micro_batch) * (group_size - 1) / group_size
+            moved_owner += 2 * remote * row * (weight_bytes + GRAD_BYTES) * micro_batches
     return RankFootprint(weights, masters, optimizer, step_grads, fetched, int(moved_gather), int(moved_owner))
 
 
@@ -177,19 +184,21 @@ class StepTransients:
 
 def step_transients(*, n_layers: int, params_per_unit: int, branching: Sequence[int], units: Sequence[int],
                     world_size: int, replicate_levels: int, generic: bool, weight_bytes: int, micro_batch: int,
-                    global_batch: int, placement: str) -> StepTransients:
-    """The bank's transient buffers of one step, at most, for `placement` (gather | owner)."""
+                    global_batch: int, placement: str, group_size: int = 1) -> StepTransients:
+    """The bank's transient buffers of one step, at most, for `placement` (gather | owner; owner with
+    `group_size` ranks per group: groups of one read locally, larger ones fetch from their own ranks)."""
     validate_tree(branching, units)
     per_unit = n_layers * params_per_unit
     fetch = grad_return = grad_concat = 0
     for nodes, m, replicated in _tables(branching, units, replicate_levels, generic):
         row = per_unit * m
         fetched = min(nodes, micro_batch)  # distinct rows of one micro-batch
-        if replicated or placement == "owner":  # read locally: index_select's copy, then the layer-major one
-            fetch += fetched * row * weight_bytes
+        if replicated or (placement == "owner" and group_size == 1):  # read locally: index_select's copy,
+            fetch += fetched * row * weight_bytes  # then the layer-major one
         else:
-            # every rank, this one too, asks this rank for at most a micro-batch of its rows
-            served = world_size * min(-(-nodes // world_size), micro_batch)
+            # every rank that may ask (all, or the group's), this one too, asks for at most a micro-batch of its rows
+            askers = world_size if placement == "gather" else group_size
+            served = askers * min(-(-nodes // world_size), micro_batch)
             fetch += 2 * (served + fetched) * row * weight_bytes  # the rows served and their torch.cat, the
             # rows received and their per-table torch.cat, all alive until fetch returns
             grad_return += (2 * fetched + served) * row * GRAD_BYTES  # per-owner slices copied and their

@@ -22,7 +22,7 @@ from hmtrain.parallel import Precision, resolve_precision
 from hmtrain.parallel.dist import DistInfo, SideGroups, side_groups
 from hmtrain.parallel.engine import Engine
 from hmtrain.parallel.parallelize import parallelize
-from hmtrain.parallel.placement import assign_subtrees
+from hmtrain.parallel.placement import assign_groups
 from hmtrain.parallel.torch_engine import TorchEngine
 from hmtrain.train.recipe import Recipe
 from hmtrain.train.state import Batches
@@ -50,18 +50,14 @@ def micro_batches_per_step(global_batch: int, micro: int, world: int) -> int:
 
 def check_world(cfg: Config, world_size: int, data: PreparedData) -> None:
     """What the world size decides, checked before anything is built or written: every phase's global batch
-    splits across the ranks, owner placement has a level-1 subtree per rank; settings one process ignores
-    are said to be ignored."""
+    splits across the ranks; settings one process ignores are said to be ignored. (Owner placement runs on any
+    world size: past k_1 ranks its groups hold several ranks each, hmtrain/parallel/placement.py.)"""
     tc = cfg.train
     batches = {"train.global_batch_size": tc.global_batch_size, "train.pretrain_global_batch_size":
                tc.pretrain_global_batch_size}
     for key, batch in batches.items():
         if batch is not None:
             split_global_batch(batch, world_size, micro_batch_size=tc.micro_batch_size, name=f"config key '{key}'")
-    subtrees = len(data.manifest["node_tokens"][0])
-    if cfg.parallel.placement == "owner" and world_size > subtrees:
-        raise ValueError(f"config key 'parallel.placement': owner placement needs a level-1 subtree per rank: "
-                         f"{subtrees} subtrees for {world_size} ranks; use parallel.placement=gather")
     if world_size == 1:
         ignored = [f"parallel.{key}={value}" for key, value in (("engine", cfg.parallel.engine),
                    ("backend", cfg.parallel.backend)) if value in ("deepspeed", "nccl")]
@@ -82,7 +78,8 @@ class Parts:
     bank: Optional[MemoryBank]
     engine: Engine
     batches: Batches
-    owner_of_subtree: Optional[np.ndarray] = None  # owner placement: level-1 node -> its rank (None: gather)
+    owner_of_subtree: Optional[np.ndarray] = None  # owner placement: level-1 node -> its group (None: gather)
+    group_size: int = 1  # owner placement: ranks per group (group g: ranks g*R .. g*R + R - 1)
 
     def accumulation(self, step: int) -> int:
         """Micro-batches per optimizer step on this rank, at `step`'s global batch."""
@@ -114,27 +111,30 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
     precision = resolve_precision(tc, info.device)
     cfg = resolve_vocab(cfg, data)
     # host-side integers and background checkpoint writes each on their own gloo group, NCCL or not
-    groups = side_groups(info, cfg.parallel.timeout_s)
-    comm = Comm(device=info.collective_device, control_group=groups.control)
+    side = side_groups(info, cfg.parallel.timeout_s)
+    comm = Comm(device=info.collective_device, control_group=side.control)
 
     torch.manual_seed(tc.seed)  # the same initial anchor on every rank, sharded afterwards
     model = build_model(cfg, run_model_config(cfg.model, tc.mode, tc.dense_multiplier)).to(info.device)
     model = parallelize(model, cfg.parallel, info, precision.autocast_dtype)
     recipe = Recipe(cfg, has_memory=uses_memory(cfg))
-    owner_of_subtree = None
+    owner_of_subtree, group_size = None, 1
     if cfg.parallel.placement == "owner" and info.world_size > 1:
-        owner_of_subtree = assign_subtrees(data.manifest["node_tokens"][0], info.world_size)
-    bank = build_bank(cfg, info.device, comm=comm, owner_of_subtree=owner_of_subtree) if recipe.has_memory else None
+        groups = assign_groups(data.manifest["node_tokens"][0], info.world_size)
+        owner_of_subtree, group_size = groups.group_of_subtree, groups.group_size
+    bank = build_bank(cfg, info.device, comm=comm, owner_of_subtree=owner_of_subtree,
+                      group_size=group_size) if recipe.has_memory else None
 
     def loader(global_batch: int) -> StepLoader:
         micro = micro_batches_per_step(global_batch, tc.micro_batch_size, info.world_size)
         return StepLoader(data, "train", global_batch=global_batch, micro_batches=micro, seed=tc.seed,
                           rank=info.rank, world_size=info.world_size, owner_of_subtree=owner_of_subtree,
+                          group_size=group_size,
                           num_workers=cfg.data.num_workers)
 
     engine = engine_for_step(model, cfg, info, recipe, 0, precision)
-    return Parts(cfg, info, data, precision, comm, groups, model, recipe, bank, engine, Batches(loader),
-                 owner_of_subtree)
+    return Parts(cfg, info, data, precision, comm, side, model, recipe, bank, engine, Batches(loader),
+                 owner_of_subtree, group_size)
 
 
 def restore_in_phase(engine: Engine, model, recipe: Recipe, step: int, saved_phase: Optional[str],

@@ -44,18 +44,20 @@ def check_heldout(data: PreparedData, eval_every: int) -> None:
 
 
 def this_ranks_ids(sequences: Sequences, count: int, micro: int, rank: int, world: int,
-                   owner_of_subtree: np.ndarray | None) -> list[np.ndarray]:
+                   owner_of_subtree: np.ndarray | None, group_size: int = 1) -> list[np.ndarray]:
     """Sequence ids of this rank's micro-batches, as many on every rank; an empty array where this rank has
     none left. Gather placement: batch b holds ids b*micro..., rank r takes batches r, r + W, ... Owner
-    placement (the bank keeps a subtree's rows on its rank alone): rank r takes its subtrees' ids, in order."""
+    placement (the bank keeps a subtree's rows in its group of `group_size` ranks alone): a group takes its
+    subtrees' ids, in order, and its rank i the i-th of R near-equal parts of them (R = 1: all)."""
     ids = np.arange(count)
     if owner_of_subtree is None:
         batches = [ids[lo:lo + micro] for lo in range(0, count, micro)]
         rounds = -(-len(batches) // world)
         return [batches[b] if b < len(batches) else ids[:0] for b in range(rank, rounds * world, world)]
-    owners = np.asarray(owner_of_subtree)[sequences.level1(ids)] if count else ids
-    rounds = -(-int(np.bincount(owners, minlength=world).max(initial=0)) // micro)
-    mine = ids[owners == rank]
+    groups = np.asarray(owner_of_subtree)[sequences.level1(ids)] if count else ids
+    busiest = -(-int(np.bincount(groups, minlength=world // group_size).max(initial=0)) // group_size)
+    rounds = -(-busiest // micro)
+    mine = np.array_split(ids[groups == rank // group_size], group_size)[rank % group_size]
     return [mine[i * micro:(i + 1) * micro] for i in range(rounds)]
 
 
@@ -75,7 +77,7 @@ def validate(run: Parts, memory_phase: bool) -> dict[str, float]:
     sequences = run.data.sequences(HELDOUT)
     count = min(tc.eval_sequences, len(sequences)) if tc.eval_sequences else len(sequences)
     batches = this_ranks_ids(sequences, count, tc.micro_batch_size, info.rank, info.world_size,
-                             run.owner_of_subtree)
+                             run.owner_of_subtree, run.group_size)
     names = variants(run, memory_phase)
     bar = tqdm(total=len(batches) * len(names), desc="validation", leave=False, dynamic_ncols=True,
                disable=not (tc.progress and info.is_main))

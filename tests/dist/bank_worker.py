@@ -2,15 +2,18 @@
 
 Usage: bank_worker.py OUT --placement gather|owner --replicate N --steps S [--resume DIR] [--generic]
                      [--dtype fp32|bf16] [--background] [--dump DIR]
+(HMTRAIN_TEST_BRANCHING picks the tree; 4,3,2 when unset.)
 Every rank takes its part of each global batch (gather: equal chunks; owner: the sequences of the
 subtrees it owns), so the union over ranks is the same whatever the world size, and the saved bank
 must match the one-process run's. `--background` saves with dcp.async_save on a gloo group of its own
 (as `train.async_checkpoint` does) and trains one more step while the write runs: the checkpoint
 still holds the bank as it was when the save began. `--dump DIR` writes each rank's live state (every
-field of every table, as this rank holds it) to DIR/rank<r>.pt after the save.
+field of every table, as this rank holds it) to DIR/rank<r>.pt after the save, and the ranks its plans
+exchanged rows with and the bytes they fetched to DIR/traffic<r>.json.
 """
 import argparse
 import datetime
+import json
 import os
 import sys
 
@@ -22,26 +25,33 @@ import torch.nn.functional as F
 
 from hmtrain.memory import Comm, MemoryBank, SparseAdamW
 from hmtrain.memory.kind import SwiGLUUnits
-from hmtrain.parallel.placement import assign_subtrees
+from hmtrain.parallel.placement import Groups, assign_groups
 
-BRANCHING, UNITS, LAYERS, D = (4, 3, 2), (3, 2, 2), 2, 4
+# HMTRAIN_TEST_BRANCHING="2,6,2": a tree with 2 level-1 subtrees, so 4 ranks form 2 owner groups of 2
+BRANCHING = tuple(int(k) for k in os.environ.get("HMTRAIN_TEST_BRANCHING", "4,3,2").split(","))
+UNITS, LAYERS, D = (3, 2, 2), 2, 4
 GLOBAL_BATCH, MICRO = 12, 2
-TIMEOUT = datetime.timedelta(seconds=60)  # a hung collective fails the worker, not the suite
+LEAVES = int(np.prod(BRANCHING))
+TOKENS = [5, 1, 3, 2][:BRANCHING[0]]  # the subtrees' token counts owner placement balances
+TIMEOUT = datetime.timedelta(seconds=60)
+TRAFFIC: dict = {"peers": set()}  # what this rank's plans moved, written beside the --dump  # a hung collective fails the worker, not the suite
 
 
 def global_batch(step: int) -> tuple[np.ndarray, np.ndarray]:
     """Leaves drawn per step, fixed by the step alone; returns (sequence ids, paths)."""
     rng = np.random.default_rng(step)
-    leaves = rng.integers(0, 4 * 3 * 2, size=GLOBAL_BATCH)
-    paths = np.stack([leaves // 6, leaves // 2, leaves], axis=1)
+    leaves = rng.integers(0, LEAVES, size=GLOBAL_BATCH)
+    paths = np.stack([leaves // (BRANCHING[1] * BRANCHING[2]), leaves // BRANCHING[2], leaves], axis=1)
     return np.arange(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH), paths
 
 
-def my_share(ids, paths, rank, world, owner):
-    if owner is None:
+def my_share(ids, paths, rank, world, groups):
+    if groups is None:
         per = GLOBAL_BATCH // world
         return ids[rank * per:(rank + 1) * per], paths[rank * per:(rank + 1) * per]
-    mine = owner[paths[:, 0]] == rank
+    size = groups.group_size  # the group's sequences, cut among its ranks as the loader cuts them
+    mine = np.flatnonzero(groups.group_of_subtree[paths[:, 0]] == rank // size)
+    mine = np.array_split(mine, size)[rank % size]
     return ids[mine], paths[mine]
 
 
@@ -62,6 +72,12 @@ def train_step(bank: MemoryBank, step: int, world: int, owner, generic: bool) ->
     use_generic = (ids % 5 == 0) if generic else np.zeros(len(ids), dtype=bool)
     chunks = np.array_split(np.arange(len(ids)), MICRO)
     plan = bank.plan_step([(paths[c], use_generic[c]) for c in chunks])
+    for wire in plan.wires:  # which ranks this one exchanged rows with, and how many bytes
+        if wire is not None:
+            TRAFFIC["peers"] |= {r for r, (a, b) in enumerate(zip(wire.fetch_splits, wire.serve_splits)) if a or b}
+    for key, value in plan.stats.items():
+        if key.endswith("/bytes_fetched"):
+            TRAFFIC[key] = TRAFFIC.get(key, 0) + value
     for k, c in enumerate(chunks):
         fetched = bank.fetch(plan, k)
         if len(c):  # owner placement can leave a rank an empty micro-batch
@@ -82,12 +98,13 @@ def save(bank: MemoryBank, out: str, background: bool, next_step: int, world: in
     pending.result()
 
 
-def make_bank(placement: str, replicate: int, dtype: str, world: int) -> tuple[MemoryBank, np.ndarray | None]:
+def make_bank(placement: str, replicate: int, dtype: str, world: int) -> tuple[MemoryBank, Groups | None]:
     """The bank every run trains (on a process group when there is one), and the subtree owners (owner placement)."""
-    owner = assign_subtrees([5, 1, 3, 2], world) if placement == "owner" else None
+    owner = assign_groups(TOKENS, world) if placement == "owner" else None
     bank = MemoryBank(n_layers=LAYERS, kind=SwiGLUUnits(d_model=D), branching=BRANCHING, units=UNITS, generic=True,
                       seed=0, optimizer=SparseAdamW(lr=0.05, weight_decay=0.1), comm=Comm(), placement=placement,
-                      replicate_levels=replicate, owner_of_subtree=owner,
+                      replicate_levels=replicate, owner_of_subtree=None if owner is None else owner.group_of_subtree,
+                      group_size=1 if owner is None else owner.group_size,
                       dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     for table in bank._state.values():  # non-zero down rows, so every slot gets gradients from step 0
         for rows in (table["weight"], table.get("master")):  # a bf16 bank's fp32 masters too
@@ -128,6 +145,8 @@ def main() -> int:
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)
         torch.save(live_state(bank), os.path.join(a.dump, f"rank{bank.comm.rank}.pt"))
+        with open(os.path.join(a.dump, f"traffic{bank.comm.rank}.json"), "w") as f:
+            json.dump({**TRAFFIC, "peers": sorted(TRAFFIC["peers"])}, f)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

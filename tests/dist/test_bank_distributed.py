@@ -1,5 +1,8 @@
-"""The bank on 1, 2 and 3 ranks, with both placements and replicated top levels, gives the same bank;
+"""The bank on 1, 2, 3 and 4 ranks, with both placements and replicated top levels, gives the same bank (owner
+placement on more ranks than level-1 subtrees too, whose deep rows stay in their subtree's group);
 a bank saved on one world size resumes on another; a background save (dcp.async_save) saves it whole."""
+import json
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -13,7 +16,7 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def run(tmp_path, name, nproc, placement="gather", replicate=0, steps=4, start=0, resume=None, dtype="fp32",
-        background=False, dump=None):
+        background=False, dump=None, branching=None):
     out = tmp_path / name
     args = [worker.__file__, str(out), "--placement", placement, "--replicate", str(replicate), "--steps",
             str(steps), "--first-step", str(start), "--generic", "--dtype", dtype]
@@ -23,12 +26,13 @@ def run(tmp_path, name, nproc, placement="gather", replicate=0, steps=4, start=0
         args.append("--background")
     if dump:
         args += ["--dump", str(dump)]
-    torchrun(nproc, args, cwd=tmp_path)
+    env = {"HMTRAIN_TEST_BRANCHING": ",".join(map(str, branching))} if branching else None
+    torchrun(nproc, args, cwd=tmp_path, env=env)
     return out
 
 
-def load(path, dtype=torch.float32) -> dict:
-    bank = MemoryBank(n_layers=worker.LAYERS, kind=SwiGLUUnits(d_model=worker.D), branching=worker.BRANCHING,
+def load(path, dtype=torch.float32, branching=worker.BRANCHING) -> dict:
+    bank = MemoryBank(n_layers=worker.LAYERS, kind=SwiGLUUnits(d_model=worker.D), branching=branching,
                       units=worker.UNITS, seed=123, dtype=dtype)
     state = {"bank": bank.load_template()}
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
@@ -48,6 +52,22 @@ def test_world_size_and_placement_do_not_change_the_bank(tmp_path):
     for name, nproc, placement, replicate in [("g2", 2, "gather", 0), ("g3r1", 3, "gather", 1),
                                                ("o2", 2, "owner", 0), ("o3r1", 3, "owner", 1)]:
         assert_same(reference, load(run(tmp_path, name, nproc, placement, replicate)), name)
+
+
+def test_owner_groups_past_k1_ranks_train_the_same_bank_and_keep_rows_in_their_group(tmp_path):
+    """4 ranks on a tree of 2 level-1 subtrees: 2 groups of 2 ranks (hmtrain/parallel/placement.py). Each group's
+    ranks share its sequences and fetch its rows from each other, never from the other group."""
+    tree = (2, 6, 2)
+    reference = load(run(tmp_path, "ref", 1, branching=tree), branching=tree)
+    assert reference["level3.step"].sum() > 0
+    dump = tmp_path / "dump"
+    four = load(run(tmp_path, "o4", 4, "owner", dump=dump, branching=tree), branching=tree)
+    assert_same(reference, four, "owner placement, 2 groups of 2 ranks")
+    for rank in range(4):
+        traffic = json.loads((dump / f"traffic{rank}.json").read_text())
+        group = {rank // 2 * 2, rank // 2 * 2 + 1}
+        assert set(traffic["peers"]) <= group and rank ^ 1 in traffic["peers"], (rank, traffic)  # its replica only
+        assert traffic["level3/bytes_fetched"] > 0  # deep rows did move, inside the group
 
 
 def test_a_bank_saved_on_two_ranks_resumes_on_three_and_on_one(tmp_path):

@@ -208,12 +208,32 @@ def _info(world_size: int, *overrides: str, **kw) -> tuple[dict, str]:
     return summary, console.export_text()
 
 
-def test_owner_placement_beyond_k1_ranks_reports_no_traffic():
-    summary, text = _info(32)
-    assert "owner placement: not possible on 32 ranks (needs W <= k_1 = 16)" in text
-    assert "owner placement (expected)" not in text and summary["per_rank"]["moved_owner"] is None
-    summary, text = _info(16)
-    assert "not possible" not in text and summary["per_rank"]["moved_owner"] > 0
+def test_owner_placement_beyond_k1_ranks_reports_its_groups_traffic():
+    """Past k_1 = 16 ranks owner placement runs in groups (64 ranks: 16 groups of 4); its traffic adds the deep
+    rows a group's ranks fetch from each other, what gather moves over the group's nodes and ranks only."""
+    at16, text = _info(16)
+    assert "owner placement, 16 group(s) of 1 rank(s)" in text and at16["per_rank"]["owner_groups"] == (16, 1)
+    at64, text = _info(64)
+    assert "owner placement, 16 group(s) of 4 rank(s)" in text and "not possible" not in text
+    cfg = load_config("paper-160m")
+    kw = dict(n_layers=cfg.model.n_layers, params_per_unit=3 * cfg.model.d_model, branching=cfg.tree.branching,
+              units=cfg.memory.units, replicate_levels=cfg.parallel.replicate_levels, generic=cfg.memory.generic,
+              weight_bytes=2 if cfg.memory.dtype == "bf16" else 4, micro_batch=cfg.train.micro_batch_size,
+              global_batch=cfg.train.global_batch_size)
+    alone = rank_footprint(world_size=64, group_size=1, **kw)  # the replicated tables' ZeRO-1 traffic only
+    assert at64["per_rank"]["moved_owner"] == rank_footprint(world_size=64, group_size=4, **kw).moved_owner
+    deep = at64["per_rank"]["moved_owner"] - alone.moved_owner
+    # by hand: each sharded level's distinct rows in a micro-batch, over the group's 1/16 of the nodes, 3/4 of
+    # them on the group's other ranks, rows in and fp32 gradients out, both ways, per micro-batch
+    per_unit, micro, steps = cfg.model.n_layers * 3 * cfg.model.d_model, cfg.train.micro_batch_size, 1024 // 64 // 16
+    expected = 0.0
+    for level, (nodes, m) in enumerate(zip(np.cumprod(cfg.tree.branching), cfg.memory.units)):
+        if m and level >= cfg.parallel.replicate_levels:
+            group_nodes = nodes / 16
+            distinct = group_nodes * (1 - (1 - 1 / group_nodes) ** micro)
+            expected += 2 * distinct * 3 / 4 * per_unit * m * (kw["weight_bytes"] + 4) * steps
+    assert deep == pytest.approx(expected, rel=1e-6) and deep > 0
+    assert at16["per_rank"]["moved_owner"] < at16["per_rank"]["moved_gather"]
 
 
 def test_a_micro_batch_the_trainer_rejects_is_an_error_not_a_number():

@@ -155,24 +155,30 @@ def test_state_is_independent_of_placement_and_workers(data) -> None:
     assert all(s == states[0] for s in states)
 
 
-@pytest.mark.parametrize("owner, global_batch, micro_batches, world_size", [
-    ([0, 1, 0], 6, 3, 2),  # rank 1 owns level-1 node 1 alone; micro-batches of 1
-    ([0, 1, 0], 12, 2, 2),  # micro-batches of 3
-    ([2, 0, 1], 12, 2, 3),  # one node per rank; micro-batches of 2
+@pytest.mark.parametrize("owner, global_batch, micro_batches, world_size, group_size", [
+    ([0, 1, 0], 6, 3, 2, 1),  # rank 1 owns level-1 node 1 alone; micro-batches of 1
+    ([0, 1, 0], 12, 2, 2, 1),  # micro-batches of 3
+    ([2, 0, 1], 12, 2, 3, 1),  # one node per rank; micro-batches of 2
+    ([0, 1, 0], 8, 1, 4, 2),  # more ranks than level-1 nodes: 2 groups of 2 ranks; micro-batches of 2
+    ([2, 0, 1], 6, 1, 6, 2),  # 3 groups of 2 ranks; micro-batches of 1
 ])
 def test_owner_placement_gives_every_micro_batch_one_shape(data, owner, global_batch, micro_batches,
-                                                           world_size) -> None:
-    """Each rank gets the sequences of its subtrees, in stream order, in micro-batches of exactly
-    global_batch / (world_size x micro_batches) rows, padded, and as many as the step's busiest rank
+                                                           world_size, group_size) -> None:
+    """Each group gets the sequences of its subtrees, cut among its ranks in stream order, in micro-batches of
+    exactly global_batch / (world_size x micro_batches) rows, padded, and as many as the step's busiest rank
     needs: compiled attention sees one shape, and the ranks run the same number of micro-batches."""
     size = global_batch // (world_size * micro_batches)
-    kw = dict(global_batch=global_batch, micro_batches=micro_batches, world_size=world_size, owner_of_subtree=owner)
+    kw = dict(global_batch=global_batch, micro_batches=micro_batches, world_size=world_size, owner_of_subtree=owner,
+              group_size=group_size)
     runs = [_take(_loader(data, rank=r, **kw), 8) for r in range(world_size)]
     reference = [_step_ids(m) for m, _ in _take(_loader(data, global_batch=global_batch, micro_batches=1), 8)]
     level1 = data.sequences("train").level1
     padding_rows, counts = 0, set()
     for step, ids in enumerate(reference):
-        owned = [[i for i in ids if owner[level1([i])[0]] == rank] for rank in range(world_size)]
+        groups = [[i for i in ids if owner[level1([i])[0]] == g] for g in range(world_size // group_size)]
+        owned = [np.array_split(np.asarray(groups[rank // group_size], dtype=np.int64), group_size)
+                 [rank % group_size].tolist() for rank in range(world_size)]
+        assert sorted(sum(owned, [])) == sorted(ids)  # every sequence on exactly one rank
         busiest = max(len(o) for o in owned)
         for rank in range(world_size):
             micro = runs[rank][step][0]

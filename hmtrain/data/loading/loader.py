@@ -11,8 +11,10 @@ exactly the same place, and the ranks' parts of a step always add up to the same
 Placement of a step's ids on ranks:
   gather (owner_of_subtree None): the ids, in stream order, are cut into world_size * micro_batches
       equal chunks; micro-batch k of rank r is chunk k * world_size + r.
-  owner (owner_of_subtree[level-1 node] = rank): rank r keeps the ids of the subtrees it owns, in
-      stream order, split into near-equal chunks, each padded to the micro-batch size
+  owner (owner_of_subtree[level-1 node] = group; group g is ranks g*R .. g*R + R - 1, R = group_size,
+      hmtrain/parallel/placement.py): a group keeps the ids of the subtrees it owns, in stream order, cut
+      into R near-equal parts, one per rank of the group (data-parallel replicas; R = 1: the rank owning the
+      subtree takes them all); each rank splits its part into near-equal chunks, each padded to the micro-batch size
       global_batch / (world_size * micro_batches) with padding rows (batch.py `pad_batch`: they train
       nothing and fetch no memory). The number of chunks is what the busiest rank of the step needs,
       ceil(max over ranks of its ids / micro-batch size), the same on every rank (every rank sees the
@@ -50,12 +52,13 @@ class _Steps(Dataset):
     """Item k: (this rank's micro-batches of the k-th step after stream position `start`, state after it)."""
 
     def __init__(self, sequences: Sequences, order: StreamOrder, *, start: int, stop: int | None, global_batch: int,
-                 micro_batches: int, rank: int, world_size: int, owner: np.ndarray | None, identity: dict):
+                 micro_batches: int, rank: int, world_size: int, owner: np.ndarray | None, group_size: int,
+                 identity: dict):
         self.sequences, self.order = sequences, order
         self.start, self.stop = start, stop
         self.global_batch, self.micro_batches = global_batch, micro_batches
         self.micro_batch_size = global_batch // (world_size * micro_batches)
-        self.rank, self.world_size, self.owner = rank, world_size, owner
+        self.rank, self.world_size, self.owner, self.group_size = rank, world_size, owner, group_size
         self.identity = identity
 
     def num_steps(self) -> int:
@@ -66,9 +69,11 @@ class _Steps(Dataset):
         if self.owner is None:
             chunks = np.array_split(ids, self.world_size * self.micro_batches)
             return [chunks[k * self.world_size + self.rank] for k in range(self.micro_batches)]
-        owners = self.owner[self.sequences.level1(ids)]
-        busiest = int(np.bincount(owners, minlength=self.world_size).max())
-        return np.array_split(ids[owners == self.rank], -(-busiest // self.micro_batch_size))
+        size = self.group_size
+        groups = self.owner[self.sequences.level1(ids)]
+        busiest = -(-int(np.bincount(groups, minlength=self.world_size // size).max()) // size)  # ids, one rank
+        mine = np.array_split(ids[groups == self.rank // size], size)[self.rank % size]
+        return np.array_split(mine, -(-busiest // self.micro_batch_size))
 
     def __getitem__(self, k: int) -> tuple[list[dict[str, Tensor]], dict]:
         lo = self.start + k * self.global_batch
@@ -91,7 +96,7 @@ class StepLoader:
 
     def __init__(self, data: PreparedData, split: str, *, global_batch: int, micro_batches: int, seed: int,
                  rank: int = 0, world_size: int = 1, subtrees: Sequence[int] | None = None,
-                 owner_of_subtree: Sequence[int] | None = None, num_workers: int = 0,
+                 owner_of_subtree: Sequence[int] | None = None, group_size: int = 1, num_workers: int = 0,
                  shuffle: bool = True, infinite: bool = True):
         self.sequences = data.sequences(split)
         k1 = self.sequences.num_level1
@@ -105,11 +110,14 @@ class StepLoader:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.owner = None
         split_global_batch(global_batch, world_size, micro_batches=micro_batches, name="global_batch")
+        if not isinstance(group_size, int) or group_size < 1 or world_size % group_size:
+            raise ValueError(f"group_size must be an int dividing world_size {world_size}, got {group_size!r}")
         if owner_of_subtree is not None:
             self.owner = np.asarray(owner_of_subtree, dtype=np.int64).reshape(-1)
-            if self.owner.size != k1 or self.owner.min() < 0 or self.owner.max() >= world_size:
-                raise ValueError(f"owner_of_subtree must give each of the {k1} level-1 nodes a rank in "
-                                 f"[0, {world_size}), got {list(owner_of_subtree)}")
+            groups = world_size // group_size
+            if self.owner.size != k1 or self.owner.min() < 0 or self.owner.max() >= groups:
+                raise ValueError(f"owner_of_subtree must give each of the {k1} level-1 nodes a group in "
+                                 f"[0, {groups}), got {list(owner_of_subtree)}")
         if subtrees is not None:
             subtrees = [int(s) for s in subtrees]
             if not subtrees or len(set(subtrees)) != len(subtrees) or min(subtrees) < 0 or max(subtrees) >= k1:
@@ -121,7 +129,7 @@ class StepLoader:
         self.order = StreamOrder(ranges, seed=seed, shuffle=shuffle)
         self.split, self.seed, self.shuffle, self.infinite = split, seed, shuffle, infinite
         self.global_batch, self.micro_batches = global_batch, micro_batches
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.rank, self.world_size, self.num_workers, self.group_size = rank, world_size, num_workers, group_size
         self.identity = {"split": split, "seed": seed, "shuffle": shuffle, "sequences": self.order.size,
                          "subtrees": subtrees, "fingerprint": self.sequences.fingerprint}
         self._position = 0  # global stream position of the next step
@@ -134,7 +142,7 @@ class StepLoader:
         stop = None if self.infinite else (start // self.order.size + 1) * self.order.size
         return _Steps(self.sequences, self.order, start=start, stop=stop, global_batch=self.global_batch,
                       micro_batches=self.micro_batches, rank=self.rank, world_size=self.world_size,
-                      owner=self.owner, identity=self.identity)
+                      owner=self.owner, group_size=self.group_size, identity=self.identity)
 
     def __iter__(self) -> Iterator[tuple[list[dict[str, Tensor]], dict]]:
         steps = self._steps(self._position)
