@@ -31,4 +31,9 @@ def test_old_checkpoint_resumes_to_the_old_loss_curve(tmp_path, step):
             f"data.documents={tmp_path / 'unused.jsonl.gz'}", f"train.run_dir={run}", "--resume", cwd=tmp_path)
     expected = losses(FIXTURE / "expected_metrics.jsonl")
     assert [s for s, _ in expected] == list(range(1, 25))
-    assert losses(run / "metrics.jsonl") == expected  # bit-exact on CPU, as a resume on the same code
+    resumed = losses(run / "metrics.jsonl")
+    assert [s for s, _ in resumed] == [s for s, _ in expected]
+    # the code that wrote the fixture summed the memory FFN in another order (before the memory-kinds seam's
+    # grouped gather): float rounding, 4e-7 at most; a state lost on resume moves the loss by far more
+    for (step, loss), (_, want) in zip(resumed, expected):
+        assert loss == pytest.approx(want, rel=1e-6, abs=1e-7), step

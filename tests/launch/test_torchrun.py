@@ -212,8 +212,6 @@ def test_a_bad_config_under_the_launcher_is_one_error_line_and_exit_2(job, tmp_p
 @pytest.mark.parametrize("nproc, overrides, words", [
     (2, ["train.global_batch_size=6"], "config key 'train.global_batch_size': a global batch of 6 sequences does "
                                        "not split into micro-batches of 2 per rank on 2 ranks"),
-    (3, ["train.global_batch_size=6", "parallel.placement=owner"],  # the data's tree has 2 level-1 subtrees
-     "config key 'parallel.placement': owner placement needs a level-1 subtree per rank: 2 subtrees for 3 ranks"),
 ])
 def test_what_the_world_size_decides_is_checked_before_anything_is_written(job, tmp_path, nproc, overrides, words):
     run_dir = tmp_path / "run"
