@@ -145,7 +145,8 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
                           branching=cfg.tree.branching, units=cfg.memory.units, world_size=world_size,
                           replicate_levels=par.replicate_levels, generic=cfg.memory.generic,
                           weight_bytes=weight_bytes, micro_batch=tc.micro_batch_size,
-                          global_batch=tc.global_batch_size, group_size=owner_groups(cfg, world_size).group_size)
+                          global_batch=tc.global_batch_size, group_size=owner_groups(cfg, world_size).group_size,
+                          placement=par.placement)
     anchor = anchor_bytes_per_rank(summary["anchor"], world_size, par.engine, par.zero_stage)
     rows = {
         f"anchor ({par.engine}{'' if par.engine == 'fsdp' else f' ZeRO-{par.zero_stage}'}): "

@@ -101,13 +101,21 @@ class MemoryBank:
         world, rank = self.comm.world_size, self.comm.rank
         if placement == "owner" and owner_of_subtree is None:
             owner_of_subtree = np.arange(self.branching[0]) % (world // group_size)
+        # owner placement: the group's own collectives (its tables' all-to-alls, id exchange and reductions)
+        # run on a Comm over its ranks alone (every rank builds the bank, so every rank makes the groups)
+        self.group_comm = self.comm.split(group_size) if placement == "owner" and world > 1 else self.comm
         self.specs: list[TableSpec] = []
         self.parts: list[Part] = []
         offset = 0
         for level, m in enumerate(self.units):
             if m > 0:
                 n = self.nodes[level]
-                if level < replicate_levels:
+                in_groups = placement == "owner" and 1 < world // group_size
+                if level < replicate_levels and in_groups and group_size > 1:  # whole in each group, not the world
+                    lay = layouts.in_group(n, self.branching[0], np.asarray(owner_of_subtree), world, rank,
+                                           group_size)
+                    transport = "replicated"
+                elif level < replicate_levels and not (in_groups and group_size == 1):
                     lay, transport = layouts.replicated(n, world, rank), "replicated"
                 elif placement == "owner":  # groups of one rank read locally; larger ones fetch from each other
                     lay = layouts.by_subtree(n, self.branching[0], np.asarray(owner_of_subtree), world, rank,
@@ -123,9 +131,16 @@ class MemoryBank:
                                         layouts.replicated(1, world, rank), "replicated"))
         self.spec = {s.name: s for s in self.specs}
         # the rows whose optimizer state (masters, moments, steps) this rank holds: a replicated table's
-        # torch.chunk slice (ZeRO-1), every stored row of the others
-        self._owned = {s.name: zero.owned_layout(s.layout.num_rows, self.comm) if s.transport == "replicated"
+        # torch.chunk slice of what its ranks store (ZeRO-1 over the world, or over the group for a table
+        # each group keeps whole), every stored row of the others
+        self._owned = {s.name: zero.owned_layout(s.layout.num_local, self.comm_of(s)) if s.transport == "replicated"
                        else s.layout for s in self.specs}
+        # how a replicated table's owned rows lie over the world, which is how checkpoints save and load them:
+        # a world-replicated table's are its chunk slice already; a group's are the subtree cut of its rows
+        self._checkpoint_layout = {
+            s.name: layouts.by_subtree(s.layout.num_rows, self.branching[0], np.asarray(owner_of_subtree), world,
+                                       rank, group_size) if s.layout.kind == "group" else self._owned[s.name]
+            for s in self.specs if s.transport == "replicated"}
 
         self.has_master = dtype.itemsize < 4
         self._state: dict[str, dict[str, Tensor]] = {}
@@ -148,6 +163,10 @@ class MemoryBank:
         self._shares: dict[str, zero.Shares] = {}  # replicated tables: the step's touched rows by owner
         self._reducing: dict[str, tuple[Tensor, object]] | None = None  # reduce-scatters in flight
         self._mesh = None  # the DeviceMesh checkpoints use (hmtrain/memory/bank_state.py), made on first use
+
+    def comm_of(self, spec: TableSpec) -> Comm:
+        """The ranks a table's collectives run on: its owner group's, or the world's."""
+        return self.group_comm if spec.in_group else self.comm
 
     def _owned_rows(self, spec: TableSpec, rows: Tensor) -> Tensor:
         """The rows of `rows` (a table as stored on this rank) whose optimizer state this rank holds."""
@@ -186,7 +205,7 @@ class MemoryBank:
         if self._plan is not None:
             raise RuntimeError("plan_step: the previous step was not finished with step()")
         plan = make_plan(self.specs, self._host_batches(micro_batches), self.comm, self.branching,
-                         element_size=self.dtype.itemsize)
+                         element_size=self.dtype.itemsize, group_comm=self.group_comm)
         self._grads = {name: torch.zeros((len(rows), *self.spec[name].row_shape), device=self.device,
                                          dtype=torch.float32) for name, rows in plan.step_rows.items()}
         self._shares = {s.name: zero.split_by_owner(plan.step_rows[s.name], self._owned[s.name])
@@ -200,7 +219,7 @@ class MemoryBank:
         `plan_step`, so every rank calls it at the same point, but no gradient buffers, and a planned step is
         left as it was. Fetch its micro-batches with `fetch(plan, k, requires_grad=False)`."""
         return make_plan(self.specs, self._host_batches(micro_batches), self.comm, self.branching,
-                         element_size=self.dtype.itemsize)
+                         element_size=self.dtype.itemsize, group_comm=self.group_comm)
 
     def _host_batches(self, micro_batches) -> list[tuple[np.ndarray, np.ndarray]]:
         """(paths [B, L] int64, use_generic [B] bool) numpy pairs for `make_plan`, checked."""
@@ -234,8 +253,8 @@ class MemoryBank:
                                    (k, spec.name, "serve_at"): wire.serve_at[spec.name],
                                    (k, spec.name, "fetch_at"): wire.fetch_at[spec.name]})
                 else:
-                    local = fetch.ids if spec.transport == "replicated" else spec.layout.local[fetch.ids]
-                    arrays.update({(k, spec.name, "rows"): local, (k, spec.name, "slots"): fetch.slots})
+                    arrays.update({(k, spec.name, "rows"): spec.stored_index(fetch.ids),
+                                   (k, spec.name, "slots"): fetch.slots})
         for spec in self.specs:  # the rows step() updates: a replicated table's own share, every touched row else
             shares = self._shares.get(spec.name)
             arrays[spec.name, "update"] = shares.mine if shares is not None else plan.step_rows[spec.name]
@@ -270,7 +289,7 @@ class MemoryBank:
             for spec in remote:
                 served = self._state[spec.name]["weight"].index_select(0, idx[k, spec.name, "serve"])
                 send.index_copy_(0, idx[k, spec.name, "serve_at"], served.view(-1, wire.chunk))
-            received = self.comm.all_to_all(send, wire.serve_splits, wire.fetch_splits)
+            received = self.comm_of(remote[0]).all_to_all(send, wire.serve_splits, wire.fetch_splits)
             for spec in remote:
                 count = len(fetches[spec.name].ids)
                 rows[spec.name] = received.index_select(0, idx[k, spec.name, "fetch_at"]).view(count, *spec.row_shape)
@@ -308,7 +327,7 @@ class MemoryBank:
         send = torch.empty((sum(wire.fetch_splits), wire.chunk), device=self.device, dtype=torch.float32)
         for spec in remote:
             send.index_copy_(0, idx[k, spec.name, "fetch_at"], grads[spec.name].float().reshape(-1, wire.chunk))
-        received = self.comm.all_to_all(send, wire.fetch_splits, wire.serve_splits)
+        received = self.comm_of(remote[0]).all_to_all(send, wire.fetch_splits, wire.serve_splits)
         for spec in remote:
             served = received.index_select(0, idx[k, spec.name, "serve_at"])
             rows = served.view(len(self._plan.serves[k][spec.name].local_ids), *spec.row_shape)
@@ -327,7 +346,7 @@ class MemoryBank:
         self._reducing = {}
         for spec in self.specs:
             if spec.transport == "replicated" and len(self._shares[spec.name].rows):
-                self._reducing[spec.name] = self.comm.reduce_scatter(
+                self._reducing[spec.name] = self.comm_of(spec).reduce_scatter(
                     self._grads[spec.name], self._shares[spec.name].counts, async_op=True)
 
     def _finish_reduction(self) -> None:
@@ -369,7 +388,7 @@ class MemoryBank:
             self.optimizer.update_(own, state["exp_avg"], state["exp_avg_sq"], state["step"], idx, grads, lr=lr,
                                    validate=False, master=state.get(MASTER))
             if spec.transport == "replicated":
-                zero.gather_updated(self.comm, state["weight"], own, self._shares[spec.name])
+                zero.gather_updated(self.comm_of(spec), state["weight"], own, self._shares[spec.name])
         self.abandon_step()
         return updated
 
@@ -388,24 +407,28 @@ class MemoryBank:
             self._mesh = bank_state.checkpoint_mesh(self.comm)
         return self._mesh
 
-    def _layout_of(self, spec: TableSpec, field: str):
-        """How a state field's rows lie over the ranks: the stored rows as the table's layout says, the
-        optimizer state (masters, moments, steps) as `_owned` does (they differ for replicated tables)."""
-        return spec.layout if field == "weight" else self._owned[spec.name]
+    def _checkpointed(self, spec: TableSpec, field: str) -> tuple[Tensor, layouts.RowLayout]:
+        """The rows of a state field this rank saves and loads, and how they lie over the ranks: a table's
+        stored rows as its layout says; for a replicated table only the rows whose optimizer state this rank
+        holds (a row is saved once, by one rank; a load reads each rank's share and all-gathers the rest)."""
+        live = self._state[spec.name][field]
+        if spec.transport != "replicated":
+            return live, spec.layout
+        return (self._owned_rows(spec, live) if field == "weight" else live), self._checkpoint_layout[spec.name]
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat `<table>.<field>` -> tensor (one process) or chunk-layout Shard(0) DTensor; a bf16 table
         saves its fp32 masters too (`<table>.master`), so a resume continues exactly. The on-disk form does
-        not depend on the layouts: a replicated table's owned optimizer state is its chunk slice already."""
+        not depend on the layouts (hmtrain/memory/bank_state.py)."""
         mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
-        return {f"{spec.name}.{field}": bank_state.saved(live, self._layout_of(spec, field), self.comm, mesh)
-                for spec in self.specs for field, live in self._state[spec.name].items()}
+        return {f"{spec.name}.{field}": bank_state.saved(*self._checkpointed(spec, field), self.comm, mesh)
+                for spec in self.specs for field in self._state[spec.name]}
 
     def load_template(self) -> dict[str, Tensor]:
         """The tensors a checkpoint's bank loads into (`load_state_dict` then finishes the load)."""
         mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
-        return {f"{spec.name}.{field}": bank_state.to_load(live, self._layout_of(spec, field), self.comm, mesh)
-                for spec in self.specs for field, live in self._state[spec.name].items()}
+        return {f"{spec.name}.{field}": bank_state.to_load(*self._checkpointed(spec, field), self.comm, mesh)
+                for spec in self.specs for field in self._state[spec.name]}
 
     def load_state_dict(self, loaded: dict[str, Tensor]) -> None:
         """Finish loading `load_template()`'s tensors: rows into subtree-placed tables; drop any planned step.
@@ -413,11 +436,17 @@ class MemoryBank:
         loader leaves their entries out, hmtrain/checkpoint/formats.py) start from the loaded rows."""
         for spec in self.specs:
             state = self._state[spec.name]
-            for field, live in state.items():  # "weight" comes before MASTER
+            for field in state:  # "weight" comes before MASTER
+                live, layout = self._checkpointed(spec, field)
                 if field == MASTER and f"{spec.name}.{MASTER}" not in loaded:
                     live.copy_(self._owned_rows(spec, state["weight"]))
                     continue
-                bank_state.restore(live, loaded[f"{spec.name}.{field}"], self._layout_of(spec, field), self.comm)
+                bank_state.restore(live, loaded[f"{spec.name}.{field}"], layout, self.comm)
+            if spec.transport == "replicated":  # every rank loaded its share: gather the rest of what it stores
+                owned, comm = self._owned[spec.name], self.comm_of(spec)
+                counts = np.bincount(owned.owner, minlength=comm.world_size).tolist()
+                if comm.world_size > 1:
+                    state["weight"].copy_(comm.all_gather(self._owned_rows(spec, state["weight"]), counts))
         self.abandon_step()
 
     # ---- evaluation (one process) ------------------------------------------

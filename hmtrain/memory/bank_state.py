@@ -2,8 +2,9 @@
 
 DCP reshards that layout to any world size (docs/design.md), so a bank saved on N ranks loads on M,
 with either placement. Tables stored in another layout at run time are converted on the way:
-replicated tables save their chunk slice and load the whole table; subtree-placed tables are moved
-to chunk rows by one all-to-all per tensor. On one process the live tensors are saved and loaded as
+replicated tables save and load only the rows whose optimizer state a rank holds (MemoryBank then
+all-gathers the rest), so no rank reads a whole table; subtree-placed rows are moved to chunk rows
+by one all-to-all per tensor. On one process the live tensors are saved and loaded as
 they are. `MemoryBank.state_dict` / `load_template` / `load_state_dict` apply these to every table.
 """
 from __future__ import annotations
@@ -53,31 +54,37 @@ def saved(live: Tensor, layout: RowLayout, comm: Comm, mesh: DeviceMesh) -> Tens
     world, rank, n = comm.world_size, comm.rank, layout.num_rows
     if world == 1:
         return live
-    if layout.kind == "replicated":
-        start, stop = chunk_rows(n, world, rank)
-        # a copy, not a view: a DTensor takes its local tensor's storage offset, and DCP's async stager
-        # takes a DTensor with a nonzero offset for one with storage of its own and fails ("copy_() on an
-        # invalid python storage") on every rank but the first. The copy is 1/world of a small table.
-        return _as_dtensor(live[start:stop].clone(), mesh, n)
     if layout.is_chunk_compatible:
-        return _as_dtensor(live, mesh, n)
+        # a view (a replicated table's slice) is saved as a copy: a DTensor takes its local tensor's storage
+        # offset, and DCP's async stager takes a DTensor with a nonzero offset for one with storage of its own
+        # and fails ("copy_() on an invalid python storage"). The copy is 1/world of a small table.
+        return _as_dtensor(live if _is_whole(live) else live.clone(), mesh, n)
     return _as_dtensor(relayout(comm, live, layout, chunked(n, world, rank)), mesh, n)
+
+
+def _is_whole(tensor: Tensor) -> bool:
+    """Whether a tensor is all of its storage (not a view into a larger one)."""
+    return tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
 def to_load(live: Tensor, layout: RowLayout, comm: Comm, mesh: DeviceMesh) -> Tensor:
     """A tensor for dcp.load to fill in place: live storage wherever the layouts allow it."""
     world, rank, n = comm.world_size, comm.rank, layout.num_rows
-    if world == 1 or layout.kind == "replicated":
-        return live  # a plain tensor: DCP reads the whole table from whatever chunks were saved
-    if layout.is_chunk_compatible:
+    if world == 1:
+        return live
+    if layout.is_chunk_compatible and _is_whole(live):
         return _as_dtensor(live, mesh, n)
     start, stop = chunk_rows(n, world, rank)
     return _as_dtensor(live.new_empty((stop - start, *live.shape[1:])), mesh, n)
 
 
 def restore(live: Tensor, loaded: Tensor, layout: RowLayout, comm: Comm) -> None:
-    """Finish a load: move the chunk rows `to_load` made for a subtree-placed table into `live`."""
+    """Finish a load: move the chunk rows `to_load` made (a view's, or a subtree-placed table's) into `live`."""
     world, rank = comm.world_size, comm.rank
-    if world == 1 or layout.kind == "replicated" or layout.is_chunk_compatible:
+    if world == 1:
         return  # loaded in place
-    live.copy_(relayout(comm, loaded.to_local(), chunked(layout.num_rows, world, rank), layout))
+    rows = loaded.to_local()
+    if rows.data_ptr() == live.data_ptr() and rows.numel():
+        return  # loaded in place
+    live.copy_(rows if layout.is_chunk_compatible else relayout(comm, rows, chunked(layout.num_rows, world, rank),
+                                                               layout))

@@ -10,6 +10,8 @@ torch.chunk slice holds them, and those counts differ from rank to rank.
 """
 from __future__ import annotations
 
+import datetime
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -18,17 +20,45 @@ from torch import Tensor
 
 class Comm:
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
-                 control_group: dist.ProcessGroup | None = None):
+                 control_group: dist.ProcessGroup | None = None, timeout: datetime.timedelta | None = None):
         self.group = group
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
         self.device = torch.device(device)
+        self.timeout = timeout  # for the groups `split` makes (None: torch's default)
         # host integers (sizes, row ids, counts) travel on their own gloo group when one is given (the
         # trainer gives one, NCCL or not): exchanging them never makes the host wait for the GPU, and
         # no other thread's collectives (a background checkpoint's) share their order
         self.control_group = control_group
         self.backend = dist.get_backend(group) if distributed else None
+
+    def split(self, group_size: int) -> Comm:
+        """This rank's group of `group_size` consecutive ranks (group g: ranks g*R .. g*R + R - 1), as a Comm
+        of its own: owner placement's in-group collectives then involve the group's ranks alone, whatever the
+        world size. Collective: every rank calls it, in the same order as its other new_group calls (it makes
+        every group, of both the main backend and gloo for the control plane)."""
+        if group_size < 1 or self.world_size % group_size:
+            raise ValueError(f"group_size must divide the world size {self.world_size}, got {group_size}")
+        if group_size == self.world_size:
+            return self
+        if group_size == 1:
+            return Comm.alone(self.device)
+        if self.group is not None:
+            raise ValueError("split() works on the default group only")
+        group, _ = dist.new_subgroups(group_size, timeout=self.timeout)
+        control = None
+        if self.control_group is not None:
+            control, _ = dist.new_subgroups(group_size, timeout=self.timeout, backend="gloo")
+        return Comm(group, self.device, control_group=control, timeout=self.timeout)
+
+    @classmethod
+    def alone(cls, device: torch.device | str = "cpu") -> Comm:
+        """A world of this rank alone, inside a job of many: every collective is the identity."""
+        comm = cls.__new__(cls)
+        comm.group, comm.control_group, comm.backend, comm.timeout = None, None, None, None
+        comm.world_size, comm.rank, comm.device = 1, 0, torch.device(device)
+        return comm
 
     def all_to_all(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
         """Uneven all-to-all along dim 0 (both sides know the splits from the step plan)."""

@@ -13,6 +13,12 @@ Three layouts (docs/design.md, "The bank in a distributed job"):
   level, cut among its ranks, so the sequences the loader sends a group never need another
   group's rows. With groups of one rank (W <= k_1) a rank holds its subtrees' rows whole.
   Checkpoints convert it to ``chunk`` and back.
+- ``group``: ``owner`` placement's replicated levels (`parallel.replicate_levels`). Every rank of a
+  group stores every row of its group's subtrees, so its sequences read them locally, and no rank
+  stores another group's: per-rank memory falls as the groups multiply, and gradients are reduced
+  inside the group alone (ZeRO-1 on the group's ranks, hmtrain/memory/zero.py). `owner` names the
+  rank of the group whose optimizer slice holds the row (the ``subtree`` layout's cut), which is
+  where a checkpoint saves it from.
 
 All of it is host-side numpy: layouts are fixed for a run, and every lookup happens
 while planning a step, never on the device.
@@ -33,26 +39,33 @@ def chunk_rows(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class RowLayout:
-    kind: str  # replicated | chunk | subtree
+    kind: str  # replicated | chunk | subtree | group
     num_rows: int
     world_size: int
     rank: int
-    owner: np.ndarray | None = None  # [N] int64 rank storing each row (None when replicated)
-    local: np.ndarray | None = None  # [N] int64 index of each row in its owner's storage
+    owner: np.ndarray | None = None  # [N] int64 rank storing each row (None when replicated; group: see above)
+    local: np.ndarray | None = None  # [N] int64 index of each row in its owner's storage (group: its group's)
     group_size: int = 1  # subtree: ranks per owning group (rows are fetched only from the own group's ranks)
 
     @property
     def num_local(self) -> int:
         if self.kind == "replicated":
             return self.num_rows
-        return int((self.owner == self.rank).sum())
+        return int(self._stored.sum())
+
+    @property
+    def _stored(self) -> np.ndarray:
+        """[N] bool: whether this rank stores each row."""
+        if self.kind == "group":
+            return self.owner // self.group_size == self.rank // self.group_size
+        return self.owner == self.rank
 
     @property
     def local_rows(self) -> np.ndarray:
         """Global ids of the rows this rank stores, in storage order."""
         if self.kind == "replicated":
             return np.arange(self.num_rows)
-        mine = np.flatnonzero(self.owner == self.rank)
+        mine = np.flatnonzero(self._stored)
         return mine[np.argsort(self.local[mine], kind="stable")]
 
     @property
@@ -103,3 +116,16 @@ def by_subtree(num_rows: int, num_subtrees: int, owner_of_subtree: np.ndarray, w
         owner[mine] = g * group_size + position // per
         local[mine] = position % per
     return RowLayout("subtree", num_rows, world_size, rank, owner=owner, local=local, group_size=group_size)
+
+
+def in_group(num_rows: int, num_subtrees: int, owner_of_subtree: np.ndarray, world_size: int, rank: int,
+             group_size: int) -> RowLayout:
+    """Rows of one level, each stored by every rank of the group that owns its level-1 subtree, in node
+    order (`local`: the row's index in its group's storage); `owner`: `by_subtree`'s cut of the group's rows."""
+    cut = by_subtree(num_rows, num_subtrees, owner_of_subtree, world_size, rank, group_size)
+    group = cut.owner // group_size
+    local = np.empty(num_rows, dtype=np.int64)
+    for g in np.unique(group):  # O(groups) host work, once per run
+        mine = np.flatnonzero(group == g)
+        local[mine] = np.arange(len(mine))
+    return RowLayout("group", num_rows, world_size, rank, owner=cut.owner, local=local, group_size=group_size)

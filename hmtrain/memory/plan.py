@@ -15,6 +15,12 @@ rows' owners at the end of the step, hmtrain/memory/zero.py), ``local`` (owner p
 rank: the loader sent this rank only sequences whose rows it stores), ``remote`` (gather placement, and owner
 placement with groups of several ranks: rows come from their owners and gradients go back to them; under owner
 placement every owner is a rank of the requester's own group, checked here).
+
+Under owner placement with groups of several ranks, everything a group's tables need happens inside the
+group (`group_comm`, a Comm over its ranks alone): the remote tables' id exchange and all-to-alls, and the
+union of touched rows of the levels each group keeps whole (``group`` layout, `replicated` transport). Only
+world-replicated tables (the generic row; every table when there is one group) agree their rows over the
+world. A group's collectives then cost what they cost at its size, whatever the number of groups.
 """
 from __future__ import annotations
 
@@ -39,6 +45,15 @@ class TableSpec:
     def row_numel(self) -> int:
         return int(np.prod(self.row_shape))
 
+    @property
+    def in_group(self) -> bool:
+        """Whether the table's collectives run inside the owner group (see the module docstring)."""
+        return self.layout.kind in ("group", "subtree")
+
+    def stored_index(self, ids: np.ndarray) -> np.ndarray:
+        """Where rows `ids` sit in this rank's storage of a replicated or local table."""
+        return ids if self.layout.kind == "replicated" else self.layout.local[ids]
+
 
 @dataclass
 class Fetch:
@@ -47,7 +62,7 @@ class Fetch:
     ids: np.ndarray  # global row ids, in the order the rows arrive (grouped by owner for remote tables)
     index: np.ndarray  # [B] each sequence's row in `ids`; len(ids) = the generic row
     slots: np.ndarray | None  # replicated/local: step-buffer slot of every id
-    per_owner: np.ndarray | None  # remote: how many of `ids` each rank owns
+    per_owner: np.ndarray | None  # remote: how many of `ids` each rank of the all-to-all's group owns
 
 
 @dataclass
@@ -55,7 +70,7 @@ class Serve:
     """One remote table in one micro-batch, as an owner sees it: what the requesters asked for."""
 
     local_ids: np.ndarray  # local row indices, requester by requester in rank order, each in the order it expects
-    counts: np.ndarray  # [world] how many of local_ids each rank asked for
+    counts: np.ndarray  # [group or world] how many of local_ids each rank of the all-to-all's group asked for
     slots: np.ndarray  # step-buffer slot of every one of local_ids
 
 
@@ -137,10 +152,14 @@ def _requests(spec: TableSpec, paths: np.ndarray, use_generic: np.ndarray) -> tu
 
 
 def make_plan(specs: list[TableSpec], micro_batches: list[tuple[np.ndarray, np.ndarray]], comm: Comm,
-              branching: tuple[int, ...], element_size: int = 4) -> StepPlan:
+              branching: tuple[int, ...], element_size: int = 4, group_comm: Comm | None = None) -> StepPlan:
     """Plan a step from its micro-batches' (paths [B, L] int64, use_generic [B] bool), host arrays.
-    `element_size`: bytes per stored (fetched) value, for the traffic figures in `stats`."""
-    rank, world = comm.rank, comm.world_size
+    `element_size`: bytes per stored (fetched) value, for the traffic figures in `stats`. `group_comm`: this
+    rank's owner group (owner placement; None: the world), where in-group tables' collectives run."""
+    rank = comm.rank
+    group_comm = group_comm or comm
+    remote_comm = group_comm if any(s.in_group for s in specs if s.transport == "remote") else comm
+    first = rank - remote_comm.rank  # the world rank of the all-to-all group's first rank
     fetches: list[dict[str, Fetch]] = []
     for paths, use_generic in micro_batches:
         if len(paths):
@@ -149,10 +168,10 @@ def make_plan(specs: list[TableSpec], micro_batches: list[tuple[np.ndarray, np.n
         for spec in specs:
             ids, index = _requests(spec, paths, use_generic)
             per_owner = None
+            if spec.in_group and spec.transport != "local":  # a group's rows only, or they would be wrong ones
+                _check_group(spec, ids, rank)
             if spec.transport == "remote":
-                per_owner = np.bincount(spec.layout.owner[ids], minlength=world)
-                if spec.layout.kind == "subtree":
-                    _check_group(spec, ids, rank)
+                per_owner = np.bincount(spec.layout.owner[ids] - first, minlength=remote_comm.world_size)
             elif spec.transport == "local" and ids.size and (spec.layout.owner[ids] != rank).any():
                 node = int(ids[spec.layout.owner[ids] != rank][0])
                 raise RuntimeError(f"owner placement: rank {rank} got a sequence on node {node} of {spec.name}, "
@@ -162,45 +181,53 @@ def make_plan(specs: list[TableSpec], micro_batches: list[tuple[np.ndarray, np.n
         fetches.append(per_table)
 
     step_rows: dict[str, np.ndarray] = {}
-    # replicated tables: the union over all ranks, so every rank updates the same rows
+    # replicated tables: the union over the ranks that store them, so every one of them updates the same rows
     replicated = [s for s in specs if s.transport == "replicated"]
-    if replicated:
-        counts = np.concatenate([
-            np.bincount(np.concatenate([f[s.name].ids for f in fetches] + [np.zeros(0, np.int64)]),
-                        minlength=s.layout.num_rows) for s in replicated])
-        counts = comm.all_reduce_ints(counts)
-        offset = 0
-        for spec in replicated:
-            step_rows[spec.name] = np.flatnonzero(counts[offset:offset + spec.layout.num_rows])
-            offset += spec.layout.num_rows
+    step_rows.update(_union_of_touched([s for s in replicated if not s.in_group], fetches, comm))
+    step_rows.update(_union_of_touched([s for s in replicated if s.in_group], fetches, group_comm))
     for spec in (s for s in specs if s.transport == "local"):
         step_rows[spec.name] = np.unique(np.concatenate([spec.layout.local[f[spec.name].ids] for f in fetches]))
     for spec in specs:
         if spec.transport in ("replicated", "local"):
             for f in fetches:
-                local = f[spec.name].ids if spec.transport == "replicated" else spec.layout.local[f[spec.name].ids]
-                f[spec.name].slots = np.searchsorted(step_rows[spec.name], local)
+                f[spec.name].slots = np.searchsorted(step_rows[spec.name], spec.stored_index(f[spec.name].ids))
 
-    serves, wires = _plan_remote([s for s in specs if s.transport == "remote"], fetches, comm, step_rows)
+    serves, wires = _plan_remote([s for s in specs if s.transport == "remote"], fetches, remote_comm, step_rows)
     plan = StepPlan(fetches, serves, wires, step_rows, [len(p) for p, _ in micro_batches])
-    plan.stats = _stats(specs, plan, rank, element_size)
+    plan.stats = _stats(specs, plan, remote_comm.rank, element_size)
     return plan
+
+
+def _union_of_touched(tables: list[TableSpec], fetches: list[dict[str, Fetch]], comm: Comm) -> dict[str, np.ndarray]:
+    """Replicated tables' rows (storage indices) that any rank of `comm` fetched this step: one all-reduce."""
+    if not tables:
+        return {}
+    counts = comm.all_reduce_ints(np.concatenate([
+        np.bincount(np.concatenate([s.stored_index(f[s.name].ids) for f in fetches] + [np.zeros(0, np.int64)]),
+                    minlength=s.layout.num_local) for s in tables]))
+    rows, offset = {}, 0
+    for spec in tables:
+        rows[spec.name] = np.flatnonzero(counts[offset:offset + spec.layout.num_local])
+        offset += spec.layout.num_local
+    return rows
 
 
 def _plan_remote(remote: list[TableSpec], fetches: list[dict[str, Fetch]], comm: Comm,
                  step_rows: dict[str, np.ndarray]) -> tuple[list[dict[str, Serve]], list[Wire | None]]:
     """Tell every owner which of its rows each micro-batch needs (one exchange of local row ids per step),
-    and lay out every micro-batch's all-to-all. Vectorised over ranks: no Python loop runs per peer."""
+    and lay out every micro-batch's all-to-all, over `comm` (the owner group, or the world). Vectorised over
+    ranks: no Python loop runs per peer."""
     if not remote or not fetches:
         step_rows.update({s.name: np.zeros(0, np.int64) for s in remote})
         return [{} for _ in fetches], [None for _ in fetches]
     world, kinds = comm.world_size, len(fetches) * len(remote)  # kind j = micro-batch * tables + table
+    first = remote[0].layout.rank - comm.rank  # owners' world ranks -> ranks of `comm`
     local, dest, kind = [], [], []
     for k, f in enumerate(fetches):
         for t, spec in enumerate(remote):
             ids = f[spec.name].ids
             local.append(spec.layout.local[ids])
-            dest.append(spec.layout.owner[ids])
+            dest.append(spec.layout.owner[ids] - first)
             kind.append(np.full(len(ids), k * len(remote) + t, dtype=np.int64))
     key = np.concatenate(dest) * kinds + np.concatenate(kind)
     order = np.argsort(key, kind="stable")  # by owner, then kind; a kind's ids keep their order
@@ -249,9 +276,9 @@ def _chunk_positions(counts: np.ndarray, sizes: np.ndarray) -> tuple[list[np.nda
 
 
 def _stats(specs: list[TableSpec], plan: StepPlan, rank: int, element_size: int) -> dict[str, float]:
-    """Rows and bytes per table for the step's metrics, as this rank sees them. Rows come from other
-    ranks in the bank's dtype (`element_size` bytes a value) and their gradients go back in fp32, so
-    for an fp32 bank the bytes returned equal those fetched, for a bf16 bank twice them."""
+    """Rows and bytes per table for the step's metrics, as this rank (`rank`: in the all-to-all's group) sees
+    them. Rows come from other ranks in the bank's dtype (`element_size` bytes a value) and their gradients go
+    back in fp32, so for an fp32 bank the bytes returned equal those fetched, for a bf16 bank twice them."""
     stats: dict[str, float] = {}
     for spec in specs:
         fetched = sum(len(f[spec.name].ids) for f in plan.fetches)

@@ -90,8 +90,9 @@ class RankFootprint:
     step_grads: int  # fp32 gradient buffer of the rows a step touches (upper bound)
     fetched: int  # one micro-batch's fetched rows plus their fp32 gradient buffer (upper bound)
     moved_gather: int  # bytes sent + received per optimizer step by one rank, gather placement (expected)
-    moved_owner: int  # the same for owner placement: replicated levels and the generic row, and with groups of
-    #                   several ranks (W > k_1) the sharded rows fetched from the group's other ranks
+    moved_owner: int  # the same for owner placement: the generic row over the world; the replicated levels
+    #                   inside each group (nothing with groups of one rank, every rank with one group); with
+    #                   groups of several ranks (W > k_1) the sharded rows fetched from the group's other ranks
 
 
 def _expected_distinct(nodes: int, draws: int) -> float:
@@ -101,11 +102,13 @@ def _expected_distinct(nodes: int, draws: int) -> float:
 
 def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[int], units: Sequence[int],
                    world_size: int, replicate_levels: int, generic: bool, weight_bytes: int, micro_batch: int,
-                   global_batch: int, group_size: int = 1) -> RankFootprint:
+                   global_batch: int, group_size: int = 1, placement: str = "gather") -> RankFootprint:
     """Per-rank bank memory and traffic, assuming a batch's leaves spread uniformly over the tree.
     `weight_bytes`: bytes per stored value (2 for bf16, which adds fp32 masters; 4 for fp32). `group_size`:
     owner placement's ranks per group (hmtrain/parallel/placement.py); a group's sequences route to its
-    1/G of each level's nodes, G = world_size / group_size groups."""
+    1/G of each level's nodes, G = world_size / group_size groups. The memory figures are `placement`'s:
+    under owner placement a replicated level is stored whole in each group only (1/G of its rows), its
+    optimizer state cut among the group's ranks."""
     validate_tree(branching, units)
     master_bytes = MASTER_BYTES if weight_bytes < 4 else 0
     per_unit = n_layers * params_per_unit
@@ -113,14 +116,19 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
     micro_batches = max(1, sequences_per_rank // micro_batch)
     weights = masters = optimizer = step_grads = fetched = 0
     moved_gather = moved_owner = 0.0
-    tables = [(n, m, level < replicate_levels) for level, (n, m) in enumerate(zip(level_nodes(branching), units))
-              if m > 0]
+    groups = world_size // group_size
+    tables = [(n, m, level < replicate_levels, False)
+              for level, (n, m) in enumerate(zip(level_nodes(branching), units)) if m > 0]
     if generic:
-        tables.append((1, sum(units), True))
-    for nodes, m, replicated in tables:
+        tables.append((1, sum(units), True, True))
+    for nodes, m, replicated, is_generic in tables:
         row = per_unit * m
+        in_groups = replicated and not is_generic and groups > 1  # owner placement keeps it whole per group
         owned = -(-nodes // world_size)  # the most rows any rank's torch.chunk slice holds (rank 0's)
         rows = nodes if replicated else owned  # a replicated table's stored rows are all on every rank
+        if in_groups and placement == "owner":  # the group's 1/G of the rows, state cut among its R ranks
+            rows = -(-nodes // groups)
+            owned = -(-rows // group_size)
         weights += rows * row * weight_bytes
         masters += owned * row * master_bytes  # ZeRO-1: a replicated table's state only for its owned rows
         optimizer += owned * (row * 8 + 8)
@@ -130,6 +138,9 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
             # in the bank's dtype; a rank sends and receives (W-1)/W of each (the ring's share)
             zero = 2 * (world_size - 1) / world_size * _expected_distinct(nodes, global_batch) * row
             moved_gather += zero * (GRAD_BYTES + weight_bytes)
+            if in_groups:  # owner placement: the same among a group's R ranks, over its nodes and sequences
+                group_nodes = max(nodes / groups, 1.0)
+                zero = 2 * (group_size - 1) / group_size * _expected_distinct(group_nodes, global_batch / groups) * row
             moved_owner += zero * (GRAD_BYTES + weight_bytes)
         else:  # rows from the other ranks' shares and their fp32 gradients back, per micro-batch
             remote = _expected_distinct(nodes, micro_batch) * (world_size - 1) / world_size

@@ -5,6 +5,7 @@ into it, deciding whether the checkpoint's optimizer state carries over.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,8 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
     cfg = resolve_vocab(cfg, data)
     # host-side integers and background checkpoint writes each on their own gloo group, NCCL or not
     side = side_groups(info, cfg.parallel.timeout_s)
-    comm = Comm(device=info.collective_device, control_group=side.control)
+    comm = Comm(device=info.collective_device, control_group=side.control,
+                timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))  # the owner groups' timeout
 
     torch.manual_seed(tc.seed)  # the same initial anchor on every rank, sharded afterwards
     model = build_model(cfg, run_model_config(cfg.model, tc.mode, tc.dense_multiplier)).to(info.device)

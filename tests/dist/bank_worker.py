@@ -72,9 +72,12 @@ def train_step(bank: MemoryBank, step: int, world: int, owner, generic: bool) ->
     use_generic = (ids % 5 == 0) if generic else np.zeros(len(ids), dtype=bool)
     chunks = np.array_split(np.arange(len(ids)), MICRO)
     plan = bank.plan_step([(paths[c], use_generic[c]) for c in chunks])
-    for wire in plan.wires:  # which ranks this one exchanged rows with, and how many bytes
+    first = bank.comm.rank - bank.group_comm.rank  # an owner group's splits are indexed by rank in the group
+    for wire in plan.wires:  # which ranks this one exchanged rows with, how many bytes, over how many ranks
         if wire is not None:
-            TRAFFIC["peers"] |= {r for r, (a, b) in enumerate(zip(wire.fetch_splits, wire.serve_splits)) if a or b}
+            TRAFFIC["peers"] |= {first + r for r, (a, b) in enumerate(zip(wire.fetch_splits, wire.serve_splits))
+                                 if a or b}
+            TRAFFIC["wire_ranks"] = len(wire.fetch_splits)
     for key, value in plan.stats.items():
         if key.endswith("/bytes_fetched"):
             TRAFFIC[key] = TRAFFIC.get(key, 0) + value

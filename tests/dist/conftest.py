@@ -31,13 +31,14 @@ def torchrun(nproc: int, args: list[str], *, cwd: Path, timeout: int = 240, chec
     return proc
 
 
-def prepare_four_subtrees(root: Path, people: int, documents: int) -> dict:
-    """A synthetic corpus prepared with a [4, 2] tree (4 level-1 subtrees: owner placement up to 4 ranks)."""
+def prepare_four_subtrees(root: Path, people: int, documents: int, branching: str = "[4,2]") -> dict:
+    """A synthetic corpus prepared with a [4, 2] tree (4 level-1 subtrees: owner placement in groups of one rank
+    up to 4 ranks), or another `branching`."""
     from tests.e2e.conftest import MICRO, run_cli
 
     run_cli("data", "synth", "--out", str(root / "corpus"), "--people", str(people), "--documents", str(documents),
             cwd=root)
-    overrides = [*MICRO, "tree.branching=[4,2]", f"data.documents={root / 'corpus' / 'documents.jsonl.gz'}",
+    overrides = [*MICRO, f"tree.branching={branching}", f"data.documents={root / 'corpus' / 'documents.jsonl.gz'}",
                  f"data.prepared={root / 'prepared'}"]
     run_cli("data", "prepare", "--config", "tiny", *overrides, cwd=root)
     return {"root": root, "overrides": overrides}

@@ -55,19 +55,30 @@ def test_world_size_and_placement_do_not_change_the_bank(tmp_path):
 
 
 def test_owner_groups_past_k1_ranks_train_the_same_bank_and_keep_rows_in_their_group(tmp_path):
-    """4 ranks on a tree of 2 level-1 subtrees: 2 groups of 2 ranks (hmtrain/parallel/placement.py). Each group's
-    ranks share its sequences and fetch its rows from each other, never from the other group."""
+    """4 ranks on a tree of 2 level-1 subtrees: 2 groups of 2 ranks (hmtrain/parallel/placement.py), resumed from
+    2 gather ranks, level 1 replicated. Each group's ranks share its sequences and fetch its rows from each other
+    over the group's own all-to-all, never from the other group; each stores its own group's level-1 row alone
+    (loaded as a slice and gathered in the group), and what they save is the one-process bank."""
     tree = (2, 6, 2)
     reference = load(run(tmp_path, "ref", 1, branching=tree), branching=tree)
     assert reference["level3.step"].sum() > 0
+    half = run(tmp_path, "half", 2, steps=2, branching=tree)
     dump = tmp_path / "dump"
-    four = load(run(tmp_path, "o4", 4, "owner", dump=dump, branching=tree), branching=tree)
-    assert_same(reference, four, "owner placement, 2 groups of 2 ranks")
+    four = load(run(tmp_path, "o4", 4, "owner", replicate=1, steps=2, start=2, resume=half, dump=dump,
+                    branching=tree), branching=tree)
+    assert_same(reference, four, "owner placement, 2 groups of 2 ranks, 2 -> 4 ranks")
     for rank in range(4):
         traffic = json.loads((dump / f"traffic{rank}.json").read_text())
         group = {rank // 2 * 2, rank // 2 * 2 + 1}
         assert set(traffic["peers"]) <= group and rank ^ 1 in traffic["peers"], (rank, traffic)  # its replica only
+        assert traffic["wire_ranks"] == 2, traffic  # the all-to-all runs on the group, not the world
         assert traffic["level3/bytes_fetched"] > 0  # deep rows did move, inside the group
+        live = torch.load(dump / f"rank{rank}.pt")
+        subtree = rank // 2  # worker.TOKENS [5, 1]: assign_groups gives group g subtree g
+        assert live["level1.weight"].shape[0] == 1, live["level1.weight"].shape  # its group's row, not the table
+        torch.testing.assert_close(live["level1.weight"][0], reference["level1.weight"][subtree], rtol=1e-5,
+                                   atol=1e-6)
+        assert live["level1.exp_avg"].shape[0] == 1 - rank % 2  # ZeRO-1 inside the group: one of 2 holds its state
 
 
 def test_a_bank_saved_on_two_ranks_resumes_on_three_and_on_one(tmp_path):

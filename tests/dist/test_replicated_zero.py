@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from hmtrain.memory.layout import chunk_rows
+from hmtrain.memory.layout import by_subtree, chunk_rows
 from hmtrain.memory.sizes import level_nodes
+from hmtrain.parallel.placement import assign_groups
 from tests.dist import bank_worker as worker
 from tests.dist.test_bank_distributed import assert_same, load, run
 
@@ -34,11 +35,11 @@ def replicated_tables() -> dict[str, int]:
     return {**{f"level{i + 1}": nodes[i] for i in range(REPLICATE)}, "generic": 1}
 
 
-def assert_ranks_hold_their_slices(reference: dict, dump, world: int, what: str) -> None:
+def assert_ranks_hold_their_slices(reference: dict, dump, world: int, what: str, tables=None) -> None:
     """Every rank: the whole stored table as one process has it, optimizer state for its chunk rows only."""
     for rank in range(world):
         local = torch.load(dump / f"rank{rank}.pt")
-        for table, rows in replicated_tables().items():
+        for table, rows in (tables or replicated_tables()).items():
             start, stop = chunk_rows(rows, world, rank)
             expect = {f"{table}.weight": reference[f"{table}.weight"]}
             expect |= {key: reference[key][start:stop] for key in (f"{table}.{f}" for f in OPTIMIZER_STATE)
@@ -73,5 +74,17 @@ def test_sharded_optimizer_state_resumes_on_three_ranks_and_on_one(tmp_path):
     on3 = run(tmp_path, "on3", 3, "owner", REPLICATE, steps=2, start=2, resume=half, dtype="bf16",
               dump=tmp_path / "dump3")
     assert_same(straight, load(on3, torch.bfloat16), "bf16, 2 -> 3 ranks")
-    assert_ranks_hold_their_slices(straight, tmp_path / "dump3", 3, "2 -> 3 ranks")
+    # owner placement in groups of one rank: only the generic row stays on every rank; the levels
+    # REPLICATE names are each rank's own subtrees' rows, whole with their state (nothing to reduce)
+    assert_ranks_hold_their_slices(straight, tmp_path / "dump3", 3, "2 -> 3 ranks", {"generic": 1})
+    owner = assign_groups(worker.TOKENS, 3)
+    assert owner.group_size == 1
+    for rank in range(3):
+        local = torch.load(tmp_path / "dump3" / f"rank{rank}.pt")
+        for level, rows in enumerate(level_nodes(worker.BRANCHING)[:REPLICATE]):
+            mine = by_subtree(rows, worker.BRANCHING[0], owner.group_of_subtree, 3, rank).local_rows
+            assert 0 < len(mine) < rows
+            for field in ("weight", *OPTIMIZER_STATE):
+                key = f"level{level + 1}.{field}"
+                assert_same({key: straight[key][mine]}, {key: local[key]}, f"2 -> 3 ranks, rank {rank}")
     assert_same(straight, one_process(2, "bf16", first=2, resume=half), "bf16, 2 -> 1 rank")

@@ -26,8 +26,9 @@ TRAIN = ["train.global_batch_size=12", "train.micro_batch_size=2", "train.pretra
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    """A prepared corpus whose tree has 4 level-1 subtrees, so owner placement can use 3 ranks."""
-    return prepare_four_subtrees(tmp_path_factory.mktemp("dist"), people=40, documents=240)
+    """A prepared corpus whose tree has 2 level-1 subtrees, so owner placement on 4 ranks forms 2 groups of 2
+    ranks, and on 3 ranks one group of 3."""
+    return prepare_four_subtrees(tmp_path_factory.mktemp("dist"), people=40, documents=240, branching="[2,4]")
 
 
 @pytest.fixture(scope="module")
@@ -82,20 +83,24 @@ def test_world_size_placement_and_engine_do_not_change_training(data, straight, 
     first = losses(straight)
     assert first[5] < first[1], "the run must learn"
     runs = {}
-    for name, nproc, extra in [("fsdp2", 2, []), ("fsdp3_owner", 3, ["parallel.placement=owner"]),
+    for name, nproc, extra in [("fsdp2", 2, []),
+                               # 2 groups of 2 ranks: level 1 kept whole in each group, level 2 cut inside it
+                               ("fsdp4_owner", 4, ["parallel.placement=owner", "parallel.replicate_levels=1",
+                                                 "train.micro_batch_size=3"]),
                                ("fsdp2_replicated", 2, ["parallel.replicate_levels=1"]),
                                ("zero2", 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
                                # owner placement pads micro-batches and can run more than DeepSpeed's accumulation
                                ("zero2_owner", 3, ["parallel.placement=owner", "parallel.engine=deepspeed"])]:
         runs[name] = train(data, tmp_path, name, nproc, *extra)
         assert_same_run(straight, runs[name], name)
-    # only fetched rows cross the network: gather placement moves deep rows, owner placement none
-    gathered, owned = last_metrics(runs["fsdp2"]), last_metrics(runs["fsdp3_owner"])
+    # only fetched rows cross the network: gather placement moves deep rows; owner placement moves none of
+    # the level its groups keep whole, and level 2's only inside a group (tests/dist/test_bank_distributed.py)
+    gathered, owned = last_metrics(runs["fsdp2"]), last_metrics(runs["fsdp4_owner"])
     row_bytes = 2 * 3 * 32 * 4 * 4  # level2: 2 layers x 3 x d 32 x 4 units, fp32
     assert gathered["memory/level2/bytes_fetched"] > 0
     assert gathered["memory/level2/bytes_fetched"] % row_bytes == 0
     assert gathered["memory/level2/bytes_returned"] == gathered["memory/level2/bytes_fetched"]
-    assert owned["memory/level1/bytes_fetched"] == owned["memory/level2/bytes_fetched"] == 0
+    assert owned["memory/level1/bytes_fetched"] == 0 and owned["memory/level2/bytes_fetched"] % row_bytes == 0
     assert "memory/tokens/imbalance" in owned and owned["memory/tokens/imbalance"] >= 1.0
 
 

@@ -31,15 +31,27 @@ def test_rank_footprint_by_hand():
     fp32 = rank_footprint(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], world_size=4,
                           replicate_levels=1, generic=False, weight_bytes=4, micro_batch=2, global_batch=8)
     assert fp32.masters == 0 and fp32.weights == 2 * f.weights  # an fp32 bank is its own master
-    # gather placement sends rows in the bank's dtype and their gradients back in fp32
-    assert f.moved_gather - f.moved_owner == pytest.approx((fp32.moved_gather - fp32.moved_owner) * (2 + 4) / (4 + 4),
-                                                           abs=2)
-    assert f.moved_owner > 0 and f.moved_gather > f.moved_owner  # gather also moves level 1 rows
-    # owner placement moves the replicated level only: its touched rows (of 4, 8 sequences a step), fp32
-    # gradients reduce-scattered and bf16 rows all-gathered, 3/4 of each sent and as much received
+    # gather placement: level 0 by ZeRO-1 (its touched rows, of 4, by 8 sequences a step: fp32 gradients
+    # reduce-scattered and bf16 rows all-gathered, 3/4 of each sent and as much received) and level 1's rows
+    # from their owners (3/4 of a micro-batch's distinct rows, bf16 in and fp32 gradients out, both ways)
     touched = 4 * (1 - (3 / 4) ** 8)
-    assert f.moved_owner == pytest.approx(2 * 3 / 4 * touched * row0 * (4 + 2), abs=1)
-    assert fp32.moved_owner == pytest.approx(2 * 3 / 4 * touched * row0 * (4 + 4), abs=1)  # fp32 rows back
+    remote = 16 * (1 - (15 / 16) ** 2) * 3 / 4
+    assert f.moved_gather == pytest.approx(2 * 3 / 4 * touched * row0 * (4 + 2) + 2 * remote * row1 * (2 + 4),
+                                           abs=2)
+    assert fp32.moved_gather == pytest.approx(2 * 3 / 4 * touched * row0 * 8 + 2 * remote * row1 * 8, abs=2)
+    # owner placement in 4 groups of one rank: every level's rows with their subtree's rank, nothing moves
+    assert f.moved_owner == fp32.moved_owner == 0
+    # in 2 groups of 2: level 0 kept whole in each group (2 rows), ZeRO-1 between its 2 ranks over its 4
+    # sequences; level 1's rows from the group's other rank (1/2 of a micro-batch's distinct rows of 8)
+    two = rank_footprint(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], world_size=4,
+                         replicate_levels=1, generic=False, weight_bytes=2, micro_batch=2, global_batch=8,
+                         group_size=2, placement="owner")
+    in_group = 2 * (1 - (1 / 2) ** 4)
+    remote = 8 * (1 - (7 / 8) ** 2) / 2
+    assert two.moved_owner == pytest.approx(2 * 1 / 2 * in_group * row0 * (4 + 2) + 2 * remote * row1 * (2 + 4),
+                                            abs=2)
+    assert two.weights == (2 * row0 + 4 * row1) * 2  # the group's half of level 0, a quarter of level 1
+    assert two.masters == (1 * row0 + 4 * row1) * 4  # one of the group's 2 rows of level 0 per rank
 
 
 def test_anchor_bytes_by_engine():
@@ -210,7 +222,8 @@ def _info(world_size: int, *overrides: str, **kw) -> tuple[dict, str]:
 
 def test_owner_placement_beyond_k1_ranks_reports_its_groups_traffic():
     """Past k_1 = 16 ranks owner placement runs in groups (64 ranks: 16 groups of 4); its traffic adds the deep
-    rows a group's ranks fetch from each other, what gather moves over the group's nodes and ranks only."""
+    rows a group's ranks fetch from each other, what gather moves over the group's nodes and ranks only, and the
+    replicated level's ZeRO-1 among the group's ranks (with groups of one it stays with its rank)."""
     at16, text = _info(16)
     assert "owner placement, 16 group(s) of 1 rank(s)" in text and at16["per_rank"]["owner_groups"] == (16, 1)
     at64, text = _info(64)
@@ -220,7 +233,7 @@ def test_owner_placement_beyond_k1_ranks_reports_its_groups_traffic():
               units=cfg.memory.units, replicate_levels=cfg.parallel.replicate_levels, generic=cfg.memory.generic,
               weight_bytes=2 if cfg.memory.dtype == "bf16" else 4, micro_batch=cfg.train.micro_batch_size,
               global_batch=cfg.train.global_batch_size)
-    alone = rank_footprint(world_size=64, group_size=1, **kw)  # the replicated tables' ZeRO-1 traffic only
+    alone = rank_footprint(world_size=64, group_size=1, **kw)  # the generic row's ZeRO-1 traffic only
     assert at64["per_rank"]["moved_owner"] == rank_footprint(world_size=64, group_size=4, **kw).moved_owner
     deep = at64["per_rank"]["moved_owner"] - alone.moved_owner
     # by hand: each sharded level's distinct rows in a micro-batch, over the group's 1/16 of the nodes, 3/4 of
@@ -228,10 +241,13 @@ def test_owner_placement_beyond_k1_ranks_reports_its_groups_traffic():
     per_unit, micro, steps = cfg.model.n_layers * 3 * cfg.model.d_model, cfg.train.micro_batch_size, 1024 // 64 // 16
     expected = 0.0
     for level, (nodes, m) in enumerate(zip(np.cumprod(cfg.tree.branching), cfg.memory.units)):
+        group_nodes = nodes / 16
         if m and level >= cfg.parallel.replicate_levels:
-            group_nodes = nodes / 16
             distinct = group_nodes * (1 - (1 - 1 / group_nodes) ** micro)
             expected += 2 * distinct * 3 / 4 * per_unit * m * (kw["weight_bytes"] + 4) * steps
+        elif m:  # kept whole in each group: ZeRO-1 among its 4 ranks over the rows the group's sequences touch
+            touched = group_nodes * (1 - (1 - 1 / group_nodes) ** (cfg.train.global_batch_size / 16))
+            expected += 2 * 3 / 4 * touched * per_unit * m * (kw["weight_bytes"] + 4)
     assert deep == pytest.approx(expected, rel=1e-6) and deep > 0
     assert at16["per_rank"]["moved_owner"] < at16["per_rank"]["moved_gather"]
 
