@@ -285,3 +285,14 @@ def test_checkpoint_gbps_must_be_positive(capsys):
     assert main(["info", "--config", "tiny", "--checkpoint-gbps", "0"]) == 2
     assert capsys.readouterr().err.strip() == ("hmtrain info: error: --checkpoint-gbps must be a positive number of "
                                                "GB/s, got 0.0")
+
+
+def test_owner_groups_store_their_own_level_1_rows_only():
+    """64 ranks in 16 groups of 4 on paper-160m (level 1: 16 rows, replicated): under gather placement every
+    rank stores all 16 rows, under owner placement its group's one; the deeper levels cost the same."""
+    gather, _ = _info(64, "parallel.placement=gather")
+    owner, _ = _info(64, "parallel.placement=owner")
+    cfg = load_config("paper-160m")
+    row = cfg.model.n_layers * 3 * cfg.model.d_model * cfg.memory.units[0] * 2  # bf16
+    key = next(k for k in owner["per_rank"] if k.startswith("bank weights"))
+    assert gather["per_rank"][key] - owner["per_rank"][key] == 15 * row
