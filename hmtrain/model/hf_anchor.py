@@ -11,8 +11,8 @@ memory, exactly"): a forward hook on the MLP adds, for sequence b,
 to the MLP's own output, with the MLP's own activation module (`act_fn`; GPT-2's `act`): the
 concatenation of the anchor's hidden units and the memory's. Memory down rows start at zero, so a
 fresh memory leaves the HF model's logits as they were. The hook leaves the modules and their
-parameter names as they are: `save_pretrained` writes a plain HF checkpoint (`hmtrain export` does not
-use it yet: it refuses HF runs).
+parameter names as they are: `save_pretrained` writes a plain HF checkpoint (`hmtrain export` writes
+it as the export's `anchor/`, which `hmtrain generate` reads back into this class).
 
 The trainer's contract is hmtrain's `Transformer`'s: `layers` (the decoder layers, which
 hmtrain/parallel/parallelize.py wraps), `hidden_states`, `output_weight`, and `forward` that returns

@@ -4,9 +4,12 @@
                              and what produced it (checkpoint, step, data fingerprints)
     <out>/bank/level{i}.npy  one plain .npy per bank table (levels from 1), rows contiguous (memory/mapped_bank.py)
     <out>/bank/generic.npy   the generic memory row, when the run trained one
-    <out>/anchor.safetensors the anchor's weights (its state dict; with tied embeddings the head is
-                             `tok_embeddings.weight`, stored once), the model config in its metadata
-                             (`config`, `max_seq_len`): readable by safetensors alone, no hmtrain code
+    <out>/anchor.safetensors hmtrain's own anchor (`model.family=lm`): its state dict (with tied embeddings
+                             the head is `tok_embeddings.weight`, stored once), the model config in its
+                             metadata (`config`, `max_seq_len`): readable by safetensors alone, no hmtrain code
+    <out>/anchor/            an open-weight anchor (`model.family=hf`) instead: a Hugging Face checkpoint
+                             (config.json, model.safetensors, as `save_pretrained` writes them, and the
+                             source directory's tokenizer files), which transformers' `from_pretrained` reads
     <out>/config.yaml        the checkpoint's config (the model config is also in the manifest)
     <out>/<tokenizer>/, <out>/<tree file>   copied from the prepared data the run was trained on
 
@@ -15,6 +18,11 @@ into the memory-mapped output file: the process holds at most one saved chunk of
 (DCP reads each saved chunk whole), never the bank's optimizer moments. Everything is written into
 `<out>.tmp`, fsynced, and renamed to `<out>` once complete, so a crash never leaves a directory
 named `<out>` that is not a whole export.
+
+One format for both anchor families: the manifest's `model.family` says which anchor file the export
+holds; the bank tables, tree and tokenizer are the same. An HF anchor is always written from the
+checkpoint's weights (a frozen anchor's equal its source directory's bit for bit; a co-trained one's do
+not), in float32, the dtype it trained in.
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ from hmtrain.checkpoint.checkpointer import Checkpointer
 from hmtrain.checkpoint.formats import saved_name
 from hmtrain.checkpoint.resume import check_data_fingerprints
 from hmtrain.checkpoint.verify import CONFIG_FILE, CheckpointError
-from hmtrain.config import Config, ConfigError, ModelConfig, load_config
+from hmtrain.config import Config, ModelConfig, load_config
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
@@ -48,7 +56,7 @@ from hmtrain.memory.fetched import GENERIC
 from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.mapped_bank import STORAGE, MappedBank
 from hmtrain.memory.sizes import level_nodes
-from hmtrain.model import Transformer, count_parameters, run_model_config
+from hmtrain.model import HFAnchor, Transformer, count_parameters, run_model_config
 from hmtrain.util.files import (
     aside_names,
     atomic_write,
@@ -61,10 +69,15 @@ from hmtrain.util.files import (
 )
 
 FORMAT = "hmtrain.export"
-VERSION = 2
-READS = (1, 2)  # version 1 stored the anchor as a torch pickle, anchor.pt
+VERSION = 3
+READS = (1, 2, 3)  # version 1 stored the anchor as a torch pickle, anchor.pt; 3 added model.family (before: lm)
 MANIFEST = "manifest.json"
 ANCHOR_FILE = "anchor.safetensors"
+HF_DIR = "anchor"  # an HF anchor's save_pretrained directory
+ANCHOR_FAMILIES = ("lm", "hf")  # the model.family values of the anchors an export holds
+# what a tokenizer of an HF model directory may consist of (AutoTokenizer reads these; copied when present)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 TIED_HEAD = "output.weight"  # not stored when the embeddings are tied: it is tok_embeddings.weight
 BANK_DIR = "bank"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -77,6 +90,38 @@ def save_anchor(model: Transformer, path: Path) -> None:
              if not (model.cfg.tie_embeddings and k == TIED_HEAD)}
     metadata = {"format": "pt", "config": json.dumps(asdict(model.cfg)), "max_seq_len": str(model.max_seq_len)}
     safetensors.torch.save_file(state, str(path), metadata=metadata)
+
+
+def save_hf_anchor(model: HFAnchor, source: Path, directory: Path) -> None:
+    """An HF anchor as a Hugging Face checkpoint, with the tokenizer files of the directory it came from."""
+    model.save_pretrained(directory)
+    for name in HF_TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, directory / name)
+
+
+def _load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    state = {"model": get_model_state_dict(model)}
+    Checkpointer.load(checkpoint, state)
+    set_model_state_dict(model, state["model"])
+
+
+def _write_anchor(cfg: Config, checkpoint: Path, tmp: Path) -> dict:
+    """The checkpoint's anchor into the staging directory; its manifest entry."""
+    if cfg.model.family == "hf":
+        model = HFAnchor(cfg.model, max_seq_len=cfg.data.seq_len)  # the architecture of model.hf_path
+        _load_weights(model, checkpoint)
+        save_hf_anchor(model, Path(cfg.model.hf_path), tmp / HF_DIR)
+        # the config's hf_path is the export's own anchor directory (relative to the export), never the source
+        return {"family": "hf", "dir": HF_DIR, "config": {**asdict(cfg.model), "hf_path": HF_DIR},
+                "max_seq_len": cfg.data.seq_len, "parameters": count_parameters(cfg.model),
+                "source": str(Path(cfg.model.hf_path).resolve())}
+    model_cfg = run_model_config(cfg.model, cfg.train.mode, cfg.train.dense_multiplier)
+    model = Transformer(model_cfg, max_seq_len=cfg.data.seq_len)
+    _load_weights(model, checkpoint)
+    save_anchor(model, tmp / ANCHOR_FILE)
+    return {"family": "lm", "file": ANCHOR_FILE, "config": asdict(model_cfg), "max_seq_len": cfg.data.seq_len,
+            "parameters": count_parameters(model_cfg)}
 
 
 def bank_tables(cfg: Config) -> dict[str, tuple[Optional[int], tuple[int, ...]]]:
@@ -158,9 +203,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: Option
     its fingerprints must be the ones the checkpoint was trained with."""
     out = Path(out)
     path, record, cfg = read_checkpoint(checkpoint, hint="export it with --checkpoint")
-    if cfg.model.family == "hf":  # the export format's anchor is hmtrain's Transformer (docs/design.md)
-        raise ConfigError(f"{path}: an open-weight anchor (model.family=hf) cannot be exported yet; evaluate the "
-                          "checkpoint with `hmtrain eval --checkpoint` instead")
     data_cfg = cfg if config is None and not overrides else load_config(config or path / CONFIG_FILE, overrides)
     prepared = Path(data_cfg.data.prepared)
     _check_out(out, overwrite, [path, prepared])
@@ -189,14 +231,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: Option
                     "fetched_parameters": n_layers * memory_kind(cfg).params_per_unit * sum(cfg.memory.units),
                     "bank_parameters": sum(int(np.prod(s)) for n, (_, s) in tables.items() if n != GENERIC)}
 
-        model_cfg = run_model_config(cfg.model, cfg.train.mode, cfg.train.dense_multiplier)
-        model = Transformer(model_cfg, max_seq_len=cfg.data.seq_len)
-        state = {"model": get_model_state_dict(model)}
-        Checkpointer.load(path, state)
-        set_model_state_dict(model, state["model"])
-        save_anchor(model, tmp / ANCHOR_FILE)
-        del model, state
-
+        model_entry = _write_anchor(cfg, path, tmp)
         shutil.copyfile(path / CONFIG_FILE, tmp / CONFIG_FILE)
         tokenizer_src, tree_src = data.root / data.manifest["tokenizer"], data.root / data.manifest["tree"]
         tokenizer_name, tree_name = tokenizer_src.name, tree_src.name
@@ -209,8 +244,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: Option
                        "mode": cfg.train.mode, "config_sha256": record.get("config_sha256"),
                        "data_fingerprints": record.get("data_fingerprints"), "prepared": str(data.root.resolve()),
                        "hmtrain_version": hmtrain.__version__},
-            "model": {"file": ANCHOR_FILE, "config": asdict(model_cfg), "max_seq_len": cfg.data.seq_len,
-                      "parameters": count_parameters(model_cfg)},
+            "model": model_entry,
             "tokenizer": tokenizer_name, "tree": tree_name,
             "embedder": {"name": data.manifest["embedder"], "dim": data.tree.dim},
             "bank": bank,
@@ -284,22 +318,37 @@ class Export:
     def tree(self) -> Tree:
         return Tree.load(self.root / self.manifest["tree"])
 
-    def load_model(self, device: str | torch.device = "cpu") -> Transformer:
+    def load_model(self, device: str | torch.device = "cpu") -> Transformer | HFAnchor:
+        """The anchor, as training built it: hmtrain's Transformer, or the HF model of `anchor/` with the
+        memory hooks on its MLPs (hmtrain/model/hf_anchor.py)."""
         entry = self.manifest["model"]
+        family = entry.get("family", "lm") if isinstance(entry, dict) else None  # before version 3: lm
+        if family not in ANCHOR_FAMILIES:
+            raise ValueError(f"export {self.root}: {MANIFEST} names an anchor of family {family!r}, this hmtrain "
+                             f"reads {', '.join(ANCHOR_FAMILIES)}; {AGAIN}")
         try:
-            model = Transformer(ModelConfig(**entry["config"]), max_seq_len=int(entry["max_seq_len"]))
-            file = self.root / entry["file"]
-            if file.suffix == ".safetensors":
-                state = safetensors.torch.load_file(file)
-                if model.cfg.tie_embeddings:
-                    state[TIED_HEAD] = state["tok_embeddings.weight"]
-            else:  # a version-1 export
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except (KeyError, TypeError, RuntimeError, EOFError, OSError, safetensors.SafetensorError) as exc:
+            model = self._hf_anchor(entry) if family == "hf" else self._lm_anchor(entry)
+        except (KeyError, TypeError, ValueError, RuntimeError, EOFError, OSError, safetensors.SafetensorError) as exc:
             raise ValueError(f"export {self.root}: the anchor cannot be loaded ({' '.join(str(exc).split())[:300]}); "
                              f"{AGAIN}") from exc
         return model.to(device).eval()
+
+    def _lm_anchor(self, entry: dict) -> Transformer:
+        model = Transformer(ModelConfig(**entry["config"]), max_seq_len=int(entry["max_seq_len"]))
+        file = self.root / entry["file"]
+        if file.suffix == ".safetensors":
+            state = safetensors.torch.load_file(file)
+            if model.cfg.tie_embeddings:
+                state[TIED_HEAD] = state["tok_embeddings.weight"]
+        else:  # a version-1 export
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        return model
+
+    def _hf_anchor(self, entry: dict) -> HFAnchor:
+        """Read with transformers from the export's own directory (the config's hf_path is relative to it)."""
+        return HFAnchor(ModelConfig(**entry["config"]), max_seq_len=int(entry["max_seq_len"]),
+                        path=self.root / entry["dir"])
 
     def bank(self, device: str | torch.device = "cpu") -> Optional[MappedBank]:
         """The memory-mapped bank, or None for a model trained without memory (dense, or no memory phase)."""

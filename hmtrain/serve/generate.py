@@ -4,7 +4,9 @@ The prompt is embedded with the embedder the data was prepared with and routed d
 tree (greedy nearest-centroid descent, as training paths were), so it gets the memory blocks of
 the documents it resembles. The model is read from an export (hmtrain/serve/export.py; the bank
 through memory maps, only the path's rows) or from a checkpoint (the bank's weights in host memory,
-only the path's rows copied to the device).
+only the path's rows copied to the device). The anchor is hmtrain's Transformer or an open-weight HF
+model (`model.family=hf`; an export's `anchor/`, read with transformers), which takes the fetched
+memory in its MLPs through the same hooks as in training (hmtrain/model/hf_anchor.py).
 
 Decoding re-runs the full context every token (no KV cache: the models this runs on CPU are
 tiny); the context keeps its last `max_seq_len` tokens. Temperature 0 is greedy; otherwise
@@ -29,7 +31,7 @@ from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
 from hmtrain.eval.loading import load_trained, read_checkpoint
 from hmtrain.memory.read_only import ReadOnlyBank
-from hmtrain.model import Transformer
+from hmtrain.model import HFAnchor, Transformer
 from hmtrain.serve.export import Export
 
 MEMORY_MODES = ("fetched", "generic", "none")
@@ -47,7 +49,7 @@ class Generated:
 
 @dataclass
 class GenerationModel:
-    model: Transformer
+    model: Transformer | HFAnchor
     tokenizer: Tokenizer
     tree: Tree
     embedder_name: str

@@ -296,8 +296,13 @@ def test_a_version_1_export_with_a_pickled_anchor_still_loads(ctx, tmp_path):
     torch.save(model.state_dict(), old / "anchor.pt")
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["version"], manifest["model"]["file"] = 1, "anchor.pt"
+    assert manifest["model"].pop("family") == "lm"  # before version 3 an export held hmtrain's anchor alone
     manifest["files"] = export_module.record_files(old)
     (old / "manifest.json").write_text(json.dumps(manifest))
     loaded = Export.open(old, checksums=True).load_model()
     for (key, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), key
+    manifest["model"]["family"] = "moe"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="anchor of family 'moe'"):
+        Export.open(old).load_model()

@@ -1,33 +1,94 @@
-"""The post-hoc recipe on a tiny HF Llama: its own tokenizer, frozen anchor, memory phase alone."""
+"""The post-hoc recipe on tiny HF models: their own tokenizer, frozen anchor, memory phase alone; the export
+(the anchor in HF format beside the bank tables) read back by transformers and by `hmtrain generate`."""
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from hmtrain.eval.loading import load_trained
+from hmtrain.serve.export import Export, export_checkpoint
+from hmtrain.serve.generate import format_result, from_export
 from tests.e2e.conftest import run_cli
 from tests.hf_models import save_tiny
 
 SMALL = ["model.document_mask=false", "memory.units=[8,4]", "tree.branching=[2,3]", "data.seq_len=64",
          "data.embedder=hashing", "data.shard_samples=16", "data.heldout_fraction=0.1", "train.global_batch_size=4",
          "train.micro_batch_size=4", "train.progress=false", "train.log_every=1"]
+PROMPT = "She was born in the city of"
 
 
-def test_posthoc_memory_phase_keeps_the_anchor_and_lowers_the_loss(prepared, tmp_path):
-    model_dir = save_tiny("llama", tmp_path / "llama")
+@pytest.fixture(scope="module")
+def hf_data(prepared, tmp_path_factory) -> dict:
+    """Data prepared with the tiny models' byte tokenizer.json (the same file for every architecture)."""
+    root = tmp_path_factory.mktemp("hf")
+    model_dir = save_tiny("llama", root / "llama")
     corpus = prepared["root"] / "corpus"
+    run_cli("data", "prepare", "--config", "posthoc-tiny", f"model.hf_path={model_dir}", *SMALL,
+            f"data.documents={corpus / 'documents.jsonl.gz'}", f"data.prepared={root / 'prep'}", cwd=root)
+    return {"root": root, "llama": model_dir, "prep": root / "prep", "byte_prepared": prepared["root"] / "prepared"}
+
+
+def greedy_in_process(trained, tokenizer, path: torch.Tensor, n: int) -> list[int]:
+    """Greedy continuation of PROMPT by the checkpoint's model with the checkpoint bank's fetched memory."""
+    memory = trained.bank.lookup(path, torch.tensor([False]))
+    ids, new = tokenizer.encode(PROMPT), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = trained.model(torch.tensor([ids]), memory=memory)[0, -1]
+            logits[tokenizer.vocab_size:] = float("-inf")  # vocabulary padding
+            logits[tokenizer.pad_id] = float("-inf")
+            token = int(logits.argmax())
+            if token == tokenizer.eot_id:
+                break
+            ids.append(token)
+            new.append(token)
+    return new
+
+
+def check_hf_export(run: Path, out: Path, source: Path) -> dict:
+    """transformers reads the exported anchor to the trained anchor's logits; generate from the export with
+    fetched memory continues as the in-process model with the same memory. Returns the exported weights."""
+    trained = load_trained(run)
+    export = Export.open(out, checksums=True)
+    assert export.manifest["model"]["family"] == "hf" and export.manifest["bank"] is not None
+    assert (out / "anchor" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    reference = AutoModelForCausalLM.from_pretrained(out / "anchor", local_files_only=True).eval()
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = reference(tokens).logits
+        torch.testing.assert_close(trained.model(tokens), theirs, rtol=0, atol=1e-5)  # the anchor alone
+
+    served = from_export(out)
+    path = served.route(PROMPT)
+    ids = served.tokenizer.encode(PROMPT)
+    fetched = served.memory_for(path, "fetched")
+    with torch.no_grad():
+        torch.testing.assert_close(served.model(tokens), theirs, rtol=0, atol=1e-5)
+    with_memory = served.next_logits(ids, fetched)
+    assert not torch.allclose(with_memory, served.next_logits(ids, None)), "the memory is not attached"
+    memory = trained.bank.lookup(path, torch.tensor([False]))
+    with torch.no_grad():
+        torch.testing.assert_close(with_memory, trained.model(torch.tensor([ids]), memory=memory)[0, -1])
+    result = served.generate(PROMPT, max_new_tokens=8)
+    assert result.new_ids == greedy_in_process(trained, served.tokenizer, path, 8)
+    return load_file(out / "anchor" / "model.safetensors")
+
+
+def test_posthoc_memory_phase_keeps_the_anchor_and_lowers_the_loss(hf_data, tmp_path):
+    model_dir = hf_data["llama"]
     hf = [f"model.hf_path={model_dir}", *SMALL]
-    run_cli("data", "prepare", "--config", "posthoc-tiny", *hf, f"data.documents={corpus / 'documents.jsonl.gz'}",
-            f"data.prepared={tmp_path / 'prep'}", cwd=tmp_path)
-    manifest = json.loads((tmp_path / "prep" / "manifest.json").read_text())
+    manifest = json.loads((hf_data["prep"] / "manifest.json").read_text())
     assert manifest["tokenizer_name"].startswith("hf-") and manifest["eot_id"] == 256
 
     # data prepared with another tokenizer (the session's byte tokenizer) is refused by name
-    refused = run_cli("train", "--config", "posthoc-tiny", *hf, f"data.prepared={prepared['root'] / 'prepared'}",
+    refused = run_cli("train", "--config", "posthoc-tiny", *hf, f"data.prepared={hf_data['byte_prepared']}",
                       f"train.run_dir={tmp_path / 'refused'}", cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "not the anchor's own" in refused.stderr
 
-    run_cli("train", "--config", "posthoc-tiny", *hf, f"data.prepared={tmp_path / 'prep'}", "train.memory_steps=40",
+    run_cli("train", "--config", "posthoc-tiny", *hf, f"data.prepared={hf_data['prep']}", "train.memory_steps=40",
             "train.checkpoint_every=40", "train.memory_optim.lr=1e-2", f"train.run_dir={tmp_path / 'run'}",
             cwd=tmp_path)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -43,8 +104,30 @@ def test_posthoc_memory_phase_keeps_the_anchor_and_lowers_the_loss(prepared, tmp
             assert torch.equal(value, original[key]), name  # bit-identical after the memory phase
             checked += 1
     assert checked == len(original)
-    # the export format holds hmtrain's own anchor: an HF run is refused in one line, nothing written
-    refused = run_cli("export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "exported"),
-                      cwd=tmp_path, check=False)
-    assert refused.returncode == 2 and "model.family=hf" in refused.stderr and "Traceback" not in refused.stderr
-    assert not (tmp_path / "exported").exists()
+
+    out = tmp_path / "exported"
+    run_cli("export", "--checkpoint", str(tmp_path / "run"), "--out", str(out), cwd=tmp_path)
+    exported = check_hf_export(tmp_path / "run", out, model_dir)
+    assert exported.keys() == original.keys()
+    for key, value in original.items():
+        assert torch.equal(exported[key], value), key  # the frozen anchor, exported bit for bit
+    generated = run_cli("generate", "--export", str(out), "--prompt", PROMPT, "--max-new-tokens", "8", cwd=tmp_path)
+    assert generated.stdout == format_result(from_export(out).generate(PROMPT, max_new_tokens=8), PROMPT) + "\n"
+
+
+def test_a_cotrained_gpt2_anchor_is_exported_with_its_trained_weights(hf_data, tmp_path):
+    """GPT-2 (ungated MLP, tied head), the anchor co-trained: the export holds the checkpoint's weights, not
+    the source directory's."""
+    model_dir = save_tiny("gpt2", tmp_path / "gpt2")
+    run = tmp_path / "run"
+    run_cli("train", "--config", "posthoc-tiny", f"model.hf_path={model_dir}", *SMALL,
+            f"data.prepared={hf_data['prep']}", "train.anchor=cotrain", "train.memory_steps=3",
+            "train.checkpoint_every=3", "train.memory_optim.lr=1e-2", f"train.run_dir={run}", cwd=tmp_path)
+    manifest = export_checkpoint(run, tmp_path / "exported")
+    assert manifest["model"]["source"] == str(model_dir.resolve()) and manifest["bank"]["kind"]["name"] == "ffn_ungated"
+    exported = check_hf_export(run, tmp_path / "exported", model_dir)
+    original = load_file(model_dir / "model.safetensors")
+    trained = {k.removeprefix("hf."): v for k, v in load_trained(run).model.state_dict().items()}
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(value, trained[key]) for key, value in exported.items())
+    assert not all(torch.equal(value, original[key]) for key, value in exported.items())  # it trained
