@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from hmtrain.eval.probes import load_probes
+from hmtrain.data.corpus.probes import load_probes
 
 
 def probe(i, **extra):
