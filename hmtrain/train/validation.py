@@ -10,7 +10,9 @@ equals `hmtrain eval`'s held-out numbers of the step's checkpoint (hmtrain/eval/
 checkpoint on one process; train cannot import eval, docs/design.md "Parts").
 
 Memory as in training: none in anchor pretraining, each sequence's fetched path in the memory phase
-(`val/loss`, `val/ppl`); `train.eval_variants` adds the generic memory and the anchor alone. Fetches plan
+(`val/loss`, `val/ppl`); `train.eval_variants` adds the generic memory and the anchor alone. With
+`train.eval_probes`, each variant also scores the same bucket-balanced probe subset (`val/probe_acc/<bucket>`,
+`val/probe_acc/all`, hmtrain/train/probe_validation.py), in the same rounds and all-reduce. Fetches plan
 with `MemoryBank.plan_lookup` and no gradients, so the bank's step state and the model are untouched:
 training goes on bit for bit as without validation.
 """

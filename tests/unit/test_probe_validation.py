@@ -5,9 +5,10 @@ import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
-from hmtrain.config import ModelConfig
+from hmtrain.config import ConfigError, ModelConfig, load_config
 from hmtrain.data.corpus.probes import bucket_counts
 from hmtrain.data.routing.questions import ProbeSet
 from hmtrain.data.tokenizer import Tokenizer
@@ -16,7 +17,7 @@ from hmtrain.memory import MemoryBank
 from hmtrain.memory.kind import SwiGLUUnits
 from hmtrain.model import Transformer
 from hmtrain.parallel.device import Precision
-from hmtrain.train.probe_validation import probe_hits_per_bucket, probe_work
+from hmtrain.train.probe_validation import probe_hits_per_bucket, probe_work, validation_probes
 from hmtrain.train.validation import probe_ids_per_rank
 
 CPU = torch.device("cpu")
@@ -71,3 +72,11 @@ def test_probes_are_split_over_ranks_as_heldout_sequences():
         if owner is not None and group_size == 1:  # each probe on the rank owning its question's subtree
             for rank, ids in enumerate(shares):
                 assert all(owner[probes.paths[i, 0]] == rank for i in ids), rank
+
+
+def test_a_missing_probe_file_names_the_key(tmp_path):
+    cfg = load_config("tiny", ["train.eval_every=2", "train.eval_probes=4", f"data.probes={tmp_path / 'no.jsonl'}"])
+    with pytest.raises(ConfigError, match="data.probes.*train.eval_probes.*not found"):
+        validation_probes(cfg, data=None, device=CPU)  # before the data is read
+    cfg.train.eval_every = 0  # no validation: no probes, whatever the file
+    assert validation_probes(cfg, data=None, device=CPU) is None
