@@ -116,4 +116,4 @@ def test_bad_validation_keys_are_named():
     with pytest.raises(ConfigError, match="train.eval_probes.*must be >= 0"):
         load_config("tiny", ["train.eval_probes=-1"])
     with pytest.raises(ConfigError, match="train.eval_probes.*data.probes"):
-        load_config("tiny", ["train.eval_probes=8", "data.probes=null"])
+        load_config("tiny", ["train.eval_every=5", "train.eval_probes=8", "data.probes=null"])
