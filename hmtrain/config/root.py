@@ -58,7 +58,12 @@ class Config:
             require(sum(self.memory.units) > 0, "memory.units",
                     f"{self.memory.units} gives the memory phase no memory to train; give a level units > 0, or "
                     "train.mode=dense for a dense baseline, or train.memory_steps=0 to pretrain the anchor alone")
+        if self.train.eval_every and self.train.eval_probes:  # (no validation: nothing reads the probes)
+            require(bool(self.data.probes), "train.eval_probes",
+                    f"{self.train.eval_probes} asks for probes in validation, but data.probes names no probe file")
         if self.model.family == Family.memory_model:
+            require(not self.train.eval_probes, "train.eval_probes",
+                    "a memory model (model.family=memory_model) answers no probe questions; set train.eval_probes=0")
             self._validate_memory_model()
         self.retention.validate()
 

@@ -112,6 +112,10 @@ class TrainConfig:
     # also score the held-out sequences with the generic memory (val/ppl_generic) and the anchor alone
     # (val/ppl_anchor) in the memory phase: the paper's controls, one more pass over them each
     eval_variants: bool = False
+    # probe questions (data.probes) each validation scores, at most this many, balanced over frequency buckets
+    # and the same ones every time (0: none). They log val/probe_acc/<bucket> and val/probe_acc/all (and
+    # val/probe_acc_generic/..., val/probe_acc_anchor/... with train.eval_variants), memory routed from the question
+    eval_probes: int = 0
 
     def validate(self) -> None:
         require(bool(self.run_dir.strip()), "train.run_dir", "is empty; name the run's directory")
@@ -133,6 +137,8 @@ class TrainConfig:
         require(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: no validation), got {self.eval_every}")
         require(self.eval_sequences >= 0, "train.eval_sequences",
                 f"must be >= 0 (0: the whole held-out split), got {self.eval_sequences}")
+        require(self.eval_probes >= 0, "train.eval_probes",
+                f"must be >= 0 (0: no probes in validation), got {self.eval_probes}")
         require(all(isinstance(s, int) and s >= 1 for s in self.profile_steps), "train.profile_steps",
                 f"steps are counted from 1, got {list(self.profile_steps)}")
         for name in ("anchor_optim", "memory_optim", "cotrain_optim"):

@@ -27,10 +27,10 @@ from rich.table import Table
 
 from hmtrain.config import Config
 from hmtrain.data.corpus.documents import read_documents
+from hmtrain.data.corpus.probes import load_probes
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.routing.embed import build_embedder, embed_texts
 from hmtrain.data.routing.kmeans import assign, kmeans
-from hmtrain.eval.probes import load_probes
 
 
 def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:

@@ -18,10 +18,12 @@ from tqdm import tqdm
 
 from hmtrain.checkpoint.resume import check_data_fingerprints
 from hmtrain.config import Config
+from hmtrain.data.corpus.probes import bucket_counts, load_probes
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.loading.loader import sequential_batches
+from hmtrain.data.routing.questions import route_probes
 from hmtrain.eval.loading import Trained, load_trained
-from hmtrain.eval.probes import bucket_counts, load_probes, probe_accuracy, route_probes, routing_agreement
+from hmtrain.eval.probes import probe_accuracy, routing_agreement
 from hmtrain.eval.scoring import heldout_perplexity
 from hmtrain.model.sizes import human
 from hmtrain.util.files import write_text

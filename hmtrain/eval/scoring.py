@@ -17,6 +17,7 @@ from tqdm import tqdm
 from hmtrain.memory import MemoryBank
 from hmtrain.memory.read_only import ReadOnlyBank
 from hmtrain.model import Transformer, lm_loss
+from hmtrain.model.choices import choice_logprobs as score_choices
 from hmtrain.util.labels import IGNORE_INDEX
 
 VARIANTS = ("fetched", "generic", "none")
@@ -69,24 +70,12 @@ def heldout_perplexity(model: Transformer, bank: Optional[Bank], batches: Iterab
 def choice_logprobs(model: Transformer, bank: Optional[Bank], variant: str, prompts: Sequence[list[int]],
                     choices: Sequence[list[int]], paths: Tensor, pad_id: int, device: torch.device,
                     batch_size: int = 64, progress: str = "") -> Tensor:
-    """Sum of log p(choice tokens | prompt) for each (prompt, choice) pair; paths route the memory.
-    `progress`: a bar with that title over the pairs (none when empty)."""
-    scores = torch.empty(len(prompts))
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=progress, unit="batch", disable=not progress, leave=False, dynamic_ncols=True):
-        stop = min(start + batch_size, len(prompts))
-        seqs = [prompts[i] + choices[i] for i in range(start, stop)]
-        width = max(len(s) for s in seqs)
-        tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        target_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-        for row, i in enumerate(range(start, stop)):
-            tokens[row, :len(seqs[row])] = torch.tensor(seqs[row])
-            # logits at position t predict token t+1: choice tokens are predicted from the prompt's end on
-            target_mask[row, len(prompts[i]) - 1:len(seqs[row]) - 1] = True
-        tokens, target_mask = tokens.to(device), target_mask.to(device)
-        memory = fetch_for(bank, variant, paths[start:stop].to(device))
-        logits = model(tokens, memory=memory).float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-        scores[start:stop] = (picked * target_mask[:, :-1]).sum(-1).cpu()
-    return scores
+    """Sum of log p(choice tokens | prompt) for each (prompt, choice) pair; paths route the memory
+    (hmtrain/model/choices.py, the scorer validation during training uses too). `progress`: a bar with
+    that title over the batches (none when empty)."""
+    def forward(tokens: Tensor, batch_paths: Tensor) -> Tensor:
+        return model(tokens, memory=fetch_for(bank, variant, batch_paths.to(device)))
+
+    with tqdm(total=-(-len(prompts) // batch_size), desc=progress, unit="batch", disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
+        return score_choices(forward, prompts, choices, paths, pad_id, device, batch_size=batch_size, bar=bar)

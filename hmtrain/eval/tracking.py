@@ -20,22 +20,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
+
+from hmtrain.util.metric_names import metric_key
 
 log = logging.getLogger(__name__)
 
 ROW_KEYS = {"anchor + fetched memory": "memory", "anchor + generic memory": "generic", "anchor alone": "anchor",
             "dense baseline": "dense"}
 RUN_ID_FILE = "mlflow_run.json"  # written by training into its run directory (hmtrain/train/mlflow_logger.py)
-
-
-def metric_key(label: str) -> str:
-    """A row name or bucket label as an MLflow metric name part ("16+" -> "16plus", "a b" -> "a_b")."""
-    return re.sub(r"[^\w.\-]", "_", label.replace("+", "plus"))
 
 
 def eval_metrics(results: dict) -> dict[str, float]:

@@ -30,10 +30,12 @@ from hmtrain.checkpoint.verify import CheckpointError
 from hmtrain.config import Config, to_yaml
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.loading.batch import real_rows
+from hmtrain.data.routing.questions import ProbeSet
 from hmtrain.model import count_parameters, counted_targets, run_model_config
 from hmtrain.parallel.dist import init_distributed
 from hmtrain.train.build import Parts, build, check_world, restore_in_phase
 from hmtrain.train.divergence import Diverged, DivergenceWatch
+from hmtrain.train.probe_validation import validation_probes
 from hmtrain.train.profiling import StepProfiler
 from hmtrain.train.recipe import MEMORY
 from hmtrain.train.rundir import lock_run_dir
@@ -62,6 +64,7 @@ def train(cfg: Config, *, resume: bool = False, fallback: bool = False) -> Path:
     data.check_compatible(cfg)
     check_world(cfg, info.world_size, data)
     check_heldout(data, cfg.train.eval_every)
+    probes = validation_probes(cfg, data, info.device)  # train.eval_probes: read and routed once
     with lock_run_dir(Path(cfg.train.run_dir), rank=info.rank):  # one live `train` per run directory
         run = build(cfg, info, data)
         tc = run.cfg.train
@@ -79,7 +82,7 @@ def train(cfg: Config, *, resume: bool = False, fallback: bool = False) -> Path:
         if tracker.mlflow is not None:
             state.mlflow_run_id = tracker.mlflow.run_id
         checkpointer.on_durable = lambda step, path: tracker.flush(step)
-        return _run_to_end(run, checkpointer, tracker, state, latest, stage_begins)
+        return _run_to_end(run, checkpointer, tracker, state, latest, stage_begins, probes)
 
 
 def resume_run(run: Parts, checkpointer: Checkpointer, state: TrainState, resume: bool,
@@ -109,7 +112,7 @@ def resume_run(run: Parts, checkpointer: Checkpointer, state: TrainState, resume
 
 
 def _run_to_end(run: Parts, checkpointer: Checkpointer, tracker: Tracker, state: TrainState,
-                last_checkpoint: Optional[Path], stage_begins: bool) -> Path:
+                last_checkpoint: Optional[Path], stage_begins: bool, probes: Optional[ProbeSet] = None) -> Path:
     """Step until the recipe's last step or a stop request; close the checkpoints and trackers either way."""
     cfg, recipe, tc = run.cfg, run.recipe, run.cfg.train
     fetched = run.bank.fetched_parameters() if run.bank else 0
@@ -140,7 +143,7 @@ def _run_to_end(run: Parts, checkpointer: Checkpointer, tracker: Tracker, state:
             last = state.step == recipe.total_steps
             validation = {}
             if tc.eval_every and (state.step % tc.eval_every == 0 or last):
-                validation = validate(run, now.phase == MEMORY)
+                validation = validate(run, now.phase == MEMORY, probes)
                 window.started += validation["val/seconds"]  # the window's throughput counts training alone
             # a validated step is logged whole (MLflow's resume tells the steps it holds by their loss)
             logged = state.step % tc.log_every == 0 or last or bool(validation)

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
+from hmtrain.data.corpus.probes import bucket_counts, bucket_order, load_probes
 from hmtrain.eval.evaluate import check_output_path
-from hmtrain.eval.probes import bucket_counts, bucket_order, load_probes
 
 
 def probe(**overrides) -> dict:

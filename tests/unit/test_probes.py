@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from hmtrain.eval.probes import load_probes
+from hmtrain.data.corpus.probes import balanced_probes, bucket_counts, load_probes
 
 
 def probe(i, **extra):
@@ -44,3 +44,12 @@ def test_missing_and_empty_files(tmp_path):
         load_probes(tmp_path / "none.jsonl")
     with pytest.raises(ValueError, match="no probes"):
         load_probes(write(tmp_path / "p.jsonl", []))
+
+
+def test_balanced_subset_takes_turns_over_buckets():
+    probes = [probe(i, bucket=b) for i, b in enumerate(["16+"] * 10 + ["1"] + ["2-3"] * 5)]
+    subset = balanced_probes(probes, 7)
+    assert bucket_counts(subset) == {"1": 1, "2-3": 3, "16+": 3}  # "1" has one: its turns go to the others
+    assert subset == balanced_probes(probes, 7)  # seeded
+    assert [p["prompt"] for p in subset] == sorted((p["prompt"] for p in subset), key=lambda s: int(s[1:]))
+    assert balanced_probes(probes, 16) == probes
