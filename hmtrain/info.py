@@ -146,7 +146,7 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
                           replicate_levels=par.replicate_levels, generic=cfg.memory.generic,
                           weight_bytes=weight_bytes, micro_batch=tc.micro_batch_size,
                           global_batch=tc.global_batch_size, group_size=owner_groups(cfg, world_size).group_size,
-                          placement=par.placement)
+                          placement=par.placement, fetch_per_step=par.fetch == "step")
     anchor = anchor_bytes_per_rank(summary["anchor"], world_size, par.engine, par.zero_stage)
     rows = {
         f"anchor ({par.engine}{'' if par.engine == 'fsdp' else f' ZeRO-{par.zero_stage}'}): "
@@ -155,7 +155,8 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
         "bank fp32 master rows (bf16 banks only; replicated: own rows)": bank.masters,
         "bank optimizer (fp32 moments + step; replicated: own rows)": bank.optimizer,
         "bank step gradients (fp32, at most)": bank.step_grads,
-        f"fetched rows + fp32 gradients, micro-batch of {tc.micro_batch_size} (at most)": bank.fetched,
+        f"fetched rows + fp32 gradients, micro-batch of {tc.micro_batch_size}"
+        f"{' and the step' if par.fetch == 'step' else ''} (at most)": bank.fetched,
     }
     table = Table(title=f"memory per rank on {world_size} rank(s)")
     table.add_column("what")

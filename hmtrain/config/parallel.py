@@ -18,6 +18,14 @@ class Placement(Choice):
     owner = "owner"
 
 
+class Fetch(Choice):
+    # a step's rows of other ranks come once, before its first micro-batch, and their gradients go back once,
+    # after its last: each row moves once per step however many micro-batches use it
+    step = "step"
+    # each micro-batch fetches its rows and returns their gradients (less memory held through the step)
+    micro_batch = "micro_batch"
+
+
 class Backend(Choice):
     auto = "auto"  # nccl on GPU, gloo on CPU
     nccl = "nccl"
@@ -33,8 +41,11 @@ class ParallelConfig:
     # how the bank's rows are placed: gather (rows sharded, fetched by all-to-all) or owner (ranks own level-1
     # subtrees and train their sequences)
     placement: Placement = Placement.gather
-    # the first n tree levels are replicated on every rank (gradients all-reduced), the rest sharded
+    # the first n tree levels are replicated on every rank (gradients all-reduced), the rest sharded; under
+    # owner placement on every rank of the group that owns their subtree
     replicate_levels: int = 0
+    # how often rows owned by other ranks move: once per step (step) or once per micro-batch (micro_batch)
+    fetch: Fetch = Fetch.step
     # recompute each block's activations in the backward (less memory, ~1/3 more compute)
     activation_checkpointing: bool = False
     # torch.compile each block

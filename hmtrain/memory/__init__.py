@@ -36,7 +36,7 @@ def build_bank(cfg: Config, device: torch.device | str = "cpu", comm: Comm | Non
         seed=cfg.train.seed, device=device, dtype=DTYPES[cfg.memory.dtype],
         optimizer=SparseAdamW(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay),
         comm=comm, placement=cfg.parallel.placement, replicate_levels=cfg.parallel.replicate_levels,
-        owner_of_subtree=owner_of_subtree, group_size=group_size,
+        owner_of_subtree=owner_of_subtree, group_size=group_size, fetch_per_step=cfg.parallel.fetch == "step",
     )
 
 

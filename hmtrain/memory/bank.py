@@ -75,6 +75,7 @@ class MemoryBank:
         replicate_levels: int = 0,
         owner_of_subtree: Sequence[int] | None = None,
         group_size: int = 1,
+        fetch_per_step: bool = False,
     ) -> None:
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
@@ -98,6 +99,7 @@ class MemoryBank:
         self.optimizer = optimizer or SparseAdamW()
         self.comm = comm or Comm(device=self.device)
         self.placement = placement
+        self.fetch_per_step = fetch_per_step  # rows of other ranks move once per step, not per micro-batch
         world, rank = self.comm.world_size, self.comm.rank
         if placement == "owner" and owner_of_subtree is None:
             owner_of_subtree = np.arange(self.branching[0]) % (world // group_size)
@@ -160,6 +162,7 @@ class MemoryBank:
         self._indices: DeviceIndices | None = None  # the planned step's index arrays, on the device
         self._lookup: tuple[StepPlan, DeviceIndices] | None = None  # the last lookup plan's, uploaded once
         self._grads: dict[str, Tensor] = {}
+        self._step_grads: dict[str, Tensor] = {}  # per-step fetch: gradients of the step's remote rows, fp32
         self._shares: dict[str, zero.Shares] = {}  # replicated tables: the step's touched rows by owner
         self._reducing: dict[str, tuple[Tensor, object]] | None = None  # reduce-scatters in flight
         self._mesh = None  # the DeviceMesh checkpoints use (hmtrain/memory/bank_state.py), made on first use
@@ -205,9 +208,11 @@ class MemoryBank:
         if self._plan is not None:
             raise RuntimeError("plan_step: the previous step was not finished with step()")
         plan = make_plan(self.specs, self._host_batches(micro_batches), self.comm, self.branching,
-                         element_size=self.dtype.itemsize, group_comm=self.group_comm)
+                         element_size=self.dtype.itemsize, group_comm=self.group_comm, per_step=self.fetch_per_step)
         self._grads = {name: torch.zeros((len(rows), *self.spec[name].row_shape), device=self.device,
                                          dtype=torch.float32) for name, rows in plan.step_rows.items()}
+        self._step_grads = {name: torch.zeros((len(f.ids), *self.spec[name].row_shape), device=self.device,
+                                              dtype=torch.float32) for name, f in (plan.step_fetch or {}).items()}
         self._shares = {s.name: zero.split_by_owner(plan.step_rows[s.name], self._owned[s.name])
                         for s in self.specs if s.transport == "replicated"}
         self._indices = self._upload(plan)
@@ -219,7 +224,7 @@ class MemoryBank:
         `plan_step`, so every rank calls it at the same point, but no gradient buffers, and a planned step is
         left as it was. Fetch its micro-batches with `fetch(plan, k, requires_grad=False)`."""
         return make_plan(self.specs, self._host_batches(micro_batches), self.comm, self.branching,
-                         element_size=self.dtype.itemsize, group_comm=self.group_comm)
+                         element_size=self.dtype.itemsize, group_comm=self.group_comm, per_step=self.fetch_per_step)
 
     def _host_batches(self, micro_batches) -> list[tuple[np.ndarray, np.ndarray]]:
         """(paths [B, L] int64, use_generic [B] bool) numpy pairs for `make_plan`, checked."""
@@ -247,22 +252,35 @@ class MemoryBank:
                                             plan.batch_sizes[k])  # every layer's blocks, in one gather
             for spec in self.specs:
                 fetch = fetches[spec.name]
-                if spec.transport == "remote":
-                    serve, wire = plan.serves[k][spec.name], plan.wires[k]
-                    arrays.update({(k, spec.name, "serve"): serve.local_ids, (k, spec.name, "serve_slots"): serve.slots,
-                                   (k, spec.name, "serve_at"): wire.serve_at[spec.name],
-                                   (k, spec.name, "fetch_at"): wire.fetch_at[spec.name]})
+                if spec.transport == "remote" and plan.step_fetch is None:
+                    arrays.update(self._wire_arrays(plan, spec, k))
+                elif spec.transport == "remote":  # its rows' places among the step's
+                    arrays[k, spec.name, "slots"] = fetch.slots
                 else:
                     arrays.update({(k, spec.name, "rows"): spec.stored_index(fetch.ids),
                                    (k, spec.name, "slots"): fetch.slots})
-        for spec in self.specs:  # the rows step() updates: a replicated table's own share, every touched row else
+        for spec in self.specs:
+            if spec.transport == "remote" and plan.step_fetch is not None:
+                arrays.update(self._wire_arrays(plan, spec, 0, key="step"))
+            # the rows step() updates: a replicated table's own share, every touched row else
             shares = self._shares.get(spec.name)
             arrays[spec.name, "update"] = shares.mine if shares is not None else plan.step_rows[spec.name]
         return DeviceIndices(arrays, self.device)
 
+    @staticmethod
+    def _wire_arrays(plan: StepPlan, spec: TableSpec, k: int, key: int | str | None = None) -> dict:
+        """A remote table's index arrays for all-to-all k of the plan (under `key`: k, or "step")."""
+        key = k if key is None else key
+        serve, wire = plan.serves[k][spec.name], plan.wires[k]
+        return {(key, spec.name, "serve"): serve.local_ids, (key, spec.name, "serve_slots"): serve.slots,
+                (key, spec.name, "serve_at"): wire.serve_at[spec.name],
+                (key, spec.name, "fetch_at"): wire.fetch_at[spec.name]}
+
     def _lookup_indices(self, plan: StepPlan) -> DeviceIndices:
         """A lookup plan's index arrays, uploaded at its first fetch rather than at every one."""
         if self._lookup is None or self._lookup[0] is not plan:
+            if self._lookup is not None:
+                self._lookup[0].rows = None  # the previous lookup's step rows go with it
             self._lookup = (plan, self._upload(plan))
         return self._lookup[1]
 
@@ -283,21 +301,31 @@ class MemoryBank:
             if spec.transport != "remote":
                 rows[spec.name] = self._state[spec.name]["weight"].index_select(0, idx[k, spec.name, "rows"])
         remote = [s for s in self.specs if s.transport == "remote"]
-        if remote:  # one all-to-all: each table's served rows go into the buffer with one gather and one scatter
-            wire = plan.wires[k]
-            send = self._state[remote[0].name]["weight"].new_empty((sum(wire.serve_splits), wire.chunk))
+        if remote and plan.step_fetch is not None:  # the step's rows, fetched at its first fetch, sliced
+            if plan.rows is None:
+                plan.rows = self._exchange_rows(remote, plan, 0, idx, "step", plan.step_fetch)
             for spec in remote:
-                served = self._state[spec.name]["weight"].index_select(0, idx[k, spec.name, "serve"])
-                send.index_copy_(0, idx[k, spec.name, "serve_at"], served.view(-1, wire.chunk))
-            received = self.comm_of(remote[0]).all_to_all(send, wire.serve_splits, wire.fetch_splits)
-            for spec in remote:
-                count = len(fetches[spec.name].ids)
-                rows[spec.name] = received.index_select(0, idx[k, spec.name, "fetch_at"]).view(count, *spec.row_shape)
+                rows[spec.name] = plan.rows[spec.name].index_select(0, idx[k, spec.name, "slots"])
+        elif remote:
+            rows.update(self._exchange_rows(remote, plan, k, idx, k, fetches))
         layer_major = {name: r.transpose(0, 1) for name, r in rows.items()}  # FetchedMemory copies them once
         index = {p.table: fetches[p.table].index for p in self.parts}
         return FetchedMemory(layer_major, index, self.parts, self.kind, n_layers=self.n_layers,
                              batch_size=sequences, requires_grad=requires_grad, micro_batch=k,
                              padding=padding, units_on_device=idx[k, "units"])
+
+    def _exchange_rows(self, remote: list[TableSpec], plan: StepPlan, k: int, idx: DeviceIndices, key,
+                       fetches: dict) -> dict[str, Tensor]:
+        """All-to-all k of the plan: each table's served rows go into one buffer with one gather and one scatter,
+        and what arrives is cut into each table's rows (`fetches[table].ids` of them)."""
+        wire = plan.wires[k]
+        send = self._state[remote[0].name]["weight"].new_empty((sum(wire.serve_splits), wire.chunk))
+        for spec in remote:
+            served = self._state[spec.name]["weight"].index_select(0, idx[key, spec.name, "serve"])
+            send.index_copy_(0, idx[key, spec.name, "serve_at"], served.view(-1, wire.chunk))
+        received = self.comm_of(remote[0]).all_to_all(send, wire.serve_splits, wire.fetch_splits)
+        return {spec.name: received.index_select(0, idx[key, spec.name, "fetch_at"]).view(
+            len(fetches[spec.name].ids), *spec.row_shape) for spec in remote}
 
     def return_grads(self, fetched: FetchedMemory, scale: float = 1.0) -> None:
         """After backward: add the micro-batch's row gradients into the owners' step buffers."""
@@ -312,26 +340,27 @@ class MemoryBank:
         fetched.returned = True
         k, idx = fetched.micro_batch, self._indices
         grads = {name: g.transpose(0, 1) for name, g in fetched.grads.items()}  # [U, n_layers, ...] views
+        per_step = self._plan.step_fetch is not None
         for spec in self.specs:
-            if spec.transport != "remote":
-                self._grads[spec.name].index_add_(0, idx[k, spec.name, "slots"], grads[spec.name].float(),
-                                                  alpha=scale)
+            if spec.transport != "remote" or per_step:  # per-step remote rows: into the step's buffer, sent once
+                buffer = self._step_grads if spec.transport == "remote" else self._grads
+                buffer[spec.name].index_add_(0, idx[k, spec.name, "slots"], grads[spec.name].float(), alpha=scale)
         remote = [s for s in self.specs if s.transport == "remote"]
-        if remote:
-            self._return_remote(remote, k, grads, scale)
+        if remote and not per_step:
+            self._return_remote(remote, k, k, grads, scale)
 
-    def _return_remote(self, remote: list[TableSpec], k: int, grads: dict[str, Tensor], scale: float) -> None:
-        """Send micro-batch k's gradients of other ranks' rows to their owners (one all-to-all, the fetch's
+    def _return_remote(self, remote: list[TableSpec], k: int, key, grads: dict[str, Tensor], scale: float) -> None:
+        """Send all-to-all k's gradients of other ranks' rows to their owners (one all-to-all, the fetch's
         buffer layout backwards), add what arrives: one scatter and one gather per table."""
         wire, idx = self._plan.wires[k], self._indices
         send = torch.empty((sum(wire.fetch_splits), wire.chunk), device=self.device, dtype=torch.float32)
         for spec in remote:
-            send.index_copy_(0, idx[k, spec.name, "fetch_at"], grads[spec.name].float().reshape(-1, wire.chunk))
+            send.index_copy_(0, idx[key, spec.name, "fetch_at"], grads[spec.name].float().reshape(-1, wire.chunk))
         received = self.comm_of(remote[0]).all_to_all(send, wire.fetch_splits, wire.serve_splits)
         for spec in remote:
-            served = received.index_select(0, idx[k, spec.name, "serve_at"])
+            served = received.index_select(0, idx[key, spec.name, "serve_at"])
             rows = served.view(len(self._plan.serves[k][spec.name].local_ids), *spec.row_shape)
-            self._grads[spec.name].index_add_(0, idx[k, spec.name, "serve_slots"], rows, alpha=scale)
+            self._grads[spec.name].index_add_(0, idx[key, spec.name, "serve_slots"], rows, alpha=scale)
 
     def reduce_grads(self) -> None:
         """After the step's last return_grads: issue the replicated tables' reduce-scatters (async), after
@@ -343,6 +372,10 @@ class MemoryBank:
             raise RuntimeError("reduce_grads() without plan_step(): no gradients to reduce")
         if self._reducing is not None:
             return
+        remote = [s for s in self.specs if s.transport == "remote"]
+        if remote and self._plan.step_fetch is not None:  # the step's remote rows' gradients, home in one go
+            self._return_remote(remote, 0, "step", self._step_grads, 1.0)
+            self._step_grads, self._plan.rows = {}, None
         self._reducing = {}
         for spec in self.specs:
             if spec.transport == "replicated" and len(self._shares[spec.name].rows):
@@ -397,7 +430,10 @@ class MemoryBank:
         for _, work in (self._reducing or {}).values():
             if work is not None:
                 work.wait()  # every rank issued it: let it finish before its buffers go
+        if self._plan is not None:
+            self._plan.rows = None
         self._plan, self._grads, self._shares, self._reducing = None, {}, {}, None
+        self._step_grads = {}
         self._indices = None
 
     # ---- checkpoint state (hmtrain/memory/bank_state.py) ----------------------

@@ -9,6 +9,9 @@ Made once per step on the host, from the paths of all of the step's micro-batche
 - for rows owned by other ranks (``remote`` tables, gather placement), every
   all-to-all split of the step, agreed with the owners by one exchange of row ids,
   so fetching and returning gradients need no further size exchange or host sync.
+  With `per_step`, a remote table's rows are the union over the step's micro-batches,
+  fetched in one all-to-all and returned in one (each micro-batch's rows are slots in
+  that union); otherwise every micro-batch has an all-to-all of its own each way.
 
 Transports: ``replicated`` (every rank holds the table; gradients reduce-scattered to the
 rows' owners at the end of the step, hmtrain/memory/zero.py), ``local`` (owner placement with groups of one
@@ -61,7 +64,7 @@ class Fetch:
 
     ids: np.ndarray  # global row ids, in the order the rows arrive (grouped by owner for remote tables)
     index: np.ndarray  # [B] each sequence's row in `ids`; len(ids) = the generic row
-    slots: np.ndarray | None  # replicated/local: step-buffer slot of every id
+    slots: np.ndarray | None  # replicated/local: step-buffer slot of every id; per_step remote: its step row
     per_owner: np.ndarray | None  # remote: how many of `ids` each rank of the all-to-all's group owns
 
 
@@ -95,6 +98,9 @@ class StepPlan:
     step_rows: dict[str, np.ndarray]  # table -> local row indices this rank accumulates this step
     batch_sizes: list[int]
     stats: dict[str, float] = field(default_factory=dict)
+    # per_step plans: remote table -> the step's rows of other ranks (serves[0] and wires[0] move them)
+    step_fetch: dict[str, Fetch] | None = None
+    rows: dict[str, object] | None = None  # the bank's fetched step rows (per_step), while the step runs
 
 
 def validate_paths(paths: np.ndarray, branching: tuple[int, ...]) -> None:
@@ -152,10 +158,12 @@ def _requests(spec: TableSpec, paths: np.ndarray, use_generic: np.ndarray) -> tu
 
 
 def make_plan(specs: list[TableSpec], micro_batches: list[tuple[np.ndarray, np.ndarray]], comm: Comm,
-              branching: tuple[int, ...], element_size: int = 4, group_comm: Comm | None = None) -> StepPlan:
+              branching: tuple[int, ...], element_size: int = 4, group_comm: Comm | None = None,
+              per_step: bool = False) -> StepPlan:
     """Plan a step from its micro-batches' (paths [B, L] int64, use_generic [B] bool), host arrays.
     `element_size`: bytes per stored (fetched) value, for the traffic figures in `stats`. `group_comm`: this
-    rank's owner group (owner placement; None: the world), where in-group tables' collectives run."""
+    rank's owner group (owner placement; None: the world), where in-group tables' collectives run. `per_step`:
+    remote rows move once per step (see the module docstring)."""
     rank = comm.rank
     group_comm = group_comm or comm
     remote_comm = group_comm if any(s.in_group for s in specs if s.transport == "remote") else comm
@@ -192,8 +200,10 @@ def make_plan(specs: list[TableSpec], micro_batches: list[tuple[np.ndarray, np.n
             for f in fetches:
                 f[spec.name].slots = np.searchsorted(step_rows[spec.name], spec.stored_index(f[spec.name].ids))
 
-    serves, wires = _plan_remote([s for s in specs if s.transport == "remote"], fetches, remote_comm, step_rows)
-    plan = StepPlan(fetches, serves, wires, step_rows, [len(p) for p, _ in micro_batches])
+    remote = [s for s in specs if s.transport == "remote"]
+    step_fetch = _union_of_remote(remote, fetches, first, remote_comm.world_size) if per_step and remote else None
+    serves, wires = _plan_remote(remote, [step_fetch] if step_fetch else fetches, remote_comm, step_rows)
+    plan = StepPlan(fetches, serves, wires, step_rows, [len(p) for p, _ in micro_batches], step_fetch=step_fetch)
     plan.stats = _stats(specs, plan, remote_comm.rank, element_size)
     return plan
 
@@ -210,6 +220,22 @@ def _union_of_touched(tables: list[TableSpec], fetches: list[dict[str, Fetch]], 
         rows[spec.name] = np.flatnonzero(counts[offset:offset + spec.layout.num_local])
         offset += spec.layout.num_local
     return rows
+
+
+def _union_of_remote(remote: list[TableSpec], fetches: list[dict[str, Fetch]], first: int,
+                     world: int) -> dict[str, Fetch]:
+    """A step's remote rows, each once, grouped by owner; each micro-batch's slots are its rows' places in them."""
+    union = {}
+    for spec in remote:
+        rows = np.unique(np.concatenate([f[spec.name].ids for f in fetches] + [np.zeros(0, np.int64)]))
+        ids = _order_by_owner(rows, spec.layout)
+        slot = np.empty(len(ids), dtype=np.int64)
+        slot[np.searchsorted(rows, ids)] = np.arange(len(ids))  # sorted position -> place in `ids`
+        for f in fetches:
+            f[spec.name].slots = slot[np.searchsorted(rows, f[spec.name].ids)]
+        union[spec.name] = Fetch(ids, np.zeros(0, np.int64), None,
+                                 np.bincount(spec.layout.owner[ids] - first, minlength=world))
+    return union
 
 
 def _plan_remote(remote: list[TableSpec], fetches: list[dict[str, Fetch]], comm: Comm,
@@ -284,7 +310,8 @@ def _stats(specs: list[TableSpec], plan: StepPlan, rank: int, element_size: int)
         fetched = sum(len(f[spec.name].ids) for f in plan.fetches)
         remote = 0
         if spec.transport == "remote":
-            remote = sum(int(f[spec.name].per_owner.sum() - f[spec.name].per_owner[rank]) for f in plan.fetches)
+            moved = [plan.step_fetch[spec.name]] if plan.step_fetch else [f[spec.name] for f in plan.fetches]
+            remote = sum(int(f.per_owner.sum() - f.per_owner[rank]) for f in moved)
         stats[f"{spec.name}/rows_fetched"] = float(fetched)
         stats[f"{spec.name}/rows_remote"] = float(remote)
         stats[f"{spec.name}/bytes_fetched"] = float(remote * spec.row_numel * element_size)

@@ -88,7 +88,8 @@ class RankFootprint:
     #               only for the rank's torch.chunk slice of rows (ZeRO-1), as their optimizer state
     optimizer: int  # fp32 exp_avg + exp_avg_sq, and one int64 step count per row
     step_grads: int  # fp32 gradient buffer of the rows a step touches (upper bound)
-    fetched: int  # one micro-batch's fetched rows plus their fp32 gradient buffer (upper bound)
+    fetched: int  # one micro-batch's fetched rows plus their fp32 gradient buffer (upper bound); fetching once
+    #               per step, also the step's rows of other ranks and their fp32 gradients, held through it
     moved_gather: int  # bytes sent + received per optimizer step by one rank, gather placement (expected)
     moved_owner: int  # the same for owner placement: the generic row over the world; the replicated levels
     #                   inside each group (nothing with groups of one rank, every rank with one group); with
@@ -102,13 +103,15 @@ def _expected_distinct(nodes: int, draws: int) -> float:
 
 def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[int], units: Sequence[int],
                    world_size: int, replicate_levels: int, generic: bool, weight_bytes: int, micro_batch: int,
-                   global_batch: int, group_size: int = 1, placement: str = "gather") -> RankFootprint:
+                   global_batch: int, group_size: int = 1, placement: str = "gather",
+                   fetch_per_step: bool = False) -> RankFootprint:
     """Per-rank bank memory and traffic, assuming a batch's leaves spread uniformly over the tree.
     `weight_bytes`: bytes per stored value (2 for bf16, which adds fp32 masters; 4 for fp32). `group_size`:
     owner placement's ranks per group (hmtrain/parallel/placement.py); a group's sequences route to its
     1/G of each level's nodes, G = world_size / group_size groups. The memory figures are `placement`'s:
     under owner placement a replicated level is stored whole in each group only (1/G of its rows), its
-    optimizer state cut among the group's ranks."""
+    optimizer state cut among the group's ranks. `fetch_per_step` (parallel.fetch=step): a step's rows of other
+    ranks move once, the distinct rows of all its sequences, not once per micro-batch."""
     validate_tree(branching, units)
     master_bytes = MASTER_BYTES if weight_bytes < 4 else 0
     per_unit = n_layers * params_per_unit
@@ -142,13 +145,18 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
                 group_nodes = max(nodes / groups, 1.0)
                 zero = 2 * (group_size - 1) / group_size * _expected_distinct(group_nodes, global_batch / groups) * row
             moved_owner += zero * (GRAD_BYTES + weight_bytes)
-        else:  # rows from the other ranks' shares and their fp32 gradients back, per micro-batch
-            remote = _expected_distinct(nodes, micro_batch) * (world_size - 1) / world_size
-            moved_gather += 2 * remote * row * (weight_bytes + GRAD_BYTES) * micro_batches  # sent and received
+        else:  # rows from the other ranks' shares and their fp32 gradients back, per micro-batch or per step
+            draws, times = (sequences_per_rank, 1) if fetch_per_step else (micro_batch, micro_batches)
+            remote = _expected_distinct(nodes, draws) * (world_size - 1) / world_size
+            moved_gather += 2 * remote * row * (weight_bytes + GRAD_BYTES) * times  # sent and received
             # owner placement: the same within a group, over the group's nodes and its other ranks' shares
-            groups = world_size // group_size
-            remote = _expected_distinct(max(nodes / groups, 1.0), micro_batch) * (group_size - 1) / group_size
-            moved_owner += 2 * remote * row * (weight_bytes + GRAD_BYTES) * micro_batches
+            group_nodes = max(nodes / groups, 1.0)
+            remote = _expected_distinct(group_nodes, draws) * (group_size - 1) / group_size
+            moved_owner += 2 * remote * row * (weight_bytes + GRAD_BYTES) * times
+            remote_at_all = world_size > 1 if placement == "gather" else group_size > 1
+            if fetch_per_step and remote_at_all:  # the step's rows and their gradients, at most one a sequence
+                nodes_asked = nodes if placement == "gather" else group_nodes
+                fetched += int(min(nodes_asked, sequences_per_rank)) * row * (weight_bytes + GRAD_BYTES)
     return RankFootprint(weights, masters, optimizer, step_grads, fetched, int(moved_gather), int(moved_owner))
 
 

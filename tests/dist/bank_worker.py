@@ -1,7 +1,7 @@
 """torchrun worker: train a bank alone for a few steps on a fixed global batch, save it with DCP.
 
 Usage: bank_worker.py OUT --placement gather|owner --replicate N --steps S [--resume DIR] [--generic]
-                     [--dtype fp32|bf16] [--background] [--dump DIR]
+                     [--dtype fp32|bf16] [--background] [--dump DIR] [--fetch-per-step]
 (HMTRAIN_TEST_BRANCHING picks the tree; 4,3,2 when unset.)
 Every rank takes its part of each global batch (gather: equal chunks; owner: the sequences of the
 subtrees it owns), so the union over ranks is the same whatever the world size, and the saved bank
@@ -78,6 +78,7 @@ def train_step(bank: MemoryBank, step: int, world: int, owner, generic: bool) ->
             TRAFFIC["peers"] |= {first + r for r, (a, b) in enumerate(zip(wire.fetch_splits, wire.serve_splits))
                                  if a or b}
             TRAFFIC["wire_ranks"] = len(wire.fetch_splits)
+            TRAFFIC["all_to_alls"] = TRAFFIC.get("all_to_alls", 0) + 1
     for key, value in plan.stats.items():
         if key.endswith("/bytes_fetched"):
             TRAFFIC[key] = TRAFFIC.get(key, 0) + value
@@ -101,13 +102,14 @@ def save(bank: MemoryBank, out: str, background: bool, next_step: int, world: in
     pending.result()
 
 
-def make_bank(placement: str, replicate: int, dtype: str, world: int) -> tuple[MemoryBank, Groups | None]:
+def make_bank(placement: str, replicate: int, dtype: str, world: int,
+              fetch_per_step: bool = False) -> tuple[MemoryBank, Groups | None]:
     """The bank every run trains (on a process group when there is one), and the subtree owners (owner placement)."""
     owner = assign_groups(TOKENS, world) if placement == "owner" else None
     bank = MemoryBank(n_layers=LAYERS, kind=SwiGLUUnits(d_model=D), branching=BRANCHING, units=UNITS, generic=True,
                       seed=0, optimizer=SparseAdamW(lr=0.05, weight_decay=0.1), comm=Comm(), placement=placement,
                       replicate_levels=replicate, owner_of_subtree=None if owner is None else owner.group_of_subtree,
-                      group_size=1 if owner is None else owner.group_size,
+                      group_size=1 if owner is None else owner.group_size, fetch_per_step=fetch_per_step,
                       dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     for table in bank._state.values():  # non-zero down rows, so every slot gets gradients from step 0
         for rows in (table["weight"], table.get("master")):  # a bf16 bank's fp32 masters too
@@ -133,11 +135,12 @@ def main() -> int:
     args.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args.add_argument("--background", action="store_true")
     args.add_argument("--dump")
+    args.add_argument("--fetch-per-step", action="store_true")
     a = args.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo", timeout=TIMEOUT)
-    bank, owner = make_bank(a.placement, a.replicate, a.dtype, world)
+    bank, owner = make_bank(a.placement, a.replicate, a.dtype, world, a.fetch_per_step)
     if a.resume:
         state = {"bank": bank.load_template()}
         dcp.load(state, checkpoint_id=a.resume)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def run(tmp_path, name, nproc, placement="gather", replicate=0, steps=4, start=0, resume=None, dtype="fp32",
-        background=False, dump=None, branching=None):
+        background=False, dump=None, branching=None, per_step=False):
     out = tmp_path / name
     args = [worker.__file__, str(out), "--placement", placement, "--replicate", str(replicate), "--steps",
             str(steps), "--first-step", str(start), "--generic", "--dtype", dtype]
@@ -26,6 +26,8 @@ def run(tmp_path, name, nproc, placement="gather", replicate=0, steps=4, start=0
         args.append("--background")
     if dump:
         args += ["--dump", str(dump)]
+    if per_step:
+        args.append("--fetch-per-step")
     env = {"HMTRAIN_TEST_BRANCHING": ",".join(map(str, branching))} if branching else None
     torchrun(nproc, args, cwd=tmp_path, env=env)
     return out
@@ -79,6 +81,23 @@ def test_owner_groups_past_k1_ranks_train_the_same_bank_and_keep_rows_in_their_g
         torch.testing.assert_close(live["level1.weight"][0], reference["level1.weight"][subtree], rtol=1e-5,
                                    atol=1e-6)
         assert live["level1.exp_avg"].shape[0] == 1 - rank % 2  # ZeRO-1 inside the group: one of 2 holds its state
+
+
+def test_fetching_once_per_step_moves_each_row_once_and_trains_the_same_bank(tmp_path):
+    """parallel.fetch=step: a step's rows of other ranks arrive in one all-to-all (and their gradients leave in
+    one), each row once however many of the step's micro-batches use it; the bank is the one-process bank."""
+    reference = load(run(tmp_path, "ref", 1))
+    traffic = {}
+    for name, per_step in (("micro", False), ("step", True)):
+        dump = tmp_path / f"dump_{name}"
+        assert_same(reference, load(run(tmp_path, name, 2, dump=dump, per_step=per_step)), name)
+        traffic[name] = [json.loads((dump / f"traffic{r}.json").read_text()) for r in range(2)]
+    tables = [f"level{i}/bytes_fetched" for i in (1, 2, 3)]
+    for micro, step in zip(traffic["micro"], traffic["step"]):
+        assert step["all_to_alls"] == 4 and micro["all_to_alls"] == 4 * worker.MICRO  # 4 steps
+        assert all(step[t] <= micro[t] for t in tables)  # no table moves more
+    # rows that two micro-batches of a step share (rank 0's draws have some) move once
+    assert sum(r[t] for r in traffic["step"] for t in tables) < sum(r[t] for r in traffic["micro"] for t in tables)
 
 
 def test_a_bank_saved_on_two_ranks_resumes_on_three_and_on_one(tmp_path):

@@ -296,3 +296,18 @@ def test_owner_groups_store_their_own_level_1_rows_only():
     row = cfg.model.n_layers * 3 * cfg.model.d_model * cfg.memory.units[0] * 2  # bf16
     key = next(k for k in owner["per_rank"] if k.startswith("bank weights"))
     assert gather["per_rank"][key] - owner["per_rank"][key] == 15 * row
+
+
+def test_fetching_once_per_step_counts_a_steps_distinct_rows_once():
+    # level 1 (16 nodes, sharded over 4 ranks): 4 sequences a rank in 2 micro-batches of 2; level 0 replicated
+    kw = dict(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], world_size=4, replicate_levels=1,
+              generic=False, weight_bytes=2, micro_batch=2, global_batch=16)
+    micro, step = rank_footprint(**kw), rank_footprint(**kw, fetch_per_step=True)
+    row1 = 3 * 8
+
+    def distinct(nodes, draws):
+        return nodes * (1 - (1 - 1 / nodes) ** draws)
+
+    saved = 2 * 3 / 4 * row1 * (2 + 4) * (2 * distinct(16, 2) - distinct(16, 4))  # sent + received, rows + grads
+    assert micro.moved_gather - step.moved_gather == pytest.approx(saved, abs=2) and saved > 0
+    assert step.fetched - micro.fetched == 4 * row1 * (2 + 4)  # the step's (at most 4) rows and their gradients
