@@ -132,30 +132,26 @@ class MemoryBank:
             self.specs.append(TableSpec(GENERIC, None, kind.row_shape(n_layers, self.units_total),
                                         layouts.replicated(1, world, rank), "replicated"))
         self.spec = {s.name: s for s in self.specs}
-        # the rows whose optimizer state (masters, moments, steps) this rank holds: a replicated table's
-        # torch.chunk slice of what its ranks store (ZeRO-1 over the world, or over the group for a table
-        # each group keeps whole), every stored row of the others
-        self._owned = {s.name: zero.owned_layout(s.layout.num_local, self.comm_of(s)) if s.transport == "replicated"
-                       else s.layout for s in self.specs}
-        # how a replicated table's owned rows lie over the world, which is how checkpoints save and load them:
-        # a world-replicated table's are its chunk slice already; a group's are the subtree cut of its rows
-        self._checkpoint_layout = {
-            s.name: layouts.by_subtree(s.layout.num_rows, self.branching[0], np.asarray(owner_of_subtree), world,
-                                       rank, group_size) if s.layout.kind == "group" else self._owned[s.name]
-            for s in self.specs if s.transport == "replicated"}
+        # replicated tables: which pieces of their rows this rank holds the optimizer state (masters, moments,
+        # steps) of (ZeRO-1 over the world, or over the group for a table each group keeps whole); every other
+        # table holds the state of every row it stores
+        self._sharding = {s.name: self._shard(s, np.asarray(owner_of_subtree), group_size)
+                          for s in self.specs if s.transport == "replicated"}
 
         self.has_master = dtype.itemsize < 4
         self._state: dict[str, dict[str, Tensor]] = {}
         for table_index, spec in enumerate(self.specs):
-            n_own = self._owned[spec.name].num_local
+            sharding = self._sharding.get(spec.name)
+            n_own, shape = (sharding.owned.num_local, sharding.piece_shape) if sharding else \
+                (spec.layout.num_local, spec.row_shape)
             rows = self._init_rows(spec, table_index, init_std, seed)
-            # a copy of the owned rows, so a replicated table's whole fp32 init is not kept alive by a view
-            master = self._owned_rows(spec, rows).clone() if spec.transport == "replicated" else rows
+            # a copy of the owned pieces, so a replicated table's whole fp32 init is not kept alive by a view
+            master = sharding.owned_part(rows).clone() if sharding else rows
             self._state[spec.name] = {
                 "weight": rows.to(dtype),  # the rows themselves when dtype is fp32
                 **({MASTER: master} if self.has_master else {}),
-                "exp_avg": torch.zeros((n_own, *spec.row_shape), device=self.device, dtype=torch.float32),
-                "exp_avg_sq": torch.zeros((n_own, *spec.row_shape), device=self.device, dtype=torch.float32),
+                "exp_avg": torch.zeros((n_own, *shape), device=self.device, dtype=torch.float32),
+                "exp_avg_sq": torch.zeros((n_own, *shape), device=self.device, dtype=torch.float32),
                 "step": torch.zeros(n_own, device=self.device, dtype=torch.int64),
             }
         self._plan: StepPlan | None = None
@@ -171,9 +167,27 @@ class MemoryBank:
         """The ranks a table's collectives run on: its owner group's, or the world's."""
         return self.group_comm if spec.in_group else self.comm
 
-    def _owned_rows(self, spec: TableSpec, rows: Tensor) -> Tensor:
-        """The rows of `rows` (a table as stored on this rank) whose optimizer state this rank holds."""
-        return zero.owned_rows(rows, self._owned[spec.name]) if spec.transport == "replicated" else rows
+    def _shard(self, spec: TableSpec, owner_of_subtree: np.ndarray, group_size: int) -> zero.Sharding:
+        """A replicated table's ZeRO-1 cut, and how it lies over the world (what checkpoints convert from)."""
+        comm, world, rank, n = self.comm_of(spec), self.comm.world_size, self.comm.rank, spec.layout.num_rows
+        if spec.layout.kind == "group":  # over the group's rows; pieces from its fewest rows
+            fewest = int(np.bincount(spec.layout.owner // group_size).min())  # every group owns a subtree
+            pieces = layouts.pieces_per_row(fewest, spec.row_numel, comm.world_size)
+
+            def cut(rows: int) -> layouts.RowLayout:
+                return layouts.by_subtree(rows, self.branching[0], owner_of_subtree, world, rank, group_size)
+        else:
+            pieces = layouts.pieces_per_row(n, spec.row_numel, world)
+
+            def cut(rows: int) -> layouts.RowLayout:
+                return layouts.chunked(rows, world, rank)
+        return zero.sharding(spec.layout, spec.row_shape, comm, cut(n * pieces), cut(n), pieces)
+
+    def _owned_part(self, spec: TableSpec, rows: Tensor) -> Tensor:
+        """The part of `rows` (a table as stored on this rank) whose optimizer state this rank holds: a
+        replicated table's pieces, every row of the others."""
+        sharding = self._sharding.get(spec.name)
+        return sharding.owned_part(rows) if sharding else rows
 
     def _init_rows(self, spec: TableSpec, table_index: int, init_std: float, seed: int) -> Tensor:
         """Every row as the kind starts a fresh memory, from its own seed (a fresh memory changes nothing), fp32."""
@@ -213,8 +227,7 @@ class MemoryBank:
                                          dtype=torch.float32) for name, rows in plan.step_rows.items()}
         self._step_grads = {name: torch.zeros((len(f.ids), *self.spec[name].row_shape), device=self.device,
                                               dtype=torch.float32) for name, f in (plan.step_fetch or {}).items()}
-        self._shares = {s.name: zero.split_by_owner(plan.step_rows[s.name], self._owned[s.name])
-                        for s in self.specs if s.transport == "replicated"}
+        self._shares = {name: sharding.shares(plan.step_rows[name]) for name, sharding in self._sharding.items()}
         self._indices = self._upload(plan)
         self._plan = plan
         return plan
@@ -380,7 +393,8 @@ class MemoryBank:
         for spec in self.specs:
             if spec.transport == "replicated" and len(self._shares[spec.name].rows):
                 self._reducing[spec.name] = self.comm_of(spec).reduce_scatter(
-                    self._grads[spec.name], self._shares[spec.name].counts, async_op=True)
+                    self._grads[spec.name].view(-1, *self._sharding[spec.name].piece_shape),
+                    self._shares[spec.name].counts, async_op=True)
 
     def _finish_reduction(self) -> None:
         """Wait for the reduce-scatters; a replicated table's step gradients become those of its own rows."""
@@ -416,12 +430,13 @@ class MemoryBank:
             grads = self._grads[spec.name]
             grads.mul_(grad_scale)
             state = self._state[spec.name]
-            own = self._owned_rows(spec, state["weight"])
+            own = self._owned_part(spec, state["weight"])
             idx = self._indices[spec.name, "update"]
             self.optimizer.update_(own, state["exp_avg"], state["exp_avg_sq"], state["step"], idx, grads, lr=lr,
                                    validate=False, master=state.get(MASTER))
             if spec.transport == "replicated":
-                zero.gather_updated(self.comm_of(spec), state["weight"], own, self._shares[spec.name])
+                pieces = state["weight"].view(-1, *self._sharding[spec.name].piece_shape)
+                zero.gather_updated(self.comm_of(spec), pieces, own, self._shares[spec.name])
         self.abandon_step()
         return updated
 
@@ -443,46 +458,76 @@ class MemoryBank:
             self._mesh = bank_state.checkpoint_mesh(self.comm)
         return self._mesh
 
-    def _checkpointed(self, spec: TableSpec, field: str) -> tuple[Tensor, layouts.RowLayout]:
-        """The rows of a state field this rank saves and loads, and how they lie over the ranks: a table's
-        stored rows as its layout says; for a replicated table only the rows whose optimizer state this rank
-        holds (a row is saved once, by one rank; a load reads each rank's share and all-gathers the rest)."""
-        live = self._state[spec.name][field]
-        if spec.transport != "replicated":
-            return live, spec.layout
-        return (self._owned_rows(spec, live) if field == "weight" else live), self._checkpoint_layout[spec.name]
+    def _saved(self, spec: TableSpec, field: str, mesh) -> Tensor:
+        """What a checkpoint saves of a state field: a table's stored rows as its layout lays them out; for a
+        replicated table only the rows this rank saves (its row share of the weight, its pieces' state, as
+        rows), each row saved by one rank, whatever the pieces."""
+        live, sharding = self._state[spec.name][field], self._sharding.get(spec.name)
+        if sharding is None:
+            return bank_state.saved(live, spec.layout, self.comm, mesh)
+        if field == "weight":
+            return bank_state.saved(sharding.row_share(live), sharding.world_rows, self.comm, mesh)
+        if sharding.pieces == 1:
+            return bank_state.saved(live, sharding.world_state, self.comm, mesh)
+        rows = bank_state.pieces_to_rows(self.comm, live, sharding, spec.row_shape)
+        return bank_state.saved(rows, self._chunk(spec), self.comm, mesh)
+
+    def _chunk(self, spec: TableSpec) -> layouts.RowLayout:
+        return layouts.chunked(spec.layout.num_rows, self.comm.world_size, self.comm.rank)
+
+    def _to_load(self, spec: TableSpec, field: str, mesh) -> Tensor:
+        live, sharding = self._state[spec.name][field], self._sharding.get(spec.name)
+        if sharding is None:
+            return bank_state.to_load(live, spec.layout, self.comm, mesh)
+        if field == "weight":
+            return bank_state.to_load(sharding.row_share(live), sharding.world_rows, self.comm, mesh)
+        if sharding.pieces == 1:
+            return bank_state.to_load(live, sharding.world_state, self.comm, mesh)
+        rows = self._chunk(spec).num_local  # the checkpoint's rows, relaid out into pieces by load_state_dict
+        template = live.new_empty((rows,) if live.dim() == 1 else (rows, *spec.row_shape))
+        return bank_state.to_load(template, self._chunk(spec), self.comm, mesh)
+
+    def _restore(self, spec: TableSpec, field: str, loaded: Tensor) -> None:
+        live, sharding = self._state[spec.name][field], self._sharding.get(spec.name)
+        if sharding is None:
+            bank_state.restore(live, loaded, spec.layout, self.comm)
+        elif field == "weight":
+            bank_state.restore(sharding.row_share(live), loaded, sharding.world_rows, self.comm)
+        elif sharding.pieces == 1:
+            bank_state.restore(live, loaded, sharding.world_state, self.comm)
+        else:
+            live.copy_(bank_state.rows_to_pieces(self.comm, loaded.to_local(), sharding).view_as(live))
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat `<table>.<field>` -> tensor (one process) or chunk-layout Shard(0) DTensor; a bf16 table
         saves its fp32 masters too (`<table>.master`), so a resume continues exactly. The on-disk form does
-        not depend on the layouts (hmtrain/memory/bank_state.py)."""
+        not depend on the layouts or the pieces (hmtrain/memory/bank_state.py)."""
         mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
-        return {f"{spec.name}.{field}": bank_state.saved(*self._checkpointed(spec, field), self.comm, mesh)
-                for spec in self.specs for field in self._state[spec.name]}
+        return {f"{spec.name}.{field}": self._saved(spec, field, mesh) for spec in self.specs
+                for field in self._state[spec.name]}
 
     def load_template(self) -> dict[str, Tensor]:
         """The tensors a checkpoint's bank loads into (`load_state_dict` then finishes the load)."""
         mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
-        return {f"{spec.name}.{field}": bank_state.to_load(*self._checkpointed(spec, field), self.comm, mesh)
-                for spec in self.specs for field in self._state[spec.name]}
+        return {f"{spec.name}.{field}": self._to_load(spec, field, mesh) for spec in self.specs
+                for field in self._state[spec.name]}
 
     def load_state_dict(self, loaded: dict[str, Tensor]) -> None:
-        """Finish loading `load_template()`'s tensors: rows into subtree-placed tables; drop any planned step.
+        """Finish loading `load_template()`'s tensors: rows into subtree-placed tables, a replicated table's
+        pieces into place and its weight gathered from the rows each rank loaded; drop any planned step.
         Masters a checkpoint lacks (a bf16 bank saved before they existed, checkpoint format < 3: the
         loader leaves their entries out, hmtrain/checkpoint/formats.py) start from the loaded rows."""
         for spec in self.specs:
             state = self._state[spec.name]
             for field in state:  # "weight" comes before MASTER
-                live, layout = self._checkpointed(spec, field)
                 if field == MASTER and f"{spec.name}.{MASTER}" not in loaded:
-                    live.copy_(self._owned_rows(spec, state["weight"]))
+                    state[MASTER].copy_(self._owned_part(spec, state["weight"]))
                     continue
-                bank_state.restore(live, loaded[f"{spec.name}.{field}"], layout, self.comm)
-            if spec.transport == "replicated":  # every rank loaded its share: gather the rest of what it stores
-                owned, comm = self._owned[spec.name], self.comm_of(spec)
-                counts = np.bincount(owned.owner, minlength=comm.world_size).tolist()
-                if comm.world_size > 1:
-                    state["weight"].copy_(comm.all_gather(self._owned_rows(spec, state["weight"]), counts))
+                self._restore(spec, field, loaded[f"{spec.name}.{field}"])
+            sharding = self._sharding.get(spec.name)
+            if sharding is not None and sharding.comm.world_size > 1:  # each rank loaded its rows: gather the rest
+                counts = np.bincount(sharding.rows.owner, minlength=sharding.comm.world_size).tolist()
+                state["weight"].copy_(sharding.comm.all_gather(sharding.row_share(state["weight"]), counts))
         self.abandon_step()
 
     # ---- evaluation (one process) ------------------------------------------

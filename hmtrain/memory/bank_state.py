@@ -16,7 +16,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 from hmtrain.memory.exchange import Comm
-from hmtrain.memory.layout import RowLayout, chunk_rows, chunked
+from hmtrain.memory.layout import RowLayout, chunk_rows, chunked, pieces_of
+from hmtrain.memory.zero import Sharding
 
 
 def checkpoint_mesh(comm: Comm) -> DeviceMesh:
@@ -88,3 +89,24 @@ def restore(live: Tensor, loaded: Tensor, layout: RowLayout, comm: Comm) -> None
         return  # loaded in place
     live.copy_(rows if layout.is_chunk_compatible else relayout(comm, rows, chunked(layout.num_rows, world, rank),
                                                                layout))
+
+
+def pieces_to_rows(comm: Comm, live: Tensor, sharding: Sharding, row_shape: tuple[int, ...]) -> Tensor:
+    """A replicated table's state field as this rank holds it (its pieces, `Sharding`) as the chunk rows a
+    checkpoint saves: one all-to-all. Step counts ([pieces]) become one per row (a row's pieces share it)."""
+    rows = chunked(sharding.world_rows.num_rows, comm.world_size, comm.rank)
+    flat = live.reshape(len(live), int(np.prod(live.shape[1:])))  # step counts: [pieces, 1]
+    moved = relayout(comm, flat, sharding.world_state, pieces_of(rows, sharding.pieces))
+    if live.dim() == 1:
+        return moved.view(-1, sharding.pieces)[:, 0].contiguous()
+    return moved.reshape(-1, *row_shape)
+
+
+def rows_to_pieces(comm: Comm, rows: Tensor, sharding: Sharding) -> Tensor:
+    """`pieces_to_rows` backwards: the chunk rows a checkpoint loaded as this rank's pieces, [pieces, ...]."""
+    chunk = chunked(sharding.world_rows.num_rows, comm.world_size, comm.rank)
+    if rows.dim() == 1:  # step counts: every piece of a row has the row's
+        flat = rows.repeat_interleave(sharding.pieces)[:, None]
+    else:
+        flat = rows.reshape(len(rows) * sharding.pieces, int(np.prod(sharding.piece_shape)))
+    return relayout(comm, flat, pieces_of(chunk, sharding.pieces), sharding.world_state)

@@ -129,3 +129,24 @@ def in_group(num_rows: int, num_subtrees: int, owner_of_subtree: np.ndarray, wor
         mine = np.flatnonzero(group == g)
         local[mine] = np.arange(len(mine))
     return RowLayout("group", num_rows, world_size, rank, owner=cut.owner, local=local, group_size=group_size)
+
+
+def pieces_per_row(num_rows: int, row_numel: int, ranks: int) -> int:
+    """S: how many equal pieces to cut each row of a replicated table into so that `ranks` ranks share its
+    optimizer state evenly (num_rows * S >= ranks): the smallest divisor of the row's size that reaches it,
+    1 while the rows alone suffice. With S = 1 the pieces are the rows."""
+    need = -(-ranks // max(num_rows, 1))
+    if need <= 1:
+        return 1
+    return next((s for s in range(need, row_numel + 1) if row_numel % s == 0), row_numel)
+
+
+def pieces_of(layout: RowLayout, pieces: int) -> RowLayout:
+    """`layout` over the table's rows cut into `pieces` pieces each (piece p of row r is id r * pieces + p),
+    every piece where its row is."""
+    if pieces == 1:
+        return layout
+    within = np.arange(pieces, dtype=np.int64)
+    return RowLayout(layout.kind, layout.num_rows * pieces, layout.world_size, layout.rank,
+                     owner=np.repeat(layout.owner, pieces), local=(layout.local[:, None] * pieces + within).reshape(-1),
+                     group_size=layout.group_size)

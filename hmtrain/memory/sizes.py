@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hmtrain.config import check_branching
+from hmtrain.memory.layout import pieces_per_row
 
 GRAD_BYTES = 4  # row gradients are fp32 from the backward to the update, whatever the bank's dtype
 MASTER_BYTES = 4  # a bank stored in less than fp32 keeps fp32 master rows beside the stored ones
@@ -85,7 +86,7 @@ class RankFootprint:
 
     weights: int  # the stored rows, in the bank's dtype: what fetches read and send
     masters: int  # fp32 master rows of a bank stored in less than fp32 (0 for an fp32 bank); replicated tables'
-    #               only for the rank's torch.chunk slice of rows (ZeRO-1), as their optimizer state
+    #               only for the rank's torch.chunk slice of their rows' pieces (ZeRO-1), as their optimizer state
     optimizer: int  # fp32 exp_avg + exp_avg_sq, and one int64 step count per row
     step_grads: int  # fp32 gradient buffer of the rows a step touches (upper bound)
     fetched: int  # one micro-batch's fetched rows plus their fp32 gradient buffer (upper bound); fetching once
@@ -129,12 +130,16 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
         in_groups = replicated and not is_generic and groups > 1  # owner placement keeps it whole per group
         owned = -(-nodes // world_size)  # the most rows any rank's torch.chunk slice holds (rank 0's)
         rows = nodes if replicated else owned  # a replicated table's stored rows are all on every rank
+        sharers = world_size
         if in_groups and placement == "owner":  # the group's 1/G of the rows, state cut among its R ranks
-            rows = -(-nodes // groups)
-            owned = -(-rows // group_size)
+            rows, sharers = -(-nodes // groups), group_size
+        pieces, piece = 1, row  # ZeRO-1 cuts a replicated table's rows into pieces when they are too few
+        if replicated:
+            pieces = pieces_per_row(rows, row, sharers)
+            piece, owned = row // pieces, -(-rows * pieces // sharers)
         weights += rows * row * weight_bytes
-        masters += owned * row * master_bytes  # ZeRO-1: a replicated table's state only for its owned rows
-        optimizer += owned * (row * 8 + 8)
+        masters += owned * piece * master_bytes  # ZeRO-1: a replicated table's state only for its own pieces
+        optimizer += owned * (piece * 8 + 8)
         step_grads += min(rows, global_batch) * row * 4
         fetched += min(nodes, micro_batch) * row * (weight_bytes + GRAD_BYTES)
         if replicated:  # ZeRO-1: the touched rows' fp32 gradients reduce-scattered, the updated rows all-gathered

@@ -111,10 +111,10 @@ def make_bank(placement: str, replicate: int, dtype: str, world: int,
                       replicate_levels=replicate, owner_of_subtree=None if owner is None else owner.group_of_subtree,
                       group_size=1 if owner is None else owner.group_size, fetch_per_step=fetch_per_step,
                       dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    for table in bank._state.values():  # non-zero down rows, so every slot gets gradients from step 0
-        for rows in (table["weight"], table.get("master")):  # a bf16 bank's fp32 masters too
-            if rows is not None:
-                rows[:, :, 2] = 0.5
+    for name, table in bank._state.items():  # non-zero down rows, so every slot gets gradients from step 0
+        table["weight"][:, :, 2] = 0.5
+        if "master" in table:  # a bf16 bank's fp32 masters too (a replicated table's: its pieces of them)
+            table["master"].copy_(bank._owned_part(bank.spec[name], table["weight"]))
     return bank, owner
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from hmtrain.memory.layout import by_subtree, chunk_rows
+from hmtrain.memory.layout import by_subtree, chunk_rows, pieces_per_row
 from hmtrain.memory.sizes import level_nodes
 from hmtrain.parallel.placement import assign_groups
 from tests.dist import bank_worker as worker
@@ -36,14 +36,21 @@ def replicated_tables() -> dict[str, int]:
 
 
 def assert_ranks_hold_their_slices(reference: dict, dump, world: int, what: str, tables=None) -> None:
-    """Every rank: the whole stored table as one process has it, optimizer state for its chunk rows only."""
+    """Every rank: the whole stored table as one process has it, optimizer state for its chunk rows only;
+    a table with fewer rows than ranks (the generic row) is cut into equal pieces of rows, a chunk of them each."""
     for rank in range(world):
         local = torch.load(dump / f"rank{rank}.pt")
         for table, rows in (tables or replicated_tables()).items():
-            start, stop = chunk_rows(rows, world, rank)
+            numel = reference[f"{table}.weight"][0].numel()
+            pieces = pieces_per_row(rows, numel, world)
+            assert pieces == 1 or rows < world
+            start, stop = chunk_rows(rows * pieces, world, rank)
             expect = {f"{table}.weight": reference[f"{table}.weight"]}
-            expect |= {key: reference[key][start:stop] for key in (f"{table}.{f}" for f in OPTIMIZER_STATE)
-                       if key in reference}
+            for key in (f"{table}.{f}" for f in OPTIMIZER_STATE if f"{table}.{f}" in reference):
+                state = reference[key]
+                if pieces > 1:  # a row's pieces share its step count
+                    state = state.repeat_interleave(pieces) if state.dim() == 1 else state.reshape(rows * pieces, -1)
+                expect[key] = state[start:stop]
             assert_same(expect, {key: local[key] for key in expect}, f"{what}, rank {rank}")
 
 

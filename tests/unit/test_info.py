@@ -311,3 +311,13 @@ def test_fetching_once_per_step_counts_a_steps_distinct_rows_once():
     saved = 2 * 3 / 4 * row1 * (2 + 4) * (2 * distinct(16, 2) - distinct(16, 4))  # sent + received, rows + grads
     assert micro.moved_gather - step.moved_gather == pytest.approx(saved, abs=2) and saved > 0
     assert step.fetched - micro.fetched == 4 * row1 * (2 + 4)  # the step's (at most 4) rows and their gradients
+
+
+def test_a_replicated_row_shares_its_optimizer_state_in_pieces():
+    # the one generic row (3 units x d 8 x 3 slots = 72 values) on 4 ranks: 4 pieces of 18, one per rank
+    kw = dict(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], world_size=4, replicate_levels=0,
+              weight_bytes=2, micro_batch=2, global_batch=8)
+    alone, with_generic = rank_footprint(generic=False, **kw), rank_footprint(generic=True, **kw)
+    assert with_generic.weights - alone.weights == 72 * 2  # the row itself on every rank
+    assert with_generic.masters - alone.masters == 18 * 4  # its fp32 master: a quarter of it
+    assert with_generic.optimizer - alone.optimizer == 18 * 8 + 8  # moments of the piece and its step count
