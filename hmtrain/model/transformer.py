@@ -199,7 +199,7 @@ class Transformer(nn.Module):
                       memory: Optional[LayerMemory] = None) -> Tensor:
         """tokens [B, T] -> final-norm output [B, T, d_model], the head's input (for a chunked loss).
         `segments` [B, T] marks documents (attention and RoPE stay inside each); `memory` supplies
-        each sequence's fetched blocks, layer by layer. With `model.document_mask=false` segments are
+        each sequence's fetched blocks, one slot per memory layer. With `model.document_mask=false` segments are
         ignored: attention is causal over the whole row and positions run from its start."""
         B, T = tokens.shape
         if not self.cfg.document_mask:  # one causal stream per row (both attention paths), positions from 0

@@ -12,6 +12,7 @@ from hmtrain.info import layer_spans, print_info, size_summary
 from hmtrain.memory import MemoryBank, build_bank, memory_layers
 from hmtrain.memory.kind import memory_kind
 from hmtrain.model import Transformer, build_model
+from hmtrain.model.sizes import activation_bytes
 
 SMALL = ["model.d_model=16", "model.n_layers=6", "model.n_heads=2", "model.head_dim=8", "model.ffn_hidden=24",
          "model.vocab_size=61", "tree.branching=[2,3]", "memory.units=[4,2]", "data.seq_len=16"]
@@ -181,3 +182,13 @@ def test_hf_anchor_hooks_only_the_memory_layers(tmp_path):
     first = [out[0] if isinstance(out, tuple) else out for out in (seen["plain"][0], seen["memory"][0])]
     assert torch.equal(*first)  # layer 0 has no memory
     assert (seen["memory"][1] - seen["plain"][1]).abs().max() > 1e-3  # layer 1's does change the logits
+
+
+def test_activations_count_the_memory_units_in_the_memory_layers_only():
+    model = small().model
+    kw = dict(micro_batch=2, seq_len=16, memory_units=6, fetched=0, value_bytes=2)
+    per_memory_layer = 2 * 16 * 2 * 4 * 6  # tokens x bytes x (gate, up, silu, down inputs) x units
+    for checkpointing, dropped in ((False, 4 * per_memory_layer), (True, 0)):  # checkpointed: one layer recomputed
+        every = activation_bytes(model, **kw, checkpointing=checkpointing)
+        assert every == activation_bytes(model, **kw, checkpointing=checkpointing, memory_layers=6)
+        assert every - activation_bytes(model, **kw, checkpointing=checkpointing, memory_layers=2) == dropped
