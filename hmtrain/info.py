@@ -237,8 +237,8 @@ def step_memory(cfg: Config, summary: dict, world_size: int) -> tuple[dict[str, 
         name = (f"activations, {shape}, {'with' if checkpointing else 'no'} activation checkpointing"
                 f"{' (configured)' if configured else ''}")
         rows[name] = activation_bytes(model, micro_batch=tc.micro_batch_size, seq_len=cfg.data.seq_len,
-                                      memory_units=sum(cfg.memory.units), memory_layers=len(summary["memory_layers"]),
-                                      fetched=summary["fetched"],
+                                      memory_units=sum(cfg.memory.units), fetched=summary["fetched"],
+                                      memory_layers=len(summary["memory_layers"]),
                                       checkpointing=checkpointing, value_bytes=value_bytes(cfg))
         if configured:  # the peak counts the activations the run holds
             peak = max(peak, rows[name])
