@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hmtrain.config import Config, ConfigError, split_global_batch
-from hmtrain.memory import memory_sizes
+from hmtrain.memory import memory_layers, memory_sizes
 from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.sizes import bank_checkpoint_bytes, eval_footprint, rank_footprint, step_transients
 from hmtrain.model import count_parameters, run_model_config
@@ -42,7 +42,7 @@ def model_config(cfg: Config):
 
 def size_summary(cfg: Config) -> dict:
     model = model_config(cfg)
-    levels = memory_sizes(n_layers=model.n_layers, params_per_unit=memory_kind(cfg).params_per_unit,
+    levels = memory_sizes(n_layers=len(memory_layers(cfg)), params_per_unit=memory_kind(cfg).params_per_unit,
                           branching=cfg.tree.branching, units=cfg.memory.units)
     return {
         "anchor": count_parameters(model),
@@ -52,7 +52,19 @@ def size_summary(cfg: Config) -> dict:
         "fetched": sum(level.fetched_params for level in levels),
         "bank": sum(level.bank_params for level in levels),
         "levels": levels,
+        "memory_layers": memory_layers(cfg),  # a bank row holds these decoder layers' slots only
     }
+
+
+def layer_spans(layers: tuple[int, ...]) -> str:
+    """Ascending layer indices as runs: (0, 1, 2, 5) -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def anchor_bytes_per_rank(params: int, world: int, engine: str, zero_stage: int) -> int:
@@ -131,6 +143,9 @@ def print_info(cfg: Config, console: Console | None = None, world_size: int = 1,
         table.add_row(f"dense baseline (x{cfg.train.dense_multiplier:g})", "", "",
                       f"{summary['dense_baseline']:,} ({human(summary['dense_baseline'])})", "")
     console.print(table)
+    layers, n_layers = summary["memory_layers"], cfg.model.n_layers
+    console.print(f"memory in {len(layers)} of {n_layers} decoder layers (memory.layers={cfg.memory.layers}): "
+                  f"{layer_spans(layers)}", markup=False, highlight=False)
     summary["per_rank"] = print_rank_memory(cfg, summary, console, world_size)
     summary["checkpoint"] = print_checkpoint(cfg, summary, console, checkpoint_gbps)
     summary["eval"] = print_eval_memory(cfg, summary, console)
@@ -138,10 +153,9 @@ def print_info(cfg: Config, console: Console | None = None, world_size: int = 1,
 
 
 def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: int) -> dict:
-    model = model_config(cfg)
     par, tc = cfg.parallel, cfg.train
     weight_bytes = 2 if cfg.memory.dtype == "bf16" else 4
-    bank = rank_footprint(n_layers=model.n_layers, params_per_unit=memory_kind(cfg).params_per_unit,
+    bank = rank_footprint(n_layers=len(memory_layers(cfg)), params_per_unit=memory_kind(cfg).params_per_unit,
                           branching=cfg.tree.branching, units=cfg.memory.units, world_size=world_size,
                           replicate_levels=par.replicate_levels, generic=cfg.memory.generic,
                           weight_bytes=weight_bytes, micro_batch=tc.micro_batch_size,
@@ -209,10 +223,10 @@ def step_memory(cfg: Config, summary: dict, world_size: int) -> tuple[dict[str, 
     model, par, tc = model_config(cfg), cfg.parallel, cfg.train
     weight_bytes = 2 if cfg.memory.dtype == "bf16" else 4
     transients = step_transients(
-        n_layers=model.n_layers, params_per_unit=memory_kind(cfg).params_per_unit, branching=cfg.tree.branching,
-        units=cfg.memory.units, world_size=world_size, replicate_levels=par.replicate_levels,
-        generic=cfg.memory.generic, weight_bytes=weight_bytes, micro_batch=tc.micro_batch_size,
-        global_batch=tc.global_batch_size, placement=par.placement,
+        n_layers=len(memory_layers(cfg)), params_per_unit=memory_kind(cfg).params_per_unit,
+        branching=cfg.tree.branching, units=cfg.memory.units, world_size=world_size,
+        replicate_levels=par.replicate_levels, generic=cfg.memory.generic, weight_bytes=weight_bytes,
+        micro_batch=tc.micro_batch_size, global_batch=tc.global_batch_size, placement=par.placement,
         group_size=owner_groups(cfg, world_size).group_size)
     shape = f"micro-batch of {tc.micro_batch_size} x {cfg.data.seq_len} tokens"
     rows = {f"bank fetch copies, one micro-batch, {par.placement} placement (at most)": transients.fetch,
@@ -225,6 +239,7 @@ def step_memory(cfg: Config, summary: dict, world_size: int) -> tuple[dict[str, 
                 f"{' (configured)' if configured else ''}")
         rows[name] = activation_bytes(model, micro_batch=tc.micro_batch_size, seq_len=cfg.data.seq_len,
                                       memory_units=sum(cfg.memory.units), fetched=summary["fetched"],
+                                      memory_layers=len(summary["memory_layers"]),
                                       checkpointing=checkpointing, value_bytes=value_bytes(cfg))
         if configured:  # the peak counts the activations the run holds
             peak = max(peak, rows[name])
@@ -236,7 +251,7 @@ def print_checkpoint(cfg: Config, summary: dict, console: Console, gbps: float) 
     model, par = model_config(cfg), cfg.parallel
     tied = model.vocab_size * model.d_model if model.tie_embeddings else 0
     anchor = anchor_checkpoint_bytes(summary["anchor"], tied, par.engine, value_bytes(cfg))
-    bank = bank_checkpoint_bytes(n_layers=model.n_layers, params_per_unit=memory_kind(cfg).params_per_unit,
+    bank = bank_checkpoint_bytes(n_layers=len(memory_layers(cfg)), params_per_unit=memory_kind(cfg).params_per_unit,
                                  branching=cfg.tree.branching, units=cfg.memory.units, generic=cfg.memory.generic,
                                  weight_bytes=2 if cfg.memory.dtype == "bf16" else 4)
     total = anchor + bank
@@ -256,10 +271,9 @@ def print_checkpoint(cfg: Config, summary: dict, console: Console, gbps: float) 
 def print_eval_memory(cfg: Config, summary: dict, console: Console) -> dict:
     """`eval` and `generate --checkpoint` on one process (hmtrain/eval/loading.py): the anchor and each batch's
     fetched rows on the device; the bank's weights, without optimizer state, in host memory."""
-    model = model_config(cfg)
     weight_bytes = 2 if cfg.memory.dtype == "bf16" else 4
     batch = cfg.eval.probe_batch_size  # the largest batch eval looks up; held-out batches are eval.batch_size
-    bank = eval_footprint(n_layers=model.n_layers, params_per_unit=memory_kind(cfg).params_per_unit,
+    bank = eval_footprint(n_layers=len(memory_layers(cfg)), params_per_unit=memory_kind(cfg).params_per_unit,
                           branching=cfg.tree.branching, units=cfg.memory.units, generic=cfg.memory.generic,
                           weight_bytes=weight_bytes, batch=batch)
     device = {"anchor weights (fp32)": 4 * summary["anchor"],

@@ -45,7 +45,7 @@ class Config:
         self.eval.validate()
         self.tree.validate()
         self.parallel.validate(levels=len(self.tree.branching))
-        self.memory.validate(levels=len(self.tree.branching))
+        self.memory.validate(levels=len(self.tree.branching), n_layers=self.model.n_layers)
         if self.data.tokenizer == "hf":
             require(bool(self.model.hf_path), "data.tokenizer",
                     "hf reads tokenizer.json of model.hf_path, which is empty")

@@ -25,13 +25,19 @@ def uses_memory(cfg: Config) -> bool:
             and sum(cfg.memory.units) > 0)
 
 
+def memory_layers(cfg: Config) -> tuple[int, ...]:
+    """The decoder layers that carry memory (`memory.layers` against `model.n_layers`), ascending: a bank
+    row holds one layer slot for each, in this order, so the bank is built with n_layers = their count."""
+    return cfg.memory.decoder_layers(cfg.model.n_layers)
+
+
 def build_bank(cfg: Config, device: torch.device | str = "cpu", comm: Comm | None = None,
                owner_of_subtree: Sequence[int] | None = None, group_size: int = 1) -> MemoryBank:
     """The bank a config describes, with the memory phase's optimizer settings; owner placement: each
     level-1 subtree's group, and the ranks per group (hmtrain/parallel/placement.py)."""
     optim = cfg.train.memory_optim
     return MemoryBank(
-        n_layers=cfg.model.n_layers, kind=memory_kind(cfg), branching=cfg.tree.branching,
+        n_layers=len(memory_layers(cfg)), kind=memory_kind(cfg), branching=cfg.tree.branching,
         units=cfg.memory.units, generic=cfg.memory.generic, init_std=cfg.memory.init_std,
         seed=cfg.train.seed, device=device, dtype=DTYPES[cfg.memory.dtype],
         optimizer=SparseAdamW(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay),
@@ -43,9 +49,9 @@ def build_bank(cfg: Config, device: torch.device | str = "cpu", comm: Comm | Non
 def build_host_bank(cfg: Config, device: torch.device | str = "cpu") -> HostBank:
     """The bank a config trains, weights only, for a checkpoint to load into (evaluation, generation): empty
     tables in host memory, in the dtype training stores them in; lookups move their rows to `device`."""
-    return HostBank(n_layers=cfg.model.n_layers, kind=memory_kind(cfg), branching=cfg.tree.branching,
+    return HostBank(n_layers=len(memory_layers(cfg)), kind=memory_kind(cfg), branching=cfg.tree.branching,
                     units=cfg.memory.units, generic=cfg.memory.generic, dtype=DTYPES[cfg.memory.dtype], device=device)
 
 
 __all__ = ["Comm", "FetchedMemory", "HostBank", "LevelSize", "MemoryBank", "SparseAdamW", "build_bank",
-           "build_host_bank", "memory_sizes", "uses_memory"]
+           "build_host_bank", "memory_layers", "memory_sizes", "uses_memory"]

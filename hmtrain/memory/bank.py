@@ -2,7 +2,8 @@
 
 One table per level i with m_i > 0 units: N_i rows (tree nodes) of the memory kind's row
 shape for m_i units (hmtrain/memory/kind.py: for SwiGLU units, gate, up and down rows of every
-layer), plus optionally the generic (context-free) memory: one row of the fetched size M = sum(m_i). Rows live where
+memory layer: `n_layers` counts the decoder layers that carry memory, `memory.layers`), plus
+optionally the generic (context-free) memory: one row of the fetched size M = sum(m_i). Rows live where
 their layout says (hmtrain/memory/layout.py): replicated, in torch.chunk slices
 (gather placement) or by level-1 subtree (owner placement: each subtree's rows in the group of ranks
 that owns it, fetched only within that group). Optimizer moments are fp32

@@ -1,7 +1,8 @@
 """What a memory unit is: the vectors it adds to every layer, and how the model reads them.
 
 The bank (hmtrain/memory/bank.py) stores and moves rows without knowing what they mean; a
-`MemoryKind` says it. A unit stores one vector per slot in every transformer layer; slot s has
+`MemoryKind` says it. A unit stores one vector per slot in every memory layer (the decoder layers
+`memory.layers` names, all by default; a row's layer i is the i-th of them); slot s has
 `slot_widths[s]` values, so `params_per_unit = sum(slot_widths)` (DESIGN.md, "The memory, exactly").
 A row of m units lays each layer out slot-major, [slot 0: m x w_0 | slot 1: m x w_1 | ...]; consecutive
 slots of one width form a group (`groups`), which the fetch gathers with one index. A kind whose slots

@@ -1,4 +1,4 @@
-"""An open-weight Hugging Face causal LM as the anchor (`model.family=hf`), with memory in every MLP.
+"""An open-weight Hugging Face causal LM as the anchor (`model.family=hf`), with memory in its MLPs.
 
 The model is read with `transformers` from a local directory as `save_pretrained` writes it
 (`local_files_only`: nothing is downloaded). Supported: Llama, Qwen2, Qwen3 and Gemma 3 (gated MLPs,
@@ -9,7 +9,9 @@ memory, exactly"): a forward hook on the MLP adds, for sequence b,
     gated:    act(x U_gate_b^T) * (x U_up_b^T) U_down_b       (SwiGLUUnits: three slots a unit)
     ungated:  act(x U_up_b^T) U_down_b                        (UngatedUnits, GPT-2: two slots)
 to the MLP's own output, with the MLP's own activation module (`act_fn`; GPT-2's `act`): the
-concatenation of the anchor's hidden units and the memory's. Memory down rows start at zero, so a
+concatenation of the anchor's hidden units and the memory's. Only the layers `memory_layers` (config
+`memory.layers`; default all) get the hook, the j-th reading the memory's layer slot j; the others run
+their MLP untouched. Memory down rows start at zero, so a
 fresh memory leaves the HF model's logits as they were. The hook leaves the modules and their
 parameter names as they are: `save_pretrained` writes a plain HF checkpoint (`hmtrain export` writes
 it as the export's `anchor/`, which `hmtrain generate` reads back into this class).
@@ -24,6 +26,7 @@ turns it off, as the open-weight models were trained without it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -35,7 +38,7 @@ from torch import Tensor, nn
 from hmtrain.config import ModelConfig
 from hmtrain.config.hf import hf_shape
 from hmtrain.model.loss import lm_loss_sum
-from hmtrain.model.transformer import LayerMemory, positions_in_document
+from hmtrain.model.transformer import LayerMemory, memory_slots, positions_in_document
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
@@ -79,7 +82,8 @@ def _memory_hook(slot: _Slot, index: int, act: nn.Module, gated: bool):
 
 
 class HFAnchor(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_seq_len: int = 2048, path: str | Path | None = None):
+    def __init__(self, cfg: ModelConfig, max_seq_len: int = 2048, path: str | Path | None = None,
+                 memory_layers: Optional[Sequence[int]] = None):
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -100,15 +104,22 @@ class HFAnchor(nn.Module):
                                                        dtype=torch.float32, attn_implementation="sdpa")
         self.cfg, self.max_seq_len, self.gated = cfg, max_seq_len, shape.gated
         self._slot = _Slot()
-        for i, layer in enumerate(self.layers):
-            act = layer.mlp.act_fn if shape.gated else layer.mlp.act
-            layer.mlp.register_forward_hook(_memory_hook(self._slot, i, act, shape.gated), with_kwargs=True)
+        self.memory_slots = memory_slots(memory_layers, len(self.layers))
+        for i, slot in self.memory_slots.items():
+            mlp = self.layers[i].mlp
+            act = mlp.act_fn if shape.gated else mlp.act
+            mlp.register_forward_hook(_memory_hook(self._slot, slot, act, shape.gated), with_kwargs=True)
 
     @property
     def layers(self) -> nn.ModuleList:
         """The decoder layers, in place: parallelize wraps them where the HF model calls them."""
         base = self.hf.base_model
         return base.h if hasattr(base, "h") else base.layers
+
+    @property
+    def memory_layers(self) -> tuple[int, ...]:
+        """The decoder layers whose MLP reads memory, ascending (slot j of a bank row is the j-th)."""
+        return tuple(self.memory_slots)
 
     @property
     def output_weight(self) -> Tensor:
@@ -121,7 +132,7 @@ class HFAnchor(nn.Module):
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's max_seq_len {self.max_seq_len}")
         position_ids = positions_in_document(segments) if self.cfg.document_mask and segments is not None else None
-        self._slot.blocks = None if memory is None else [memory.layer(i) for i in range(len(self.layers))]
+        self._slot.blocks = None if memory is None else [memory.layer(j) for j in range(len(self.memory_slots))]
         out = self.hf.base_model(input_ids=tokens, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 

@@ -25,7 +25,7 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, memory_units: int, fetched: int,
-                     checkpointing: bool, value_bytes: int = 2) -> int:
+                     checkpointing: bool, value_bytes: int = 2, memory_layers: int | None = None) -> int:
     """What one micro-batch holds for its backward, estimated as Megatron's activation formula (Korthikanti
     et al. 2022) is: the tensors each layer saves, per token, in the activation dtype (`value_bytes`: 2
     under bf16) except where hmtrain/model/transformer.py computes in fp32.
@@ -37,15 +37,20 @@ def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, memory
       output (4q: FlexAttention keeps no [T, T] scores, only a log-sum-exp per head), the output projection's
       input (q), the FFN's input (d) and its gate and up outputs, silu's output and the down input (4F).
     With activation checkpointing a layer keeps only its input (d) and backward recomputes one layer at a
-    time. Beside the layers: every sequence's fetched blocks (the FFNs' inputs either way), and the chunked
-    loss's hidden-state gradient, fp32 head gradient and one chunk's logits (hmtrain/model/loss.py)."""
+    time. Only `memory_layers` of the layers (default: all) have the M memory units. Beside the layers:
+    every sequence's fetched blocks (the FFNs' inputs either way), and the chunked loss's hidden-state
+    gradient, fp32 head gradient and one chunk's logits (hmtrain/model/loss.py)."""
     d, q, heads = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_heads
+    with_memory = cfg.n_layers if memory_layers is None else memory_layers
     fp32 = 8 * (2 * d + (2 * q if cfg.qk_norm else 0) + q)  # norms' inputs and outputs, RoPE's copies (8 = 2 x 4)
-    typed = value_bytes * (2 * d + 5 * q + 4 * (cfg.ffn_hidden + memory_units))
-    per_token = fp32 + typed + 4 * heads
+    typed = value_bytes * (2 * d + 5 * q + 4 * cfg.ffn_hidden)
     tokens = micro_batch * seq_len
-    layer = tokens * per_token
-    layers = cfg.n_layers * tokens * d * value_bytes + layer if checkpointing else cfg.n_layers * layer
+    plain = tokens * (fp32 + typed + 4 * heads)  # a layer without memory
+    memory = tokens * value_bytes * 4 * memory_units  # what a memory layer adds
+    if checkpointing:  # every layer's input, and the largest layer recomputed
+        layers = cfg.n_layers * tokens * d * value_bytes + plain + (memory if with_memory else 0)
+    else:
+        layers = cfg.n_layers * plain + with_memory * memory
     blocks = micro_batch * fetched * value_bytes
     head = tokens * d * value_bytes + cfg.vocab_size * d * 4 + min(CHUNK_TOKENS, tokens) * cfg.vocab_size * (
         4 + value_bytes)

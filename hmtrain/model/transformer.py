@@ -1,4 +1,4 @@
-"""The anchor transformer, with an optional per-sequence FFN memory in every layer.
+"""The anchor transformer, with an optional per-sequence memory in every layer or in some (`memory_layers`).
 
 Pre-norm decoder: gain-only RMSNorm, RoPE (positions restart at every document),
 QK-norm over the full query/key projections (OpenLM), SwiGLU FFN, causal attention
@@ -12,10 +12,14 @@ With memory, layer i reads what its memory kind hands it (hmtrain/memory/kind.py
 - `LoRABlocks` (lora_ffn, lora_qk, lora_ov): each adapted linear computes W x + scale * B_b (A_b x);
 - `KVBlocks` (kv): every query also attends, with a softmax of its own and neither causal mask nor
   position, to sequence b's memory keys; the result is added to the attention's output before W_o.
+Memory sits in the decoder layers `memory_layers` (config `memory.layers`; default all): the j-th of
+them reads the fetched memory's layer slot j (`memory.layer(j)`), and every other layer runs without
+memory, the plain anchor block.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Optional, Protocol
 
 import torch
@@ -31,8 +35,8 @@ from hmtrain_kernels import memory_ffn, resolve_impl
 
 
 class LayerMemory(Protocol):
-    """What the model needs from fetched memory: per layer, what the memory kind hands the forward
-    (FFNUnits, or any (u_gate, u_up, u_down) tuple; LoRABlocks; KVBlocks)."""
+    """What the model needs from fetched memory: per memory layer slot, what the memory kind hands the
+    forward (FFNUnits, or any (u_gate, u_up, u_down) tuple; LoRABlocks; KVBlocks)."""
 
     def layer(self, i: int) -> tuple: ...
 
@@ -150,10 +154,20 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x), memory, impl)
 
 
+def memory_slots(memory_layers: Optional[Sequence[int]], n_layers: int) -> dict[int, int]:
+    """Decoder layer -> its slot in a bank row, for the layers that carry memory (None: all of them)."""
+    layers = range(n_layers) if memory_layers is None else memory_layers
+    if any(not 0 <= i < n_layers for i in layers) or list(layers) != sorted(set(layers)) or not layers:
+        raise ValueError(f"memory.layers {list(layers)}: expected ascending, unique layer indices in "
+                         f"0..{n_layers - 1}")
+    return {layer: slot for slot, layer in enumerate(layers)}
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_seq_len: int = 2048):
+    def __init__(self, cfg: ModelConfig, max_seq_len: int = 2048, memory_layers: Optional[Sequence[int]] = None):
         super().__init__()
         self.cfg = cfg
+        self.memory_slots = memory_slots(memory_layers, cfg.n_layers)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -185,7 +199,7 @@ class Transformer(nn.Module):
                       memory: Optional[LayerMemory] = None) -> Tensor:
         """tokens [B, T] -> final-norm output [B, T, d_model], the head's input (for a chunked loss).
         `segments` [B, T] marks documents (attention and RoPE stay inside each); `memory` supplies
-        each sequence's fetched blocks, layer by layer. With `model.document_mask=false` segments are
+        each sequence's fetched blocks, one slot per memory layer. With `model.document_mask=false` segments are
         ignored: attention is causal over the whole row and positions run from its start."""
         B, T = tokens.shape
         if not self.cfg.document_mask:  # one causal stream per row (both attention paths), positions from 0
@@ -202,8 +216,14 @@ class Transformer(nn.Module):
         impl = resolve_impl(self.cfg.ffn_impl, tokens.device) if memory is not None else "torch"
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, memory.layer(i) if memory is not None else None, impl)
+            slot = self.memory_slots.get(i) if memory is not None else None
+            x = layer(x, cos, sin, mask, memory.layer(slot) if slot is not None else None, impl)
         return self.norm(x)
+
+    @property
+    def memory_layers(self) -> tuple[int, ...]:
+        """The decoder layers that read memory, ascending (slot j of a bank row is the j-th)."""
+        return tuple(self.memory_slots)
 
     def forward(self, tokens: Tensor, *, segments: Optional[Tensor] = None, memory: Optional[LayerMemory] = None,
                 labels: Optional[Tensor] = None):

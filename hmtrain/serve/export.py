@@ -22,7 +22,9 @@ named `<out>` that is not a whole export.
 One format for both anchor families: the manifest's `model.family` says which anchor file the export
 holds; the bank tables, tree and tokenizer are the same. An HF anchor is always written from the
 checkpoint's weights (a frozen anchor's equal its source directory's bit for bit; a co-trained one's do
-not), in float32, the dtype it trained in.
+not), in float32, the dtype it trained in. The manifest's bank section lists the decoder layers whose
+memory a row holds (`layers`: memory.layers resolved; a row has one layer slot each), and `load_model`
+gives the anchor memory on exactly those (an export without the list has memory in every layer).
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.routing.tree import Tree
 from hmtrain.data.tokenizer import Tokenizer
 from hmtrain.eval.loading import read_checkpoint
-from hmtrain.memory import uses_memory
+from hmtrain.memory import memory_layers, uses_memory
 from hmtrain.memory.fetched import GENERIC
 from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.mapped_bank import STORAGE, MappedBank
@@ -126,7 +128,7 @@ def _write_anchor(cfg: Config, checkpoint: Path, tmp: Path) -> dict:
 
 def bank_tables(cfg: Config) -> dict[str, tuple[Optional[int], tuple[int, ...]]]:
     """Table name -> (tree level or None, full shape) of the bank a config trains, as MemoryBank lays it out."""
-    n_layers, kind = cfg.model.n_layers, memory_kind(cfg)
+    n_layers, kind = len(memory_layers(cfg)), memory_kind(cfg)  # a row holds the memory layers' slots
     tables: dict[str, tuple[Optional[int], tuple[int, ...]]] = {}
     for level, (nodes, m) in enumerate(zip(level_nodes(cfg.tree.branching), cfg.memory.units)):
         if m > 0:
@@ -223,8 +225,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: Option
             offsets = np.concatenate([[0], np.cumsum(cfg.memory.units)[:-1]]).tolist()
             for name, entry in entries.items():  # where each level's units sit in a sequence's fetched memory
                 entry["unit_offset"] = 0 if entry["level"] is None else int(offsets[entry["level"]])
-            n_layers, d = cfg.model.n_layers, cfg.model.d_model
-            bank = {"n_layers": n_layers, "d_model": d, "kind": memory_kind(cfg).spec(),
+            layers, d = memory_layers(cfg), cfg.model.d_model
+            n_layers = len(layers)
+            # `layers`: the decoder layers that read the rows' layer slots, in order (memory.layers resolved)
+            bank = {"n_layers": n_layers, "layers": list(layers), "d_model": d, "kind": memory_kind(cfg).spec(),
                     "branching": list(cfg.tree.branching),
                     "units": list(cfg.memory.units), "generic": cfg.memory.generic, "dtype": dtype,
                     "storage_dtype": STORAGE[dtype].str, "tables": entries,
@@ -328,13 +332,24 @@ class Export:
                              f"reads {', '.join(ANCHOR_FAMILIES)}; {AGAIN}")
         try:
             model = self._hf_anchor(entry) if family == "hf" else self._lm_anchor(entry)
+            bank = self.manifest["bank"]
+            if bank is not None and len(model.memory_layers) != int(bank["n_layers"]):
+                raise ValueError(f"the bank's rows hold {bank['n_layers']} layer(s), memory layers "
+                                 f"{list(model.memory_layers)} of the anchor read {len(model.memory_layers)}")
         except (KeyError, TypeError, ValueError, RuntimeError, EOFError, OSError, safetensors.SafetensorError) as exc:
             raise ValueError(f"export {self.root}: the anchor cannot be loaded ({' '.join(str(exc).split())[:300]}); "
                              f"{AGAIN}") from exc
         return model.to(device).eval()
 
+    @property
+    def memory_layers(self) -> Optional[list[int]]:
+        """The decoder layers that read the bank (None: all, as exports from before memory.layers mean)."""
+        bank = self.manifest["bank"]
+        return None if bank is None else bank.get("layers")
+
     def _lm_anchor(self, entry: dict) -> Transformer:
-        model = Transformer(ModelConfig(**entry["config"]), max_seq_len=int(entry["max_seq_len"]))
+        model = Transformer(ModelConfig(**entry["config"]), max_seq_len=int(entry["max_seq_len"]),
+                            memory_layers=self.memory_layers)
         file = self.root / entry["file"]
         if file.suffix == ".safetensors":
             state = safetensors.torch.load_file(file)
@@ -348,7 +363,7 @@ class Export:
     def _hf_anchor(self, entry: dict) -> HFAnchor:
         """Read with transformers from the export's own directory (the config's hf_path is relative to it)."""
         return HFAnchor(ModelConfig(**entry["config"]), max_seq_len=int(entry["max_seq_len"]),
-                        path=self.root / entry["dir"])
+                        path=self.root / entry["dir"], memory_layers=self.memory_layers)
 
     def bank(self, device: str | torch.device = "cpu") -> Optional[MappedBank]:
         """The memory-mapped bank, or None for a model trained without memory (dense, or no memory phase)."""

@@ -27,6 +27,8 @@ def changed(**keys) -> Config:
 @pytest.mark.parametrize("keys, named", [
     ({"model__d_model": 48}, "model.d_model"),
     ({"memory__units": [8, 8, 8, 8]}, "memory.units"),
+    ({"memory__layers": "late"}, "memory.layers: 'all' -> 'late'"),  # the bank's rows hold other layers
+    ({"memory__layers": [0, 1]}, "memory.layers: 'all' -> [0, 1]"),
     ({"train__global_batch_size": 4}, "train.global_batch_size"),
     ({"train__clip_grad": 0.5, "train__memory_steps": 3000}, "train.clip_grad"),
     ({"data__seq_len": 128}, "data.seq_len"),
