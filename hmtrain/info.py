@@ -160,6 +160,7 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
                           replicate_levels=par.replicate_levels, generic=cfg.memory.generic,
                           weight_bytes=weight_bytes, micro_batch=tc.micro_batch_size,
                           global_batch=tc.global_batch_size, group_size=owner_groups(cfg, world_size).group_size,
+                          subtrees_per_group=owner_groups(cfg, world_size).subtrees_per_group,
                           placement=par.placement, fetch_per_step=par.fetch == "step")
     anchor = anchor_bytes_per_rank(summary["anchor"], world_size, par.engine, par.zero_stage)
     rows = {

@@ -105,14 +105,16 @@ def _expected_distinct(nodes: int, draws: int) -> float:
 def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[int], units: Sequence[int],
                    world_size: int, replicate_levels: int, generic: bool, weight_bytes: int, micro_batch: int,
                    global_batch: int, group_size: int = 1, placement: str = "gather",
-                   fetch_per_step: bool = False) -> RankFootprint:
+                   fetch_per_step: bool = False, subtrees_per_group: Sequence[int] | None = None) -> RankFootprint:
     """Per-rank bank memory and traffic, assuming a batch's leaves spread uniformly over the tree.
     `weight_bytes`: bytes per stored value (2 for bf16, which adds fp32 masters; 4 for fp32). `group_size`:
     owner placement's ranks per group (hmtrain/parallel/placement.py); a group's sequences route to its
     1/G of each level's nodes, G = world_size / group_size groups. The memory figures are `placement`'s:
     under owner placement a replicated level is stored whole in each group only (1/G of its rows), its
     optimizer state cut among the group's ranks. `fetch_per_step` (parallel.fetch=step): a step's rows of other
-    ranks move once, the distinct rows of all its sequences, not once per micro-batch."""
+    ranks move once, the distinct rows of all its sequences, not once per micro-batch. `subtrees_per_group`:
+    owner placement's level-1 subtrees per group (hmtrain/parallel/placement.py; None: k_1 / G each); the
+    owner traffic is the mean over ranks, each group's over its own nodes and sequences."""
     validate_tree(branching, units)
     master_bytes = MASTER_BYTES if weight_bytes < 4 else 0
     per_unit = n_layers * params_per_unit
@@ -121,6 +123,7 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
     weights = masters = optimizer = step_grads = fetched = 0
     moved_gather = moved_owner = 0.0
     groups = world_size // group_size
+    shares = [branching[0] / groups] * groups if subtrees_per_group is None else list(subtrees_per_group)
     tables = [(n, m, level < replicate_levels, False)
               for level, (n, m) in enumerate(zip(level_nodes(branching), units)) if m > 0]
     if generic:
@@ -155,14 +158,30 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
             remote = _expected_distinct(nodes, draws) * (world_size - 1) / world_size
             moved_gather += 2 * remote * row * (weight_bytes + GRAD_BYTES) * times  # sent and received
             # owner placement: the same within a group, over the group's nodes and its other ranks' shares
+            moved_owner += _owner_fetch(nodes, branching[0], shares, group_size, global_batch, micro_batch,
+                                        fetch_per_step) * row * (weight_bytes + GRAD_BYTES)
             group_nodes = max(nodes / groups, 1.0)
-            remote = _expected_distinct(group_nodes, draws) * (group_size - 1) / group_size
-            moved_owner += 2 * remote * row * (weight_bytes + GRAD_BYTES) * times
             remote_at_all = world_size > 1 if placement == "gather" else group_size > 1
             if fetch_per_step and remote_at_all:  # the step's rows and their gradients, at most one a sequence
                 nodes_asked = nodes if placement == "gather" else group_nodes
                 fetched += int(min(nodes_asked, sequences_per_rank)) * row * (weight_bytes + GRAD_BYTES)
     return RankFootprint(weights, masters, optimizer, step_grads, fetched, int(moved_gather), int(moved_owner))
+
+
+def _owner_fetch(nodes: int, subtrees: int, shares: Sequence[float], group_size: int, global_batch: int,
+                 micro_batch: int, fetch_per_step: bool) -> float:
+    """Rows a rank sends and receives per step for one sharded level under owner placement (rows one way,
+    gradients back, so twice the rows fetched), averaged over the groups (equal in ranks). A group with s of
+    the k_1 subtrees holds s/k_1 of the level's nodes and gets s/k_1 of the sequences; every rank runs as many
+    micro-batches as the busiest needs (the loader's padding), its own sequences spread over them."""
+    per_rank = [global_batch * s / subtrees / group_size for s in shares]
+    micro_batches = max(1, -(-int(round(max(per_rank))) // micro_batch))
+    moved = 0.0
+    for share, sequences in zip(shares, per_rank):
+        group_nodes = max(nodes * share / subtrees, 1.0)
+        draws, times = (sequences, 1) if fetch_per_step else (sequences / micro_batches, micro_batches)
+        moved += 2 * _expected_distinct(group_nodes, draws) * (group_size - 1) / group_size * times
+    return moved / len(shares)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ class Groups:
     def num_groups(self) -> int:
         return int(self.group_of_subtree.max()) + 1 if self.group_of_subtree.size else 0
 
+    @property
+    def subtrees_per_group(self) -> list[int]:
+        return np.bincount(self.group_of_subtree, minlength=self.num_groups).tolist()
+
 
 def num_groups(num_subtrees: int, world_size: int) -> int:
     """G: the largest divisor of `world_size` that is at most `num_subtrees` (equal groups, none idle)."""
