@@ -142,7 +142,8 @@ def arms_overview(summaries: dict[str, dict], path: Path) -> Path:
         panel.grid(axis="y", alpha=0.3)
     seeds = sorted({seed for summary in summaries.values() for seed in summary["seeds"]})
     figure.suptitle(f"per arm, mean ± sample std over seeds {seeds}")
-    figure.axes[0].legend(fontsize="small")
+    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(names),
+                  fontsize="small")  # below the panels: inside one it would cover bars
     return _save(figure, path)
 
 

@@ -150,6 +150,8 @@ class Study:
             status = "FINISHED"
         except (KeyboardInterrupt, Interrupted):  # stopped, not failed: a rerun continues
             status = "KILLED"
+            self.console.print(f"study {self.spec.name} stopped; rerun the same `hmtrain study` command to continue "
+                               "(finished arms x seeds are skipped, this one resumes from its checkpoint)")
             raise
         finally:
             study_run.finish(status)

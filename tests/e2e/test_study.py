@@ -94,6 +94,10 @@ def test_study_runs_resumes_and_skips_finished_runs(tmp_path):
     ("  - {name: ffn, overrides: [memory.kindd=ffn]}", "[0]", "", "'arms[0].overrides' (arm ffn): override "
      "'memory.kindd=ffn': unknown key"),
     ("  - {name: ffn, overrides: [train.seed=3]}", "[0]", "", "'arms[0].overrides': train.seed is set by the study"),
+    ("  - {name: ffn, overrides: [data.documents=x.jsonl]}", "[0]", "", "'arms[0].overrides': data.documents is the "
+     "study's own corpus"),
+    ("  - {name: ffn, overrides: [logging.mlflow=false]}", "[0]", "", "'arms[0].overrides': logging.mlflow is one "
+     "for the whole study"),
 ])
 def test_spec_errors_exit_2_naming_the_key(tmp_path, capsys, arms, seeds, extra, key):
     spec, out = tmp_path / "bad.yaml", tmp_path / "study"
