@@ -30,7 +30,7 @@ from hmtrain.data.prepare.pipeline import data_settings, prepare
 from hmtrain.eval.evaluate import evaluate, render, write_results
 from hmtrain.eval.publish import publish
 from hmtrain.study.report import write_report
-from hmtrain.study.spec import Arm, SpecError, StudySpec, check_configs
+from hmtrain.study.spec import Arm, SpecError, StudySpec, check_configs, load_base
 from hmtrain.study.tracking import StudyRun, training_run_id
 from hmtrain.train.signals import Interrupted
 from hmtrain.train.trainer import train
@@ -58,7 +58,7 @@ class Study:
     def __init__(self, spec: StudySpec, out: Path, console: Console):
         self.spec, self.out, self.console = spec, Path(out).resolve(), console
         self.corpus = self.out / "corpus"
-        base = load_config(spec.base_config, [*spec.base_overrides, *spec.cli_overrides])
+        base = load_base(spec)
         self.mlflow = base.logging.mlflow
         self.tracking_uri = (base.logging.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                              or f"sqlite:///{self.out / 'mlflow.db'}")

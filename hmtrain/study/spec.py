@@ -111,17 +111,22 @@ def load_spec(name_or_path: str, cli_overrides: Sequence[str] = ()) -> StudySpec
     return spec
 
 
-def check_configs(spec: StudySpec, study_keys: Sequence[str]) -> dict[str, Config]:
-    """Every arm's config, loaded with the study's own keys (`study_keys`), so a bad override stops the study
-    before any work; the message names the spec key it came from."""
+def load_base(spec: StudySpec) -> Config:
+    """base.config with base.overrides and the command line's: what holds for the whole study."""
     try:
         load_config(spec.base_config, [])
     except ConfigError as exc:
         raise SpecError(f"spec key 'base.config': {exc}") from None
     try:
-        load_config(spec.base_config, [*spec.base_overrides, *spec.cli_overrides])
+        return load_config(spec.base_config, [*spec.base_overrides, *spec.cli_overrides])
     except ConfigError as exc:
         raise SpecError(f"spec key 'base.overrides' (or {CLI}): {exc}") from None
+
+
+def check_configs(spec: StudySpec, study_keys: Sequence[str]) -> dict[str, Config]:
+    """Every arm's config, loaded with the study's own keys (`study_keys`), so a bad override stops the study
+    before any work; the message names the spec key it came from."""
+    load_base(spec)
     configs = {}
     for i, arm in enumerate(spec.arms):
         try:

@@ -14,11 +14,11 @@ STEPS = ["train.pretrain_steps=2", "train.memory_steps=2", "train.checkpoint_eve
          "train.anchor_optim.warmup_steps=0", "logging.system_metrics=false"]
 
 
-def write_spec(path, arms: str, seeds: str = "[0, 1]", extra: str = "") -> None:
+def write_spec(path, arms: str, seeds: str = "[0, 1]", extra: str = "", base: tuple = ()) -> None:
     path.write_text(f"""name: kinds
 base:
   config: tiny
-  overrides: {json.dumps([*MICRO, *STEPS])}
+  overrides: {json.dumps([*MICRO, *STEPS, *base])}
 synth: {{people: 30, documents: 120}}
 arms:
 {arms}
@@ -94,6 +94,7 @@ def test_study_runs_resumes_and_skips_finished_runs(tmp_path):
     ("  - {name: ffn, overrides: [memory.kindd=ffn]}", "[0]", "", "'arms[0].overrides' (arm ffn): override "
      "'memory.kindd=ffn': unknown key"),
     ("  - {name: ffn, overrides: [train.seed=3]}", "[0]", "", "'arms[0].overrides': train.seed is set by the study"),
+    (TWO_ARMS, "[0]", "", "'base.overrides' (or the command line's overrides): override 'model.d_modell=3'"),
     ("  - {name: ffn, overrides: [data.documents=x.jsonl]}", "[0]", "", "'arms[0].overrides': data.documents is the "
      "study's own corpus"),
     ("  - {name: ffn, overrides: [logging.mlflow=false]}", "[0]", "", "'arms[0].overrides': logging.mlflow is one "
@@ -101,7 +102,8 @@ def test_study_runs_resumes_and_skips_finished_runs(tmp_path):
 ])
 def test_spec_errors_exit_2_naming_the_key(tmp_path, capsys, arms, seeds, extra, key):
     spec, out = tmp_path / "bad.yaml", tmp_path / "study"
-    write_spec(spec, arms, seeds, extra)
+    base = ("model.d_modell=3",) if key.startswith("'base.overrides'") else ()
+    write_spec(spec, arms, seeds, extra, base)
     assert main(["study", "--spec", str(spec), "--out", str(out)]) == 2  # in this process: no start-up to wait for
     stderr = capsys.readouterr().err
     assert stderr.startswith("hmtrain study: error: spec key ") and key in stderr, stderr
