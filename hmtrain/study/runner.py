@@ -64,6 +64,7 @@ class Study:
                              or f"sqlite:///{self.out / 'mlflow.db'}")
         self.experiment = base.logging.experiment
         self.parent_id: Optional[str] = None
+        self.trained = 0  # arms x seeds this invocation ran (not skipped)
 
     def shared_keys(self) -> list[str]:
         """The study's keys every arm x seed gets (after the spec's overrides)."""
@@ -146,7 +147,7 @@ class Study:
                 self.console.rule(f"study {self.spec.name}: arm {job.arm.name}, seed {job.seed} ({k} of {len(jobs)})")
                 per_arm[job.arm.name][job.seed] = self.run_job(job)
             report = write_report(self.spec, per_arm, self.out, jobs_dir=self.out / "runs")
-            study_run.log_report(report)
+            study_run.log_report(report, changed=self.trained > 0)
             status = "FINISHED"
         except (KeyboardInterrupt, Interrupted):  # stopped, not failed: a rerun continues
             status = "KILLED"
@@ -167,6 +168,7 @@ class Study:
         if done.is_file() and results_path.is_file() and json.loads(done.read_text()).get("config") == key:
             self.console.print(f"skipped: {job.arm.name} seed {job.seed} finished before ({done})")
             return json.loads(results_path.read_text())
+        self.trained += 1
         checkpoint = _train(memory_cfg)
         baseline = None
         if self.spec.dense_baseline:  # a child of the arm x seed's memory run, beside its evaluation

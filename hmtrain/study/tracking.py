@@ -62,11 +62,16 @@ class StudyRun:
                         " ".join(str(exc).split())[:300])
             return cls()
 
-    def log_report(self, report) -> None:
+    def log_report(self, report, changed: bool) -> None:
+        """The summary's metrics, files and figures; a rerun that ran nothing new logs them only if the run
+        lacks them (MLflow appends metric history: the same values again would repeat each point)."""
         if self.run_id is None:
             return
         try:
             from mlflow.entities import Metric
+
+            if not changed and self.client.get_run(self.run_id).data.metrics:
+                return
 
             now = int(time.time() * 1000)
             metrics = [Metric(k, float(v), now, 0) for k, v in study_metrics(report.summary).items()]

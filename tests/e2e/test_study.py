@@ -33,7 +33,7 @@ def checkpoints(out):
     return {str(p): p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/seed*/memory/checkpoints/step_*"))}
 
 
-def test_study_runs_resumes_and_skips_finished_runs(tmp_path):
+def test_study_runs_resumes_and_skips_finished_runs(tmp_path, capsys, monkeypatch):
     spec, out = tmp_path / "kinds.yaml", tmp_path / "study"
     write_spec(spec, TWO_ARMS)
     # killed at the first run's phase switch (step 2, just checkpointed): the study stops there
@@ -75,12 +75,18 @@ def test_study_runs_resumes_and_skips_finished_runs(tmp_path):
     assert children == {f"{arm} seed{seed}" for arm in ARMS for seed in (0, 1)}
     assert "study/ffn/memory/ppl" in parent[0].data.metrics
 
-    # everything finished: a rerun trains nothing, and writes the same summary
+    # everything finished: a rerun (in this process: no start-up to wait for) trains nothing, writes the same summary
     before = checkpoints(out)
-    again = run_cli("study", "--spec", str(spec), "--out", str(out), cwd=tmp_path, env={"COLUMNS": "300"})
-    assert again.stdout.count("skipped: ") == 4
+    monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.setenv("HMTRAIN_LOG_LEVEL", "WARNING")
+    capsys.readouterr()
+    assert main(["study", "--spec", str(spec), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("skipped: ") == 4
     assert checkpoints(out) == before and len(before) == 8
     assert json.loads((out / "summary.json").read_text()) == summary
+    rerun = client.get_run(parent[0].info.run_id)
+    assert rerun.info.status == "FINISHED"
+    assert len(client.get_metric_history(rerun.info.run_id, "study/ffn/memory/ppl")) == 1  # not logged again
 
 
 @pytest.mark.parametrize("arms, seeds, extra, key", [
