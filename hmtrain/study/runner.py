@@ -2,8 +2,10 @@
 
     <out>/corpus/                 the synthetic corpus (with `synth:`), made once
     <out>/prepared/<key>/         prepared data, once per distinct data/tree setting among the arms
-    <out>/runs/<arm>/seed<S>/     memory/ (train.run_dir), dense/ (with eval.dense_baseline), eval.json,
-                                  the eval's figures, done.json (the arm x seed is finished)
+    <out>/runs/<arm>/seed<S>/     memory/ (train.run_dir), eval.json, the eval's figures, done.json (the
+                                  arm x seed is finished)
+    <out>/dense/<key>/seed<S>/    with eval.dense_baseline: the dense baseline, one per distinct dense config
+                                  (memory keys aside) and seed, shared by the arms it serves
     <out>/summary.{md,json}, <out>/*.png, <out>/mlflow.db
 
 Per arm x seed: train (`--resume` when its run directory holds a started run: a killed one continues from
@@ -34,6 +36,7 @@ from hmtrain.study.spec import Arm, SpecError, StudySpec, check_configs, load_ba
 from hmtrain.study.tracking import StudyRun, training_run_id
 from hmtrain.train.signals import Interrupted
 from hmtrain.train.trainer import train
+from hmtrain.util.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +79,20 @@ class Study:
             keys.append("data.probes=null")
         return keys
 
-    def config(self, job: Job, kind: str, parent: Optional[str]) -> Config:
-        """The arm x seed's config for its memory run or dense baseline (`kind`)."""
+    def config(self, job: Job, parent: Optional[str], dense: bool = False) -> Config:
+        """The arm x seed's config for its memory run, or (`dense`) its dense baseline. A dense baseline's run
+        directory is named by its config: arms that differ only in memory keys share one per seed."""
+        name = f"{job.arm.name} seed{job.seed}"
         keys = [*self.shared_keys(), f"data.prepared={job.prepared}", f"train.seed={job.seed}",
-                f"train.run_dir={job.directory / kind}", f"logging.run_name={_quoted(self.run_name(job, kind))}"]
-        if kind == "dense":
-            keys.append("train.mode=dense")
+                f"train.run_dir={job.directory / 'memory'}", f"logging.run_name={_quoted(name)}"]
         if parent:
             keys.append(f"logging.parent_run_id={_quoted(parent)}")
-        return load_config(self.spec.base_config, [*self.spec.overrides(job.arm), *keys])
-
-    def run_name(self, job: Job, kind: str) -> str:
-        return f"{job.arm.name} seed{job.seed}" + (" dense" if kind == "dense" else "")
+        cfg = load_config(self.spec.base_config, [*self.spec.overrides(job.arm), *keys,
+                                                   *(["train.mode=dense"] if dense else [])])
+        if dense:
+            cfg.train.run_dir = str(self.out / "dense" / _dense_key(cfg)[:10] / f"seed{job.seed}")
+            cfg.logging.run_name = f"dense seed{job.seed} (first for {name})"
+        return cfg
 
     # -- data ------------------------------------------------------------------------------
 
@@ -162,7 +167,7 @@ class Study:
         return report.summary
 
     def run_job(self, job: Job) -> dict:
-        memory_cfg = self.config(job, "memory", self.parent_id)
+        memory_cfg = self.config(job, self.parent_id)
         done, results_path = job.directory / DONE_FILE, job.directory / EVAL_FILE
         key = _config_key(memory_cfg, self.spec.dense_baseline)
         if done.is_file() and results_path.is_file() and json.loads(done.read_text()).get("config") == key:
@@ -171,14 +176,14 @@ class Study:
         self.trained += 1
         checkpoint = _train(memory_cfg)
         baseline = None
-        if self.spec.dense_baseline:  # a child of the arm x seed's memory run, beside its evaluation
-            baseline = _train(self.config(job, "dense", training_run_id(memory_cfg) or self.parent_id))
+        if self.spec.dense_baseline:  # a child of the (first) arm x seed's memory run, beside its evaluation
+            baseline = _train_once(self.config(job, training_run_id(memory_cfg) or self.parent_id, dense=True))
         results = evaluate(memory_cfg, checkpoint, baseline=baseline)
         render(results, self.console)
         write_results(results, results_path)
         publish(memory_cfg, results, job.directory)  # its figures, and its MLflow child of the memory run
-        done.write_text(json.dumps({"config": key, "checkpoint": str(checkpoint),
-                                    "baseline": str(baseline) if baseline else None}, indent=2) + "\n")
+        write_text(done, json.dumps({"config": key, "checkpoint": str(checkpoint),
+                                     "baseline": str(baseline) if baseline else None}, indent=2) + "\n")
         return results
 
 
@@ -186,6 +191,25 @@ def _train(cfg: Config) -> Path:
     """Train, or resume a run that started before (killed, or finished and now only re-evaluated)."""
     started = (Path(cfg.train.run_dir) / "config.yaml").is_file()
     return train(cfg, resume=started)
+
+
+def _train_once(cfg: Config) -> Path:
+    """`_train`, but a run another arm already finished with this config is only read back (its DONE_FILE)."""
+    done, key = Path(cfg.train.run_dir) / DONE_FILE, _dense_key(cfg)
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("config") == key and Path(record["checkpoint"]).is_dir():
+            return Path(record["checkpoint"])
+    checkpoint = _train(cfg)
+    write_text(done, json.dumps({"config": key, "checkpoint": str(checkpoint)}, indent=2) + "\n")
+    return checkpoint
+
+
+def _dense_key(cfg: Config) -> str:
+    """A dense baseline's config, less what it does not read: memory keys, where it runs, MLflow bookkeeping."""
+    kept = {key: value for key, value in flatten(cfg).items()
+            if not key.startswith(("logging.", "memory.")) and key != "train.run_dir"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _config_key(cfg: Config, dense_baseline: bool) -> str:

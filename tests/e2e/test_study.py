@@ -35,7 +35,7 @@ def checkpoints(out):
 
 def test_study_runs_resumes_and_skips_finished_runs(tmp_path, capsys, monkeypatch):
     spec, out = tmp_path / "kinds.yaml", tmp_path / "study"
-    write_spec(spec, TWO_ARMS)
+    write_spec(spec, TWO_ARMS, extra="eval: {dense_baseline: true}\n")
     # killed at the first run's phase switch (step 2, just checkpointed): the study stops there
     killed = run_cli("study", "--spec", str(spec), "--out", str(out), cwd=tmp_path, check=False,
                      env={"HMTRAIN_FAULT": "phase_switch@2"})
@@ -61,6 +61,9 @@ def test_study_runs_resumes_and_skips_finished_runs(tmp_path, capsys, monkeypatc
         assert fetched["stats"]["perplexity"]["mean"] == pytest.approx(sum(values) / 2)
         assert fetched["stats"]["perplexity"]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
         assert summary["arms"][arm]["subtrees"]["nodes"]  # per level-1 subtree
+        assert table["rows"][-1]["name"] == "dense baseline"
+    # the arms differ in memory keys only: one dense baseline per seed serves both
+    assert sorted(p.name for p in out.glob("dense/*/seed*")) == ["seed0", "seed1"]
     markdown = (out / "summary.md").read_text()
     assert sum(line.startswith(f"| {arm} | anchor + fetched memory |") for arm in ARMS for line in
                markdown.splitlines()) == 2
@@ -72,6 +75,8 @@ def test_study_runs_resumes_and_skips_finished_runs(tmp_path, capsys, monkeypatc
     parent = [r for r in runs if r.data.tags.get("hmtrain.kind") == "study"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    # each dense baseline sits under the memory run of the first arm x seed it served
+    assert len([r for r in runs if r.info.run_name.startswith("dense seed")]) == 2
     assert children == {f"{arm} seed{seed}" for arm in ARMS for seed in (0, 1)}
     assert "study/ffn/memory/ppl" in parent[0].data.metrics
 
