@@ -280,6 +280,9 @@ def cmd_study(args) -> None:
     from hmtrain.study.runner import run_study
     from hmtrain.study.spec import load_spec
 
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ValueError("hmtrain study runs its arms one after another in one process: start it without "
+                         "torchrun (handing arms to the launchers is not built yet)")
     spec = load_spec(args.spec, args.overrides)
     out = args.out if args.out is not None else Path("runs") / "studies" / spec.name
     if out.exists() and not out.is_dir():
