@@ -26,7 +26,7 @@ from typing import Optional
 
 from rich.console import Console
 
-from hmtrain.config import Config, flatten, load_config
+from hmtrain.config import Config, ConfigError, flatten, load_config
 from hmtrain.data.corpus.synth import synthesize
 from hmtrain.data.prepare.pipeline import data_settings, prepare
 from hmtrain.eval.evaluate import evaluate, render, write_results
@@ -190,7 +190,13 @@ class Study:
 def _train(cfg: Config) -> Path:
     """Train, or resume a run that started before (killed, or finished and now only re-evaluated)."""
     started = (Path(cfg.train.run_dir) / "config.yaml").is_file()
-    return train(cfg, resume=started)
+    try:
+        return train(cfg, resume=started)
+    except ConfigError as exc:  # a changed arm that its checkpoint cannot continue
+        if not started:
+            raise
+        raise ConfigError(f"{cfg.logging.run_name}: {exc}; in a study: undo the change to the spec or the "
+                          "command line, or give the study another --out") from None
 
 
 def _train_once(cfg: Config) -> Path:
