@@ -97,18 +97,23 @@ def load_spec(name_or_path: str, cli_overrides: Sequence[str] = ()) -> StudySpec
                      arms=_arms(raw.get("arms")), seeds=_seeds(raw.get("seeds")),
                      synth=_synth(raw.get("synth")), cli_overrides=_overrides(cli_overrides, CLI, allow_empty=True))
     if spec.synth is not None:
-        for key, overrides in (("base.overrides", spec.base_overrides), (CLI, spec.cli_overrides),
-                               *((f"arms[{i}].overrides", arm.overrides) for i, arm in enumerate(spec.arms))):
-            given = [item.split("=", 1)[0] for item in overrides if item.split("=", 1)[0] in SYNTH_OWNED]
-            if given:
-                where = key if key == CLI else f"spec key '{key}'"
-                raise SpecError(f"{where}: {given[0]} is the study's own corpus when 'synth' is given; "
-                                "drop one of the two")
+        _check_corpus_keys(spec)
     evaluations = _mapping(raw.get("eval", {}), "eval")
     _known(evaluations, EVAL_KEYS, "eval.")
     spec.probes = _flag(evaluations.get("probes", True), "eval.probes")
     spec.dense_baseline = _flag(evaluations.get("dense_baseline", False), "eval.dense_baseline")
     return spec
+
+
+def _check_corpus_keys(spec: StudySpec) -> None:
+    """With `synth:`, the corpus is the study's: no override may point data.documents or data.probes elsewhere."""
+    for key, overrides in (("base.overrides", spec.base_overrides), (CLI, spec.cli_overrides),
+                           *((f"arms[{i}].overrides", arm.overrides) for i, arm in enumerate(spec.arms))):
+        given = [item.split("=", 1)[0] for item in overrides if item.split("=", 1)[0] in SYNTH_OWNED]
+        if given:
+            where = key if key == CLI else f"spec key '{key}'"
+            raise SpecError(f"{where}: {given[0]} is the study's own corpus when 'synth' is given; "
+                            "drop one of the two")
 
 
 def load_base(spec: StudySpec) -> Config:
