@@ -14,6 +14,7 @@
     hmtrain generate     (--checkpoint DIR | --export DIR) --prompt TEXT [--max-new-tokens N --temperature T
                          --top-k K --seed S --memory fetched|generic|none] [--config CFG] [key=value ...]
     hmtrain demo         [--out DIR] [--seeds S ...] [--people N --documents N] [key=value ...]
+    hmtrain study        --spec SPEC [--out DIR] [key=value ...]   (arms x seeds; SPEC: a file or configs/studies/NAME)
     hmtrain bench        NAME [its options]    (hmtrain bench --help lists them; hmtrain bench NAME --help)
 
 CFG is a YAML file or a preset name from configs/ (tiny, paper-160m, ...).
@@ -135,6 +136,12 @@ def _tool_commands(commands) -> None:
     demo.add_argument("--people", type=int, default=400, help="people in the synthetic corpus")
     demo.add_argument("--documents", type=int, default=3000, help="documents in the synthetic corpus")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
+    study = commands.add_parser("study", help="run every arm x seed of a study spec, evaluate, summarise "
+                                              "(resumable: rerun to continue)")
+    study.add_argument("--spec", required=True, help="a study spec (YAML) or its name in configs/studies/")
+    study.add_argument("--out", type=Path, help="the study's directory (default: runs/studies/<spec name>)")
+    study.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides for every arm (after base.overrides, before the arm's own)")
 
 
 def _serving_commands(commands) -> None:
@@ -269,6 +276,20 @@ def cmd_demo(args) -> None:
     run_demo(args.out, args.config, args.overrides, seeds=args.seeds, people=args.people, documents=args.documents)
 
 
+def cmd_study(args) -> None:
+    from hmtrain.study.runner import run_study
+    from hmtrain.study.spec import load_spec
+
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ValueError("hmtrain study runs its arms one after another in one process: start it without "
+                         "torchrun (handing arms to the launchers is not built yet)")
+    spec = load_spec(args.spec, args.overrides)
+    out = args.out if args.out is not None else Path("runs") / "studies" / spec.name
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    run_study(spec, out)
+
+
 def cmd_export(args) -> None:
     from hmtrain.serve.export import export_checkpoint
 
@@ -302,7 +323,7 @@ def cmd_generate(args) -> None:
 
 
 COMMANDS = {"synth": cmd_synth, "import": cmd_import, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval,
-            "retention": cmd_retention, "info": cmd_info, "demo": cmd_demo, "bench": cmd_bench,
+            "retention": cmd_retention, "info": cmd_info, "demo": cmd_demo, "study": cmd_study, "bench": cmd_bench,
             "export": cmd_export, "generate": cmd_generate, "config": cmd_config}
 
 

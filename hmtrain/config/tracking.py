@@ -15,6 +15,8 @@ class LoggingConfig:
     experiment: str = "hmtrain"
     # the MLflow run's name (null: the run directory's name)
     run_name: Optional[str] = None
+    # the MLflow run this run is a child of (`hmtrain study` sets it: one child per arm x seed); null: none
+    parent_run_id: Optional[str] = None
     # CPU, memory, disk and GPU utilisation from the first rank of every node (MLflow system metrics)
     system_metrics: bool = True
     # seconds between MLflow system-metric samples

@@ -3,6 +3,8 @@
     long_tail           probe accuracy by frequency bucket, one line per model row (the paper's long-tail plot)
     subtree_perplexity  held-out perplexity per level-1 subtree, one bar per model row
     tree_balance        tokens and documents per tree node, per level, from the prepared data's manifest
+    arms_overview       a study's arms: perplexity and probe accuracy per arm, error bars over seeds
+    arms_long_tail      a study's arms: probe accuracy per frequency bucket, a panel per model row
 
 matplotlib's object API (`Figure`, not pyplot) draws them: no global figure state and no display; a PNG
 is rendered by the Agg canvas whatever backend the environment names.
@@ -106,6 +108,68 @@ def _balance_panel(axes, counts: list[int], level: int, what: str) -> None:
     spread = f"max/mean {max(counts) / mean:.2f}" if mean else "empty"
     axes.set_title(f"level {level}: {len(counts):,} nodes, {spread}", fontsize="medium")
     axes.set_ylabel(what)
+
+
+def _row_names(summaries: dict[str, dict]) -> list[str]:
+    return list(dict.fromkeys(row["name"] for summary in summaries.values() for row in summary["rows"]))
+
+
+def _stat(summary: dict, name: str, column: str) -> tuple[float, float]:
+    """(mean, std) of a model row's column in an arm's summary; (nan, 0) when the arm lacks it."""
+    for row in summary["rows"]:
+        if row["name"] == name and column in row["stats"]:
+            return row["stats"][column]["mean"], row["stats"][column]["std"]
+    return float("nan"), 0.0
+
+
+def arms_overview(summaries: dict[str, dict], path: Path) -> Path:
+    """Held-out perplexity and (with probes) accuracy over all probes, per arm (arm name -> `summarize`
+    output): a group of bars per arm, a bar per model row, error bars one sample std over the seeds."""
+    arms, names = list(summaries), _row_names(summaries)
+    columns = [("perplexity", "held-out perplexity")]
+    if any("acc all" in summary["columns"] for summary in summaries.values()):
+        columns.append(("acc all", "probe accuracy, all probes (%)"))
+    width = 0.8 / len(names)
+    figure = Figure(figsize=(max(5.0, 1.2 * len(arms) + 2) * len(columns), 4.2), layout="constrained")
+    for panel, (column, label) in zip(figure.subplots(1, len(columns), squeeze=False)[0], columns):
+        for index, name in enumerate(names):
+            stats = [_stat(summaries[arm], name, column) for arm in arms]
+            xs = [i + (index - (len(names) - 1) / 2) * width for i in range(len(arms))]
+            panel.bar(xs, [m for m, _ in stats], width=width, yerr=[s for _, s in stats], capsize=3,
+                      label=SHORT.get(name, name))
+        panel.set_xticks(range(len(arms)), arms)
+        panel.set_ylabel(label)
+        panel.grid(axis="y", alpha=0.3)
+    seeds = sorted({seed for summary in summaries.values() for seed in summary["seeds"]})
+    figure.suptitle(f"per arm, mean ± sample std over seeds {seeds}")
+    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(names),
+                  fontsize="small")  # below the panels: inside one it would cover bars
+    return _save(figure, path)
+
+
+def arms_long_tail(summaries: dict[str, dict], path: Path) -> Path:
+    """Probe accuracy (%) per frequency bucket, rarest first: a panel per model row, a line per arm, error
+    bars one sample std over the seeds."""
+    buckets = list(dict.fromkeys(c for summary in summaries.values() for c in summary["columns"]
+                                 if c.startswith("acc ") and c != "acc all"))
+    if not buckets:
+        raise ValueError("the study's results hold no probe accuracy (no data.probes): nothing to draw")
+    names = _row_names(summaries)
+    figure = Figure(figsize=(4.2 * len(names) + 1, 4.2), layout="constrained")
+    panels = figure.subplots(1, len(names), squeeze=False, sharey=True)[0]
+    for panel, name in zip(panels, names):
+        for arm, summary in summaries.items():
+            stats = [_stat(summary, name, column) for column in buckets]
+            panel.errorbar(range(len(buckets)), [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
+                           capsize=3, label=arm)
+        panel.set_xticks(range(len(buckets)), [c.removeprefix("acc ") for c in buckets])
+        panel.set_title(SHORT.get(name, name), fontsize="medium")
+        panel.set_xlabel("documents per person")
+        panel.grid(alpha=0.3)
+    panels[0].set_ylabel("probe accuracy (%)")
+    panels[0].legend(fontsize="small")
+    figure.suptitle("long-tail probes per arm, mean ± sample std over seeds")
+    return _save(figure, path)
 
 
 def eval_figures(results: dict, manifest: Optional[dict], directory: Path, prefix: str = "") -> list[Path]:

@@ -61,6 +61,20 @@ def summary_markdown(summary: dict) -> str:
                      [[row["name"], *_stat_cells(row, summary["columns"])] for row in summary["rows"]])
 
 
+def arms_markdown(summaries: dict[str, dict]) -> str:
+    """One table of several arms' summaries (arm name -> `summarize` output): a row per arm and model row."""
+    columns = list(dict.fromkeys(c for summary in summaries.values() for c in summary["columns"]))
+    seeds = sorted({seed for summary in summaries.values() for seed in summary["seeds"]})
+    rows = []
+    for arm, summary in summaries.items():
+        for row in summary["rows"]:
+            cells = [_cell(row["stats"][c], 2 if c == "perplexity" else 1) if c in row["stats"] else "-"
+                     for c in columns]
+            rows.append([arm, row["name"], *cells])
+    return _markdown(f"Mean ± sample standard deviation over seeds {seeds} (accuracy in %), per arm.",
+                     ["arm", "model", *columns], rows)
+
+
 def render_summary(summary: dict, console: Console) -> None:
     table = Table(title=f"mean ± std over seeds {summary['seeds']}")
     for column in ("model", *summary["columns"]):

@@ -98,8 +98,10 @@ class MLflowLogger:
 
     def __init__(self, *, tracking_uri: str, experiment: str, run_name: Optional[str], run_dir: Path,
                  run_id: Optional[str] = None, resume: bool = False, params: Optional[Mapping[str, Any]] = None,
-                 artifact_dir: Optional[Path] = None, may_change: Callable[[str], bool] = lambda key: False):
+                 artifact_dir: Optional[Path] = None, may_change: Callable[[str], bool] = lambda key: False,
+                 parent_run_id: Optional[str] = None):
         self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id  # a new run is created as this run's child
         self.run_dir = Path(run_dir)
         self.run_id: Optional[str] = None
         self.is_new = False  # this process created the run (or restarted one that had no history)
@@ -202,7 +204,8 @@ class MLflowLogger:
             experiment_id = self._client.create_experiment(experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
-        self.run_id = self._client.create_run(experiment_id, run_name=run_name, tags=run_tags()).info.run_id
+        tags = {**run_tags(), **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {})}
+        self.run_id = self._client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         self.is_new = True
         self._persist()
 

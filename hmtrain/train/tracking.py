@@ -62,6 +62,7 @@ def start_tracking(cfg: Config, *, is_main: bool, control_group, resume: bool, s
                                   experiment=cfg.logging.experiment, run_name=cfg.logging.run_name or run_dir.name,
                                   run_id=run_id, artifact_dir=artifacts_root, run_dir=run_dir,
                                   resume=resume, params={**flatten(cfg), **params()},
+                                  parent_run_id=cfg.logging.parent_run_id,
                                   may_change=lambda key: key == "parallel.world_size" or may_change(key))
             if resume:
                 mlflow.backfill(jsonl.records)  # durable steps an earlier process could not send

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Layers from the bottom up, as in docs/design.md; a part may use only parts of lower layers, and
 # MAY_USE below narrows that further.
 LAYERS = (("util",), ("config",), ("data", "memory"), ("model",), ("parallel",), ("checkpoint",), ("train",),
-          ("eval",), ("serve", "retention"), ("bench",))
+          ("eval",), ("serve", "retention", "study"), ("bench",))
 LOWER = {part: {p for below in LAYERS[:i] for p in below} for i, layer in enumerate(LAYERS) for part in layer}
 MAY_USE = {
     "kernels": set(),  # hmtrain_kernels: torch and triton only, so it installs and tests on its own
@@ -37,6 +37,8 @@ MAY_USE = {
     "serve": {"util", "config", "data", "model", "memory", "checkpoint", "eval"},  # eval: loading a checkpoint
     # the retention probe trains a fresh decoder: the optimizer (parallel), schedule and loggers (train)
     "retention": {"util", "config", "data", "model", "memory", "parallel", "checkpoint", "train", "eval"},
+    # a study prepares data, trains and evaluates each arm x seed, and summarises them
+    "study": {"util", "config", "data", "train", "eval"},
     "bench": LOWER["bench"] | {"kernels", "info"},  # info: the parameter and traffic tables
 }
 # The top-level modules may use every part, and the top-level modules before them here.

@@ -112,14 +112,19 @@ def _start(cfg: Config, out: Path, overwrite: bool, main: bool) -> list[Path]:
     return files
 
 
-def _plan(cfg: Config, files: list[Path]) -> dict:
+def data_settings(cfg: Config) -> dict:
+    """The settings the prepared directory depends on: two configs that agree on these can share one
+    (`hmtrain study` prepares once per distinct value)."""
     d, t = cfg.data, cfg.tree
     keys = ("text_field", "id_field", "embedder", "embed_batch_size", "tokenizer", "tokenizer_vocab",
             "tokenizer_sample", "seq_len", "shard_samples", "heldout_fraction", "seed")
     return {"data": {k: getattr(d, k) for k in keys}, "documents": str(d.documents),
             "tree": {"branching": list(t.branching), "em_steps": t.em_steps, "subsample": t.subsample,
-                     "balance": t.balance, "fit_sample": t.fit_sample, "seed": t.seed},
-            "files": input_stats(files),
+                     "balance": t.balance, "fit_sample": t.fit_sample, "seed": t.seed}}
+
+
+def _plan(cfg: Config, files: list[Path]) -> dict:
+    return {**data_settings(cfg), "files": input_stats(files),
             # the embedder runs in fp16 on a GPU and fp32 on a CPU: a prepare resumed on the other kind of
             # machine starts afresh rather than mixing the two kinds of vectors in one output
             "embed_device": default_device().split(":")[0]}
