@@ -81,6 +81,19 @@ def _memory_hook(slot: _Slot, index: int, act: nn.Module, gated: bool):
     return hook
 
 
+def decoder_layers_name(hf: nn.Module) -> str:
+    """The dotted name of the module list of decoder layers ("model.layers", GPT-2's "transformer.h"): the
+    one list whose modules are of the classes transformers declares unsplittable (`_no_split_modules`, the
+    unit its own FSDP and device-map wrapping keeps whole)."""
+    classes = set(getattr(hf, "_no_split_modules", None) or ())
+    found = [name for name, module in hf.named_modules() if isinstance(module, nn.ModuleList) and len(module)
+             and all(type(layer).__name__ in classes for layer in module)]
+    if len(found) != 1:
+        raise ValueError(f"config key 'model.hf_path': {type(hf).__name__} has {len(found)} lists of decoder "
+                         f"layers ({sorted(classes)} in _no_split_modules: {found}); hmtrain needs exactly one")
+    return found[0]
+
+
 class HFAnchor(nn.Module):
     def __init__(self, cfg: ModelConfig, max_seq_len: int = 2048, path: str | Path | None = None,
                  memory_layers: Optional[Sequence[int]] = None):
@@ -104,6 +117,7 @@ class HFAnchor(nn.Module):
                                                        dtype=torch.float32, attn_implementation="sdpa")
         self.cfg, self.max_seq_len, self.gated = cfg, max_seq_len, shape.gated
         self._slot = _Slot()
+        self._layers_name = decoder_layers_name(self.hf)
         self.memory_slots = memory_slots(memory_layers, len(self.layers))
         for i, slot in self.memory_slots.items():
             mlp = self.layers[i].mlp
@@ -112,9 +126,9 @@ class HFAnchor(nn.Module):
 
     @property
     def layers(self) -> nn.ModuleList:
-        """The decoder layers, in place: parallelize wraps them where the HF model calls them."""
-        base = self.hf.base_model
-        return base.h if hasattr(base, "h") else base.layers
+        """The decoder layers, in place: parallelize wraps them (activation checkpointing, FSDP2's per-block
+        `fully_shard`) where the HF model calls them."""
+        return self.hf.get_submodule(self._layers_name)
 
     @property
     def memory_layers(self) -> tuple[int, ...]:

@@ -72,6 +72,7 @@ class DeepSpeedEngine:
         self._module = model
         self.engine = self._initialize(optim)
         self._micro = 0
+        self._trainable = True
 
     def _initialize(self, optim: OptimConfig):
         engine, _, _, _ = self._deepspeed.initialize(model=self._module, optimizer=build_adamw(self._module, optim,
@@ -81,7 +82,12 @@ class DeepSpeedEngine:
 
     @property
     def model(self):
-        return self.engine
+        # a frozen anchor under ZeRO-1/2 runs as the module itself: the engine's forward arms DeepSpeed's
+        # gradient reduction for the backward, which (ZeRO-2) fails on a step without any anchor gradient.
+        # ZeRO-3 needs the engine's forward, which gathers the partitioned weights and releases them after.
+        if self._trainable or self.config["zero_optimization"]["stage"] == 3:
+            return self.engine
+        return self._module
 
     def reset(self, optim: OptimConfig, accumulation: int = 1) -> None:
         """A new phase: a new engine over the same module, with fresh moments and the phase's settings."""
@@ -92,12 +98,16 @@ class DeepSpeedEngine:
 
     def set_trainable(self, trainable: bool) -> None:
         self._module.requires_grad_(trainable)
+        self._trainable = trainable
 
     @property
     def loss_multiplier(self) -> int:
         return self.world_size
 
     def backward(self, loss: Tensor, last: bool) -> None:
+        if not self._trainable:  # no anchor gradient to reduce: plain autograd, to the bank's rows
+            loss.backward()
+            return
         # the step's last micro-batch is the boundary, not DeepSpeed's count of gradient_accumulation_steps:
         # under owner placement a step can hold more micro-batches than that (hmtrain/data/loading/loader.py)
         self.engine.set_gradient_accumulation_boundary(last)

@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 
 def parallelize(model: nn.Module, parallel: ParallelConfig, info: DistInfo,
                 compute_dtype: torch.dtype | None) -> nn.Module:
-    """Wrap `model` (a Transformer with `.layers`) for this job; returns the module to train."""
+    """Wrap `model` for this job; returns the module to train. `model.layers` is the module list of its
+    blocks, in place: hmtrain's Transformer's own, or the decoder layers of a Hugging Face model
+    (HFAnchor.layers: the list of its `_no_split_modules` classes), which the HF model goes on calling."""
+    if len(model.layers) == 0:
+        raise ValueError(f"parallelize: {type(model).__name__} has no blocks in .layers")
+    block_class = type(model.layers[0]).__name__
     if parallel.activation_checkpointing:
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block)
@@ -39,7 +44,8 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, info: DistInfo,
                 module.set_gradient_divide_factor(1.0)
                 # plain SUM collectives: gloo has no PreMulSum, and NCCL's zero-copy path wants SUM too
                 module.set_force_sum_reduction_for_comms(True)
-        log.info("anchor sharded with FSDP2 over %d ranks", info.world_size)
+        log.info("anchor sharded with FSDP2 over %d ranks: %d blocks (%s), then the root", info.world_size,
+                 len(model.layers), block_class)
     return model
 
 

@@ -18,8 +18,10 @@ from hmtrain.config import OptimConfig
 def build_adamw(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm gains are not decayed); fused on GPU, foreach on CPU."""
     params = list(model.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    # a ZeRO-3 partitioned parameter (a DeepSpeed engine rebuilt over the same module: a new phase, a
+    # resume) holds an empty tensor; its own shape is `ds_shape`
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
     fused = device.type == "cuda"
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

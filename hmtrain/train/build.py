@@ -144,14 +144,18 @@ def restore_in_phase(engine: Engine, model, recipe: Recipe, step: int, saved_pha
     """Load a checkpoint of `step` (`restore()` fills every state, `engine` among them) so that the anchor's
     optimizer state carries over only within a phase. Returns whether `step` begins a new stage.
 
-    The load needs an optimizer shaped as the saved one: its parameters in the curriculum stage of the
-    step it last took (`step - 1`), its state initialised (building the load template steps it once,
-    with zero moments). Same phase: the loaded moments and the engine's own files are kept. A
-    checkpoint taken at the phase switch: the new phase starts afresh, as the uninterrupted run did.
+    The load needs an optimizer shaped as the saved one: its parameters trainable or frozen, and in the
+    curriculum stage, as at the step it last took (`step - 1`), its state initialised where they train
+    (building the load template steps it once, with zero moments; a frozen anchor's saved optimizer has no
+    state, and neither has the template). Same phase: the loaded moments and the engine's own files are
+    kept. A checkpoint taken at the phase switch: the new phase starts afresh, as the uninterrupted run did.
     """
     optim = recipe.anchor_optim(recipe.phase(step))
-    recipe.apply_stage(model, max(step - 1, 0), fresh=False)  # its saved optimizer's params
+    last = max(step - 1, 0)
+    recipe.apply_stage(model, last, fresh=False)  # its saved optimizer's params
     engine.reset(optim, accumulation)
+    if not recipe.at(last).anchor_trains:  # after the reset: DeepSpeed's is built on trainable parameters
+        engine.set_trainable(False)
     restore()
     if saved_phase == recipe.phase(step):
         engine.load_extra(checkpoint)

@@ -1,6 +1,7 @@
 """The post-hoc recipe on tiny HF models: their own tokenizer, frozen anchor, memory phase alone; the export
 (the anchor in HF format beside the bank tables) read back by transformers and by `hmtrain generate`."""
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,30 @@ def test_a_cotrained_gpt2_anchor_is_exported_with_its_trained_weights(hf_data, t
     assert exported.keys() == original.keys()
     assert all(torch.equal(value, trained[key]) for key, value in exported.items())
     assert not all(torch.equal(value, original[key]) for key, value in exported.items())  # it trained
+
+
+def test_a_posthoc_run_killed_mid_memory_phase_resumes_exactly(hf_data, tmp_path):
+    """The frozen HF anchor's run, SIGKILLed while step 4's checkpoint is written in the background
+    (HMTRAIN_FAULT), resumes from step 2's to the uninterrupted run's losses and bank, bit for bit."""
+    def train(name, *extra, env=None, check=True):
+        return run_cli("train", "--config", "posthoc-tiny", f"model.hf_path={hf_data['llama']}", *SMALL,
+                       f"data.prepared={hf_data['prep']}", "train.memory_steps=6", "train.checkpoint_every=2",
+                       "train.async_checkpoint=true", "train.memory_optim.lr=1e-2", "logging.mlflow=false",
+                       f"train.run_dir={tmp_path / name}", *extra, cwd=tmp_path, env=env, check=check)
+
+    train("straight")
+    killed = train("killed", env={"HMTRAIN_FAULT": "async_save@4"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    train("killed", "--resume")
+    straight, resumed = (load_trained(tmp_path / name) for name in ("straight", "killed"))
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == list(range(1, 7))
+    assert [r["loss"] for r in metrics(tmp_path / "killed")] == [r["loss"] for r in metrics(tmp_path / "straight")]
+    assert straight.bank.tables.keys() == resumed.bank.tables.keys()
+    for name, table in straight.bank.tables.items():
+        assert torch.equal(resumed.bank.tables[name], table), name
+    assert not torch.equal(straight.bank.tables[name], torch.zeros_like(table)), "the memory trained"
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -4,9 +4,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hmtrain.config import ConfigError, load_config
+from hmtrain.config.parallel import ParallelConfig
 from hmtrain.memory.kind import SwiGLUUnits, UngatedUnits, memory_kind
 from hmtrain.model import build_model
 from hmtrain.model.sizes import count_parameters
+from hmtrain.parallel.dist import DistInfo
+from hmtrain.parallel.parallelize import parallelize
 from tests.hf_models import ARCHS, save_tiny
 
 
@@ -34,6 +37,8 @@ def test_hf_anchor_matches_hf_and_reads_memory(arch, tmp_path):
     assert isinstance(kind, UngatedUnits if arch == "gpt2" else SwiGLUUnits)
     assert kind.params_per_unit == (2 if arch == "gpt2" else 3) * 32
     model = build_model(cfg)
+    # the decoder layers parallelize wraps are the list the HF model runs (its _no_split_modules classes)
+    assert model.layers is (model.hf.transformer.h if arch == "gpt2" else model.hf.model.layers)
     reference = AutoModelForCausalLM.from_pretrained(path)
     assert count_parameters(cfg.model) == sum(p.numel() for p in reference.parameters())
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -70,6 +75,33 @@ def test_memory_hook_is_the_extra_units(tmp_path):
         want = (torch.nn.functional.silu(x @ wide_gate.transpose(1, 2)) * (x @ wide_up.transpose(1, 2))) @ \
             wide_down.transpose(1, 2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
+def test_activation_checkpointing_recomputes_the_hf_layers_with_the_same_memory(arch, tmp_path):
+    """parallel.activation_checkpointing on an HF anchor: the backward runs every MLP (and its memory hook) a
+    second time, on the memory tensors of the forward, and every gradient is the unwrapped model's."""
+    path = save_tiny(arch, tmp_path / arch)
+    cfg = _cfg(path)
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    one_process = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+    grads, calls = {}, {}
+    for checkpointing in (False, True):
+        model = parallelize(build_model(cfg), ParallelConfig(activation_checkpointing=checkpointing), one_process,
+                            None)
+        ran = []
+        for layer in model.layers:  # before the MLP: the recompute stops once it has what the backward needs
+            layer.mlp.register_forward_pre_hook(lambda *_: ran.append(1))
+        memory = _Memory(memory_kind(cfg), 2)
+        leaves = [t.requires_grad_() for blocks in memory.blocks for t in blocks]
+        loss, _ = model(tokens, memory=memory, labels=tokens)
+        forward_calls = len(ran)
+        loss.backward()
+        calls[checkpointing] = (forward_calls, len(ran))
+        grads[checkpointing] = [t.grad for t in leaves] + [p.grad for p in model.parameters()]
+    assert calls == {False: (2, 2), True: (2, 4)}  # two layers; recomputed in the backward
+    for plain, recomputed in zip(grads[False], grads[True]):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
 
 
 def test_bad_paths_are_one_line_errors(tmp_path):
