@@ -265,8 +265,27 @@ def print_checkpoint(cfg: Config, summary: dict, console: Console, gbps: float) 
     table.add_row(f"bank ({cfg.memory.dtype}): rows,{masters} moments and step counts", f"{bank / GiB:.2f} GiB")
     table.add_row("total", f"{total / GiB:.2f} GiB")
     table.add_row(f"write time at {gbps:g} GB/s (--checkpoint-gbps)", f"{seconds:.1f} s")
+    margin = usr1_margin_s(seconds)
+    table.add_row("SLURM: sbatch --signal=B:USR1@N, N at least (the step in flight, then the save, twice over)",
+                  f"{margin} s")
+    table.add_row("parallel.checkpoint_timeout_s at least", f"{checkpoint_timeout_s(seconds)} s")
     console.print(table)
-    return {"anchor": anchor, "bank": bank, "total": total, "write_s": seconds}
+    floor = checkpoint_timeout_s(seconds)
+    if cfg.parallel.checkpoint_timeout_s < floor:
+        console.print(f"warning: parallel.checkpoint_timeout_s={cfg.parallel.checkpoint_timeout_s} is less than "
+                      f"this checkpoint's write time needs ({floor} s at {gbps:g} GB/s)", style="yellow", markup=False)
+    return {"anchor": anchor, "bank": bank, "total": total, "write_s": seconds, "usr1_margin_s": margin}
+
+
+def usr1_margin_s(write_s: float) -> int:
+    """Seconds before the time limit SLURM should signal the job: a stop is taken at the end of the step in
+    flight and then saved (blocking), so twice the write time plus a minute for the step, at least 120 s."""
+    return max(120, int(2 * write_s + 60 + 0.999))
+
+
+def checkpoint_timeout_s(write_s: float) -> int:
+    """A checkpoint collective must outlast the slowest rank's write: four times its share, at least 10 min."""
+    return max(600, int(4 * write_s + 0.999))
 
 
 def print_eval_memory(cfg: Config, summary: dict, console: Console) -> dict:

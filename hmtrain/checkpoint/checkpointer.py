@@ -231,8 +231,8 @@ class Checkpointer:
                 if async_save:
                     pending.future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
                     fault_point("async_save", step)
-                else:
-                    dcp.save(state, checkpoint_id=str(tmp))
+                else:  # on the checkpoint's own group too (its timeout; the previous save has finished)
+                    dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group)
             if write_extra is not None:
                 write_extra(tmp)
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException

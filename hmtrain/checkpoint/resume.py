@@ -27,13 +27,14 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "train.pretrain_steps", "train.memory_steps",
     # bookkeeping that does not touch the numbers
     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.progress", "train.run_dir",
-    "train.profile_steps", "train.eval_every", "train.eval_sequences", "train.eval_variants",
+    "train.profile_steps", "train.eval_every", "train.eval_sequences", "train.eval_variants", "train.eval_probes",
     "logging.*", "eval.*", "data.probes",
     # hardware and parallel layout: DCP reshards, the loader's position is global
     # (not parallel.engine / zero_stage: the anchor's optimizer state is stored in the engine's own layout)
     "train.device", "train.dtype", "model.ffn_impl", "model.attention", "parallel.placement",
     "parallel.replicate_levels", "parallel.activation_checkpointing", "parallel.compile", "parallel.backend",
-    "parallel.timeout_s", "data.num_workers", "data.verify_checksums", "train.async_checkpoint",
+    "parallel.timeout_s", "parallel.checkpoint_timeout_s", "parallel.fetch", "data.num_workers",
+    "data.verify_checksums", "train.async_checkpoint",
     # read only by `hmtrain data prepare`: the prepared directory is checked by its fingerprints instead
     "data.prepared", "data.documents", "data.text_field", "data.id_field", "data.embed_batch_size",
 )

@@ -54,10 +54,13 @@ class ParallelConfig:
     backend: Backend = Backend.auto
     # seconds before a collective that a dead or hung rank blocks fails the job
     timeout_s: int = 120
+    # the same for a checkpoint's own collectives (its process group; saves of 50-230 GB take minutes:
+    # `hmtrain info` prints the least this should be at a given write bandwidth)
+    checkpoint_timeout_s: int = 1800
 
     def validate(self, levels: int) -> None:
         """`levels`: the tree's depth, which bounds replicate_levels."""
-        require_positive(self, "parallel", "timeout_s")
+        require_positive(self, "parallel", "timeout_s", "checkpoint_timeout_s")
         require(self.zero_stage in (1, 2, 3), "parallel.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
         require(0 <= self.replicate_levels <= levels, "parallel.replicate_levels",
                 f"must be in [0, {levels}] (tree levels), got {self.replicate_levels}")

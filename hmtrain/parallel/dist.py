@@ -98,11 +98,13 @@ class SideGroups:
     checkpoint: dist.ProcessGroup | None  # dcp.async_save's background thread, and nothing else
 
 
-def side_groups(info: DistInfo, timeout_s: int) -> SideGroups:
-    """Make the side groups (every rank calls this, in the same order as its other new_group calls)."""
+def side_groups(info: DistInfo, timeout_s: int, checkpoint_timeout_s: int | None = None) -> SideGroups:
+    """Make the side groups (every rank calls this, in the same order as its other new_group calls); the
+    checkpoint group waits `checkpoint_timeout_s` (default: `timeout_s`), as long as a save may take."""
     if not info.distributed:
         return SideGroups(control=None, checkpoint=None)
-    return SideGroups(control=new_group("gloo", timeout_s), checkpoint=new_group("gloo", timeout_s))
+    return SideGroups(control=new_group("gloo", timeout_s),
+                      checkpoint=new_group("gloo", checkpoint_timeout_s or timeout_s))
 
 
 def barrier() -> None:

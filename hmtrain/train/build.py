@@ -112,7 +112,7 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
     precision = resolve_precision(tc, info.device)
     cfg = resolve_vocab(cfg, data)
     # host-side integers and background checkpoint writes each on their own gloo group, NCCL or not
-    side = side_groups(info, cfg.parallel.timeout_s)
+    side = side_groups(info, cfg.parallel.timeout_s, cfg.parallel.checkpoint_timeout_s)
     comm = Comm(device=info.collective_device, control_group=side.control,
                 timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))  # the owner groups' timeout
 

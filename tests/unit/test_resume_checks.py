@@ -43,7 +43,8 @@ def test_changes_outside_the_allowlist_are_refused_by_name(keys, named):
 
 def test_allowed_changes_pass_and_are_logged(caplog):
     new = changed(train__memory_steps=3000, train__checkpoint_every=7, logging__experiment="x", eval__batch_size=2,
-                  data__probes="p.jsonl", train__device="cpu", train__run_dir="elsewhere")
+                  data__probes="p.jsonl", train__device="cpu", train__run_dir="elsewhere",
+                  parallel__fetch="micro_batch", parallel__checkpoint_timeout_s=60, train__eval_probes=8)
     with caplog.at_level(logging.INFO, logger="hmtrain.checkpoint.resume"):
         check_config_change("ckpt", Config(), new, step=10)
     assert "train.memory_steps" in caplog.text
