@@ -34,8 +34,9 @@ class FakeComm(Comm):
         super().__init__()
         self.world_size, self.rank = world, rank
 
-    def all_to_all(self, send, send_splits, recv_splits):
-        return send.new_zeros((sum(recv_splits), *send.shape[1:]))
+    def all_to_all(self, send, send_splits, recv_splits, async_op=False):
+        recv = send.new_zeros((sum(recv_splits), *send.shape[1:]))
+        return (recv, None) if async_op else recv
 
     def exchange_ints(self, send, counts):
         return np.asarray(send, dtype=np.int64), np.asarray(counts, dtype=np.int64)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -160,6 +161,8 @@ class MemoryBank:
         self._lookup: tuple[StepPlan, DeviceIndices] | None = None  # the last lookup plan's, uploaded once
         self._grads: dict[str, Tensor] = {}
         self._step_grads: dict[str, Tensor] = {}  # per-step fetch: gradients of the step's remote rows, fp32
+        self._incoming: tuple | None = None  # per-step fetch: the step's rows on their way (buffer, handle)
+        self._returning = None  # per-step fetch: finishes the gradients' return (waits, adds them)
         self._shares: dict[str, zero.Shares] = {}  # replicated tables: the step's touched rows by owner
         self._reducing: dict[str, tuple[Tensor, object]] | None = None  # reduce-scatters in flight
         self._mesh = None  # the DeviceMesh checkpoints use (hmtrain/memory/bank_state.py), made on first use
@@ -231,6 +234,9 @@ class MemoryBank:
         self._shares = {name: sharding.shares(plan.step_rows[name]) for name, sharding in self._sharding.items()}
         self._indices = self._upload(plan)
         self._plan = plan
+        remote = [s for s in self.specs if s.transport == "remote"]
+        if remote and plan.step_fetch is not None:  # the step's rows start moving now; the first fetch waits
+            self._incoming = self._send_rows(remote, plan, 0, self._indices, "step")
         return plan
 
     def plan_lookup(self, micro_batches: Sequence[tuple[np.ndarray | Tensor, np.ndarray | Tensor | None]]) -> StepPlan:
@@ -315,29 +321,38 @@ class MemoryBank:
             if spec.transport != "remote":
                 rows[spec.name] = self._state[spec.name]["weight"].index_select(0, idx[k, spec.name, "rows"])
         remote = [s for s in self.specs if s.transport == "remote"]
-        if remote and plan.step_fetch is not None:  # the step's rows, fetched at its first fetch, sliced
+        if remote and plan.step_fetch is not None:  # the step's rows, arrived by its first fetch, sliced
             if plan.rows is None:
-                plan.rows = self._exchange_rows(remote, plan, 0, idx, "step", plan.step_fetch)
+                incoming = self._incoming if plan is self._plan else self._send_rows(remote, plan, 0, idx, "step")
+                self._incoming = None
+                plan.rows = self._unpack_rows(remote, incoming, idx, "step", plan.step_fetch)
             for spec in remote:
                 rows[spec.name] = plan.rows[spec.name].index_select(0, idx[k, spec.name, "slots"])
         elif remote:
-            rows.update(self._exchange_rows(remote, plan, k, idx, k, fetches))
+            rows.update(self._unpack_rows(remote, self._send_rows(remote, plan, k, idx, k), idx, k, fetches))
         layer_major = {name: r.transpose(0, 1) for name, r in rows.items()}  # FetchedMemory copies them once
         index = {p.table: fetches[p.table].index for p in self.parts}
         return FetchedMemory(layer_major, index, self.parts, self.kind, n_layers=self.n_layers,
                              batch_size=sequences, requires_grad=requires_grad, micro_batch=k,
                              padding=padding, units_on_device=idx[k, "units"])
 
-    def _exchange_rows(self, remote: list[TableSpec], plan: StepPlan, k: int, idx: DeviceIndices, key,
-                       fetches: dict) -> dict[str, Tensor]:
-        """All-to-all k of the plan: each table's served rows go into one buffer with one gather and one scatter,
-        and what arrives is cut into each table's rows (`fetches[table].ids` of them)."""
+    def _send_rows(self, remote: list[TableSpec], plan: StepPlan, k: int, idx: DeviceIndices, key) -> tuple:
+        """Issue all-to-all k of the plan (async): each table's served rows go into one buffer with one gather
+        and one scatter. Returns (the receive buffer, the handle)."""
         wire = plan.wires[k]
         send = self._state[remote[0].name]["weight"].new_empty((sum(wire.serve_splits), wire.chunk))
         for spec in remote:
             served = self._state[spec.name]["weight"].index_select(0, idx[key, spec.name, "serve"])
             send.index_copy_(0, idx[key, spec.name, "serve_at"], served.view(-1, wire.chunk))
-        received = self.comm_of(remote[0]).all_to_all(send, wire.serve_splits, wire.fetch_splits)
+        return self.comm_of(remote[0]).all_to_all(send, wire.serve_splits, wire.fetch_splits, async_op=True)
+
+    @staticmethod
+    def _unpack_rows(remote: list[TableSpec], incoming: tuple, idx: DeviceIndices, key,
+                     fetches: dict) -> dict[str, Tensor]:
+        """Wait for an all-to-all `_send_rows` issued, and cut what arrived into each table's rows."""
+        received, work = incoming
+        if work is not None:
+            work.wait()
         return {spec.name: received.index_select(0, idx[key, spec.name, "fetch_at"]).view(
             len(fetches[spec.name].ids), *spec.row_shape) for spec in remote}
 
@@ -363,14 +378,23 @@ class MemoryBank:
         if remote and not per_step:
             self._return_remote(remote, k, k, grads, scale)
 
-    def _return_remote(self, remote: list[TableSpec], k: int, key, grads: dict[str, Tensor], scale: float) -> None:
+    def _return_remote(self, remote: list[TableSpec], k: int, key, grads: dict[str, Tensor], scale: float,
+                       async_op: bool = False):
         """Send all-to-all k's gradients of other ranks' rows to their owners (one all-to-all, the fetch's
-        buffer layout backwards), add what arrives: one scatter and one gather per table."""
+        buffer layout backwards), add what arrives: one scatter and one gather per table. `async_op`: return
+        a function that waits for the all-to-all and adds what arrived."""
         wire, idx = self._plan.wires[k], self._indices
         send = torch.empty((sum(wire.fetch_splits), wire.chunk), device=self.device, dtype=torch.float32)
         for spec in remote:
             send.index_copy_(0, idx[key, spec.name, "fetch_at"], grads[spec.name].float().reshape(-1, wire.chunk))
-        received = self.comm_of(remote[0]).all_to_all(send, wire.fetch_splits, wire.serve_splits)
+        received, work = self.comm_of(remote[0]).all_to_all(send, wire.fetch_splits, wire.serve_splits, async_op=True)
+        finish = partial(self._add_returned, remote, k, key, received, work, scale)
+        return finish if async_op else finish()
+
+    def _add_returned(self, remote: list[TableSpec], k: int, key, received: Tensor, work, scale: float) -> None:
+        if work is not None:
+            work.wait()
+        idx = self._indices
         for spec in remote:
             served = received.index_select(0, idx[key, spec.name, "serve_at"])
             rows = served.view(len(self._plan.serves[k][spec.name].local_ids), *spec.row_shape)
@@ -388,7 +412,7 @@ class MemoryBank:
             return
         remote = [s for s in self.specs if s.transport == "remote"]
         if remote and self._plan.step_fetch is not None:  # the step's remote rows' gradients, home in one go
-            self._return_remote(remote, 0, "step", self._step_grads, 1.0)
+            self._returning = self._return_remote(remote, 0, "step", self._step_grads, 1.0, async_op=True)
             self._step_grads, self._plan.rows = {}, None
         self._reducing = {}
         for spec in self.specs:
@@ -398,8 +422,12 @@ class MemoryBank:
                     self._shares[spec.name].counts, async_op=True)
 
     def _finish_reduction(self) -> None:
-        """Wait for the reduce-scatters; a replicated table's step gradients become those of its own rows."""
+        """Wait for the reduce-scatters; a replicated table's step gradients become those of its own rows; the
+        per-step remote gradients are added to their owners' buffers."""
         self.reduce_grads()
+        if self._returning is not None:
+            returning, self._returning = self._returning, None
+            returning()
         for name, (own, work) in self._reducing.items():
             if work is not None:
                 work.wait()
@@ -443,13 +471,17 @@ class MemoryBank:
 
     def abandon_step(self) -> None:
         """Drop a planned step without updating (e.g. evaluation inside a step)."""
-        for _, work in (self._reducing or {}).values():
+        pending = [work for _, work in (self._reducing or {}).values()]
+        pending += [self._incoming[1]] if self._incoming is not None else []
+        for work in pending:
             if work is not None:
                 work.wait()  # every rank issued it: let it finish before its buffers go
+        if self._returning is not None:
+            self._returning()
         if self._plan is not None:
             self._plan.rows = None
         self._plan, self._grads, self._shares, self._reducing = None, {}, {}, None
-        self._step_grads = {}
+        self._step_grads, self._incoming, self._returning = {}, None, None
         self._indices = None
 
     # ---- checkpoint state (hmtrain/memory/bank_state.py) ----------------------

@@ -60,14 +60,16 @@ class Comm:
         comm.world_size, comm.rank, comm.device = 1, 0, torch.device(device)
         return comm
 
-    def all_to_all(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
-        """Uneven all-to-all along dim 0 (both sides know the splits from the step plan)."""
+    def all_to_all(self, send: Tensor, send_splits: list[int], recv_splits: list[int],
+                   async_op: bool = False) -> Tensor | tuple[Tensor, dist.Work | None]:
+        """Uneven all-to-all along dim 0 (both sides know the splits from the step plan). `async_op`: returns
+        (the receive buffer, the collective's handle: wait on it before reading the buffer)."""
         if self.world_size == 1:
-            return send
+            return (send, None) if async_op else send
         recv = send.new_empty((sum(recv_splits), *send.shape[1:]))
-        dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=recv_splits,
-                               input_split_sizes=send_splits, group=self.group)
-        return recv
+        work = dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=recv_splits,
+                                      input_split_sizes=send_splits, group=self.group, async_op=async_op)
+        return (recv, work) if async_op else recv
 
     def exchange_ints(self, send: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Send int64 ids to every rank, receive every rank's: `counts` [world, n] says how many ids of each
