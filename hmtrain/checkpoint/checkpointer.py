@@ -38,7 +38,7 @@ import os
 import re
 import shutil
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
@@ -150,6 +150,10 @@ class Checkpointer:
         self.process_group = process_group
         self.on_durable = on_durable
         self._pending: Optional[_Pending] = None
+        # old checkpoints are renamed out of sight on the calling thread and removed on this one, so a prune
+        # of tens of GB never holds up a step; `close` waits for the removals
+        self._remover: Optional[ThreadPoolExecutor] = None
+        self._removals: list[Future] = []
 
     def step_dirs(self) -> list[Path]:
         """Checkpoints whose completeness marker exists, oldest first. Directories being
@@ -294,13 +298,34 @@ class Checkpointer:
         if doomed.exists():
             shutil.rmtree(doomed, ignore_errors=True)
         os.replace(step_dir, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        self._remove_later(doomed)
 
     def _prune(self) -> None:
         for old in self.step_dirs()[:-self.keep]:
             self._delete(old)
-        for stale in [*self.directory.glob(".step_*.tmp"), *self.directory.glob(".step_*.deleting")]:
-            shutil.rmtree(stale, ignore_errors=True)
+        # leftovers of a crash; renamed here, on the calling thread, so no later save's directory is touched
+        for stale in self.directory.glob(".step_*.tmp"):
+            self._delete(stale)
+        for stale in self.directory.glob(".step_*.deleting"):
+            self._remove_later(stale)
+
+    def _remove_later(self, doomed: Path) -> None:
+        if self._remover is None:
+            self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hmtrain-prune")
+        self._removals = [f for f in self._removals if not f.done()]
+        self._removals.append(self._remover.submit(lambda: shutil.rmtree(doomed, ignore_errors=True)))
+
+    def close(self) -> None:
+        """Complete the save in flight and wait for old checkpoints' removal (the end of a run)."""
+        try:
+            self.wait()
+        finally:
+            for removal in self._removals:
+                try:
+                    removal.result()
+                except BaseException:  # a removal that failed leaves a hidden directory; the next prune retries
+                    log.warning("removing an old checkpoint failed", exc_info=True)
+            self._removals = []
 
     @staticmethod
     def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:

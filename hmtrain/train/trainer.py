@@ -228,7 +228,7 @@ def train_step(run: Parts, now, step: int, micro_batches: list[dict], window: Wi
 
 def _close(checkpointer: Checkpointer, tracker: Tracker, status: str) -> None:
     try:
-        checkpointer.wait()  # a background save in flight is completed, even when the loop failed
+        checkpointer.close()  # a background save in flight is completed, even when the loop failed
     except CheckpointError:
         if status != "FAILED":
             raise

@@ -3,6 +3,7 @@ import errno
 import hashlib
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -114,15 +115,38 @@ def test_killed_prune_never_leaves_a_complete_looking_broken_checkpoint(tmp_path
         raise KeyboardInterrupt("killed mid-prune")
 
     monkeypatch.setattr(ckpt.shutil, "rmtree", killed_rmtree)
-    with pytest.raises(KeyboardInterrupt):
-        saver.write(3, make_state(3), {"loader": {}}, to_yaml(Config()))
+    saver.write(3, make_state(3), {"loader": {}}, to_yaml(Config()))  # the removal runs on its own thread
+    saver.close()  # ... where it was killed
     monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
     for path in saver.step_dirs():  # step 1 was being deleted: it must not be listed
         check_complete(path)
     assert [p.name for p in saver.step_dirs()] == ["step_00000002", "step_00000003"]
     assert saver.latest().name == "step_00000003"
     saver.write(4, make_state(4), {"loader": {}}, to_yaml(Config()))  # the next prune sweeps the leftover
+    saver.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+
+
+def test_old_checkpoints_are_removed_off_the_saving_thread(tmp_path, monkeypatch):
+    """A prune renames the old checkpoint out of sight at once and removes it on another thread: the save
+    returns while the removal is still running, and `close` waits for it."""
+    saver = save_steps(tmp_path, [1], keep=1)
+    release, threads = threading.Event(), []
+    real_rmtree = shutil.rmtree
+
+    def slow_rmtree(path, *args, **kwargs):
+        threads.append(threading.current_thread())
+        assert release.wait(30), "the test never released the removal"
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", slow_rmtree)
+    saver.write(2, make_state(2), {"loader": {}}, to_yaml(Config()))  # returns with step 1's removal blocked
+    assert [p.name for p in saver.step_dirs()] == ["step_00000002"]
+    assert (tmp_path / ".step_00000001.deleting").is_dir()  # renamed, not yet removed
+    release.set()
+    saver.close()
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002"]
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
