@@ -1,9 +1,15 @@
-"""`eval`: how much `hmtrain eval` scores, in what batches."""
+"""`eval`: how much `hmtrain eval` scores, in what batches, and which path routes a probe's memory."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hmtrain.config.checks import require, require_positive
+from hmtrain.config.checks import Choice, require, require_positive
+
+
+class ProbeRouting(Choice):
+    question = "question"  # the question alone, as the paper does
+    context = "context"  # the prompt the choices are scored after: what the model conditions on
+    oracle = "oracle"  # the path most of the probe's person's training documents were routed to
 
 
 @dataclass
@@ -14,6 +20,8 @@ class EvalConfig:
     max_sequences: int = 0
     # probe questions scored; 0 = all
     max_probes: int = 0
+    # the text (or the documents) a probe's memory is routed by (hmtrain/data/routing/questions.py)
+    probe_routing: ProbeRouting = ProbeRouting.question
 
     @property
     def probe_batch_size(self) -> int:

@@ -2,7 +2,9 @@
 
 Rows: anchor + fetched memory, anchor + generic memory, anchor alone, dense baseline.
 Columns: active parameters, held-out perplexity (memory routed by each document's path),
-probe accuracy per frequency bucket (memory routed from the question alone).
+probe accuracy per frequency bucket (memory routed as `eval.probe_routing` says: from the question alone,
+as the paper does, from the prompt, or by the oracle path of the person's training documents), and how
+often that routing reaches the oracle's node at each level.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def evaluate(cfg: Config, checkpoint: str | Path, baseline: Optional[str | Path]
     probe_set = None
     if cfg.data.probes:
         probes = load_probes(cfg.data.probes, limit=cfg.eval.max_probes)
-        probe_set = route_probes(data, probes, progress=progress)
+        probe_set = route_probes(data, probes, routing=str(cfg.eval.probe_routing), progress=progress)
 
     fetched = trained.bank.fetched_parameters() if trained.bank is not None else 0
     results = {"checkpoint": str(trained.path), "step": trained.step, "rows": []}
@@ -86,6 +88,7 @@ def evaluate(cfg: Config, checkpoint: str | Path, baseline: Optional[str | Path]
         results["rows"].append(row)
     if probe_set is not None:
         results["probes"] = {"count": len(probe_set.probes), "per_bucket": bucket_counts(probe_set.probes)}
+        results["probe_routing"] = probe_set.routing
         results["routing_agreement"] = routing_agreement(data, probe_set)
     return results
 
@@ -105,9 +108,11 @@ def render(results: dict, console: Optional[Console] = None) -> None:
     per_bucket = results.get("probes", {}).get("per_bucket", {})
     if per_bucket:
         console.print("probes per bucket: " + ", ".join(f"{b}: {n}" for b, n in per_bucket.items()))
+    if "probe_routing" in results:
+        console.print(f"probes routed by: {routing_phrase(results)}")
     if results.get("routing_agreement"):
         agreement = ", ".join(f"{k} {100 * v:.1f}%" for k, v in results["routing_agreement"].items())
-        console.print(f"routing agreement (question -> node holding most of its person's documents): {agreement}")
+        console.print(f"routing agreement (probe's node = the oracle's, per level): {agreement}")
     subtrees = subtree_table(results)
     if subtrees:
         table = Table(title="held-out perplexity per level-1 subtree (memory fetched from each sequence's path)")
@@ -117,6 +122,14 @@ def render(results: dict, console: Optional[Console] = None) -> None:
             table.add_row(*row)
         console.print(table)
     console.print(f"checkpoint: {results['checkpoint']}")
+
+
+def routing_phrase(results: dict) -> str:
+    """How the results' probes were routed (`probe_routing`), in words."""
+    routing = results["probe_routing"]
+    return {"question": "question (the question's embedding, as the paper)",
+            "context": "context (the prompt the choices are scored after)",
+            "oracle": "oracle (the path of most of the person's training documents)"}.get(routing, routing)
 
 
 def subtree_table(results: dict) -> list[list[str]]:
@@ -141,6 +154,11 @@ def to_markdown(results: dict) -> str:
         cells = [row["name"], human(row["parameters"]), f"{row['perplexity']:.2f}"]
         cells += [f"{100 * row['probe_accuracy'][b]:.1f}%" for b in buckets]
         lines.append("| " + " | ".join(cells) + " |")
+    if "probe_routing" in results:
+        lines += ["", f"Probes routed by {routing_phrase(results)}."]
+    if results.get("routing_agreement"):
+        agreement = ", ".join(f"{k} {100 * v:.1f}%" for k, v in results["routing_agreement"].items())
+        lines += ["", f"Routing agreement with the oracle path, per level: {agreement}."]
     subtrees = subtree_table(results)
     if subtrees:
         lines += ["", "Held-out perplexity per level-1 subtree:", "",

@@ -50,7 +50,8 @@ def long_tail(results: dict, path: Path) -> Path:
     axes.set_xticks(range(len(buckets)), [f"{b}\nn={counts[b]}" if b in counts else b for b in buckets])
     axes.set_xlabel("documents per person in the training data (probes per bucket)")
     axes.set_ylabel("probe accuracy (%)")
-    axes.set_title(f"long-tail probes, step {results['step']}")
+    routed = f", routed by {results['probe_routing']}" if "probe_routing" in results else ""
+    axes.set_title(f"long-tail probes, step {results['step']}{routed}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     return _save(figure, path)

@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [[row["name"] for row in r["rows"]] for r in per_seed.values()]
     if any(n != names[0] for n in names):
         parser.error("the results files do not have the same rows: " + "; ".join(map(str, names)))
+    routings = {r.get("probe_routing", "question") for r in per_seed.values()}  # files from before the key: question
+    if len(routings) > 1:
+        parser.error(f"the results files route their probes differently ({', '.join(sorted(routings))}): "
+                     "summarize one eval.probe_routing at a time")
     summary, subtrees = summarize(per_seed), subtree_markdown(subtree_summary(per_seed))
     render_summary(summary, Console())
     print(subtrees)

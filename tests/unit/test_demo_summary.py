@@ -47,3 +47,15 @@ def test_the_summary_command_reads_eval_files(tmp_path, capsys):
     assert main([*map(str, files), "--out", str(tmp_path / "summary.md")]) == 0
     text = (tmp_path / "summary.md").read_text()
     assert "| anchor + fetched memory | 14.75 ± 0.35 |" in text and "-15.0% ± 7.1" in text
+
+
+def test_the_summary_command_refuses_files_of_different_probe_routings(tmp_path, capsys):
+    import json
+
+    files = []
+    for seed, routing in enumerate(("oracle", None)):  # None: a file from before eval.probe_routing (question)
+        files.append(tmp_path / f"eval-s{seed}.json")
+        files[-1].write_text(json.dumps({**results(2.0, 0.5), **({"probe_routing": routing} if routing else {})}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(map(str, files)))
+    assert exit_info.value.code == 2 and "oracle, question" in capsys.readouterr().err
