@@ -1,5 +1,7 @@
 """Resuming the anchor's engine: the optimizer state carries over within a phase and starts afresh when
 the checkpoint was taken at the phase switch (hmtrain/train/build.py `restore_in_phase`)."""
+from types import SimpleNamespace
+
 import torch
 
 from hmtrain.checkpoint.checkpointer import ENGINE, LOADER, TRAIN, Checkpointer
@@ -26,6 +28,9 @@ class TwoPhases:
 
     def apply_stage(self, model, step, *, fresh):
         self.stages.append((step, fresh))
+
+    def at(self, step):
+        return SimpleNamespace(anchor_trains=True)  # co-trained: the anchor's optimizer steps in both phases
 
 
 class Position:
