@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 from hmtrain.eval.evaluate import SHORT
 from hmtrain.eval.summary import GAINS
@@ -192,15 +192,17 @@ def gain_vs_tokens_per_param(points: dict[str, dict], path: Path) -> Path:
         stats = [points[arm]["gains"][key] for arm in shown]
         axes.errorbar(xs, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=3,
                       label=f"fetched memory over the {GAINS[key]}")
-    for arm in arms:
-        axes.annotate(arm, (points[arm]["tokens_per_parameter"], 0), textcoords="offset points", xytext=(0, 4),
-                      ha="center", fontsize="x-small", color="gray")
     axes.axhline(0, color="black", linestyle="--", linewidth=1)
     axes.set_xscale("log")
+    ticks: dict[float, list[str]] = {}  # a tick per count, its arms named below it (equal banks share one)
+    for arm in arms:
+        ticks.setdefault(points[arm]["tokens_per_parameter"], []).append(arm)
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xticks(list(ticks), [f"{x:.3g}\n" + "\n".join(names) for x, names in ticks.items()], fontsize="small")
     axes.set_xlabel("memory-phase tokens per memory parameter (whole bank)")
     axes.set_ylabel("held-out perplexity gain (%)")
     axes.set_title("gain vs tokens per parameter, mean ± sample std over seeds")
-    axes.grid(alpha=0.3, which="both")
+    axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     return _save(figure, path)
 

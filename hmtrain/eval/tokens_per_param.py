@@ -12,6 +12,7 @@ bank leaves out the generic row (trained on a generic_prob share of the sequence
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from hmtrain.config import Config, load_config
 from hmtrain.memory import memory_layers, memory_sizes
@@ -40,12 +41,16 @@ def tokens_per_parameter(cfg: Config) -> dict:
                        for level in levels if level.units]}
 
 
-def run_tokens_per_parameter(run_dir: Path) -> dict:
-    """`tokens_per_parameter` of the config a training run wrote into its run directory."""
+def run_tokens_per_parameter(run_dir: Path) -> Optional[dict]:
+    """`tokens_per_parameter` of the config a training run wrote into its run directory; None for a run that
+    trained no bank (train.mode=dense, or no memory units)."""
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found, so {run_dir} is not a trained run directory")
-    return {"config": str(path), **tokens_per_parameter(load_config(path))}
+    cfg = load_config(path)
+    if cfg.train.mode == "dense" or not any(cfg.memory.units):
+        return None
+    return {"config": str(path), **tokens_per_parameter(cfg)}
 
 
 def tokens_line(counted: dict) -> str:

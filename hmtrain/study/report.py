@@ -57,7 +57,9 @@ def study_markdown(summary: dict) -> str:
 
 def tokens_markdown(summary: dict) -> str:
     """Per arm: the memory phase's tokens, per bank parameter and per level, and the fetched memory's gains."""
-    arms = summary["arms"]
+    arms = {name: arm for name, arm in summary["arms"].items() if arm["tokens"]}  # arms that trained a bank
+    if not arms:
+        return ""
     levels = sorted({level["level"] for arm in arms.values() for level in arm["tokens"]["levels"]})
     gains = [key for key in GAINS if any(key in arm["gains"] for arm in arms.values())]
     head = ["arm", "memory steps", "memory-phase tokens", "bank parameters", "tokens / parameter",
@@ -77,7 +79,25 @@ def tokens_markdown(summary: dict) -> str:
              "fetched memory's held-out perplexity gain, 100 x (1 - ppl_fetched / ppl_other), per seed, then mean "
              f"± sample std over seeds {summary['seeds']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
-    return "\n".join(lines) + "\n"
+    crossing = dense_crossing(arms)
+    return "\n".join(lines) + "\n" + (f"\n{crossing}\n" if crossing else "")
+
+
+def dense_crossing(arms: dict[str, dict]) -> str:
+    """Where the dense baseline stops winning, by the mean gains, arms in order of tokens per parameter."""
+    shown = sorted((arm["tokens"]["tokens_per_parameter"], name, arm["gains"]["vs_dense"]["mean"])
+                   for name, arm in arms.items() if "vs_dense" in arm["gains"])
+    if not shown:
+        return ""
+    first = next((i for i in range(len(shown)) if all(gain > 0 for _, _, gain in shown[i:])), None)
+    if first is None:
+        return (f"The dense baseline has the lower mean perplexity at the most tokens per parameter measured "
+                f"({shown[-1][0]:.3g}, arm {shown[-1][1]}).")
+    if first == 0:
+        return f"The fetched memory beats the dense baseline in every arm, from {shown[0][0]:.3g} tokens per parameter."
+    (below, low, _), (above, high, _) = shown[first - 1], shown[first]
+    return (f"The dense baseline stops winning between {below:.3g} (arm {low}) and {above:.3g} (arm {high}) tokens "
+            "per parameter: from there on the fetched memory has the lower mean perplexity.")
 
 
 def write_report(spec, per_arm: dict[str, dict[int, dict]], out: Path, jobs_dir: Path) -> Report:
@@ -91,7 +111,7 @@ def write_report(spec, per_arm: dict[str, dict[int, dict]], out: Path, jobs_dir:
     if any(c.startswith("acc ") for s in summaries.values() for c in s["columns"]):
         report.figures.append(arms_long_tail(summaries, out / LONG_TAIL_PNG))
     points = {name: {"tokens_per_parameter": arm["tokens"]["tokens_per_parameter"], "gains": arm["gains"]}
-              for name, arm in summary["arms"].items()}
+              for name, arm in summary["arms"].items() if arm["tokens"]}
     if any(point["gains"] for point in points.values()):
         report.figures.append(gain_vs_tokens_per_param(points, out / GAIN_PNG))
     return report

@@ -37,7 +37,8 @@ def study_metrics(summary: dict) -> dict[str, float]:
     study/<arm>/tokens_per_param, and study/<arm>/gain_vs_anchor_pct, gain_vs_dense_pct (and _std)."""
     metrics = {}
     for arm, entry in summary["arms"].items():
-        metrics[f"study/{metric_key(arm)}/tokens_per_param"] = entry["tokens"]["tokens_per_parameter"]
+        if entry["tokens"]:
+            metrics[f"study/{metric_key(arm)}/tokens_per_param"] = entry["tokens"]["tokens_per_parameter"]
         for key, stat in entry["gains"].items():
             metrics[f"study/{metric_key(arm)}/gain_{key}_pct"] = stat["mean"]
             metrics[f"study/{metric_key(arm)}/gain_{key}_pct_std"] = stat["std"]

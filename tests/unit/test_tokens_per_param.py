@@ -3,12 +3,13 @@ the study's gain figure and table from them."""
 import pytest
 from rich.console import Console
 
-from hmtrain.config import load_config, to_yaml
+from hmtrain.config import flatten, load_config, to_yaml
 from hmtrain.eval.figures import gain_vs_tokens_per_param
 from hmtrain.eval.summary import perplexity_gains
 from hmtrain.eval.tokens_per_param import run_tokens_per_parameter, tokens_per_parameter
 from hmtrain.info import print_info
-from hmtrain.study.report import tokens_markdown
+from hmtrain.study.report import dense_crossing, tokens_markdown
+from hmtrain.study.spec import check_configs, load_spec
 from tests.e2e.test_eval_figures import assert_png
 
 # tiny: 4 layers, d_model 128 (an ffn unit is 3 x 128 = 384 per layer), tree [8, 8], batch 16 x 256 tokens
@@ -43,6 +44,8 @@ def test_run_tokens_per_parameter_reads_the_run_config(tmp_path):
     counted = run_tokens_per_parameter(tmp_path)
     assert counted["memory_steps"] == 64 and counted["tokens"] == 64 * 16 * 256
     assert counted["config"] == str(tmp_path / "config.yaml")
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config("tiny", [*TINY, "train.mode=dense"])))
+    assert run_tokens_per_parameter(tmp_path) is None  # a dense run trained no bank
     with pytest.raises(FileNotFoundError, match="not a trained run directory"):
         run_tokens_per_parameter(tmp_path / "missing")
 
@@ -83,9 +86,40 @@ def test_gain_figure_and_table(tmp_path):
     assert_png(gain_vs_tokens_per_param(points, tmp_path / "gain.png"))
     with pytest.raises(ValueError, match="no perplexity gain"):
         gain_vs_tokens_per_param({"a": {"tokens_per_parameter": 1.0, "gains": {}}}, tmp_path / "none.png")
-    lines = tokens_markdown({"seeds": [0, 1], "arms": arms}).splitlines()
+    assert tokens_markdown({"seeds": [0, 1], "arms": {"dense": {"tokens": None, "gains": {}}}}) == ""
+    lines = tokens_markdown({"seeds": [0, 1], "arms": {**arms, "dense": {"tokens": None, "gains": {}}}}).splitlines()
     assert lines[2] == ("| arm | memory steps | memory-phase tokens | bank parameters | tokens / parameter | "
                         "level 1 tokens / parameter | level 2 tokens / parameter | gain over the anchor alone (%) | "
                         "gain over the dense baseline (%) |")
     assert lines[4] == "| steps16 | 16 | 65,536 | 983,040 | 0.0667 | 0.333 | 0.0833 | +26.67 ± 9.43 | - |"
     assert lines[5].endswith("| 0.533 | 2.67 | 0.667 | +26.67 ± 9.43 | +0.00 ± 28.28 |")
+
+
+def test_where_the_dense_baseline_stops_winning():
+    def arm(x, gain):
+        return {"tokens": {"tokens_per_parameter": x}, "gains": {"vs_dense": {"mean": gain, "std": 1.0}}}
+    assert "between 0.2 (arm b) and 0.4 (arm c)" in dense_crossing(
+        {"c": arm(0.4, 1.0), "a": arm(0.1, 2.0), "b": arm(0.2, -1.0), "d": arm(0.8, 3.0)})
+    assert "lower mean perplexity at the most tokens per parameter measured (0.8, arm d)" in dense_crossing(
+        {"a": arm(0.1, 2.0), "d": arm(0.8, -3.0)})
+    assert "in every arm, from 0.1" in dense_crossing({"a": arm(0.1, 2.0), "d": arm(0.8, 3.0)})
+    assert dense_crossing({"a": {"tokens": {"tokens_per_parameter": 0.1}, "gains": {}}}) == ""
+
+
+def test_the_shipped_spec_counts_what_its_comment_says():
+    spec = load_spec("tokens-per-param-tiny")
+    configs = check_configs(spec, [])
+    steps = [cfg.train.memory_steps for cfg in configs.values()]
+    assert len(set(steps)) >= 4 and all(s & (s - 1) == 0 for s in steps)  # 2^k for four k or more
+    assert spec.dense_baseline and spec.seeds == [0, 1, 2]
+    assert len({flatten_without_steps(cfg) for cfg in configs.values()}) == 1  # one arm, its steps aside
+    comment = "\n".join(line for line in spec.path.read_text().splitlines() if line.startswith("#"))
+    for cfg in configs.values():
+        counted = tokens_per_parameter(cfg)
+        row = (f"{cfg.train.memory_steps} {counted['tokens']:,} {counted['tokens_per_parameter']:.3g} "
+               + " ".join(f"{level['tokens_per_parameter']:.3g}" for level in counted["levels"]))
+        assert row in " ".join(comment.split()), row
+
+
+def flatten_without_steps(cfg) -> str:
+    return str(sorted((k, str(v)) for k, v in flatten(cfg).items() if k != "train.memory_steps"))
