@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hmtrain.config import Config, ConfigError, split_global_batch
+from hmtrain.eval.tokens_per_param import tokens_line, tokens_per_parameter
 from hmtrain.memory import memory_layers, memory_sizes
 from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.sizes import bank_checkpoint_bytes, eval_footprint, rank_footprint, step_transients
@@ -146,6 +147,9 @@ def print_info(cfg: Config, console: Console | None = None, world_size: int = 1,
     layers, n_layers = summary["memory_layers"], cfg.model.n_layers
     console.print(f"memory in {len(layers)} of {n_layers} decoder layers (memory.layers={cfg.memory.layers}): "
                   f"{layer_spans(layers)}", markup=False, highlight=False)
+    if summary["bank"] and cfg.train.mode != "dense" and cfg.model.family != "memory_model":
+        summary["tokens"] = tokens_per_parameter(cfg)
+        console.print(tokens_line(summary["tokens"]), markup=False, highlight=False)
     summary["per_rank"] = print_rank_memory(cfg, summary, console, world_size)
     summary["checkpoint"] = print_checkpoint(cfg, summary, console, checkpoint_gbps)
     summary["eval"] = print_eval_memory(cfg, summary, console)

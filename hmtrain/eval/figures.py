@@ -5,6 +5,8 @@
     tree_balance        tokens and documents per tree node, per level, from the prepared data's manifest
     arms_overview       a study's arms: perplexity and probe accuracy per arm, error bars over seeds
     arms_long_tail      a study's arms: probe accuracy per frequency bucket, a panel per model row
+    gain_vs_tokens_per_param  a study's arms: the fetched memory's perplexity gain against the memory phase's
+                        tokens per memory parameter (log scale)
 
 matplotlib's object API (`Figure`, not pyplot) draws them: no global figure state and no display; a PNG
 is rendered by the Agg canvas whatever backend the environment names.
@@ -15,9 +17,10 @@ from pathlib import Path
 from typing import Optional
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 from hmtrain.eval.evaluate import SHORT
+from hmtrain.eval.summary import GAINS
 
 DPI = 110
 MAX_BARS = 64  # a level with more nodes is drawn as its nodes' counts sorted, not one bar per node
@@ -170,6 +173,38 @@ def arms_long_tail(summaries: dict[str, dict], path: Path) -> Path:
     panels[0].set_ylabel("probe accuracy (%)")
     panels[0].legend(fontsize="small")
     figure.suptitle("long-tail probes per arm, mean ± sample std over seeds")
+    return _save(figure, path)
+
+
+def gain_vs_tokens_per_param(points: dict[str, dict], path: Path) -> Path:
+    """Per arm (arm name -> {"tokens_per_parameter": x, "gains": {key: {"mean", "std"}}}, hmtrain/study/tokens.py):
+    the fetched memory's perplexity gain (%) over each row it was compared with, against the memory phase's
+    tokens per bank parameter; a line per comparison through the arms in x order, error bars one sample std
+    over the seeds. Above the dashed zero line the memory wins."""
+    arms = sorted(points, key=lambda arm: points[arm]["tokens_per_parameter"])
+    keys = [key for key in GAINS if any(key in points[arm]["gains"] for arm in arms)]
+    if not keys:
+        raise ValueError("the study's results hold no perplexity gain (no fetched memory row): nothing to draw")
+    figure = Figure(figsize=(7, 4.2), layout="constrained")
+    axes = figure.add_subplot()
+    for key in keys:
+        shown = [arm for arm in arms if key in points[arm]["gains"]]
+        xs = [points[arm]["tokens_per_parameter"] for arm in shown]
+        stats = [points[arm]["gains"][key] for arm in shown]
+        axes.errorbar(xs, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=3,
+                      label=f"fetched memory over the {GAINS[key]}")
+    axes.axhline(0, color="black", linestyle="--", linewidth=1)
+    axes.set_xscale("log")
+    ticks: dict[float, list[str]] = {}  # a tick per count, its arms named below it (equal banks share one)
+    for arm in arms:
+        ticks.setdefault(points[arm]["tokens_per_parameter"], []).append(arm)
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xticks(list(ticks), [f"{x:.3g}\n" + "\n".join(names) for x, names in ticks.items()], fontsize="small")
+    axes.set_xlabel("memory-phase tokens per memory parameter (whole bank)")
+    axes.set_ylabel("held-out perplexity gain (%)")
+    axes.set_title("gain vs tokens per parameter, mean ± sample std over seeds")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
     return _save(figure, path)
 
 

@@ -107,6 +107,20 @@ def subtree_summary(per_seed: dict[int, dict]) -> dict:
     return {"seeds": sorted(per_seed), "names": names, "nodes": out}
 
 
+# a gain's key -> the row the fetched memory's perplexity is compared with
+GAINS = {"vs_anchor": "anchor alone", "vs_dense": "dense baseline"}
+
+
+def perplexity_gains(per_seed: dict[int, dict]) -> dict:
+    """Per comparison every seed's results hold both rows for (GAINS): the fetched memory's held-out
+    perplexity gain, 100 x (1 - ppl_fetched / ppl_other) per seed (positive: the memory has the lower
+    perplexity), then its mean, sample std, min and max over the seeds."""
+    by_seed = [{row["name"]: row["perplexity"] for row in results["rows"]} for results in per_seed.values()]
+    fetched = "anchor + fetched memory"
+    return {key: _stats([100 * (1 - rows[fetched] / rows[other]) for rows in by_seed])
+            for key, other in GAINS.items() if all(fetched in rows and other in rows for rows in by_seed)}
+
+
 def subtree_markdown(summary: dict) -> str:
     if not summary["nodes"]:
         return ""

@@ -33,9 +33,15 @@ def training_run_id(cfg: Config) -> Optional[str]:
 
 
 def study_metrics(summary: dict) -> dict[str, float]:
-    """study/<arm>/<row>/ppl (and /ppl_std, /probe_acc/<bucket>, /probe_acc/<bucket>_std): means over seeds."""
+    """study/<arm>/<row>/ppl (and /ppl_std, /probe_acc/<bucket>, /probe_acc/<bucket>_std): means over seeds;
+    study/<arm>/tokens_per_param, and study/<arm>/gain_vs_anchor_pct, gain_vs_dense_pct (and _std)."""
     metrics = {}
     for arm, entry in summary["arms"].items():
+        if entry["tokens"]:
+            metrics[f"study/{metric_key(arm)}/tokens_per_param"] = entry["tokens"]["tokens_per_parameter"]
+        for key, stat in entry["gains"].items():
+            metrics[f"study/{metric_key(arm)}/gain_{key}_pct"] = stat["mean"]
+            metrics[f"study/{metric_key(arm)}/gain_{key}_pct_std"] = stat["std"]
         for row in entry["summary"]["rows"]:
             prefix = f"study/{metric_key(arm)}/{ROW_KEYS.get(row['name']) or metric_key(row['name'])}"
             for column, stat in row["stats"].items():

@@ -67,8 +67,25 @@ def test_study_runs_resumes_and_skips_finished_runs(tmp_path, capsys, monkeypatc
     markdown = (out / "summary.md").read_text()
     assert sum(line.startswith(f"| {arm} | anchor + fetched memory |") for arm in ARMS for line in
                markdown.splitlines()) == 2
-    for name in ("arms_overview.png", "arms_long_tail.png"):
+    for name in ("arms_overview.png", "arms_long_tail.png", "gain_vs_tokens_per_param.png"):
         assert_png(out / name)
+    # tokens per memory parameter, from each arm's run config: 2 memory steps x 4 sequences x 64 tokens over
+    # a bank of tree [2, 3] x units [8, 4] x 2 layers x 3*32 (ffn) or 3*(32 + 64) (lora_ffn) per unit and layer
+    for arm, per_unit in (("ffn", 96), ("lora_ffn", 288)):
+        tokens = summary["arms"][arm]["tokens"]
+        assert tokens["config"] == str(out / "runs" / arm / "seed0" / "memory" / "config.yaml")
+        assert tokens["tokens"] == 512 and tokens["bank_parameters"] == (2 * 8 + 6 * 4) * 2 * per_unit
+        assert [level["tokens_per_parameter"] for level in tokens["levels"]] == pytest.approx(
+            [512 / (2 * 8 * 2 * per_unit), 512 / (6 * 4 * 2 * per_unit)])
+        assert set(summary["arms"][arm]["gains"]) == {"vs_anchor", "vs_dense"}
+        rows = [{r["name"]: r["perplexity"] for r in json.loads((out / "runs" / arm / f"seed{s}" / "eval.json")
+                                                                   .read_text())["rows"]} for s in (0, 1)]
+        gains = [100 * (1 - r["anchor + fetched memory"] / r["dense baseline"]) for r in rows]
+        assert summary["arms"][arm]["gains"]["vs_dense"]["mean"] == pytest.approx(sum(gains) / 2)
+    head = next(line for line in markdown.splitlines() if line.startswith("| arm | memory steps |"))
+    assert head.endswith("| tokens / parameter | level 1 tokens / parameter | level 2 tokens / parameter | "
+                         "gain over the anchor alone (%) | gain over the dense baseline (%) |")
+    assert "| ffn | 2 | 512 | 7,680 | 0.0667 | 0.167 | 0.111 | " in markdown
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("hmtrain").experiment_id])
@@ -79,6 +96,8 @@ def test_study_runs_resumes_and_skips_finished_runs(tmp_path, capsys, monkeypatc
     assert len([r for r in runs if r.info.run_name.startswith("dense seed")]) == 2
     assert children == {f"{arm} seed{seed}" for arm in ARMS for seed in (0, 1)}
     assert "study/ffn/memory/ppl" in parent[0].data.metrics
+    assert parent[0].data.metrics["study/lora_ffn/tokens_per_param"] == pytest.approx(512 / 23_040)
+    assert "study/ffn/gain_vs_dense_pct" in parent[0].data.metrics
 
     # everything finished: a rerun (in this process: no start-up to wait for) trains nothing, writes the same summary
     before = checkpoints(out)
