@@ -22,13 +22,18 @@ from hmtrain.config.root import Config
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-def resolve_preset(name_or_path: str) -> Path:
+def find_yaml(name_or_path: str, directory: Path) -> Path | None:
+    """A YAML file given by its path, or by its name (with or without `.yaml`) in `directory`; None if neither."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
-        if candidate.is_file():
-            return candidate
+    return next((c for c in (directory / name_or_path, directory / f"{name_or_path}.yaml") if c.is_file()), None)
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    found = find_yaml(name_or_path, CONFIG_DIR)
+    if found is not None:
+        return found
     presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     raise ConfigError(f"config {name_or_path!r}: no such file, and not a preset (presets: {', '.join(presets)})")
 

@@ -491,45 +491,41 @@ class MemoryBank:
             self._mesh = bank_state.checkpoint_mesh(self.comm)
         return self._mesh
 
-    def _saved(self, spec: TableSpec, field: str, mesh) -> Tensor:
-        """What a checkpoint saves of a state field: a table's stored rows as its layout lays them out; for a
-        replicated table only the rows this rank saves (its row share of the weight, its pieces' state, as
-        rows), each row saved by one rank, whatever the pieces."""
+    def _laid_out(self, spec: TableSpec, field: str) -> tuple[Tensor, layouts.RowLayout] | None:
+        """The rows of a state field this rank saves and loads, and how they lie over the world: a table's
+        stored rows as its layout says; for a replicated table its row share of the weight and its state's
+        rows (each row saved by one rank). None for state held in pieces of rows, which checkpoints convert."""
         live, sharding = self._state[spec.name][field], self._sharding.get(spec.name)
         if sharding is None:
-            return bank_state.saved(live, spec.layout, self.comm, mesh)
+            return live, spec.layout
         if field == "weight":
-            return bank_state.saved(sharding.row_share(live), sharding.world_rows, self.comm, mesh)
-        if sharding.pieces == 1:
-            return bank_state.saved(live, sharding.world_state, self.comm, mesh)
-        rows = bank_state.pieces_to_rows(self.comm, live, sharding, spec.row_shape)
-        return bank_state.saved(rows, self._chunk(spec), self.comm, mesh)
+            return sharding.row_share(live), sharding.world_rows
+        return (live, sharding.world_state) if sharding.pieces == 1 else None
+
+    def _saved(self, spec: TableSpec, field: str, mesh) -> Tensor:
+        laid_out = self._laid_out(spec, field)
+        if laid_out is None:  # pieces -> the chunk rows a checkpoint holds
+            laid_out = (bank_state.pieces_to_rows(self.comm, self._state[spec.name][field], self._sharding[spec.name],
+                                                  spec.row_shape), self._chunk(spec))
+        return bank_state.saved(*laid_out, self.comm, mesh)
 
     def _chunk(self, spec: TableSpec) -> layouts.RowLayout:
         return layouts.chunked(spec.layout.num_rows, self.comm.world_size, self.comm.rank)
 
     def _to_load(self, spec: TableSpec, field: str, mesh) -> Tensor:
-        live, sharding = self._state[spec.name][field], self._sharding.get(spec.name)
-        if sharding is None:
-            return bank_state.to_load(live, spec.layout, self.comm, mesh)
-        if field == "weight":
-            return bank_state.to_load(sharding.row_share(live), sharding.world_rows, self.comm, mesh)
-        if sharding.pieces == 1:
-            return bank_state.to_load(live, sharding.world_state, self.comm, mesh)
-        rows = self._chunk(spec).num_local  # the checkpoint's rows, relaid out into pieces by load_state_dict
-        template = live.new_empty((rows,) if live.dim() == 1 else (rows, *spec.row_shape))
-        return bank_state.to_load(template, self._chunk(spec), self.comm, mesh)
+        laid_out = self._laid_out(spec, field)
+        if laid_out is None:  # the checkpoint's chunk rows, relaid out into pieces by _restore
+            live, rows = self._state[spec.name][field], self._chunk(spec).num_local
+            laid_out = (live.new_empty((rows,) if live.dim() == 1 else (rows, *spec.row_shape)), self._chunk(spec))
+        return bank_state.to_load(*laid_out, self.comm, mesh)
 
     def _restore(self, spec: TableSpec, field: str, loaded: Tensor) -> None:
-        live, sharding = self._state[spec.name][field], self._sharding.get(spec.name)
-        if sharding is None:
-            bank_state.restore(live, loaded, spec.layout, self.comm)
-        elif field == "weight":
-            bank_state.restore(sharding.row_share(live), loaded, sharding.world_rows, self.comm)
-        elif sharding.pieces == 1:
-            bank_state.restore(live, loaded, sharding.world_state, self.comm)
-        else:
-            live.copy_(bank_state.rows_to_pieces(self.comm, loaded.to_local(), sharding).view_as(live))
+        laid_out = self._laid_out(spec, field)
+        if laid_out is not None:
+            bank_state.restore(laid_out[0], loaded, laid_out[1], self.comm)
+            return
+        live = self._state[spec.name][field]
+        live.copy_(bank_state.rows_to_pieces(self.comm, loaded.to_local(), self._sharding[spec.name]).view_as(live))
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat `<table>.<field>` -> tensor (one process) or chunk-layout Shard(0) DTensor; a bf16 table

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from hmtrain.config import Config, ConfigError, load_config
-from hmtrain.config.load import CONFIG_DIR
+from hmtrain.config.load import CONFIG_DIR, find_yaml
 
 STUDY_DIR = CONFIG_DIR / "studies"
 
@@ -70,12 +70,9 @@ class StudySpec:
 
 
 def resolve_spec(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for candidate in (STUDY_DIR / name_or_path, STUDY_DIR / f"{name_or_path}.yaml"):
-        if candidate.is_file():
-            return candidate
+    found = find_yaml(name_or_path, STUDY_DIR)
+    if found is not None:
+        return found
     known = ", ".join(sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))) or "none"
     raise SpecError(f"--spec {name_or_path!r}: no such file, and not a study in {STUDY_DIR} (studies: {known})")
 
