@@ -24,6 +24,7 @@ from hmtrain.parallel.dist import DistInfo, SideGroups, side_groups
 from hmtrain.parallel.engine import Engine
 from hmtrain.parallel.parallelize import parallelize
 from hmtrain.parallel.placement import assign_groups
+from hmtrain.parallel.tensor_parallel import check_tensor_parallel
 from hmtrain.parallel.torch_engine import TorchEngine
 from hmtrain.train.recipe import Recipe
 from hmtrain.train.state import Batches
@@ -50,15 +51,19 @@ def micro_batches_per_step(global_batch: int, micro: int, world: int) -> int:
 
 
 def check_world(cfg: Config, world_size: int, data: PreparedData) -> None:
-    """What the world size decides, checked before anything is built or written: every phase's global batch
-    splits across the ranks; settings one process ignores are said to be ignored. (Owner placement runs on any
-    world size: past k_1 ranks its groups hold several ranks each, hmtrain/parallel/placement.py.)"""
+    """What the world size decides, checked before anything is built or written: the tensor-parallel degree
+    fits it and the model; every phase's global batch splits across the data-parallel ranks; settings one process
+    ignores are said to be ignored. (Owner placement runs on any world size: past k_1 ranks its groups hold
+    several ranks each, hmtrain/parallel/placement.py.)"""
     tc = cfg.train
+    check_tensor_parallel(cfg, world_size, run_model_config(cfg.model, tc.mode, tc.dense_multiplier))
+    data_parallel = world_size // cfg.parallel.tensor_parallel
     batches = {"train.global_batch_size": tc.global_batch_size, "train.pretrain_global_batch_size":
                tc.pretrain_global_batch_size}
     for key, batch in batches.items():
         if batch is not None:
-            split_global_batch(batch, world_size, micro_batch_size=tc.micro_batch_size, name=f"config key '{key}'")
+            split_global_batch(batch, data_parallel, micro_batch_size=tc.micro_batch_size,
+                               name=f"config key '{key}'")
     if world_size == 1:
         ignored = [f"parallel.{key}={value}" for key, value in (("engine", cfg.parallel.engine),
                    ("backend", cfg.parallel.backend)) if value in ("deepspeed", "nccl")]
@@ -85,7 +90,7 @@ class Parts:
     def accumulation(self, step: int) -> int:
         """Micro-batches per optimizer step on this rank, at `step`'s global batch."""
         tc = self.cfg.train
-        return micro_batches_per_step(self.recipe.at(step).global_batch, tc.micro_batch_size, self.info.world_size)
+        return micro_batches_per_step(self.recipe.at(step).global_batch, tc.micro_batch_size, self.info.dp_size)
 
     def engine_for_step(self, step: int) -> Engine:
         return engine_for_step(self.model, self.cfg, self.info, self.recipe, step, self.precision)
@@ -128,9 +133,10 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
                       group_size=group_size) if recipe.has_memory else None
 
     def loader(global_batch: int) -> StepLoader:
-        micro = micro_batches_per_step(global_batch, tc.micro_batch_size, info.world_size)
+        # the ranks of a tensor-parallel group read the same micro-batches: the loader sees data-parallel ranks
+        micro = micro_batches_per_step(global_batch, tc.micro_batch_size, info.dp_size)
         return StepLoader(data, "train", global_batch=global_batch, micro_batches=micro, seed=tc.seed,
-                          rank=info.rank, world_size=info.world_size, owner_of_subtree=owner_of_subtree,
+                          rank=info.dp_rank, world_size=info.dp_size, owner_of_subtree=owner_of_subtree,
                           group_size=group_size,
                           num_workers=cfg.data.num_workers)
 
