@@ -45,8 +45,10 @@ def check_tensor_parallel(cfg: Config, world_size: int, model: ModelConfig) -> N
     require(cfg.model.family == "lm", key, f"tensor parallelism splits hmtrain's own Transformer (model.family=lm), "
             f"not model.family={cfg.model.family}")
     require(cfg.parallel.engine == "fsdp", key, "tensor parallelism runs with parallel.engine=fsdp, not deepspeed")
-    require(model.n_heads % n == 0, key, f"model.n_heads={model.n_heads} is not divisible by {n}")
-    require(model.ffn_hidden % n == 0, key, f"the FFN's {model.ffn_hidden} hidden units are not divisible by {n}")
+    whose = "" if model is cfg.model else " of the dense baseline (sized from the anchor by train.dense_multiplier)"
+    require(model.n_heads % n == 0, key, f"model.n_heads={model.n_heads}{whose} is not divisible by {n}")
+    require(model.ffn_hidden % n == 0, key,
+            f"the FFN's {model.ffn_hidden} hidden units{whose} are not divisible by {n}")
     bad = [units for units in cfg.memory.units if units % n]
     require(not bad, key, f"memory.units {list(cfg.memory.units)}: {bad} not divisible by {n}")
     memory_on = cfg.train.mode == "hierarchical" and cfg.train.memory_steps > 0 and sum(cfg.memory.units) > 0

@@ -5,6 +5,7 @@ into it, deciding whether the checkpoint's optimizer state carries over.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from hmtrain.config import Config, split_global_batch
+from hmtrain.config import Config, ModelConfig, split_global_batch
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.loading.loader import StepLoader
 from hmtrain.memory import Comm, MemoryBank, build_bank, uses_memory
@@ -36,14 +37,30 @@ def resolve_vocab(cfg: Config, data: PreparedData) -> Config:
     """Tie the model's vocabulary to the tokenizer the data was prepared with (padded, as the paper's)."""
     tokenizer_vocab = int(data.manifest["vocab_size"])
     if cfg.model.vocab_size is None:
-        multiple = cfg.model.vocab_multiple
-        cfg.model.vocab_size = -(-tokenizer_vocab // multiple) * multiple
+        cfg.model.vocab_size = padded_vocab(cfg, data)
     elif cfg.model.vocab_size < tokenizer_vocab:
         raise ValueError(f"config key 'model.vocab_size' is {cfg.model.vocab_size}, smaller than the tokenizer's "
                          f"{tokenizer_vocab} in {data.root}")
     if cfg.model.family == "memory_model":  # a memory model never scores padding, and blank copy writes it
         cfg.memory_model.pad_id = int(data.manifest["pad_id"])
     return cfg
+
+
+def padded_vocab(cfg: Config, data: PreparedData) -> int:
+    """`model.vocab_size: null`'s value: the tokenizer's size padded up to `model.vocab_multiple` rows."""
+    multiple = cfg.model.vocab_multiple
+    return -(-int(data.manifest["vocab_size"]) // multiple) * multiple
+
+
+def run_model(cfg: Config, data: PreparedData) -> ModelConfig:
+    """The model the run will train (the dense baseline is sized by parameter count, the vocabulary's included),
+    before `resolve_vocab` has filled in the vocabulary."""
+    model = cfg.model
+    if cfg.train.mode != "dense" or model.family != "lm":
+        return model
+    if model.vocab_size is None:
+        model = dataclasses.replace(model, vocab_size=padded_vocab(cfg, data))
+    return run_model_config(model, cfg.train.mode, cfg.train.dense_multiplier)
 
 
 def micro_batches_per_step(global_batch: int, micro: int, world: int) -> int:
@@ -56,7 +73,8 @@ def check_world(cfg: Config, world_size: int, data: PreparedData) -> None:
     ignores are said to be ignored. (Owner placement runs on any world size: past k_1 ranks its groups hold
     several ranks each, hmtrain/parallel/placement.py.)"""
     tc = cfg.train
-    check_tensor_parallel(cfg, world_size, run_model_config(cfg.model, tc.mode, tc.dense_multiplier))
+    if cfg.parallel.tensor_parallel > 1:
+        check_tensor_parallel(cfg, world_size, run_model(cfg, data))
     data_parallel = world_size // cfg.parallel.tensor_parallel
     batches = {"train.global_batch_size": tc.global_batch_size, "train.pretrain_global_batch_size":
                tc.pretrain_global_batch_size}
