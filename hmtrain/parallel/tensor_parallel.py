@@ -34,14 +34,13 @@ def block_plan() -> dict:
 
 
 def check_tensor_parallel(cfg: Config, world_size: int, model: ModelConfig) -> None:
-    """What `parallel.tensor_parallel` = N needs, checked at start (ConfigError naming the key): the world
-    splits into N-rank groups, the run's model (`model`: the anchor, or the dense baseline) splits its heads
-    and FFN units N ways, every memory level's units too; and what this slice does not split yet is refused."""
+    """What `parallel.tensor_parallel` = N needs, checked at start (ConfigError naming the key): the run's model
+    (`model`: the anchor, or the dense baseline) splits its heads and FFN units N ways, every memory level's units
+    too, what this slice does not split yet is refused, and the world splits into N-rank groups."""
     n = cfg.parallel.tensor_parallel
     if n == 1:
         return
     key = "parallel.tensor_parallel"
-    require(world_size % n == 0, key, f"world size {world_size} is not divisible by {n}")
     require(cfg.model.family == "lm", key, f"tensor parallelism splits hmtrain's own Transformer (model.family=lm), "
             f"not model.family={cfg.model.family}")
     require(cfg.parallel.engine == "fsdp", key, "tensor parallelism runs with parallel.engine=fsdp, not deepspeed")
@@ -54,6 +53,8 @@ def check_tensor_parallel(cfg: Config, world_size: int, model: ModelConfig) -> N
     memory_on = cfg.train.mode == "hierarchical" and cfg.train.memory_steps > 0 and sum(cfg.memory.units) > 0
     require(not memory_on, key, "the memory is not split across tensor-parallel ranks yet: use train.mode=dense, "
             "or train.memory_steps=0 (the pretrain phase alone)")
+    # last: what the config cannot run at all comes before what the launch got wrong
+    require(world_size % n == 0, key, f"world size {world_size} is not divisible by {n}")
 
 
 class _SumOverGroup(torch.autograd.Function):
