@@ -48,7 +48,8 @@ def check_tensor_parallel(cfg: Config, world_size: int, model: ModelConfig) -> N
     require(model.n_heads % n == 0, key, f"model.n_heads={model.n_heads}{whose} is not divisible by {n}")
     require(model.ffn_hidden % n == 0, key,
             f"the FFN's {model.ffn_hidden} hidden units{whose} are not divisible by {n}")
-    bad = [units for units in cfg.memory.units if units % n]
+    # a hierarchical run's units, even in its pretrain phase alone: a resume may add the memory phase
+    bad = [units for units in cfg.memory.units if units % n] if cfg.train.mode == "hierarchical" else []
     require(not bad, key, f"memory.units {list(cfg.memory.units)}: {bad} not divisible by {n}")
     memory_on = cfg.train.mode == "hierarchical" and cfg.train.memory_steps > 0 and sum(cfg.memory.units) > 0
     require(not memory_on, key, "the memory is not split across tensor-parallel ranks yet: use train.mode=dense, "

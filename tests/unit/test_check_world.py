@@ -74,6 +74,7 @@ def test_tensor_parallel_must_be_positive():
 def test_tensor_parallel_checks_the_dense_baseline_it_would_train():
     data = SimpleNamespace(manifest={**DATA.manifest, "vocab_size": 300})  # the dense width depends on the vocabulary
     check_world(config("parallel.tensor_parallel=2", "train.mode=dense"), 2, data)  # 6 heads, 544 FFN units
+    check_world(config("parallel.tensor_parallel=2", "train.mode=dense", "memory.units=[64,31]"), 2, data)  # unused
     small = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.head_dim=16", "model.ffn_hidden=64"]
     with pytest.raises(ConfigError, match=r"model.n_heads=3 of the dense baseline \(sized from the anchor"):
         check_world(config("parallel.tensor_parallel=2", "train.mode=dense", *small), 2, data)
