@@ -32,8 +32,8 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     # hardware and parallel layout: DCP reshards, the loader's position is global
     # (not parallel.engine / zero_stage: the anchor's optimizer state is stored in the engine's own layout)
     "train.device", "train.dtype", "model.ffn_impl", "model.attention", "parallel.placement",
-    "parallel.replicate_levels", "parallel.activation_checkpointing", "parallel.compile", "parallel.backend",
-    "parallel.timeout_s", "parallel.checkpoint_timeout_s", "parallel.fetch", "data.num_workers",
+    "parallel.replicate_levels", "parallel.tensor_parallel", "parallel.activation_checkpointing", "parallel.compile",
+    "parallel.backend", "parallel.timeout_s", "parallel.checkpoint_timeout_s", "parallel.fetch", "data.num_workers",
     "data.verify_checksums", "train.async_checkpoint",
     # read only by `hmtrain data prepare`: the prepared directory is checked by its fingerprints instead
     "data.prepared", "data.documents", "data.text_field", "data.id_field", "data.embed_batch_size",

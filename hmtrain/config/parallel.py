@@ -38,6 +38,9 @@ class ParallelConfig:
     engine: Engine = Engine.fsdp
     # DeepSpeed ZeRO stage (1, 2 or 3) when parallel.engine=deepspeed
     zero_stage: int = 2
+    # tensor-parallel degree: the ranks form a (world / N) x N mesh, data-parallel x tensor-parallel; attention
+    # heads and FFN hidden units split N ways (hmtrain/parallel/tensor_parallel.py; dense anchors only for now)
+    tensor_parallel: int = 1
     # how the bank's rows are placed: gather (rows sharded, fetched by all-to-all) or owner (ranks own level-1
     # subtrees and train their sequences)
     placement: Placement = Placement.gather
@@ -60,7 +63,7 @@ class ParallelConfig:
 
     def validate(self, levels: int) -> None:
         """`levels`: the tree's depth, which bounds replicate_levels."""
-        require_positive(self, "parallel", "timeout_s", "checkpoint_timeout_s")
+        require_positive(self, "parallel", "timeout_s", "checkpoint_timeout_s", "tensor_parallel")
         require(self.zero_stage in (1, 2, 3), "parallel.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
         require(0 <= self.replicate_levels <= levels, "parallel.replicate_levels",
                 f"must be in [0, {levels}] (tree levels), got {self.replicate_levels}")

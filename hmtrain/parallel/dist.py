@@ -10,11 +10,14 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from hmtrain.config import ParallelConfig, TrainConfig
+from hmtrain.config.checks import require
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +29,32 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: str | None  # None: one process, no process group
+    tensor_parallel: int = 1  # ranks r*N .. r*N + N - 1 form data-parallel rank r's tensor-parallel group
+    # (dp, tp) mesh when tensor_parallel > 1 (torch's row-major layout: rank = dp_rank * N + tp_rank)
+    mesh: Optional[DeviceMesh] = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: what the loader, the global batch split and FSDP2 see."""
+        return self.world_size // self.tensor_parallel
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tensor_parallel
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tensor_parallel
+
+    @property
+    def counts_data(self) -> bool:
+        """Whether this rank's tokens and losses enter the sums over ranks: the ranks of a tensor-parallel group
+        see the same batch, so only its first counts it (once)."""
+        return self.tp_rank == 0
 
     @property
     def distributed(self) -> bool:
@@ -74,7 +99,18 @@ def init_distributed(parallel: ParallelConfig, train: TrainConfig) -> DistInfo:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=parallel.timeout_s),
                                 device_id=device if backend == "nccl" else None)
     log.info("rank %d of %d on %s (%s, timeout %ds)", rank, world, device, backend, parallel.timeout_s)
-    return DistInfo(rank, world, local_rank, device, backend)
+    tp = parallel.tensor_parallel
+    return DistInfo(rank, world, local_rank, device, backend, tp, data_tensor_mesh(device, world, tp))
+
+
+def data_tensor_mesh(device: torch.device, world: int, tensor_parallel: int) -> Optional[DeviceMesh]:
+    """The 2-D (dp, tp) mesh of a tensor-parallel job (None without tensor parallelism, where FSDP2 takes the
+    whole world as its 1-D mesh). Every rank calls it, after the default group exists."""
+    if tensor_parallel == 1:
+        return None
+    require(world % tensor_parallel == 0, "parallel.tensor_parallel",
+            f"world size {world} is not divisible by {tensor_parallel}")
+    return init_device_mesh(device.type, (world // tensor_parallel, tensor_parallel), mesh_dim_names=("dp", "tp"))
 
 
 def new_group(backend: str, timeout_s: int) -> dist.ProcessGroup | None:

@@ -1,5 +1,7 @@
-"""Apply parallelism to the anchor in one place, in a fixed order (torchtitan's):
-activation checkpointing, then torch.compile, then FSDP2 (`fully_shard` per block, then the root).
+"""Apply parallelism to the anchor in one place, in a fixed order (torchtitan's): tensor parallelism
+(`parallel.tensor_parallel` > 1, hmtrain/parallel/tensor_parallel.py), activation checkpointing, then
+torch.compile, then FSDP2 (`fully_shard` per block, then the root) over the data-parallel ranks: the
+mesh's `dp` dimension under tensor parallelism, else the whole world.
 
 The model file holds no parallelism; the bank is not part of the module and is sharded by
 hmtrain/memory itself. Losses are normalised by the global token count before backward, so
@@ -16,6 +18,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from hmtrain.config import ParallelConfig
 from hmtrain.parallel.dist import DistInfo
+from hmtrain.parallel.tensor_parallel import apply_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,9 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, info: DistInfo,
     if len(model.layers) == 0:
         raise ValueError(f"parallelize: {type(model).__name__} has no blocks in .layers")
     block_class = type(model.layers[0]).__name__
+    if info.mesh is not None:  # check_tensor_parallel has refused all but hmtrain's own Transformer
+        apply_tensor_parallel(model, info.mesh["tp"])
+        log.info("anchor split over %d tensor-parallel ranks: %d blocks", info.tensor_parallel, len(model.layers))
     if parallel.activation_checkpointing:
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block)
@@ -36,15 +42,16 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, info: DistInfo,
             block.compile()
     if info.distributed and parallel.engine == "fsdp":
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        dp_mesh = info.mesh["dp"] if info.mesh is not None else None  # None: the whole world
         for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp)
         for module in model.modules():  # the setting is per FSDP module: every block and the root
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
                 # plain SUM collectives: gloo has no PreMulSum, and NCCL's zero-copy path wants SUM too
                 module.set_force_sum_reduction_for_comms(True)
-        log.info("anchor sharded with FSDP2 over %d ranks: %d blocks (%s), then the root", info.world_size,
+        log.info("anchor sharded with FSDP2 over %d ranks: %d blocks (%s), then the root", info.dp_size,
                  len(model.layers), block_class)
     return model
 

@@ -53,20 +53,29 @@ class TorchEngine:
     def _with_grads(self) -> list[Tensor]:
         return [p for p in self.model.parameters() if p.grad is not None]
 
+    def _by_mesh(self) -> list[list[nn.Parameter]]:
+        """The parameters with gradients, grouped by their DTensor mesh: under tensor parallelism the split
+        linears live on the 2-D (dp, tp) mesh and the replicated rest on `dp` alone, and torch's foreach
+        norms and scales take one mesh at a time."""
+        groups: dict[object, list[nn.Parameter]] = {}
+        for p in self._with_grads():
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        return list(groups.values())
+
     def grad_sq_norm(self) -> Tensor:
-        grads = [p.grad for p in self._with_grads()]
-        if not grads:
-            return torch.zeros((), device=self.device)
-        norm = torch.nn.utils.get_total_norm(grads)
-        if isinstance(norm, DTensor):  # sharded gradients: reduce to the global norm
-            norm = norm.full_tensor()
-        return norm.float() ** 2
+        total = torch.zeros((), device=self.device)
+        for params in self._by_mesh():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if isinstance(norm, DTensor):  # sharded gradients: reduce to the global norm
+                norm = norm.full_tensor()
+            total = total + norm.float() ** 2
+        return total
 
     def step(self, lr: float, total_norm: Tensor, max_norm: float) -> None:
         """Clip by the global norm (anchor and bank together), then update; no host sync."""
-        params = self._with_grads()
-        if params and max_norm > 0:  # scales each parameter's .grad by min(1, max_norm / total_norm)
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+        if max_norm > 0:  # scales each parameter's .grad by min(1, max_norm / total_norm)
+            for params in self._by_mesh():
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

@@ -5,6 +5,7 @@ into it, deciding whether the checkpoint's optimizer state carries over.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from hmtrain.config import Config, split_global_batch
+from hmtrain.config import Config, ModelConfig, split_global_batch
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.loading.loader import StepLoader
 from hmtrain.memory import Comm, MemoryBank, build_bank, uses_memory
@@ -24,6 +25,7 @@ from hmtrain.parallel.dist import DistInfo, SideGroups, side_groups
 from hmtrain.parallel.engine import Engine
 from hmtrain.parallel.parallelize import parallelize
 from hmtrain.parallel.placement import assign_groups
+from hmtrain.parallel.tensor_parallel import check_tensor_parallel
 from hmtrain.parallel.torch_engine import TorchEngine
 from hmtrain.train.recipe import Recipe
 from hmtrain.train.state import Batches
@@ -35,8 +37,7 @@ def resolve_vocab(cfg: Config, data: PreparedData) -> Config:
     """Tie the model's vocabulary to the tokenizer the data was prepared with (padded, as the paper's)."""
     tokenizer_vocab = int(data.manifest["vocab_size"])
     if cfg.model.vocab_size is None:
-        multiple = cfg.model.vocab_multiple
-        cfg.model.vocab_size = -(-tokenizer_vocab // multiple) * multiple
+        cfg.model.vocab_size = padded_vocab(cfg, data)
     elif cfg.model.vocab_size < tokenizer_vocab:
         raise ValueError(f"config key 'model.vocab_size' is {cfg.model.vocab_size}, smaller than the tokenizer's "
                          f"{tokenizer_vocab} in {data.root}")
@@ -45,20 +46,42 @@ def resolve_vocab(cfg: Config, data: PreparedData) -> Config:
     return cfg
 
 
+def padded_vocab(cfg: Config, data: PreparedData) -> int:
+    """`model.vocab_size: null`'s value: the tokenizer's size padded up to `model.vocab_multiple` rows."""
+    multiple = cfg.model.vocab_multiple
+    return -(-int(data.manifest["vocab_size"]) // multiple) * multiple
+
+
+def run_model(cfg: Config, data: PreparedData) -> ModelConfig:
+    """The model the run will train (the dense baseline is sized by parameter count, the vocabulary's included),
+    before `resolve_vocab` has filled in the vocabulary."""
+    model = cfg.model
+    if cfg.train.mode != "dense" or model.family != "lm":
+        return model
+    if model.vocab_size is None:
+        model = dataclasses.replace(model, vocab_size=padded_vocab(cfg, data))
+    return run_model_config(model, cfg.train.mode, cfg.train.dense_multiplier)
+
+
 def micro_batches_per_step(global_batch: int, micro: int, world: int) -> int:
     return split_global_batch(global_batch, world, micro_batch_size=micro)[0]
 
 
 def check_world(cfg: Config, world_size: int, data: PreparedData) -> None:
-    """What the world size decides, checked before anything is built or written: every phase's global batch
-    splits across the ranks; settings one process ignores are said to be ignored. (Owner placement runs on any
-    world size: past k_1 ranks its groups hold several ranks each, hmtrain/parallel/placement.py.)"""
+    """What the world size decides, checked before anything is built or written: the tensor-parallel degree
+    fits it and the model; every phase's global batch splits across the data-parallel ranks; settings one process
+    ignores are said to be ignored. (Owner placement runs on any world size: past k_1 ranks its groups hold
+    several ranks each, hmtrain/parallel/placement.py.)"""
     tc = cfg.train
+    if cfg.parallel.tensor_parallel > 1:
+        check_tensor_parallel(cfg, world_size, run_model(cfg, data))
+    data_parallel = world_size // cfg.parallel.tensor_parallel
     batches = {"train.global_batch_size": tc.global_batch_size, "train.pretrain_global_batch_size":
                tc.pretrain_global_batch_size}
     for key, batch in batches.items():
         if batch is not None:
-            split_global_batch(batch, world_size, micro_batch_size=tc.micro_batch_size, name=f"config key '{key}'")
+            split_global_batch(batch, data_parallel, micro_batch_size=tc.micro_batch_size,
+                               name=f"config key '{key}'")
     if world_size == 1:
         ignored = [f"parallel.{key}={value}" for key, value in (("engine", cfg.parallel.engine),
                    ("backend", cfg.parallel.backend)) if value in ("deepspeed", "nccl")]
@@ -85,7 +108,7 @@ class Parts:
     def accumulation(self, step: int) -> int:
         """Micro-batches per optimizer step on this rank, at `step`'s global batch."""
         tc = self.cfg.train
-        return micro_batches_per_step(self.recipe.at(step).global_batch, tc.micro_batch_size, self.info.world_size)
+        return micro_batches_per_step(self.recipe.at(step).global_batch, tc.micro_batch_size, self.info.dp_size)
 
     def engine_for_step(self, step: int) -> Engine:
         return engine_for_step(self.model, self.cfg, self.info, self.recipe, step, self.precision)
@@ -128,9 +151,10 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
                       group_size=group_size) if recipe.has_memory else None
 
     def loader(global_batch: int) -> StepLoader:
-        micro = micro_batches_per_step(global_batch, tc.micro_batch_size, info.world_size)
+        # the ranks of a tensor-parallel group read the same micro-batches: the loader sees data-parallel ranks
+        micro = micro_batches_per_step(global_batch, tc.micro_batch_size, info.dp_size)
         return StepLoader(data, "train", global_batch=global_batch, micro_batches=micro, seed=tc.seed,
-                          rank=info.rank, world_size=info.world_size, owner_of_subtree=owner_of_subtree,
+                          rank=info.dp_rank, world_size=info.dp_size, owner_of_subtree=owner_of_subtree,
                           group_size=group_size,
                           num_workers=cfg.data.num_workers)
 

@@ -185,7 +185,8 @@ def train_step(run: Parts, now, step: int, micro_batches: list[dict], window: Wi
     """One optimizer step over this rank's micro-batches of one global batch (the module docstring's step)."""
     engine, bank, device, tc = run.engine, run.bank, run.info.device, run.cfg.train
     labels_local = sum(counted_targets(run.model, mb) for mb in micro_batches)
-    global_tokens = run.comm.all_reduce_ints(np.array([labels_local]))[0]
+    counts = run.info.counts_data  # a tensor-parallel group's batch is counted once, by its first rank
+    global_tokens = run.comm.all_reduce_ints(np.array([labels_local if counts else 0]))[0]
     memory_phase = now.phase == MEMORY
     plan, generic_used = None, 0
     if memory_phase:  # the bank plans the sequences only: padding rows (owner placement) fetch nothing
@@ -223,6 +224,8 @@ def train_step(run: Parts, now, step: int, micro_batches: list[dict], window: Wi
         bank.step(now.memory_lr, scale)
     window.tokens += global_tokens
     window.steps += 1
+    # (the group's other ranks computed the same loss: a NaN shows on its first rank too)
+    loss_sum = loss_sum if counts else torch.zeros_like(loss_sum)
     return StepResult(loss_sum, global_tokens, labels_local, grad_norm, plan, generic_used, run.info.device)
 
 

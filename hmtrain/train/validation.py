@@ -78,7 +78,7 @@ def probe_ids_per_rank(run: Parts, probes: ProbeSet) -> list[np.ndarray]:
     """The probes each rank scores, as held-out sequences are split: owner placement sends a probe to the group
     that owns the subtree its question routes to."""
     level1 = probes.paths[:, 0].numpy()
-    world = run.info.world_size
+    world = run.info.dp_size  # a tensor-parallel group scores the same probes
     return [np.concatenate([np.zeros(0, dtype=np.int64), *this_ranks_ids(
         lambda ids: level1[ids], len(level1), run.cfg.train.micro_batch_size, rank, world, run.owner_of_subtree,
         run.group_size)]) for rank in range(world)]
@@ -92,10 +92,10 @@ def validate(run: Parts, memory_phase: bool, probes: Optional[ProbeSet] = None) 
     started = time.perf_counter()
     sequences = run.data.sequences(HELDOUT)
     count = min(tc.eval_sequences, len(sequences)) if tc.eval_sequences else len(sequences)
-    batches = this_ranks_ids(sequences.level1, count, tc.micro_batch_size, info.rank, info.world_size,
+    batches = this_ranks_ids(sequences.level1, count, tc.micro_batch_size, info.dp_rank, info.dp_size,
                              run.owner_of_subtree, run.group_size)
     names = variants(run, memory_phase)
-    work = probe_work(probes, run.data.tokenizer, probe_ids_per_rank(run, probes), info.rank,
+    work = probe_work(probes, run.data.tokenizer, probe_ids_per_rank(run, probes), info.dp_rank,
                       tc.micro_batch_size) if probes is not None else None
     bar = tqdm(total=(len(batches) + (work.rounds if work else 0)) * len(names), desc="validation", leave=False,
                dynamic_ncols=True, disable=not (tc.progress and info.is_main))
@@ -106,7 +106,8 @@ def validate(run: Parts, memory_phase: bool, probes: Optional[ProbeSet] = None) 
             hits += probe_hits_per_bucket(run, work, variant if memory_phase else "none", bar)
     bar.close()
     reshard_after_inference(run.model)
-    totals = run.comm.all_reduce_(torch.tensor(sums + hits, dtype=torch.float64, device=run.comm.device)).tolist()
+    counted = sums + hits if info.counts_data else [0.0] * len(sums + hits)  # a tensor-parallel group's once
+    totals = run.comm.all_reduce_(torch.tensor(counted, dtype=torch.float64, device=run.comm.device)).tolist()
     record = {}
     for k, variant in enumerate(names):
         loss = totals[2 * k] / max(totals[2 * k + 1], 1)

@@ -260,6 +260,15 @@ def memory_without_units(tmp, c):  # a "hierarchical" run without memory
     return train(c, tmp / "run", "memory.units=[0,0]"), ["memory.units", "no memory", "train.mode=dense"]
 
 
+def tensor_parallel_wider_than_the_world(tmp, c):  # (one process: a world of 1)
+    return train(c, tmp / "run", "parallel.tensor_parallel=2", "train.memory_steps=0"), \
+        ["parallel.tensor_parallel", "world size 1 is not divisible by 2"]
+
+
+def tensor_parallel_with_the_memory_on(tmp, c):
+    return train(c, tmp / "run", "parallel.tensor_parallel=2"), ["parallel.tensor_parallel", "memory is not split"]
+
+
 def negative_seed(tmp, c):
     return train(c, tmp / "run", "train.seed=-1"), ["train.seed", "-1"]
 
@@ -287,7 +296,8 @@ CASES = [truncated_distcp, truncated_metadata, deleted_data_file, eval_truncated
          missing_prepared_dir, probes_empty_choice, probes_empty_prompt, probes_one_choice,
          eval_negative_max_sequences, eval_negative_max_probes, memory_run_as_baseline, infinite_learning_rate,
          infinite_memory_learning_rate, diverging_learning_rate, empty_run_dir_in_yaml, memory_without_units,
-         negative_seed, keep_no_checkpoints, bogus_log_level, encoder_option_without_label]
+         tensor_parallel_wider_than_the_world, tensor_parallel_with_the_memory_on, negative_seed, keep_no_checkpoints,
+         bogus_log_level, encoder_option_without_label]
 # what a case may leave in the working directory: the good config trains (and checkpoints nothing), the
 # empty run directory is locked before it is found empty; every other case makes nothing
 MAY_MAKE = {diverging_learning_rate: {"run"}, resume_without_checkpoint: {"empty"}}

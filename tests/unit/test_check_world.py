@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from hmtrain.config import load_config
+from hmtrain.config.checks import ConfigError
 from hmtrain.train.build import check_world
 
 DATA = SimpleNamespace(manifest={"node_tokens": [[100, 120, 90]]})  # three level-1 subtrees
@@ -38,3 +39,42 @@ def test_settings_one_process_ignores_are_said_to_be_ignored(caplog):
     with caplog.at_level(logging.WARNING):
         check_world(config("parallel.engine=deepspeed"), 2, DATA)
     assert "ignored" not in caplog.text
+
+
+ANCHOR_ONLY = ["train.memory_steps=0"]  # the pretrain phase alone: what tensor parallelism splits today
+
+
+def test_a_tensor_parallel_degree_that_fits_passes_and_splits_the_batch_over_data_parallel_ranks():
+    check_world(config("parallel.tensor_parallel=2", *ANCHOR_ONLY), 4, DATA)
+    # 12 sequences over 2 data-parallel ranks of 2 tensor-parallel ranks each, not over 4 ranks
+    check_world(config("parallel.tensor_parallel=2", "train.global_batch_size=4", *ANCHOR_ONLY), 4, DATA)
+    with pytest.raises(ValueError, match="'train.global_batch_size': a global batch of 6 sequences does not split"):
+        check_world(config("parallel.tensor_parallel=2", "train.global_batch_size=6", *ANCHOR_ONLY), 8, DATA)
+
+
+@pytest.mark.parametrize("world, overrides, words", [
+    (3, ["parallel.tensor_parallel=2", *ANCHOR_ONLY], "world size 3 is not divisible by 2"),
+    (3, ["parallel.tensor_parallel=3", *ANCHOR_ONLY], "model.n_heads=4 is not divisible by 3"),
+    (2, ["parallel.tensor_parallel=2", "model.ffn_hidden=385", *ANCHOR_ONLY], "385 hidden units are not divisible"),
+    (2, ["parallel.tensor_parallel=2", "memory.units=[64,31]", *ANCHOR_ONLY], r"memory.units \[64, 31\]: \[31\]"),
+    (2, ["parallel.tensor_parallel=2"], "the memory is not split across tensor-parallel ranks yet"),
+    (2, ["parallel.tensor_parallel=2", "parallel.engine=deepspeed", *ANCHOR_ONLY], "parallel.engine=fsdp"),
+])
+def test_a_bad_tensor_parallel_degree_is_one_line_naming_the_key(world, overrides, words):
+    with pytest.raises(ConfigError, match=words) as error:
+        check_world(config(*overrides), world, DATA)
+    assert str(error.value).startswith("config key 'parallel.tensor_parallel': ") and "\n" not in str(error.value)
+
+
+def test_tensor_parallel_must_be_positive():
+    with pytest.raises(ConfigError, match="'parallel.tensor_parallel': must be positive, got 0"):
+        config("parallel.tensor_parallel=0")
+
+
+def test_tensor_parallel_checks_the_dense_baseline_it_would_train():
+    data = SimpleNamespace(manifest={**DATA.manifest, "vocab_size": 300})  # the dense width depends on the vocabulary
+    check_world(config("parallel.tensor_parallel=2", "train.mode=dense"), 2, data)  # 6 heads, 544 FFN units
+    check_world(config("parallel.tensor_parallel=2", "train.mode=dense", "memory.units=[64,31]"), 2, data)  # unused
+    small = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.head_dim=16", "model.ffn_hidden=64"]
+    with pytest.raises(ConfigError, match=r"model.n_heads=3 of the dense baseline \(sized from the anchor"):
+        check_world(config("parallel.tensor_parallel=2", "train.mode=dense", *small), 2, data)

@@ -1,0 +1,106 @@
+"""Tensor parallelism of hmtrain's Transformer with torch's DTensor layers (torchtitan's 2-D recipe).
+
+Per block, over the mesh's `tp` dimension (Megatron's split, torch's ParallelStyles):
+  attention  wq, wk, wv column-parallel (each rank holds n_heads / N whole heads), wo row-parallel
+  FFN        w_gate, w_up column-parallel (ffn_hidden / N units each), w_down row-parallel
+so each block costs two all-reduces forward (after wo and w_down) and two backward (before wq/wk/wv and
+w_gate/w_up). QK-norm normalises over all heads' projection together (OpenLM), which couples the ranks:
+`HeadShardedRMSNorm` keeps that exact norm, each rank its slice of the gain, with one all-reduce of the
+sum of squares over the tensor-parallel group (and one of its gradient).
+The embedding, the norms between blocks and the head stay replicated on the tensor-parallel ranks (no
+vocabulary-parallel loss yet); FSDP2 then shards everything over the `dp` dimension
+(hmtrain/parallel/parallelize.py). Parameters stay DTensors, so DCP checkpoints hold whole tensors.
+
+Why not megatron-core's ColumnParallelLinear / RowParallelLinear: docs/design.md ("Tensor parallelism").
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from hmtrain.config import Config, ModelConfig
+from hmtrain.config.checks import require
+
+
+def block_plan() -> dict:
+    """Each linear of a block and its split (a fresh plan per block: styles hold their layouts)."""
+    return {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(),
+            "ffn.w_gate": ColwiseParallel(), "ffn.w_up": ColwiseParallel(), "ffn.w_down": RowwiseParallel()}
+
+
+def check_tensor_parallel(cfg: Config, world_size: int, model: ModelConfig) -> None:
+    """What `parallel.tensor_parallel` = N needs, checked at start (ConfigError naming the key): the run's model
+    (`model`: the anchor, or the dense baseline) splits its heads and FFN units N ways, every memory level's units
+    too, what this slice does not split yet is refused, and the world splits into N-rank groups."""
+    n = cfg.parallel.tensor_parallel
+    if n == 1:
+        return
+    key = "parallel.tensor_parallel"
+    require(cfg.model.family == "lm", key, f"tensor parallelism splits hmtrain's own Transformer (model.family=lm), "
+            f"not model.family={cfg.model.family}")
+    require(cfg.parallel.engine == "fsdp", key, "tensor parallelism runs with parallel.engine=fsdp, not deepspeed")
+    whose = "" if model is cfg.model else " of the dense baseline (sized from the anchor by train.dense_multiplier)"
+    require(model.n_heads % n == 0, key, f"model.n_heads={model.n_heads}{whose} is not divisible by {n}")
+    require(model.ffn_hidden % n == 0, key,
+            f"the FFN's {model.ffn_hidden} hidden units{whose} are not divisible by {n}")
+    # a hierarchical run's units, even in its pretrain phase alone: a resume may add the memory phase
+    bad = [units for units in cfg.memory.units if units % n] if cfg.train.mode == "hierarchical" else []
+    require(not bad, key, f"memory.units {list(cfg.memory.units)}: {bad} not divisible by {n}")
+    memory_on = cfg.train.mode == "hierarchical" and cfg.train.memory_steps > 0 and sum(cfg.memory.units) > 0
+    require(not memory_on, key, "the memory is not split across tensor-parallel ranks yet: use train.mode=dense, "
+            "or train.memory_steps=0 (the pretrain phase alone)")
+    # last: what the config cannot run at all comes before what the launch got wrong
+    require(world_size % n == 0, key, f"world size {world_size} is not divisible by {n}")
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Sum over a process group whose backward sums the gradient too (Megatron's "g"): every rank's output
+    feeds only its own heads, so the gradient of the sum is the group's gradients added up."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class HeadShardedRMSNorm(nn.Module):
+    """The anchor's RMSNorm over a dimension split across the tensor-parallel group: the mean of squares is
+    summed over the group (an autograd all-reduce, whose backward all-reduces the gradient), the gain is
+    this rank's slice of a DTensor sharded as the column-parallel projection before it."""
+
+    def __init__(self, norm: nn.Module, mesh: DeviceMesh):
+        super().__init__()
+        self.eps, self.full_dim, self.group = norm.eps, norm.weight.shape[0], mesh.get_group()
+        self.weight = nn.Parameter(distribute_tensor(norm.weight.detach(), mesh, [Shard(0)]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        square_sum = _SumOverGroup.apply(xf.pow(2).sum(-1, keepdim=True), self.group)
+        normed = xf * torch.rsqrt(square_sum / self.full_dim + self.eps)
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        return (normed * weight.float()).type_as(x)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Split every block of hmtrain's Transformer over `tp_mesh` in place (before FSDP2, torchtitan's order)."""
+    n = tp_mesh.size()
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, block_plan())
+        attn = block.attn
+        attn.n_heads //= n  # the local heads: the forward views its projections as [B, T, heads, head_dim]
+        if not isinstance(attn.q_norm, nn.Identity):
+            attn.q_norm = HeadShardedRMSNorm(attn.q_norm, tp_mesh)
+            attn.k_norm = HeadShardedRMSNorm(attn.k_norm, tp_mesh)
