@@ -65,7 +65,7 @@ def test_training_path_hits_equal_eval_probe_accuracy():
 def test_probes_are_split_over_ranks_as_heldout_sequences():
     probes = probe_set(9)
     for owner, group_size in ((None, 1), (np.array([1, 0]), 1), (np.array([0, 0]), 2)):
-        run = SimpleNamespace(info=SimpleNamespace(world_size=2), cfg=SimpleNamespace(train=SimpleNamespace(
+        run = SimpleNamespace(info=SimpleNamespace(world_size=2, dp_size=2), cfg=SimpleNamespace(train=SimpleNamespace(
             micro_batch_size=2)), owner_of_subtree=owner, group_size=group_size)
         shares = probe_ids_per_rank(run, probes)
         assert sorted(np.concatenate(shares).tolist()) == list(range(9)), owner
