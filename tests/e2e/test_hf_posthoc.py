@@ -159,3 +159,19 @@ def test_a_posthoc_run_killed_mid_memory_phase_resumes_exactly(hf_data, tmp_path
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fetched_memory_beats_generic_on_the_held_out_documents(hf_data, tmp_path):
+    """The synthetic corpus's documents are about people with different facts, routed to different leaves:
+    after a short memory phase on the frozen tiny Llama, `hmtrain eval`'s fetched memory (the rows of each
+    document's own path) has a lower held-out loss than the generic memory (the same parameter count, one
+    set of rows for every sequence), and both beat the anchor alone. Measured over seeds 0 and 1: fetched
+    is 0.013 nats below generic in both (5.532 vs 5.545; the anchor alone 5.722), so a 0.005 margin."""
+    hf = [f"model.hf_path={hf_data['llama']}", *SMALL, f"data.prepared={hf_data['prep']}"]
+    run_cli("train", "--config", "posthoc-tiny", *hf, "train.memory_steps=40", "train.checkpoint_every=40",
+            "train.memory_optim.lr=3e-2", "logging.mlflow=false", f"train.run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    run_cli("eval", "--config", "posthoc-tiny", *hf, "--checkpoint", str(tmp_path / "run"),
+            "--out", str(tmp_path / "eval.json"), cwd=tmp_path)
+    nll = {row["variant"]: row["nll"] for row in json.loads((tmp_path / "eval.json").read_text())["rows"]}
+    assert nll["fetched"] < nll["generic"] - 0.005, nll
+    assert nll["generic"] < nll["none"], nll
