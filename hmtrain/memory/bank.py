@@ -134,6 +134,7 @@ class MemoryBank:
             self.specs.append(TableSpec(GENERIC, None, kind.row_shape(n_layers, self.units_total),
                                         layouts.replicated(1, world, rank), "replicated"))
         self.spec = {s.name: s for s in self.specs}
+        self._remote = [s for s in self.specs if s.transport == "remote"]  # tables fetched from other ranks
         # replicated tables: which pieces of their rows this rank holds the optimizer state (masters, moments,
         # steps) of (ZeRO-1 over the world, or over the group for a table each group keeps whole); every other
         # table holds the state of every row it stores
@@ -234,7 +235,7 @@ class MemoryBank:
         self._shares = {name: sharding.shares(plan.step_rows[name]) for name, sharding in self._sharding.items()}
         self._indices = self._upload(plan)
         self._plan = plan
-        remote = [s for s in self.specs if s.transport == "remote"]
+        remote = self._remote
         if remote and plan.step_fetch is not None:  # the step's rows start moving now; the first fetch waits
             self._incoming = self._send_rows(remote, plan, 0, self._indices, "step")
         return plan
@@ -320,7 +321,7 @@ class MemoryBank:
         for spec in self.specs:
             if spec.transport != "remote":
                 rows[spec.name] = self._state[spec.name]["weight"].index_select(0, idx[k, spec.name, "rows"])
-        remote = [s for s in self.specs if s.transport == "remote"]
+        remote = self._remote
         if remote and plan.step_fetch is not None:  # the step's rows, arrived by its first fetch, sliced
             if plan.rows is None:
                 incoming = self._incoming if plan is self._plan else self._send_rows(remote, plan, 0, idx, "step")
@@ -374,7 +375,7 @@ class MemoryBank:
             if spec.transport != "remote" or per_step:  # per-step remote rows: into the step's buffer, sent once
                 buffer = self._step_grads if spec.transport == "remote" else self._grads
                 buffer[spec.name].index_add_(0, idx[k, spec.name, "slots"], grads[spec.name].float(), alpha=scale)
-        remote = [s for s in self.specs if s.transport == "remote"]
+        remote = self._remote
         if remote and not per_step:
             self._return_remote(remote, k, k, grads, scale)
 
@@ -410,7 +411,7 @@ class MemoryBank:
             raise RuntimeError("reduce_grads() without plan_step(): no gradients to reduce")
         if self._reducing is not None:
             return
-        remote = [s for s in self.specs if s.transport == "remote"]
+        remote = self._remote
         if remote and self._plan.step_fetch is not None:  # the step's remote rows' gradients, home in one go
             self._returning = self._return_remote(remote, 0, "step", self._step_grads, 1.0, async_op=True)
             self._step_grads, self._plan.rows = {}, None

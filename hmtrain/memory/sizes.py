@@ -131,6 +131,7 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
     for nodes, m, replicated, is_generic in tables:
         row = per_unit * m
         in_groups = replicated and not is_generic and groups > 1  # owner placement keeps it whole per group
+        group_nodes = max(nodes / groups, 1.0)  # a group's share of the level's nodes, owner placement
         owned = -(-nodes // world_size)  # the most rows any rank's torch.chunk slice holds (rank 0's)
         rows = nodes if replicated else owned  # a replicated table's stored rows are all on every rank
         sharers = world_size
@@ -150,7 +151,6 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
             zero = 2 * (world_size - 1) / world_size * _expected_distinct(nodes, global_batch) * row
             moved_gather += zero * (GRAD_BYTES + weight_bytes)
             if in_groups:  # owner placement: the same among a group's R ranks, over its nodes and sequences
-                group_nodes = max(nodes / groups, 1.0)
                 zero = 2 * (group_size - 1) / group_size * _expected_distinct(group_nodes, global_batch / groups) * row
             moved_owner += zero * (GRAD_BYTES + weight_bytes)
         else:  # rows from the other ranks' shares and their fp32 gradients back, per micro-batch or per step
@@ -160,7 +160,6 @@ def rank_footprint(*, n_layers: int, params_per_unit: int, branching: Sequence[i
             # owner placement: the same within a group, over the group's nodes and its other ranks' shares
             moved_owner += _owner_fetch(nodes, branching[0], shares, group_size, global_batch, micro_batch,
                                         fetch_per_step) * row * (weight_bytes + GRAD_BYTES)
-            group_nodes = max(nodes / groups, 1.0)
             remote_at_all = world_size > 1 if placement == "gather" else group_size > 1
             if fetch_per_step and remote_at_all:  # the step's rows and their gradients, at most one a sequence
                 nodes_asked = nodes if placement == "gather" else group_nodes

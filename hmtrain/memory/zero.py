@@ -42,8 +42,9 @@ def piece_ids(rows: np.ndarray, pieces: int) -> np.ndarray:
 
 
 def owned_layout(num_rows: int, comm: Comm) -> RowLayout:
-    """The rows of a replicated table whose optimizer state this rank holds: its torch.chunk slice, the
-    layout checkpoints save, so moments and masters go to disk and back without a relayout."""
+    """The rows (or pieces of rows, `Sharding`) of a replicated table whose optimizer state this rank holds
+    among `comm`'s ranks: its torch.chunk slice of them. For a world-replicated table of whole rows that is
+    the layout checkpoints save, so its state goes to disk and back without a relayout."""
     return chunked(num_rows, comm.world_size, comm.rank)
 
 
