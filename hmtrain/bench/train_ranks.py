@@ -29,7 +29,7 @@ MODEL = ["model.vocab_size=300", "model.d_model=32", "model.n_layers=2", "model.
          "data.embedder=hashing", "data.tokenizer=byte", "data.shard_samples=16", "data.heldout_fraction=0.1"]
 TRAIN = ["train.global_batch_size=16", "train.micro_batch_size=2", "train.log_every=1", "logging.mlflow=false",
          "train.progress=false", "train.anchor=cotrain", "train.anchor_optim.lr=3e-3", "train.memory_optim.lr=3e-2",
-         "train.clip_grad=1.0", "parallel.timeout_s=120", "train.checkpoint_every=0"]
+         "train.clip_grad=1.0", "parallel.timeout_s=120", "train.checkpoint_every=1000"]
 
 
 def _cli(*args: str, cwd: Path, nproc: int = 1) -> float:
