@@ -7,8 +7,12 @@ so each block costs two all-reduces forward (after wo and w_down) and two backwa
 w_gate/w_up). QK-norm normalises over all heads' projection together (OpenLM), which couples the ranks:
 `HeadShardedRMSNorm` keeps that exact norm, each rank its slice of the gain, with one all-reduce of the
 sum of squares over the tensor-parallel group (and one of its gradient).
-The embedding, the norms between blocks and the head stay replicated on the tensor-parallel ranks (no
-vocabulary-parallel loss yet); FSDP2 then shards everything over the `dp` dimension
+The embedding and the head are vocabulary-parallel (`split_vocabulary`, Megatron's and torchtitan's split):
+the embedding row-parallel over the vocabulary (one all-reduce of its output forward), the head's weight split
+by rows the same way, so a tied head stays tied (the one DTensor), and `lm_loss_sum` on that weight computes
+each rank's slice of the logits only (hmtrain/model/vocab_parallel_loss.py: one all-reduce of the hidden
+states' gradient a micro-batch, two small ones per chunk of tokens). The norms between blocks and the final
+norm stay replicated on the tensor-parallel ranks; FSDP2 then shards everything over the `dp` dimension
 (hmtrain/parallel/parallelize.py). Parameters stay DTensors, so DCP checkpoints hold whole tensors.
 
 Why not megatron-core's ColumnParallelLinear / RowParallelLinear: docs/design.md ("Tensor parallelism").
@@ -19,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from hmtrain.config import Config, ModelConfig
@@ -44,10 +48,16 @@ def check_tensor_parallel(cfg: Config, world_size: int, model: ModelConfig) -> N
     require(cfg.model.family == "lm", key, f"tensor parallelism splits hmtrain's own Transformer (model.family=lm), "
             f"not model.family={cfg.model.family}")
     require(cfg.parallel.engine == "fsdp", key, "tensor parallelism runs with parallel.engine=fsdp, not deepspeed")
-    whose = "" if model is cfg.model else " of the dense baseline (sized from the anchor by train.dense_multiplier)"
+    whose = " of the dense baseline (sized from the anchor by train.dense_multiplier)" if cfg.train.mode == "dense" \
+        else ""
     require(model.n_heads % n == 0, key, f"model.n_heads={model.n_heads}{whose} is not divisible by {n}")
     require(model.ffn_hidden % n == 0, key,
             f"the FFN's {model.ffn_hidden} hidden units{whose} are not divisible by {n}")
+    if model.vocab_size is None:  # the tokenizer's size, padded to a multiple of model.vocab_multiple, later
+        require(model.vocab_multiple % n == 0, key, f"model.vocab_multiple={model.vocab_multiple} (the vocabulary is "
+                f"padded to a multiple of it) is not divisible by {n}")
+    else:
+        require(model.vocab_size % n == 0, key, f"the vocabulary of {model.vocab_size} rows is not divisible by {n}")
     # a hierarchical run's units, even in its pretrain phase alone: a resume may add the memory phase
     bad = [units for units in cfg.memory.units if units % n] if cfg.train.mode == "hierarchical" else []
     require(not bad, key, f"memory.units {list(cfg.memory.units)}: {bad} not divisible by {n}")
@@ -104,3 +114,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         if not isinstance(attn.q_norm, nn.Identity):
             attn.q_norm = HeadShardedRMSNorm(attn.q_norm, tp_mesh)
             attn.k_norm = HeadShardedRMSNorm(attn.k_norm, tp_mesh)
+    split_vocabulary(model, tp_mesh)
+
+
+def split_vocabulary(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """The embedding and the head split over the vocabulary, each rank V / N rows of both: the embedding
+    row-parallel (ids outside a rank's rows look up zeros, the outputs summed over the group), the head
+    column-parallel (its weight [V, d] split by rows, as the embedding's). The training loss reads the head's
+    weight (`output_weight`) and splits its logits itself; `model(tokens)` without labels, which training
+    never calls, gathers whole logits. A tied head is given back the embedding's DTensor."""
+    tied = model.output.weight is model.tok_embeddings.weight
+    parallelize_module(model, tp_mesh, {"tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
+                                        "output": ColwiseParallel(output_layouts=Replicate())})
+    if tied:
+        model.output.weight = model.tok_embeddings.weight

@@ -1,7 +1,8 @@
 """`hmtrain train` with parallel.tensor_parallel=2 under torchrun (gloo): the anchor-only run (the pretrain phase,
-QK-norm on) follows the one-process loss curve and validation loss on the same global batches, on 2 ranks
-(TP 2) and on 4 (TP 2 x DP 2, activation checkpointing on); its checkpoints reshard from TP 2 to one process
-and back."""
+QK-norm on, a tied, vocabulary-parallel embedding and head) follows the one-process loss curve, gradient norm and
+validation loss on the same global batches, on 2 ranks (TP 2) and on 4 (TP 2 x DP 2, activation checkpointing
+on); its checkpoints reshard from TP 2 to one process and back. The dense baseline (train.mode=dense), with an
+untied head, does the same on 2 ranks."""
 import json
 import shutil
 
@@ -57,6 +58,17 @@ def test_tensor_parallel_2_by_data_parallel_2_matches_one_process(data, one_proc
     # with activation checkpointing (applied after the split): the recomputed forward repeats its collectives
     rows = train(data, tmp_path / "run", 4, "parallel.tensor_parallel=2", "parallel.activation_checkpointing=true")
     assert_same_curves(one_process[1], rows)
+
+
+# the dense baseline of this anchor: 6 heads of 8, 96 FFN units, d_model 48 (train.dense_multiplier=2); its own head
+DENSE = ["train.mode=dense", "model.n_heads=4", "model.head_dim=8", "model.tie_embeddings=false"]
+
+
+def test_dense_mode_with_an_untied_head_matches_one_process(data, tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "tp2").mkdir()
+    one = train(data, tmp_path / "one" / "run", 1, *DENSE)
+    assert_same_curves(one, train(data, tmp_path / "tp2" / "run", 2, *DENSE, "parallel.tensor_parallel=2"))
 
 
 @pytest.mark.parametrize("before, after", [("tp2", 1), ("one_process", 2)], ids=["tp2_to_1", "1_to_tp2"])
