@@ -3,17 +3,18 @@
 Per block, over the mesh's `tp` dimension (Megatron's split, torch's ParallelStyles):
   attention  wq, wk, wv column-parallel (each rank holds n_heads / N whole heads), wo row-parallel
   FFN        w_gate, w_up column-parallel (ffn_hidden / N units each), w_down row-parallel
-so each block costs two all-reduces forward (after wo and w_down) and five backward: torch's styles all-reduce
-the input gradient of each column-parallel linear on its own (Megatron fuses wq/wk/wv and w_gate/w_up into 2;
-counted in tests/unit/test_tensor_parallel_info.py). QK-norm normalises over all heads' projection together
-(OpenLM), which couples the ranks: `HeadShardedRMSNorm` keeps that exact norm, each rank its slice of the gain,
-with one all-reduce of the sum of squares over the tensor-parallel group (and one of its gradient).
+so each block costs two all-reduces forward (after wo and w_down) and two backward (before wq/wk/wv and
+w_gate/w_up). QK-norm normalises over all heads' projection together (OpenLM), which couples the ranks:
+`HeadShardedRMSNorm` keeps that exact norm, each rank its slice of the gain, with one all-reduce of the
+sum of squares over the tensor-parallel group (and one of its gradient).
 The embedding and the head are vocabulary-parallel (`split_vocabulary`, Megatron's and torchtitan's split):
 the embedding row-parallel over the vocabulary (one all-reduce of its output forward), the head's weight split
 by rows the same way, so a tied head stays tied (the one DTensor), and `lm_loss_sum` on that weight computes
 each rank's slice of the logits only (hmtrain/model/vocab_parallel_loss.py: one all-reduce of the hidden
-states' gradient a micro-batch, two small ones per chunk of tokens). The norms between blocks and the final
-norm stay replicated on the tensor-parallel ranks; FSDP2 then shards everything over the `dp` dimension
+states' gradient a micro-batch, two small ones per chunk of tokens). Counted under torch's CommDebugMode
+(tests/unit/test_tensor_parallel_info.py), the backward ones of the styles are one per column-parallel linear:
+three before wq/wk/wv, two before w_gate/w_up (Megatron fuses each group into one). The norms between blocks
+and the final norm stay replicated on the tensor-parallel ranks; FSDP2 then shards everything over the `dp` dimension
 (hmtrain/parallel/parallelize.py). Parameters stay DTensors, so DCP checkpoints hold whole tensors.
 
 Why not megatron-core's ColumnParallelLinear / RowParallelLinear: docs/design.md ("Tensor parallelism").

@@ -1,8 +1,7 @@
 """`hmtrain train` with parallel.tensor_parallel=2 under torchrun (gloo): the anchor-only run (the pretrain phase,
-QK-norm on, a tied, vocabulary-parallel embedding and head) follows the one-process loss curve, gradient norm and
-validation loss on the same global batches, on 2 ranks (TP 2) and on 4 (TP 2 x DP 2, activation checkpointing
-on); its checkpoints reshard from TP 2 to one process and back. The dense baseline (train.mode=dense), with an
-untied head, does the same on 2 ranks."""
+QK-norm on) follows the one-process loss curve and validation loss on the same global batches, on 2 ranks
+(TP 2) and on 4 (TP 2 x DP 2, activation checkpointing on); its checkpoints reshard from TP 2 to one process
+and back."""
 import json
 import shutil
 
@@ -65,6 +64,8 @@ DENSE = ["train.mode=dense", "model.n_heads=4", "model.head_dim=8", "model.tie_e
 
 
 def test_dense_mode_with_an_untied_head_matches_one_process(data, tmp_path):
+    """train.mode=dense under tensor parallelism, with a head of its own (the other tests' tiny anchor ties it):
+    the vocabulary-parallel embedding, head and loss give the one-process curves on 2 ranks."""
     (tmp_path / "one").mkdir()
     (tmp_path / "tp2").mkdir()
     one = train(data, tmp_path / "one" / "run", 1, *DENSE)
