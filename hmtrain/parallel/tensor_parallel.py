@@ -12,9 +12,10 @@ the embedding row-parallel over the vocabulary (one all-reduce of its output for
 by rows the same way, so a tied head stays tied (the one DTensor), and `lm_loss_sum` on that weight computes
 each rank's slice of the logits only (hmtrain/model/vocab_parallel_loss.py: one all-reduce of the hidden
 states' gradient a micro-batch, two small ones per chunk of tokens). Counted under torch's CommDebugMode
-(tests/unit/test_tensor_parallel_info.py), the backward ones of the styles are one per column-parallel linear:
-three before wq/wk/wv, two before w_gate/w_up (Megatron fuses each group into one). The norms between blocks
-and the final norm stay replicated on the tensor-parallel ranks; FSDP2 then shards everything over the `dp` dimension
+(tests/unit/test_tensor_parallel_info.py), the backward ones are one before wq/wk/wv (their input handed to
+them as one DTensor, whose three gradients add up first) and one before each of w_gate and w_up (torch's styles;
+Megatron fuses those two). The norms between blocks and the final norm stay replicated on the tensor-parallel
+ranks; FSDP2 then shards everything over the `dp` dimension
 (hmtrain/parallel/parallelize.py). Parameters stay DTensors, so DCP checkpoints hold whole tensors.
 
 Why not megatron-core's ColumnParallelLinear / RowParallelLinear: docs/design.md ("Tensor parallelism").
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 
 from hmtrain.config import Config, ModelConfig
 from hmtrain.config.checks import require
@@ -116,6 +117,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         if not isinstance(attn.q_norm, nn.Identity):
             attn.q_norm = HeadShardedRMSNorm(attn.q_norm, tp_mesh)
             attn.k_norm = HeadShardedRMSNorm(attn.k_norm, tp_mesh)
+        # wq, wk and wv read one input: handed to them as one DTensor, their input gradients add up before a
+        # single all-reduce (Megatron's fused qkv) instead of one each. Attention.forward(x, cos, sin, mask,
+        # memory) as Block calls it: x replicated on the group, the rest as they are
+        inputs = (Replicate(), None, None, None, None)
+        parallelize_module(attn, tp_mesh, PrepareModuleInput(input_layouts=inputs, desired_input_layouts=inputs,
+                                                             use_local_output=False))
     split_vocabulary(model, tp_mesh)
 
 
