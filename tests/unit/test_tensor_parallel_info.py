@@ -138,10 +138,14 @@ def test_the_bank_per_rank_is_its_bytes_over_dp_times_n_for_sharded_levels():
         + rep["bank optimizer (fp32 moments + step; replicated: own rows)"]) // 2
 
 
-def test_the_note_says_the_trainer_does_not_split_the_memory_yet_and_dense_has_no_bank_rows(capsys):
-    main(["info", "--config", "tiny", "--world-size", "4", "--tensor-parallel", "2", "model.vocab_size=512"])
+def test_a_note_gives_the_trainers_refusal_of_the_memory_and_dense_has_no_bank_rows(capsys):
+    # a memory the trainer does not split over tensor-parallel ranks (a LoRA kind: refused with the split too)
+    main(["info", "--config", "tiny", "--world-size", "4", "--tensor-parallel", "2", "model.vocab_size=512",
+          "memory.kind=lora_ffn"])
     out = capsys.readouterr().out
-    assert "tensor parallel 2 x data parallel 2" in out and "the trainer refuses it today" in out
+    assert "tensor parallel 2 x data parallel 2" in out and "the trainer refuses it today: config key" in out
+    anchor_only = info("train.memory_steps=0", "parallel.tensor_parallel=2", world_size=2)["tensor_parallel"]
+    assert anchor_only["refusal"] is None  # nothing refused, nothing noted
     dense = info("train.mode=dense", "parallel.tensor_parallel=2", world_size=2)["tensor_parallel"]
     assert dense["refusal"] is None and not any(isinstance(k, str) and k.startswith("bank") for k in dense)
 
