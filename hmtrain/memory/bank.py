@@ -45,7 +45,7 @@ from hmtrain.memory.indices import DeviceIndices
 from hmtrain.memory.kind import MemoryKind
 from hmtrain.memory.plan import StepPlan, TableSpec, make_plan
 from hmtrain.memory.sizes import level_nodes, validate_tree
-from hmtrain.memory.sparse_adamw import SparseAdamW
+from hmtrain.memory.sparse_adamw import Rows, SparseAdamW
 
 # A table's state fields: weight, [master,] exp_avg, exp_avg_sq, step. MASTER: the fp32 master rows,
 # held (and saved) only by tables stored in less than fp32.
@@ -451,22 +451,21 @@ class MemoryBank:
         if self._plan is None:
             raise RuntimeError("step() without plan_step(): nothing to update")
         self._finish_reduction()  # done already when finish_grads() ran
-        updated = {}
-        for spec in self.specs:
-            rows = self._plan.step_rows[spec.name]
-            updated[spec.name] = len(rows)
-            if not len(rows):
-                continue
-            grads = self._grads[spec.name]
-            grads.mul_(grad_scale)
-            state = self._state[spec.name]
-            own = self._owned_part(spec, state["weight"])
-            idx = self._indices[spec.name, "update"]
-            self.optimizer.update_(own, state["exp_avg"], state["exp_avg_sq"], state["step"], idx, grads, lr=lr,
-                                   validate=False, master=state.get(MASTER))
+        updated = {spec.name: len(self._plan.step_rows[spec.name]) for spec in self.specs}
+        touched = [spec for spec in self.specs if updated[spec.name]]
+        grads = [self._grads[spec.name] for spec in touched]
+        if grads and not (isinstance(grad_scale, float) and grad_scale == 1.0):  # x * 1.0 is x: skip the pass
+            torch._foreach_mul_(grads, grad_scale)
+        tables = []
+        for spec, g in zip(touched, grads):
+            state, key = self._state[spec.name], (spec.name, "update")
+            tables.append(Rows(self._owned_part(spec, state["weight"]), state["exp_avg"], state["exp_avg_sq"],
+                               state["step"], self._indices[key], g, state.get(MASTER), self._indices.run(key)))
+        self.optimizer.update_tables_(tables, lr=lr, validate=False)  # one pass over every table's rows
+        for spec, rows in zip(touched, tables):
             if spec.transport == "replicated":
-                pieces = state["weight"].view(-1, *self._sharding[spec.name].piece_shape)
-                zero.gather_updated(self.comm_of(spec), pieces, own, self._shares[spec.name])
+                pieces = self._state[spec.name]["weight"].view(-1, *self._sharding[spec.name].piece_shape)
+                zero.gather_updated(self.comm_of(spec), pieces, rows.weight, self._shares[spec.name])
         self.abandon_step()
         return updated
 

@@ -4,7 +4,8 @@ Planning a step (hmtrain/memory/plan.py) yields many small int64 arrays: per mic
 rows to read, the step-buffer slots to add gradients to, the chunk positions of the all-to-all buffers,
 the gather index of every layer's blocks. Copied one by one they cost one small pageable host-to-device
 copy each, per micro-batch; packed here they cost one copy per step (non-blocking from pinned memory,
-so the host does not wait for it), and every use is a view of the device buffer.
+so the host does not wait for it), and every use is a view of the device buffer. `run` says, from the
+host copy, whether an array is a run of consecutive ids, which its users can then read as a slice.
 """
 from __future__ import annotations
 
@@ -28,8 +29,20 @@ class DeviceIndices:
         if device.type == "cuda":
             host = host.pin_memory()
         self._host = host  # kept alive until the non-blocking copy has surely run
+        self._flat = flat
+        self._runs: dict[Hashable, tuple[int, int] | None] = {}
         self._device = host.to(device, non_blocking=True)
 
     def __getitem__(self, key: Hashable) -> Tensor:
         start, stop = self._bounds[key]
         return self._device[start:stop]
+
+    def run(self, key: Hashable) -> tuple[int, int] | None:
+        """(first, stop) when the array under `key` is first, first + 1, ..., stop - 1 (not empty), else None;
+        read on the host, no device sync."""
+        if key not in self._runs:
+            start, stop = self._bounds[key]
+            ids = self._flat[start:stop]
+            consecutive = len(ids) > 0 and ids[-1] - ids[0] == len(ids) - 1 and bool(np.all(np.diff(ids) == 1))
+            self._runs[key] = (int(ids[0]), int(ids[-1]) + 1) if consecutive else None
+        return self._runs[key]
