@@ -5,7 +5,8 @@ rows to read, the step-buffer slots to add gradients to, the chunk positions of 
 the gather index of every layer's blocks. Copied one by one they cost one small pageable host-to-device
 copy each, per micro-batch; packed here they cost one copy per step (non-blocking from pinned memory,
 so the host does not wait for it), and every use is a view of the device buffer. `run` says, from the
-host copy, whether an array is a run of consecutive ids, which its users can then read as a slice.
+host copy, whether an array is a run of consecutive ids; `take` and `put` then read and write those rows
+as a slice, not with a gather into a new tensor or a scatter (one whole-row copy fewer each, the same values).
 """
 from __future__ import annotations
 
@@ -46,3 +47,17 @@ class DeviceIndices:
             consecutive = len(ids) > 0 and ids[-1] - ids[0] == len(ids) - 1 and bool(np.all(np.diff(ids) == 1))
             self._runs[key] = (int(ids[0]), int(ids[-1]) + 1) if consecutive else None
         return self._runs[key]
+
+    def take(self, source: Tensor, key: Hashable) -> Tensor:
+        """source[ids] along dim 0 for the ids under `key`: a view when they are a run, else a gathered copy."""
+        run = self.run(key)
+        return source.narrow(0, run[0], run[1] - run[0]) if run else source.index_select(0, self[key])
+
+    def put(self, dest: Tensor, key: Hashable, values: Tensor) -> None:
+        """dest[ids] = values along dim 0 for the ids under `key`; `values` holds len(ids) of dest's rows in any
+        shape of that many elements (a strided view is read in place when the ids are a run)."""
+        run = self.run(key)
+        if run:
+            dest.narrow(0, run[0], run[1] - run[0]).view(values.shape).copy_(values)
+        else:
+            dest.index_copy_(0, self[key], values.reshape(-1, *dest.shape[1:]))
