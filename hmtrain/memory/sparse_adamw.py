@@ -11,6 +11,11 @@ A weight stored in bf16 keeps an fp32 master copy (`master`, as Megatron's and D
 precision do): the update runs on the master and the weight is its rounding. Without it, rounding
 every step back to bf16 (8 bits of mantissa) loses any change below half a unit in the last place:
 at the memory phase's learning rates (1e-4 -> 1e-5) most updates and every weight decay vanish.
+
+The bank updates all its tables in one pass (`sparse_adamw_tables_`): the arithmetic runs once over every
+table's touched rows as torch._foreach_* ops, so a step's update kernels do not grow with the number of
+tables, and a table whose touched rows are a run of consecutive ids (the generic row, a one-row touch, a
+level every row of which is touched) is updated in place on views of its state, with no gather or scatter.
 """
 
 from __future__ import annotations
