@@ -129,24 +129,31 @@ def test_tensor_parallel_2_with_the_memory_matches_one_process(one_process_memor
     assert_same_bank(one_process_memory[0], tp2_memory[0])
 
 
-def test_tensor_parallel_2_by_data_parallel_2_with_the_memory_matches_one_process(data, one_process_memory, tmp_path):
-    run_dir = tmp_path / "run"
-    rows = train(data, run_dir, 4, *MEMORY, "parallel.tensor_parallel=2")
-    assert_same_curves(one_process_memory[1], rows)
-    assert_same_bank(one_process_memory[0], run_dir)
+def test_tensor_parallel_2_by_data_parallel_2_with_the_memory_matches_one_process(data, tmp_path):
+    """The anchor frozen in the memory phase, so the gradient norm there is the bank's alone, summed over the
+    data- and tensor-parallel ranks; level 1 kept whole on every data-parallel rank (ZeRO-1 over dp)."""
+    frozen = [*MEMORY, "train.anchor=frozen", "parallel.replicate_levels=1"]
+    one_dir, run_dir = tmp_path / "one" / "run", tmp_path / "tp2dp2" / "run"
+    one_dir.parent.mkdir(), run_dir.parent.mkdir()
+    expected = train(data, one_dir, 1, *frozen)
+    rows = train(data, run_dir, 4, *frozen, "parallel.tensor_parallel=2")
+    assert_same_curves(expected, rows)
+    assert_same_bank(one_dir, run_dir)
 
 
-@pytest.mark.parametrize("before, after", [("tp2_memory", 1), ("one_process_memory", 2)], ids=["tp2_to_1", "1_to_tp2"])
+@pytest.mark.parametrize("before, nproc, after", [("tp2_memory", 1, 1), ("one_process_memory", 4, 2)],
+                         ids=["tp2_to_1", "1_to_tp2_dp2"])
 def test_the_bank_reshards_its_units_across_tensor_parallel_degrees(data, one_process_memory, tmp_path, request,
-                                                                    before, after):
-    """Back to the first leg's step-3 checkpoint (the memory phase's first step), then step 4 on the other degree."""
+                                                                    before, nproc, after):
+    """Back to the first leg's step-3 checkpoint (the memory phase's first step), then step 4 on the other layout
+    (TP 2 -> one process; one process -> TP 2 x DP 2: units split, rows sharded)."""
     run_dir = tmp_path / "run"
     shutil.copytree(request.getfixturevalue(before)[0], run_dir)
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "step_00000003").is_dir()
     shutil.rmtree(checkpoints / "step_00000004")
     (checkpoints / "latest").write_text("step_00000003")
-    rows = train(data, run_dir, after, *MEMORY, f"parallel.tensor_parallel={after}", resume=True)
+    rows = train(data, run_dir, nproc, *MEMORY, f"parallel.tensor_parallel={after}", resume=True)
     assert (checkpoints / "step_00000004").is_dir()
     assert_same_curves(one_process_memory[1], rows)
     assert_same_bank(one_process_memory[0], run_dir)
