@@ -61,8 +61,11 @@ def check_tensor_parallel(cfg: Config, world_size: int, model: ModelConfig) -> N
     if memory_on:  # what splits its units over tensor-parallel ranks so far: FFN units, rows gathered from owners
         require(cfg.memory.kind == "ffn", "memory.kind", f"memory.kind={cfg.memory.kind} is not split across "
                 f"tensor-parallel ranks yet (parallel.tensor_parallel={n}): only memory.kind=ffn is")
-        require(cfg.parallel.placement == "gather", "parallel.placement", "parallel.placement=owner is not split "
-                f"across tensor-parallel ranks yet (parallel.tensor_parallel={n}): use parallel.placement=gather")
+        # owner placement's groups are data-parallel ranks; a group of several would split the bank's dp group
+        data_parallel, subtrees = world_size // n, cfg.tree.branching[0]
+        require(cfg.parallel.placement == "gather" or data_parallel <= subtrees, "parallel.placement",
+                f"parallel.placement=owner under parallel.tensor_parallel={n} needs groups of one data-parallel "
+                f"rank: {data_parallel} data-parallel ranks > {subtrees} level-1 subtrees (use placement gather)")
     # last: what the config cannot run at all comes before what the launch got wrong
     require(world_size % n == 0, key, f"world size {world_size} is not divisible by {n}")
 

@@ -145,8 +145,8 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
     model = parallelize(model, cfg.parallel, info, precision.autocast_dtype)
     recipe = Recipe(cfg, has_memory=uses_memory(cfg))
     owner_of_subtree, group_size = None, 1
-    if cfg.parallel.placement == "owner" and info.world_size > 1:
-        groups = assign_groups(data.manifest["node_tokens"][0], info.world_size)
+    if cfg.parallel.placement == "owner" and info.dp_size > 1:  # groups of data-parallel ranks
+        groups = assign_groups(data.manifest["node_tokens"][0], info.dp_size)
         owner_of_subtree, group_size = groups.group_of_subtree, groups.group_size
     bank = None
     if recipe.has_memory:
