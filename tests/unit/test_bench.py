@@ -8,7 +8,7 @@ from hmtrain.bench import NAMES
 from hmtrain.cli import build_parser, main
 
 EXPECTED = ("attention", "bank_backward", "bank_host", "bank_traffic", "export", "gpu_check", "loss", "memory_ffn",
-            "memory_step", "placement", "prepare", "rank_scale", "tree")
+            "memory_step", "placement", "prepare", "rank_scale", "train_ranks", "tree")
 
 
 def test_the_benchmarks_are_the_modules_of_hmtrain_bench_each_with_main_of_argv():
