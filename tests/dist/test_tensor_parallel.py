@@ -98,7 +98,8 @@ def one_process_memory(data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tp2_memory(data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tp2_memory") / "run"
-    return run_dir, train(data, run_dir, 2, *MEMORY, "parallel.tensor_parallel=2")
+    # step 3's checkpoint written in the background (DCP's stager copies the 2-D bank DTensors); the last, blocking
+    return run_dir, train(data, run_dir, 2, *MEMORY, "parallel.tensor_parallel=2", "train.async_checkpoint=true")
 
 
 def bank_tables(run_dir) -> dict:
