@@ -58,14 +58,9 @@ def check_tensor_parallel(cfg: Config, world_size: int, model: ModelConfig) -> N
     bad = [units for units in cfg.memory.units if units % n] if cfg.train.mode == "hierarchical" else []
     require(not bad, key, f"memory.units {list(cfg.memory.units)}: {bad} not divisible by {n}")
     memory_on = cfg.train.mode == "hierarchical" and cfg.train.memory_steps > 0 and sum(cfg.memory.units) > 0
-    if memory_on:  # what splits its units over tensor-parallel ranks so far: FFN units, rows gathered from owners
+    if memory_on:  # what splits its units over tensor-parallel ranks so far: FFN units
         require(cfg.memory.kind == "ffn", "memory.kind", f"memory.kind={cfg.memory.kind} is not split across "
                 f"tensor-parallel ranks yet (parallel.tensor_parallel={n}): only memory.kind=ffn is")
-        # owner placement's groups are data-parallel ranks; a group of several would split the bank's dp group
-        data_parallel, subtrees = world_size // n, cfg.tree.branching[0]
-        require(cfg.parallel.placement == "gather" or data_parallel <= subtrees, "parallel.placement",
-                f"parallel.placement=owner under parallel.tensor_parallel={n} needs groups of one data-parallel "
-                f"rank: {data_parallel} data-parallel ranks > {subtrees} level-1 subtrees (use placement gather)")
     # last: what the config cannot run at all comes before what the launch got wrong
     require(world_size % n == 0, key, f"world size {world_size} is not divisible by {n}")
 

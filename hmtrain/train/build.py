@@ -176,9 +176,10 @@ def bank_ranks(info: DistInfo, comm: Comm, timeout_s: int) -> tuple[Comm, Option
     if n == 1:
         return comm, None
     timeout = datetime.timedelta(seconds=timeout_s)
-    control, _ = dist.new_subgroups_by_enumeration([[d * n + t for d in range(info.dp_size)] for t in range(n)],
-                                                   timeout=timeout, backend="gloo")
-    dp = Comm(info.mesh["dp"].get_group(), info.collective_device, control_group=control, timeout=timeout)
+    data_parallel_groups = [[d * n + t for d in range(info.dp_size)] for t in range(n)]  # the mesh's dp columns
+    control, _ = dist.new_subgroups_by_enumeration(data_parallel_groups, timeout=timeout, backend="gloo")
+    dp = Comm(info.mesh["dp"].get_group(), info.collective_device, control_group=control, timeout=timeout,
+              siblings=data_parallel_groups)
     tp = Comm(info.mesh["tp"].get_group(), info.collective_device)
     return dp, UnitSplit(info.tp_rank, n, tp, info.mesh)
 

@@ -2,7 +2,7 @@
 QK-norm on) follows the one-process loss curve and validation loss on the same global batches, on 2 ranks
 (TP 2) and on 4 (TP 2 x DP 2, activation checkpointing on); its checkpoints reshard from TP 2 to one process
 and back. With the memory on (both phases, the anchor co-trained), each tensor-parallel rank holds its half of
-every row's units: TP 2 and TP 2 x DP 2 (gather placement, and owner placement) follow the one-process curves and
+every row's units: TP 2 and TP 2 x DP 2 (gather placement), and TP 2 x DP 4 (owner placement's groups of 2) follow the one-process curves and
 end with its bank, and the checkpoints reshard the units from TP 2 to one process and back."""
 import json
 import shutil
@@ -142,12 +142,13 @@ def test_tensor_parallel_2_by_data_parallel_2_with_the_memory_matches_one_proces
     assert_same_bank(one_dir, run_dir)
 
 
-def test_owner_placement_under_tensor_parallel_2_by_data_parallel_2_matches_one_process(data, one_process_memory,
+def test_owner_placement_under_tensor_parallel_2_by_data_parallel_4_matches_one_process(data, one_process_memory,
                                                                                       tmp_path):
-    """Each data-parallel rank owns one of the 2 level-1 subtrees (its rows read locally, its sequences routed
-    to it), and each of its tensor-parallel ranks half of those rows' units."""
+    """8 ranks: 4 data-parallel ones in 2 owner groups of 2 (one level-1 subtree each: its rows sharded over the
+    group's 2 ranks, level 1 kept whole in the group), each of their tensor-parallel ranks half of every unit."""
     run_dir = tmp_path / "run"
-    rows = train(data, run_dir, 4, *MEMORY, "parallel.tensor_parallel=2", "parallel.placement=owner")
+    rows = train(data, run_dir, 8, *MEMORY, "parallel.tensor_parallel=2", "parallel.placement=owner",
+                 "parallel.replicate_levels=1")
     assert_same_curves(one_process_memory[1], rows)
     assert_same_bank(one_process_memory[0], run_dir)
 

@@ -65,17 +65,14 @@ def test_a_bad_tensor_parallel_degree_is_one_line_naming_the_key(world, override
     assert str(error.value).startswith("config key 'parallel.tensor_parallel': ") and "\n" not in str(error.value)
 
 
-def test_the_ffn_memory_splits_over_tensor_parallel_ranks_and_other_kinds_and_owner_placement_are_named():
+def test_the_ffn_memory_splits_over_tensor_parallel_ranks_and_other_kinds_are_named():
     check_world(config("parallel.tensor_parallel=2"), 2, DATA)  # both phases, memory.kind=ffn, gather placement
-    # 8 ranks: 4 data-parallel ones, more than the 3 level-1 subtrees, so owner placement's groups would hold two
-    tp2 = ["parallel.tensor_parallel=2", "tree.branching=[3,4]", "train.global_batch_size=16"]
-    for overrides, key, words in [(["memory.kind=lora_ffn"], "memory.kind", "memory.kind=lora_ffn is not split"),
-                                  (["parallel.placement=owner"], "parallel.placement", "4 data-parallel ranks > 3")]:
-        with pytest.raises(ConfigError, match=words) as error:
-            check_world(config(*tp2, *overrides), 8, DATA)
-        assert str(error.value).startswith(f"config key '{key}': ") and "\n" not in str(error.value)
-        check_world(config(*tp2, *overrides, *ANCHOR_ONLY), 8, DATA)  # no memory phase
-    check_world(config(*tp2, "parallel.placement=owner"), 4, DATA)  # groups of one data-parallel rank: up to 3
+    # owner placement's groups of data-parallel ranks: 4 of them, more than the 3 level-1 subtrees, 2 per group
+    check_world(config("parallel.tensor_parallel=2", "parallel.placement=owner", "train.global_batch_size=16"), 8, DATA)
+    with pytest.raises(ConfigError, match="memory.kind=lora_ffn is not split") as error:
+        check_world(config("parallel.tensor_parallel=2", "memory.kind=lora_ffn"), 2, DATA)
+    assert str(error.value).startswith("config key 'memory.kind': ") and "\n" not in str(error.value)
+    check_world(config("parallel.tensor_parallel=2", "memory.kind=lora_ffn", *ANCHOR_ONLY), 2, DATA)  # no memory
 
 
 def test_tensor_parallel_must_be_positive():
