@@ -45,7 +45,7 @@ from hmtrain.memory.indices import DeviceIndices
 from hmtrain.memory.kind import MemoryKind
 from hmtrain.memory.plan import StepPlan, TableSpec, make_plan
 from hmtrain.memory.sizes import level_nodes, validate_tree
-from hmtrain.memory.sparse_adamw import SparseAdamW
+from hmtrain.memory.sparse_adamw import Rows, SparseAdamW
 from hmtrain.memory.unit_split import UnitSplit
 
 # A table's state fields: weight, [master,] exp_avg, exp_avg_sq, step. MASTER: the fp32 master rows,
@@ -344,7 +344,7 @@ class MemoryBank:
         rows: dict[str, Tensor] = {}
         for spec in self.specs:
             if spec.transport != "remote":
-                rows[spec.name] = self._state[spec.name]["weight"].index_select(0, idx[k, spec.name, "rows"])
+                rows[spec.name] = idx.take(self._state[spec.name]["weight"], (k, spec.name, "rows"))
         remote = self._remote
         if remote and plan.step_fetch is not None:  # the step's rows, arrived by its first fetch, sliced
             if plan.rows is None:
@@ -352,7 +352,7 @@ class MemoryBank:
                 self._incoming = None
                 plan.rows = self._unpack_rows(remote, incoming, idx, "step", plan.step_fetch)
             for spec in remote:
-                rows[spec.name] = plan.rows[spec.name].index_select(0, idx[k, spec.name, "slots"])
+                rows[spec.name] = idx.take(plan.rows[spec.name], (k, spec.name, "slots"))
         elif remote:
             rows.update(self._unpack_rows(remote, self._send_rows(remote, plan, k, idx, k), idx, k, fetches))
         layer_major = {name: r.transpose(0, 1) for name, r in rows.items()}  # FetchedMemory copies them once
@@ -367,8 +367,8 @@ class MemoryBank:
         wire = plan.wires[k]
         send = self._state[remote[0].name]["weight"].new_empty((sum(wire.serve_splits), wire.chunk))
         for spec in remote:
-            served = self._state[spec.name]["weight"].index_select(0, idx[key, spec.name, "serve"])
-            send.index_copy_(0, idx[key, spec.name, "serve_at"], served.view(-1, wire.chunk))
+            served = idx.take(self._state[spec.name]["weight"], (key, spec.name, "serve"))
+            idx.put(send, (key, spec.name, "serve_at"), served)
         return self.comm_of(remote[0]).all_to_all(send, wire.serve_splits, wire.fetch_splits, async_op=True)
 
     @staticmethod
@@ -378,7 +378,7 @@ class MemoryBank:
         received, work = incoming
         if work is not None:
             work.wait()
-        return {spec.name: received.index_select(0, idx[key, spec.name, "fetch_at"]).view(
+        return {spec.name: idx.take(received, (key, spec.name, "fetch_at")).view(
             len(fetches[spec.name].ids), *spec.row_shape) for spec in remote}
 
     def return_grads(self, fetched: FetchedMemory, scale: float = 1.0) -> None:
@@ -411,7 +411,7 @@ class MemoryBank:
         wire, idx = self._plan.wires[k], self._indices
         send = torch.empty((sum(wire.fetch_splits), wire.chunk), device=self.device, dtype=torch.float32)
         for spec in remote:
-            send.index_copy_(0, idx[key, spec.name, "fetch_at"], grads[spec.name].float().reshape(-1, wire.chunk))
+            idx.put(send, (key, spec.name, "fetch_at"), grads[spec.name].float())
         received, work = self.comm_of(remote[0]).all_to_all(send, wire.fetch_splits, wire.serve_splits, async_op=True)
         finish = partial(self._add_returned, remote, k, key, received, work, scale)
         return finish if async_op else finish()
@@ -421,7 +421,7 @@ class MemoryBank:
             work.wait()
         idx = self._indices
         for spec in remote:
-            served = received.index_select(0, idx[key, spec.name, "serve_at"])
+            served = idx.take(received, (key, spec.name, "serve_at"))
             rows = served.view(len(self._plan.serves[k][spec.name].local_ids), *spec.row_shape)
             self._grads[spec.name].index_add_(0, idx[key, spec.name, "serve_slots"], rows, alpha=scale)
 
@@ -478,22 +478,21 @@ class MemoryBank:
         if self._plan is None:
             raise RuntimeError("step() without plan_step(): nothing to update")
         self._finish_reduction()  # done already when finish_grads() ran
-        updated = {}
-        for spec in self.specs:
-            rows = self._plan.step_rows[spec.name]
-            updated[spec.name] = len(rows)
-            if not len(rows):
-                continue
-            grads = self._grads[spec.name]
-            grads.mul_(grad_scale)
-            state = self._state[spec.name]
-            own = self._owned_part(spec, state["weight"])
-            idx = self._indices[spec.name, "update"]
-            self.optimizer.update_(own, state["exp_avg"], state["exp_avg_sq"], state["step"], idx, grads, lr=lr,
-                                   validate=False, master=state.get(MASTER))
+        updated = {spec.name: len(self._plan.step_rows[spec.name]) for spec in self.specs}
+        touched = [spec for spec in self.specs if updated[spec.name]]
+        grads = [self._grads[spec.name] for spec in touched]
+        if grads and not (isinstance(grad_scale, float) and grad_scale == 1.0):  # x * 1.0 is x: skip the pass
+            torch._foreach_mul_(grads, grad_scale)
+        tables = []
+        for spec, g in zip(touched, grads):
+            state, key = self._state[spec.name], (spec.name, "update")
+            tables.append(Rows(self._owned_part(spec, state["weight"]), state["exp_avg"], state["exp_avg_sq"],
+                               state["step"], self._indices[key], g, state.get(MASTER), self._indices.run(key)))
+        self.optimizer.update_tables_(tables, lr=lr, validate=False)  # one pass over every table's rows
+        for spec, rows in zip(touched, tables):
             if spec.transport == "replicated":
-                pieces = state["weight"].view(-1, *self._sharding[spec.name].piece_shape)
-                zero.gather_updated(self.comm_of(spec), pieces, own, self._shares[spec.name])
+                pieces = self._state[spec.name]["weight"].view(-1, *self._sharding[spec.name].piece_shape)
+                zero.gather_updated(self.comm_of(spec), pieces, rows.weight, self._shares[spec.name])
         self.abandon_step()
         return updated
 
