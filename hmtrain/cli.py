@@ -14,7 +14,8 @@
     hmtrain generate     (--checkpoint DIR | --export DIR) --prompt TEXT [--max-new-tokens N --temperature T
                          --top-k K --seed S --memory fetched|generic|none] [--config CFG] [key=value ...]
     hmtrain demo         [--out DIR] [--seeds S ...] [--people N --documents N] [key=value ...]
-    hmtrain study        --spec SPEC [--out DIR] [key=value ...]   (arms x seeds; SPEC: a file or configs/studies/NAME)
+    hmtrain study        --spec SPEC [--out DIR] [--launch local|torchrun|slurm --nproc N --nodes N] [key=value ...]
+                                                                   (arms x seeds; SPEC: a file or configs/studies/NAME)
     hmtrain bench        NAME [its options]    (hmtrain bench --help lists them; hmtrain bench NAME --help)
 
 CFG is a YAML file or a preset name from configs/ (tiny, paper-160m, ...).
@@ -143,6 +144,12 @@ def _tool_commands(commands) -> None:
                                               "(resumable: rerun to continue)")
     study.add_argument("--spec", required=True, help="a study spec (YAML) or its name in configs/studies/")
     study.add_argument("--out", type=Path, help="the study's directory (default: runs/studies/<spec name>)")
+    study.add_argument("--launch", default="local", choices=["local", "torchrun", "slurm"],
+                       help="where each run trains: in this process, one by one (local); one by one on --nproc "
+                            "ranks of this machine (torchrun); or all submitted at once as SLURM jobs of --nodes "
+                            "nodes x --nproc ranks (slurm). Evaluation runs here in every case")
+    study.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun) or per node (slurm)")
+    study.add_argument("--nodes", type=int, default=1, help="nodes per SLURM job (--launch slurm)")
     study.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides for every arm (after base.overrides, before the arm's own)")
 
@@ -282,17 +289,19 @@ def cmd_demo(args) -> None:
 
 
 def cmd_study(args) -> None:
+    from hmtrain.study.launch import LaunchOptions
     from hmtrain.study.runner import run_study
     from hmtrain.study.spec import load_spec
 
     if os.environ.get("WORLD_SIZE", "1") != "1":
-        raise ValueError("hmtrain study runs its arms one after another in one process: start it without "
-                         "torchrun (handing arms to the launchers is not built yet)")
+        raise ValueError("hmtrain study is one process that hands its runs to the launchers: start it without "
+                         "torchrun, and give it --launch torchrun --nproc N (or --launch slurm)")
+    launch = LaunchOptions(args.launch, args.nproc, args.nodes)
     spec = load_spec(args.spec, args.overrides)
     out = args.out if args.out is not None else Path("runs") / "studies" / spec.name
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
-    run_study(spec, out)
+    run_study(spec, out, launch=launch)
 
 
 def cmd_export(args) -> None:

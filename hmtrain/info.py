@@ -260,7 +260,7 @@ def step_memory(cfg: Config, summary: dict, world_size: int) -> tuple[dict[str, 
 def check_degree(cfg: Config, world_size: int):
     """The model the run trains (the anchor, or the dense baseline) after the trainer's tensor-parallel checks
     (`check_tensor_parallel`; a bad degree is its one-line ConfigError), and the trainer's refusal of what it
-    does not split yet (the memory, until issue 20's part 3 lands), or None."""
+    does not split (a memory phase of a kind other than memory.kind=ffn), or None."""
     if cfg.model.family != "lm":  # refused first, before its model is sized
         check_tensor_parallel(cfg, world_size, cfg.model)
     model = run_model_config(model_config(cfg), cfg.train.mode, cfg.train.dense_multiplier)
@@ -306,13 +306,22 @@ def tensor_parallel_rows(cfg: Config, summary: dict, world_size: int) -> tuple[d
                                    tensor_parallel=n)
     rows[f"activations, one micro-batch, activation checkpointing {'on' if par.activation_checkpointing else 'off'}"
          ] = activations
-    traffic = tensor_parallel_traffic(model, micro_batch=tc.micro_batch_size, seq_len=cfg.data.seq_len,
-                                      value_bytes=value_bytes(cfg), checkpointing=par.activation_checkpointing)
+    def traffic(memory_layers: int):
+        return tensor_parallel_traffic(model, micro_batch=tc.micro_batch_size, seq_len=cfg.data.seq_len,
+                                       value_bytes=value_bytes(cfg), checkpointing=par.activation_checkpointing,
+                                       memory_layers=memory_layers)
+
+    # the memory phase's FFN blocks with units all-reduce less backward (one copy of their input each)
+    memory_phase = with_bank and refusal is None and cfg.train.memory_steps > 0 and cfg.memory.kind == "ffn"
     micro = micro_batches_per_rank(cfg, dp)["train.global_batch_size"]
     steps = micro if isinstance(micro, int) else 0
-    counts = {"dp": dp, "split": split, "replicated": replicated, "traffic": traffic, "micro_batches": micro,
-              "refusal": refusal, "moved": (bank.moved_gather // n, bank.moved_owner // n) if with_bank else None,
-              "step_allreduce_bytes": steps * (traffic.data_bytes + traffic.small_bytes)}
+    counts = {"dp": dp, "split": split, "replicated": replicated, "traffic": traffic(0), "micro_batches": micro,
+              "memory_traffic": traffic(len(summary["memory_layers"])) if memory_phase else None,
+              "refusal": refusal, "moved": (bank.moved_gather // n, bank.moved_owner // n) if with_bank else None}
+    counts["step_allreduce_bytes"] = steps * (counts["traffic"].data_bytes + counts["traffic"].small_bytes)
+    if memory_phase:
+        mem = counts["memory_traffic"]
+        counts["memory_step_allreduce_bytes"] = steps * (mem.data_bytes + mem.small_bytes)
     return rows, counts
 
 
@@ -326,19 +335,25 @@ def print_tensor_parallel(cfg: Config, summary: dict, console: Console, world_si
         table.add_row(name, f"{value / GiB:.2f}")
     total = sum(rows.values())
     table.add_row("total: held through the step + one micro-batch's activations", f"{total / GiB:.2f}")
-    traffic, micro = counts["traffic"], counts["micro_batches"]
+    traffic, micro, memory_traffic = counts["traffic"], counts["micro_batches"], counts["memory_traffic"]
     if isinstance(micro, int):
-        table.add_row(f"tensor-parallel all-reduces per step (train.global_batch_size): {micro} micro-batch(es) "
-                      f"x ({traffic.count} of [B, T, d] + {traffic.small_count} per-token fp32) (a ring sends "
-                      "2 (N-1)/N of it)",
+        phase = ", the anchor alone" if memory_traffic is not None else ""
+        table.add_row(f"tensor-parallel all-reduces per step (train.global_batch_size{phase}): {micro} "
+                      f"micro-batch(es) x ({traffic.count} of [B, T, d] + {traffic.small_count} per-token fp32) "
+                      "(a ring sends 2 (N-1)/N of it)",
                       f"{counts['step_allreduce_bytes'] / GiB:.2f}")
+        if memory_traffic is not None:
+            table.add_row(f"tensor-parallel all-reduces per step, memory phase: {micro} micro-batch(es) x "
+                          f"({memory_traffic.count} of [B, T, d] + {memory_traffic.small_count} per-token fp32)",
+                          f"{counts['memory_step_allreduce_bytes'] / GiB:.2f}")
     if counts["moved"] is not None:
         table.add_row("bank traffic per step, gather placement (expected, /N)", f"{counts['moved'][0] / GiB:.2f}")
         table.add_row("bank traffic per step, owner placement (expected, /N)", f"{counts['moved'][1] / GiB:.2f}")
     console.print(table)
     if counts["refusal"] is not None and counts["moved"] is not None:
-        console.print("note: the bank rows are the memory split over tensor-parallel ranks as designed (issue 20, "
-                      f"part 3); the trainer refuses it today: {counts['refusal']}", markup=False, highlight=False)
+        console.print("note: the bank rows are this memory's units split over tensor-parallel ranks as "
+                      "memory.kind=ffn's are; the trainer refuses this kind's memory phase under tensor parallelism: "
+                      f"{counts['refusal']}", markup=False, highlight=False)
     if isinstance(micro, str):
         console.print(f"error: {micro}", style="red", markup=False, highlight=False)
     return {"total": total, **rows, **counts}

@@ -43,9 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from hmtrain.checkpoint.formats import as_saved
 from hmtrain.checkpoint.verify import CONFIG_FILE, TRAINER_FILE, CheckpointError, describe, read_trainer, verify_files
@@ -154,6 +156,19 @@ class Checkpointer:
         # of tens of GB never holds up a step; `close` waits for the removals
         self._remover: Optional[ThreadPoolExecutor] = None
         self._removals: list[Future] = []
+        self._stager: Optional[DefaultStager] = None  # one for the run: its host copies are reused
+
+    def stager(self) -> DefaultStager:
+        """The host copies background saves write from, made once and reused by every save (DCP's own
+        default makes new ones per save): a tensor that lives across steps (weights, moments, bank rows)
+        is staged into the same buffer each time, pinned on CUDA so the device-to-host copy runs at full
+        speed. Staging stays on the calling thread, so a save holds the state of its step exactly while
+        the next step updates the originals."""
+        if self._stager is None:
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                        use_shared_memory=False, use_async_staging=False,
+                                                        use_non_blocking_copy=False))
+        return self._stager
 
     def step_dirs(self) -> list[Path]:
         """Checkpoints whose completeness marker exists, oldest first. Directories being
@@ -233,7 +248,8 @@ class Checkpointer:
         try:
             with _quiet_dcp():
                 if async_save:
-                    pending.future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+                    pending.future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group,
+                                                    async_stager=self.stager())
                     fault_point("async_save", step)
                 else:  # on the checkpoint's own group too (its timeout; the previous save has finished)
                     dcp.save(state, checkpoint_id=str(tmp), process_group=self.process_group)
@@ -326,6 +342,9 @@ class Checkpointer:
                 except BaseException:  # a removal that failed leaves a hidden directory; the next prune retries
                     log.warning("removing an old checkpoint failed", exc_info=True)
             self._removals = []
+            if self._stager is not None:
+                self._stager.close()  # frees the host copies
+                self._stager = None
 
     @staticmethod
     def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:

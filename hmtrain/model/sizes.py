@@ -86,19 +86,24 @@ class TensorParallelTraffic:
 
 
 def tensor_parallel_traffic(cfg: ModelConfig, *, micro_batch: int, seq_len: int, value_bytes: int,
-                            checkpointing: bool, chunk_tokens: int = CHUNK_TOKENS) -> TensorParallelTraffic:
-    """What hmtrain/parallel/tensor_parallel.py's split all-reduces per micro-batch, as torch's styles issue it
-    (counted by a test under CommDebugMode): per block 2 forward (after wo and w_down) and 3 backward (the
+                            checkpointing: bool, chunk_tokens: int = CHUNK_TOKENS,
+                            memory_layers: int = 0) -> TensorParallelTraffic:
+    """What hmtrain/parallel/tensor_parallel.py's split all-reduces per micro-batch (counted by tests under
+    CommDebugMode): per block 2 forward (after wo and w_down) and 3 backward (the
     input gradient of wq, wk and wv together, as Megatron's fused qkv, then w_gate's and w_up's each on its own,
-    as torch's styles issue them; Megatron fuses those two too), and with activation checkpointing the one
+    as torch's styles issue them; Megatron fuses those two too), except in the `memory_layers` blocks whose FFN
+    reads memory units (memory.kind=ffn's memory phase): `TensorParallelFFN` hands its slice one copy of the
+    input, so 2 backward there (qkv's, then gate's and up's together); and with activation checkpointing the one
     after wo again in the recompute (torch's non-reentrant checkpoint stops recomputing at the last tensor
     backward needs, before w_down's); the embedding's output forward and the hidden states' gradient at the
     head, once each; all in the compute dtype (`value_bytes`). Small ones, fp32: QK-norm's sum of squares for q
     and k per block, forward, backward and recomputed; the loss's row maximum and [sum of exponentials, target
     logit] per chunk."""
     tokens = micro_batch * seq_len
+    if not 0 <= memory_layers <= cfg.n_layers:
+        raise ValueError(f"memory_layers={memory_layers}: expected 0 .. n_layers={cfg.n_layers}")
     per_block = 2 + 3 + (1 if checkpointing else 0)
-    count = cfg.n_layers * per_block + 2
+    count = cfg.n_layers * per_block - memory_layers + 2
     qk = cfg.n_layers * 2 * (3 if checkpointing else 2) if cfg.qk_norm else 0
     chunks = -(-tokens // chunk_tokens)
     small_bytes = qk * tokens * 4 + tokens * (4 + 8)  # the loss's: a max, then two sums, per token

@@ -1,4 +1,5 @@
-"""`hmtrain study`: every arm x seed of a spec (spec.py), one after another on this machine, resumable.
+"""`hmtrain study`: every arm x seed of a spec (spec.py), trained where `--launch` says (launch.py: in this
+process, under torchrun, or as SLURM jobs), evaluated here, resumable.
 
     <out>/corpus/                 the synthetic corpus (with `synth:`), made once
     <out>/prepared/<key>/         prepared data, once per distinct data/tree setting among the arms
@@ -31,11 +32,11 @@ from hmtrain.data.corpus.synth import synthesize
 from hmtrain.data.prepare.pipeline import data_settings, prepare
 from hmtrain.eval.evaluate import evaluate, render, write_results
 from hmtrain.eval.publish import publish
+from hmtrain.study.launch import Launcher, LaunchOptions
 from hmtrain.study.report import write_report
 from hmtrain.study.spec import Arm, SpecError, StudySpec, check_configs, load_base
 from hmtrain.study.tracking import StudyRun, training_run_id
 from hmtrain.train.signals import Interrupted
-from hmtrain.train.trainer import train
 from hmtrain.util.files import write_text
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ def _quoted(value: str) -> str:
 
 
 class Study:
-    def __init__(self, spec: StudySpec, out: Path, console: Console):
+    def __init__(self, spec: StudySpec, out: Path, console: Console, launch: Optional[LaunchOptions] = None):
         self.spec, self.out, self.console = spec, Path(out).resolve(), console
+        self.launcher = Launcher(launch or LaunchOptions())
         self.corpus = self.out / "corpus"
         base = load_base(spec)
         self.mlflow = base.logging.mlflow
@@ -147,6 +149,10 @@ class Study:
         self.parent_id = study_run.run_id
         status = "FAILED"
         try:
+            if self.launcher.concurrent:  # every unfinished run submitted first, then waited for in order
+                for job in jobs:
+                    if not self.is_done(job):
+                        self.start_job(job)
             per_arm: dict[str, dict[int, dict]] = {arm.name: {} for arm in self.spec.arms}
             for k, job in enumerate(jobs, start=1):
                 self.console.rule(f"study {self.spec.name}: arm {job.arm.name}, seed {job.seed} ({k} of {len(jobs)})")
@@ -166,18 +172,39 @@ class Study:
         self.console.print(f"study finished in {time.perf_counter() - started:.0f} s")
         return report.summary
 
-    def run_job(self, job: Job) -> dict:
+    def is_done(self, job: Job) -> bool:
         memory_cfg = self.config(job, self.parent_id)
         done, results_path = job.directory / DONE_FILE, job.directory / EVAL_FILE
         key = _config_key(memory_cfg, self.spec.dense_baseline)
-        if done.is_file() and results_path.is_file() and json.loads(done.read_text()).get("config") == key:
+        return done.is_file() and results_path.is_file() and json.loads(done.read_text()).get("config") == key
+
+    def start_job(self, job: Job) -> None:
+        memory_cfg = self.config(job, self.parent_id)
+        self.launcher.start(memory_cfg)
+        if self.spec.dense_baseline and _dense_checkpoint(dense := self.dense_config(job, memory_cfg)) is None:
+            self.launcher.start(dense)
+
+    def dense_config(self, job: Job, memory_cfg: Config) -> Config:
+        """A child of the (first) arm x seed's memory run, beside its evaluation."""
+        return self.config(job, training_run_id(memory_cfg) or self.parent_id, dense=True)
+
+    def run_job(self, job: Job) -> dict:
+        memory_cfg = self.config(job, self.parent_id)
+        done, results_path = job.directory / DONE_FILE, job.directory / EVAL_FILE
+        if self.is_done(job):
             self.console.print(f"skipped: {job.arm.name} seed {job.seed} finished before ({done})")
             return json.loads(results_path.read_text())
+        key = _config_key(memory_cfg, self.spec.dense_baseline)
         self.trained += 1
-        checkpoint = _train(memory_cfg)
+        checkpoint = self.train(memory_cfg)
         baseline = None
-        if self.spec.dense_baseline:  # a child of the (first) arm x seed's memory run, beside its evaluation
-            baseline = _train_once(self.config(job, training_run_id(memory_cfg) or self.parent_id, dense=True))
+        if self.spec.dense_baseline:
+            dense = self.dense_config(job, memory_cfg)
+            baseline = _dense_checkpoint(dense)
+            if baseline is None:  # not trained yet by an arm before this one
+                baseline = self.train(dense)
+                write_text(Path(dense.train.run_dir) / DONE_FILE,
+                           json.dumps({"config": _dense_key(dense), "checkpoint": str(baseline)}, indent=2) + "\n")
         results = evaluate(memory_cfg, checkpoint, baseline=baseline)
         render(results, self.console)
         write_results(results, results_path)
@@ -187,28 +214,26 @@ class Study:
         return results
 
 
-def _train(cfg: Config) -> Path:
-    """Train, or resume a run that started before (killed, or finished and now only re-evaluated)."""
-    started = (Path(cfg.train.run_dir) / "config.yaml").is_file()
-    try:
-        return train(cfg, resume=started)
-    except ConfigError as exc:  # a changed arm that its checkpoint cannot continue
-        if not started:
-            raise
-        raise ConfigError(f"{cfg.logging.run_name}: {exc}; in a study: undo the change to the spec or the "
-                          "command line, or give the study another --out") from None
+    def train(self, cfg: Config) -> Path:
+        """Train, or resume a run that started before (killed, or finished and now only re-evaluated)."""
+        started = (Path(cfg.train.run_dir) / "config.yaml").is_file()
+        try:
+            return self.launcher.wait(cfg)
+        except ConfigError as exc:  # a changed arm that its checkpoint cannot continue
+            if not started:
+                raise
+            raise ConfigError(f"{cfg.logging.run_name}: {exc}; in a study: undo the change to the spec or the "
+                              "command line, or give the study another --out") from None
 
 
-def _train_once(cfg: Config) -> Path:
-    """`_train`, but a run another arm already finished with this config is only read back (its DONE_FILE)."""
-    done, key = Path(cfg.train.run_dir) / DONE_FILE, _dense_key(cfg)
+def _dense_checkpoint(cfg: Config) -> Optional[Path]:
+    """The checkpoint of a dense baseline another arm already finished with this config (its DONE_FILE)."""
+    done = Path(cfg.train.run_dir) / DONE_FILE
     if done.is_file():
         record = json.loads(done.read_text())
-        if record.get("config") == key and Path(record["checkpoint"]).is_dir():
+        if record.get("config") == _dense_key(cfg) and Path(record["checkpoint"]).is_dir():
             return Path(record["checkpoint"])
-    checkpoint = _train(cfg)
-    write_text(done, json.dumps({"config": key, "checkpoint": str(checkpoint)}, indent=2) + "\n")
-    return checkpoint
+    return None
 
 
 def _dense_key(cfg: Config) -> str:
@@ -231,5 +256,6 @@ def _synth_args(synth: dict) -> dict:
     return {names[key]: value for key, value in synth.items()}
 
 
-def run_study(spec: StudySpec, out: Path, console: Optional[Console] = None) -> dict:
-    return Study(spec, out, console or Console()).run()
+def run_study(spec: StudySpec, out: Path, console: Optional[Console] = None,
+              launch: Optional[LaunchOptions] = None) -> dict:
+    return Study(spec, out, console or Console(), launch).run()

@@ -23,13 +23,20 @@ it, unless a restart (not a resume) finds the run holding training metrics or pa
 (`ATTEMPTS` times) and then skipped with a warning; buffered metrics stay buffered for the
 next flush; tracking is never switched off for the rest of the run. Start-up against an
 unreachable server gives up after `START_TIMEOUT_S` seconds.
+
+Sending is off the training thread: `flush` and `log_artifact` hand their calls, in order, to one
+background thread (`hmtrain-mlflow`), so a slow or unreachable server (each call may retry for
+`ATTEMPTS` x `REQUEST_TIMEOUT_S`) never stalls a step; `log` only appends to the buffer. `wait()`
+returns once everything handed over has been tried; `close()` waits, then ends the run.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -106,6 +113,10 @@ class MLflowLogger:
         self.run_id: Optional[str] = None
         self.is_new = False  # this process created the run (or restarted one that had no history)
         self._pending: list[tuple[int, dict[str, float]]] = []
+        self._lock = threading.Lock()  # `_pending` and `_taken`: the training thread logs, the sender sends
+        self._sender: Optional[ThreadPoolExecutor] = None  # one thread, so calls keep their order
+        self._handed: list[Future] = []
+        self._closed = False
         self._durable_step = -1  # the last step a checkpoint made durable
         self._held: dict[int, float] = {}  # on resume: step -> value of `_held_key` that MLflow already holds
         self._held_key = "loss"
@@ -258,30 +269,56 @@ class MLflowLogger:
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         if not self.enabled:
             return
-        self._call(f"log_artifact {path}", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+        self._hand_over(lambda: self._call(f"log_artifact {path}",
+                                           lambda: self._client.log_artifact(self.run_id, str(path), artifact_path)))
+
+    # -- the sender thread ---------------------------------------------------------------------
+
+    def _hand_over(self, call: Callable[[], Any]) -> None:
+        if self._closed:  # after close (a results file logged last): nobody would wait for the thread
+            call()
+            return
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hmtrain-mlflow")
+        self._handed = [f for f in self._handed if not f.done()]
+        self._handed.append(self._sender.submit(call))
+
+    def wait(self) -> None:
+        """Return once every call handed to the sender has been tried (`_call` never raises)."""
+        for future in self._handed:
+            future.result()
+        self._handed = []
 
     # -- metrics -------------------------------------------------------------------------------
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer one step; MLflow gets it at the next `flush` covering it."""
-        self._pending.append((step, {k: float(v) for k, v in metrics.items()}))
-        self._taken[step] = int(time.time() * 1000)  # MLflow shows when the step ran, not when it was sent
+        with self._lock:
+            self._pending.append((step, {k: float(v) for k, v in metrics.items()}))
+            self._taken[step] = int(time.time() * 1000)  # MLflow shows when the step ran, not when it was sent
 
     def flush(self, upto_step: int) -> None:
-        """Send the buffered steps <= `upto_step` (call once a checkpoint at that step is complete)."""
+        """Have the sender send the buffered steps <= `upto_step` (call once a checkpoint at that step is
+        complete); returns at once."""
         if not self.enabled:
             return
         self._durable_step = max(self._durable_step, upto_step)
-        ready = [(s, m) for s, m in self._pending if s <= upto_step]
-        redone = [(s, m) for s, m in ready if s in self._held]
+        self._hand_over(lambda: self._send_durable(upto_step))
+
+    def _send_durable(self, upto_step: int) -> None:
+        with self._lock:
+            ready = [(s, m) for s, m in self._pending if s <= upto_step]
+            redone = [(s, m) for s, m in ready if s in self._held]
+            if redone:
+                skipped = {s for s, _ in redone}
+                ready = [(s, m) for s, m in ready if s not in skipped]
+                self._pending = [(s, m) for s, m in self._pending if s not in skipped]
         if redone:
-            skipped = {s for s, _ in redone}
-            ready = [(s, m) for s, m in ready if s not in skipped]
-            self._pending = [(s, m) for s, m in self._pending if s not in skipped]
             self._skip_redone(redone)
         sent = self._send(ready)
         done = {s for s, _ in ready[:sent]}
-        self._pending = [(s, m) for s, m in self._pending if s not in done]
+        with self._lock:
+            self._pending = [(s, m) for s, m in self._pending if s not in done]
 
     def backfill(self, records: Sequence[Mapping[str, Any]]) -> None:
         """On resume: send the durable `metrics.jsonl` records that MLflow does not hold yet."""
@@ -330,13 +367,15 @@ class MLflowLogger:
                 step, metrics = steps[index + count]
                 if batch and len(batch) + len(metrics) > MAX_METRICS_PER_BATCH:
                     break
-                taken = self._taken.get(step, int(time.time() * 1000))  # (a backfilled step: now)
+                with self._lock:
+                    taken = self._taken.get(step, int(time.time() * 1000))  # (a backfilled step: now)
                 batch.extend(Metric(k, v, taken, step) for k, v in metrics.items())
                 count += 1
             if not self._call("log_metrics", lambda: self._client.log_batch(self.run_id, metrics=batch)):
                 return sent  # the rest stays buffered for the next flush
-            for step, _ in steps[index:index + count]:
-                self._taken.pop(step, None)
+            with self._lock:
+                for step, _ in steps[index:index + count]:
+                    self._taken.pop(step, None)
             index += count
             sent += count
         return sent
@@ -345,6 +384,9 @@ class MLflowLogger:
         if not self.enabled:
             return
         self.flush(self._durable_step)  # what an earlier flush could not send
+        self.wait()
+        self._sender.shutdown()
+        self._sender, self._closed = None, True
         if self._pending:
             log.debug("MLflow: %d steps past the last checkpoint not sent (a resume redoes them)",
                       len(self._pending))

@@ -198,3 +198,37 @@ def test_a_second_save_waits_for_the_first(tmp_path):
     assert [p.name for p in saver.step_dirs()] == ["step_00000001"]
     saver.wait()
     assert [p.name for p in saver.step_dirs()] == ["step_00000001", "step_00000002"]
+
+
+def test_background_saves_reuse_one_stager_and_its_host_copies(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint import staging
+
+    made, staged = [], []
+    real_init, real_stage = staging.DefaultStager.__init__, staging.DefaultStager.stage
+
+    def counting_init(self, *args, **kwargs):
+        made.append(self)
+        real_init(self, *args, **kwargs)
+
+    def recording_stage(self, state_dict, **kwargs):
+        out = real_stage(self, state_dict, **kwargs)
+        staged.append({k: v.data_ptr() for k, v in out["model"].items()})
+        return out
+
+    monkeypatch.setattr(staging.DefaultStager, "__init__", counting_init)
+    monkeypatch.setattr(staging.DefaultStager, "stage", recording_stage)
+    saver = Checkpointer(tmp_path, keep=5)
+    state = make_state(1)  # the same tensors at every save, as a run's weights are
+    expected = []
+    for step in (1, 2, 3):
+        expected.append({k: v.clone() for k, v in state["model"].items()})
+        saver.write(step, state, {"loader": {}}, to_yaml(Config()), async_save=True)
+        for tensor in state["model"].values():  # the next step changes them while the write runs
+            tensor.add_(1.0)
+    saver.close()
+    assert len(made) == 1  # DCP's default: a new stager, and new host copies, per save
+    assert staged[0] == staged[1] == staged[2]  # each tensor staged into the same buffer every time
+    for step, want in zip((1, 2, 3), expected):
+        loaded = {"model": {k: torch.zeros_like(v) for k, v in want.items()}}
+        Checkpointer.load(tmp_path / f"step_{step:08d}", loaded)
+        assert all(torch.equal(loaded["model"][k], want[k]) for k in want)

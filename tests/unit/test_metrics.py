@@ -69,6 +69,7 @@ def test_mlflow_gets_durable_steps_once_across_a_crash_and_resume(tmp_path):
     for step in range(1, 6):
         first.log({"loss": float(step)}, step)
     first.flush(3)  # a checkpoint at step 3
+    first.wait()
     # killed here: steps 4, 5 were never durable, and the resumed run redoes them
     assert history(tmp_path, first.run_id) == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert json.loads((tmp_path / "run" / RUN_ID_FILE).read_text())["run_id"] == first.run_id
@@ -123,9 +124,11 @@ def test_failed_calls_are_retried_then_skipped_without_switching_tracking_off(tm
     monkeypatch.setattr(logger._client, "log_batch", flaky_log_batch)
     logger.log({"loss": 1.0}, 1)
     logger.flush(1)
+    logger.wait()
     assert history(tmp_path, logger.run_id) == []
     logger.log({"loss": 2.0}, 2)
     logger.flush(2)
+    logger.wait()
     assert history(tmp_path, logger.run_id) == [(1, 1.0), (2, 2.0)]
 
 
@@ -160,6 +163,29 @@ def test_each_step_keeps_the_time_it_was_logged_though_sent_at_the_checkpoint(tm
     points = sorted(MlflowClient(tracking_uri=sqlite_uri(tmp_path)).get_metric_history(logger.run_id, "loss"),
                     key=lambda m: m.step)
     assert [(m.step, m.timestamp) for m in points] == [(1, 1_001_000), (2, 1_002_000), (3, 1_003_000)]
+
+
+def test_flush_sends_on_another_thread_and_returns_while_the_server_is_slow(tmp_path, monkeypatch):
+    import threading
+
+    logger = make_logger(tmp_path)
+    real_log_batch, release, senders = logger._client.log_batch, threading.Event(), []
+
+    def slow_log_batch(*args, **kwargs):
+        senders.append(threading.current_thread().name)
+        assert release.wait(timeout=30), "the training thread never got past flush"
+        return real_log_batch(*args, **kwargs)
+
+    monkeypatch.setattr(logger._client, "log_batch", slow_log_batch)
+    logger.log({"loss": 1.0}, 1)
+    logger.flush(1)  # the server holds this call until `release`: flush must not wait for it
+    logger.log({"loss": 2.0}, 2)  # the training thread goes on logging meanwhile
+    logger.flush(2)
+    release.set()
+    logger.close()
+    assert senders and all(name.startswith("hmtrain-mlflow") for name in senders)
+    assert sorted(history(tmp_path, logger.run_id)) == [(1, 1.0), (2, 2.0)]
+    assert MlflowClient(sqlite_uri(tmp_path)).get_run(logger.run_id).info.status == "FINISHED"
 
 
 def test_a_new_run_is_tagged_with_user_host_version_and_commit(tmp_path):

@@ -15,6 +15,8 @@ from torch.distributed.tensor.debug import CommDebugMode
 from hmtrain.cli import main
 from hmtrain.config import ConfigError, ModelConfig, load_config
 from hmtrain.info import anchor_bytes_per_rank, print_info, tensor_parallel_rows
+from hmtrain.memory import memory_layers
+from hmtrain.memory.kind import FFNUnits
 from hmtrain.model import count_parameters, lm_loss_sum
 from hmtrain.model.sizes import activation_bytes, tensor_parallel_split, tensor_parallel_traffic
 from hmtrain.model.transformer import Transformer
@@ -138,12 +140,75 @@ def test_the_bank_per_rank_is_its_bytes_over_dp_times_n_for_sharded_levels():
         + rep["bank optimizer (fp32 moments + step; replicated: own rows)"]) // 2
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_memory_phase_all_reduce_count_is_what_the_split_ffn_with_units_issues(tp_mesh, checkpointing):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = Transformer(SMALL, max_seq_len=8, memory_layers=[1])  # units in one block of two
+    apply_tensor_parallel(model, tp_mesh)
+    if checkpointing:
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block)
+    units = FFNUnits(torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 3, 16, requires_grad=True),
+                     torch.randn(2, 16, 3, requires_grad=True))  # this rank's slice of each sequence's units
+    tokens = torch.randint(0, 64, (2, 8))
+    with CommDebugMode() as comms:
+        loss, _ = model(tokens, labels=tokens, memory=OneSlot(units))
+        loss.backward()
+    counts = {str(op): n for op, n in comms.get_comm_counts().items()}
+    traffic = tensor_parallel_traffic(SMALL, micro_batch=2, seq_len=8, value_bytes=4, checkpointing=checkpointing,
+                                      memory_layers=1)
+    plain = tensor_parallel_traffic(SMALL, micro_batch=2, seq_len=8, value_bytes=4, checkpointing=checkpointing)
+    assert traffic.count == plain.count - 1 and traffic.small_count == plain.small_count
+    # the block with units: TensorParallelFFN's own all-reduces (its output, its input's gradient once), not
+    # the styles' functional ones (w_gate's and w_up's input gradients, w_down's output)
+    assert counts.get("c10d_functional.all_reduce", 0) == traffic.count - 1 - 2
+    assert counts.get("c10d.allreduce_", 0) == 1 + 2 + traffic.small_count
+    assert units.u_gate.grad is not None and units.u_down.grad is not None
+
+
+class OneSlot:
+    """Fetched memory with one layer slot (the model's LayerMemory)."""
+
+    def __init__(self, units: FFNUnits):
+        self.units = units
+
+    def layer(self, slot: int) -> FFNUnits:
+        assert slot == 0
+        return self.units
+
+
+def wide_info(*overrides, world_size) -> tuple[dict, str]:
+    """print_info's result and its text, one table row a line."""
+    console = Console(file=io.StringIO(), width=400)
+    result = print_info(load_config("tiny", ["model.vocab_size=512", *overrides]), console, world_size=world_size)
+    return result, console.file.getvalue()
+
+
+@pytest.mark.parametrize("placement", ["gather", "owner"])
+def test_info_counts_the_memory_phase_all_reduces_of_an_ffn_memory_and_notes_no_refusal(placement):
+    result, out = wide_info(f"parallel.placement={placement}", "train.global_batch_size=32",
+                            "parallel.tensor_parallel=2", world_size=4)
+    counts = result["tensor_parallel"]
+    layers = len(memory_layers(load_config("tiny", ["model.vocab_size=512"])))
+    assert counts["refusal"] is None and layers > 0 and "note:" not in out and "refuses" not in out
+    assert counts["memory_traffic"].count == counts["traffic"].count - layers  # one fewer per block with units
+    assert counts["micro_batches"] == 1 and 0 < counts["memory_step_allreduce_bytes"] < counts["step_allreduce_bytes"]
+    assert f"(train.global_batch_size, the anchor alone): 1 micro-batch(es) x ({counts['traffic'].count} of" in out
+    assert f"per step, memory phase: 1 micro-batch(es) x ({counts['memory_traffic'].count} of [B, T, d]" in out
+
+
 def test_a_note_gives_the_trainers_refusal_of_the_memory_and_dense_has_no_bank_rows(capsys):
     # a memory the trainer does not split over tensor-parallel ranks (a LoRA kind: refused with the split too)
     main(["info", "--config", "tiny", "--world-size", "4", "--tensor-parallel", "2", "model.vocab_size=512",
           "memory.kind=lora_ffn"])
-    out = capsys.readouterr().out
-    assert "tensor parallel 2 x data parallel 2" in out and "the trainer refuses it today: config key" in out
+    assert "tensor parallel 2 x data parallel 2" in capsys.readouterr().out
+    result, out = wide_info("memory.kind=lora_ffn", "train.global_batch_size=32", "parallel.tensor_parallel=2",
+                            world_size=4)
+    lora = result["tensor_parallel"]
+    assert lora["refusal"].startswith("config key 'memory.kind': memory.kind=lora_ffn is not split")
+    assert f"the trainer refuses this kind's memory phase under tensor parallelism: {lora['refusal']}" in out
+    assert lora["memory_traffic"] is None and "per step, memory phase" not in out
     anchor_only = info("train.memory_steps=0", "parallel.tensor_parallel=2", world_size=2)["tensor_parallel"]
     assert anchor_only["refusal"] is None  # nothing refused, nothing noted
     dense = info("train.mode=dense", "parallel.tensor_parallel=2", world_size=2)["tensor_parallel"]
