@@ -1,9 +1,10 @@
 """`hmtrain train` with parallel.tensor_parallel=2 under torchrun (gloo): the anchor-only run (the pretrain phase,
 QK-norm on) follows the one-process loss curve and validation loss on the same global batches, on 2 ranks
-(TP 2) and on 4 (TP 2 x DP 2, activation checkpointing on); its checkpoints reshard from TP 2 to one process
-and back. With the memory on (both phases, the anchor co-trained), each tensor-parallel rank holds its half of
-every row's units: TP 2 and TP 2 x DP 2 (gather placement), and TP 2 x DP 4 (owner placement's groups of 2) follow the one-process curves and
-end with its bank, and the checkpoints reshard the units from TP 2 to one process and back."""
+(TP 2) and on 4 (TP 2 x DP 2, activation checkpointing on), and the dense baseline with an untied head (TP 2);
+its checkpoints reshard from TP 2 to one process and back. With the memory on (both phases), each
+tensor-parallel rank holds its half of every row's units: TP 2 and TP 2 x DP 2 (gather placement), and
+TP 2 x DP 4 (owner placement's groups of 2) follow the one-process curves and end with its bank, and the
+checkpoints reshard the units from TP 2 to one process and back."""
 import json
 import shutil
 
@@ -65,6 +66,19 @@ def test_tensor_parallel_2_by_data_parallel_2_matches_one_process(data, one_proc
     # with activation checkpointing (applied after the split): the recomputed forward repeats its collectives
     rows = train(data, tmp_path / "run", 4, "parallel.tensor_parallel=2", "parallel.activation_checkpointing=true")
     assert_same_curves(one_process[1], rows)
+
+
+# the dense baseline of this anchor: 6 heads of 8, 96 FFN units, d_model 48 (train.dense_multiplier=2); its own head
+DENSE = ["train.mode=dense", "model.n_heads=4", "model.head_dim=8", "model.tie_embeddings=false"]
+
+
+def test_dense_mode_with_an_untied_head_matches_one_process(data, tmp_path):
+    """train.mode=dense under tensor parallelism, with a head of its own (the other tests' tiny anchor ties it):
+    the vocabulary-parallel embedding, head and loss give the one-process curves on 2 ranks."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "tp2").mkdir()
+    one = train(data, tmp_path / "one" / "run", 1, *DENSE)
+    assert_same_curves(one, train(data, tmp_path / "tp2" / "run", 2, *DENSE, "parallel.tensor_parallel=2"))
 
 
 @pytest.mark.parametrize("before, after", [("tp2", 1), ("one_process", 2)], ids=["tp2_to_1", "1_to_tp2"])

@@ -58,6 +58,9 @@ def test_a_tensor_parallel_degree_that_fits_passes_and_splits_the_batch_over_dat
     (2, ["parallel.tensor_parallel=2", "model.ffn_hidden=385", *ANCHOR_ONLY], "385 hidden units are not divisible"),
     (2, ["parallel.tensor_parallel=2", "memory.units=[64,31]", *ANCHOR_ONLY], r"memory.units \[64, 31\]: \[31\]"),
     (2, ["parallel.tensor_parallel=2", "parallel.engine=deepspeed", *ANCHOR_ONLY], "parallel.engine=fsdp"),
+    (2, ["parallel.tensor_parallel=2", "model.vocab_multiple=3", *ANCHOR_ONLY], "model.vocab_multiple=3 .the "
+     "vocabulary is padded to a multiple of it. is not divisible by 2"),
+    (2, ["parallel.tensor_parallel=2", "model.vocab_size=2049", *ANCHOR_ONLY], "the vocabulary of 2049 rows"),
 ])
 def test_a_bad_tensor_parallel_degree_is_one_line_naming_the_key(world, overrides, words):
     with pytest.raises(ConfigError, match=words) as error:
