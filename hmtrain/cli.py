@@ -7,7 +7,7 @@
     hmtrain eval         --config CFG --checkpoint DIR [--baseline DIR] [--out FILE] [key=value ...]
     hmtrain eval retention --config CFG --encoder SPEC [--encoder SPEC ...] [--out DIR]
                          [--deep-router SPEC [--shallow-levels N]] [key=value ...]   (also `hmtrain retention`)
-    hmtrain info         --config CFG [--world-size N] [--checkpoint-gbps GB/S] [key=value ...]
+    hmtrain info         --config CFG [--world-size W] [--tensor-parallel N] [--checkpoint-gbps GB/S] [key=value ...]
     hmtrain config show  --config CFG [key=value ...]    (the merged config, as YAML)
     hmtrain config keys  [PREFIX]                          (every key: type, default, choices, help)
     hmtrain export       --checkpoint DIR --out DIR [--overwrite] [--config CFG] [key=value ...]
@@ -112,6 +112,9 @@ def _training_commands(commands) -> None:
     info = commands.add_parser("info", help="parameter counts per level, and memory and traffic per rank")
     _config_args(info)
     info.add_argument("--world-size", type=int, default=1, help="ranks to size the per-rank table for")
+    info.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                      help="size the 2-D layout (N tensor-parallel x W/N data-parallel ranks): the same as "
+                           "parallel.tensor_parallel=N")
     info.add_argument("--checkpoint-gbps", type=float, default=None, metavar="GB/S",
                       help="write bandwidth to the checkpoint directory, all ranks together, in gigabytes "
                            "(10^9 bytes) per second, for the checkpoint's write time (default 1)")
@@ -263,7 +266,9 @@ def cmd_info(args) -> None:
     gbps = CHECKPOINT_GBPS if args.checkpoint_gbps is None else args.checkpoint_gbps
     if not (math.isfinite(gbps) and gbps > 0):
         raise ValueError(f"--checkpoint-gbps must be a positive number of GB/s, got {args.checkpoint_gbps}")
-    print_info(load_config(args.config, args.overrides), world_size=args.world_size, checkpoint_gbps=gbps)
+    overrides = [*args.overrides, *([f"parallel.tensor_parallel={args.tensor_parallel}"]
+                                    if args.tensor_parallel is not None else [])]
+    print_info(load_config(args.config, overrides), world_size=args.world_size, checkpoint_gbps=gbps)
 
 
 def cmd_bench(args) -> None:

@@ -16,8 +16,9 @@ from hmtrain.memory import memory_layers, memory_sizes
 from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.sizes import bank_checkpoint_bytes, eval_footprint, rank_footprint, step_transients
 from hmtrain.model import count_parameters, run_model_config
-from hmtrain.model.sizes import activation_bytes, human
+from hmtrain.model.sizes import activation_bytes, human, tensor_parallel_split, tensor_parallel_traffic
 from hmtrain.parallel.placement import Groups, assign_groups
+from hmtrain.parallel.tensor_parallel import check_tensor_parallel
 
 GiB = 2**30
 # checkpoint write bandwidth, all ranks together, when --checkpoint-gbps is not given: 1 GB/s, a modest
@@ -129,6 +130,8 @@ def micro_batches_per_rank(cfg: Config, world_size: int) -> dict[str, int | str]
 def print_info(cfg: Config, console: Console | None = None, world_size: int = 1,
                checkpoint_gbps: float = CHECKPOINT_GBPS) -> dict:
     console = console or Console()
+    if cfg.parallel.tensor_parallel > 1:  # a bad degree is one line, before any table
+        check_degree(cfg, world_size)
     summary = size_summary(cfg)
     table = Table(title="hmtrain parameter budget")
     for column in ("part", "nodes", "units / layer", "active per sequence", "bank"):
@@ -150,6 +153,8 @@ def print_info(cfg: Config, console: Console | None = None, world_size: int = 1,
     if summary["bank"] and cfg.train.mode != "dense" and cfg.model.family != "memory_model":
         summary["tokens"] = tokens_per_parameter(cfg)
         console.print(tokens_line(summary["tokens"]), markup=False, highlight=False)
+    if cfg.parallel.tensor_parallel > 1:  # the 2-D layout's own table; the other, data parallel alone, to compare
+        summary["tensor_parallel"] = print_tensor_parallel(cfg, summary, console, world_size)
     summary["per_rank"] = print_rank_memory(cfg, summary, console, world_size)
     summary["checkpoint"] = print_checkpoint(cfg, summary, console, checkpoint_gbps)
     summary["eval"] = print_eval_memory(cfg, summary, console)
@@ -177,7 +182,8 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
         f"fetched rows + fp32 gradients, micro-batch of {tc.micro_batch_size}"
         f"{' and the step' if par.fetch == 'step' else ''} (at most)": bank.fetched,
     }
-    table = Table(title=f"memory per rank on {world_size} rank(s)")
+    alone = " (data parallel alone, without parallel.tensor_parallel)" if par.tensor_parallel > 1 else ""
+    table = Table(title=f"memory per rank on {world_size} rank(s){alone}")
     table.add_column("what")
     table.add_column("GiB per rank", justify="right")
     for name, value in rows.items():
@@ -249,6 +255,108 @@ def step_memory(cfg: Config, summary: dict, world_size: int) -> tuple[dict[str, 
         if configured:  # the peak counts the activations the run holds
             peak = max(peak, rows[name])
     return rows, peak
+
+
+def check_degree(cfg: Config, world_size: int):
+    """The model the run trains (the anchor, or the dense baseline) after the trainer's tensor-parallel checks
+    (`check_tensor_parallel`; a bad degree is its one-line ConfigError), and the trainer's refusal of what it
+    does not split (a memory phase of a kind other than memory.kind=ffn), or None."""
+    if cfg.model.family != "lm":  # refused first, before its model is sized
+        check_tensor_parallel(cfg, world_size, cfg.model)
+    model = run_model_config(model_config(cfg), cfg.train.mode, cfg.train.dense_multiplier)
+    anchor_only = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, memory_steps=0))
+    check_tensor_parallel(anchor_only, world_size, model)  # every degree check, the memory's units too
+    try:
+        check_tensor_parallel(cfg, world_size, model)
+    except ConfigError as error:  # what is left is the memory's refusal
+        return model, str(error)
+    return model, None
+
+
+def tensor_parallel_rows(cfg: Config, summary: dict, world_size: int) -> tuple[dict[str, int], dict]:
+    """(row name -> bytes per rank of the 2-D layout, the counts behind them). The anchor's split parameters
+    /N, its norms whole, then FSDP over the dp = W/N ranks; the bank's rows sharded over the dp ranks as
+    without tensor parallelism, every row's units split N ways (weights, state, fetches and traffic /N);
+    one micro-batch's activations on a rank; the tensor-parallel all-reduces of a step."""
+    par, tc, n = cfg.parallel, cfg.train, cfg.parallel.tensor_parallel
+    model, refusal = check_degree(cfg, world_size)
+    dp = world_size // n
+    split, replicated = tensor_parallel_split(model)
+    anchor = anchor_bytes_per_rank(split // n + replicated, dp, par.engine, par.zero_stage)
+    groups = owner_groups(cfg, dp)
+    bank = rank_footprint(n_layers=len(memory_layers(cfg)), params_per_unit=memory_kind(cfg).params_per_unit,
+                          branching=cfg.tree.branching, units=cfg.memory.units, world_size=dp,
+                          replicate_levels=par.replicate_levels, generic=cfg.memory.generic,
+                          weight_bytes=2 if cfg.memory.dtype == "bf16" else 4, micro_batch=tc.micro_batch_size,
+                          global_batch=tc.global_batch_size, group_size=groups.group_size,
+                          subtrees_per_group=groups.subtrees_per_group, placement=par.placement,
+                          fetch_per_step=par.fetch == "step")
+    with_bank = cfg.train.mode == "hierarchical" and summary["bank"] > 0
+    rows = {f"anchor ({par.engine} over dp={dp}): weights, grads, AdamW of {human(split)} split /{n} + "
+            f"{human(replicated)} norms whole": anchor}
+    if with_bank:
+        rows |= {"bank weights, fp32 masters, optimizer state (rows over dp, units /N)":
+                 (bank.weights + bank.masters + bank.optimizer) // n,
+                 "bank step gradients and fetched rows (at most, /N)": (bank.step_grads + bank.fetched) // n}
+    activations = activation_bytes(model, micro_batch=tc.micro_batch_size, seq_len=cfg.data.seq_len,
+                                   memory_units=sum(cfg.memory.units) if with_bank else 0,
+                                   fetched=summary["fetched"] if with_bank else 0,
+                                   memory_layers=len(summary["memory_layers"]),
+                                   checkpointing=par.activation_checkpointing, value_bytes=value_bytes(cfg),
+                                   tensor_parallel=n)
+    rows[f"activations, one micro-batch, activation checkpointing {'on' if par.activation_checkpointing else 'off'}"
+         ] = activations
+    def traffic(memory_layers: int):
+        return tensor_parallel_traffic(model, micro_batch=tc.micro_batch_size, seq_len=cfg.data.seq_len,
+                                       value_bytes=value_bytes(cfg), checkpointing=par.activation_checkpointing,
+                                       memory_layers=memory_layers)
+
+    # the memory phase's FFN blocks with units all-reduce less backward (one copy of their input each)
+    memory_phase = with_bank and refusal is None and cfg.train.memory_steps > 0 and cfg.memory.kind == "ffn"
+    micro = micro_batches_per_rank(cfg, dp)["train.global_batch_size"]
+    steps = micro if isinstance(micro, int) else 0
+    counts = {"dp": dp, "split": split, "replicated": replicated, "traffic": traffic(0), "micro_batches": micro,
+              "memory_traffic": traffic(len(summary["memory_layers"])) if memory_phase else None,
+              "refusal": refusal, "moved": (bank.moved_gather // n, bank.moved_owner // n) if with_bank else None}
+    counts["step_allreduce_bytes"] = steps * (counts["traffic"].data_bytes + counts["traffic"].small_bytes)
+    if memory_phase:
+        mem = counts["memory_traffic"]
+        counts["memory_step_allreduce_bytes"] = steps * (mem.data_bytes + mem.small_bytes)
+    return rows, counts
+
+
+def print_tensor_parallel(cfg: Config, summary: dict, console: Console, world_size: int) -> dict:
+    n = cfg.parallel.tensor_parallel
+    rows, counts = tensor_parallel_rows(cfg, summary, world_size)
+    table = Table(title=f"memory per rank on {world_size} rank(s): tensor parallel {n} x data parallel {counts['dp']}")
+    table.add_column("what")
+    table.add_column("GiB per rank", justify="right")
+    for name, value in rows.items():
+        table.add_row(name, f"{value / GiB:.2f}")
+    total = sum(rows.values())
+    table.add_row("total: held through the step + one micro-batch's activations", f"{total / GiB:.2f}")
+    traffic, micro, memory_traffic = counts["traffic"], counts["micro_batches"], counts["memory_traffic"]
+    if isinstance(micro, int):
+        phase = ", the anchor alone" if memory_traffic is not None else ""
+        table.add_row(f"tensor-parallel all-reduces per step (train.global_batch_size{phase}): {micro} "
+                      f"micro-batch(es) x ({traffic.count} of [B, T, d] + {traffic.small_count} per-token fp32) "
+                      "(a ring sends 2 (N-1)/N of it)",
+                      f"{counts['step_allreduce_bytes'] / GiB:.2f}")
+        if memory_traffic is not None:
+            table.add_row(f"tensor-parallel all-reduces per step, memory phase: {micro} micro-batch(es) x "
+                          f"({memory_traffic.count} of [B, T, d] + {memory_traffic.small_count} per-token fp32)",
+                          f"{counts['memory_step_allreduce_bytes'] / GiB:.2f}")
+    if counts["moved"] is not None:
+        table.add_row("bank traffic per step, gather placement (expected, /N)", f"{counts['moved'][0] / GiB:.2f}")
+        table.add_row("bank traffic per step, owner placement (expected, /N)", f"{counts['moved'][1] / GiB:.2f}")
+    console.print(table)
+    if counts["refusal"] is not None and counts["moved"] is not None:
+        console.print("note: the bank rows are this memory's units split over tensor-parallel ranks as "
+                      "memory.kind=ffn's are; the trainer refuses this kind's memory phase under tensor parallelism: "
+                      f"{counts['refusal']}", markup=False, highlight=False)
+    if isinstance(micro, str):
+        console.print(f"error: {micro}", style="red", markup=False, highlight=False)
+    return {"total": total, **rows, **counts}
 
 
 def print_checkpoint(cfg: Config, summary: dict, console: Console, gbps: float) -> dict:

@@ -6,7 +6,9 @@
 # one memory phase per seed, each evaluated (anchor alone, + generic, + fetched; per level-1 subtree).
 #   bash launch/hf_posthoc_run.sh OUT [SEEDS]        e.g. bash launch/hf_posthoc_run.sh runs/hf "0 1 2"
 # Sizes from the environment: PEOPLE, DOCUMENTS (hmtrain data synth), D, LAYERS, PRETRAIN_STEPS,
-# MEMORY_STEPS. The anchor is pretrained once (seed 0); seeds vary the memory phase only. Every step is
+# MEMORY_STEPS. CORPUS=dictd reads Debian's dictionaries instead of the synthetic corpus (`hmtrain data
+# import dictd` of DICTS, default "foldoc jargon elements"; apt-get install dict-foldoc ...): real text,
+# no probes. The anchor is pretrained once (seed 0); seeds vary the memory phase only. Every step is
 # timed; finished steps are skipped on a rerun.
 set -euo pipefail
 OUT=$(realpath -m "$1"); SEEDS=${2:-0}
@@ -18,12 +20,21 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HMTRAIN_LOG_LEVEL=${HMTRAIN_LOG_LEV
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 HM=("$PY" -m hmtrain.cli)
 mkdir -p "$OUT"; cd "$OUT"
-COMMON=(data.documents="$OUT/corpus/documents.jsonl.gz" data.probes="$OUT/corpus/probes.jsonl"
-        data.prepared="$OUT/prepared" logging.mlflow=false train.progress=false)
+CORPUS=${CORPUS:-synth} DICTS=${DICTS:-foldoc jargon elements}
 timed() { local name=$1; shift; /usr/bin/time -f "$name: %e s wall, %U s user" "$@"; }
 
-[ -f corpus/synth.json ] || timed synth "${HM[@]}" data synth --out corpus --people "$PEOPLE" --documents "$DOCUMENTS"
-[ -f init/config.json ] || timed init "$PY" "$REPO/launch/hf_tiny_anchor.py" --documents corpus/documents.jsonl.gz \
+if [ "$CORPUS" = dictd ]; then
+  DOCS=$OUT/dict PROBES=()
+  if [ ! -f dict/_SUCCESS ]; then
+    # shellcheck disable=SC2086  # DICTS is a list of names
+    rm -rf dict; timed import "${HM[@]}" data import dictd --out dict $DICTS; touch dict/_SUCCESS
+  fi
+else
+  DOCS=$OUT/corpus/documents.jsonl.gz PROBES=(data.probes="$OUT/corpus/probes.jsonl")
+  [ -f corpus/synth.json ] || timed synth "${HM[@]}" data synth --out corpus --people "$PEOPLE" --documents "$DOCUMENTS"
+fi
+COMMON=(data.documents="$DOCS" "${PROBES[@]}" data.prepared="$OUT/prepared" logging.mlflow=false train.progress=false)
+[ -f init/config.json ] || timed init "$PY" "$REPO/launch/hf_tiny_anchor.py" --documents "$DOCS" \
   --out init --d "$D" --layers "$LAYERS"
 [ -f prepared/manifest.json ] || timed prepare "${HM[@]}" data prepare --config posthoc-tiny model.hf_path="$OUT/init" \
   "${COMMON[@]}"

@@ -10,10 +10,12 @@ ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
 VOCAB, EOT, PAD = 300, 256, 257
 
 
-def hf_config(arch: str, d: int = 32, layers: int = 2):
+def hf_config(arch: str, d: int = 32, layers: int = 2, init_range: float = 0.02):
+    """`init_range`: the weights' init std (transformers' initializer_range); at its default 0.02 a width-32
+    model's logits span well under one nat, too little for a test that needs the model to learn facts."""
     from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
-    ids = dict(vocab_size=VOCAB, eos_token_id=EOT, pad_token_id=PAD, bos_token_id=EOT)
+    ids = dict(vocab_size=VOCAB, eos_token_id=EOT, pad_token_id=PAD, bos_token_id=EOT, initializer_range=init_range)
     if arch == "gpt2":
         return GPT2Config(n_embd=d, n_layer=layers, n_head=2, n_positions=256, **ids)
     kw = dict(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=2,
@@ -54,12 +56,13 @@ def _byte_map() -> dict[str, int]:
 _BYTE_OF = _byte_map()
 
 
-def save_tiny(arch: str, directory: Path, *, seed: int = 0, d: int = 32, layers: int = 2) -> Path:
+def save_tiny(arch: str, directory: Path, *, seed: int = 0, d: int = 32, layers: int = 2,
+              init_range: float = 0.02) -> Path:
     """A random model of `arch` with the byte tokenizer in `directory` (returned)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(arch, d, layers))
+    model = AutoModelForCausalLM.from_config(hf_config(arch, d, layers, init_range))
     model.save_pretrained(directory)
     byte_tokenizer().save(str(Path(directory) / "tokenizer.json"))
     return Path(directory)

@@ -1,6 +1,7 @@
 """`hmtrain bench memory_step`: a co-trained memory step against an anchor step widened by the same units.
 
-    hmtrain bench memory_step [--sequences 1 --tokens 256] [--repeats 40] [--config tiny] [key=value ...]
+    hmtrain bench memory_step [--sequences 1 --tokens 256] [--repeats 40] [--clock wall|cpu] [--config tiny]
+                              [key=value ...]
 
 Both are whole training steps on the same tokens, on one process: forward, backward, optimizer. The
 memory step runs the anchor (`model.ffn_hidden` h) with the memory bank of `memory.units` (M units per
@@ -10,6 +11,9 @@ widened to h + M: the same FFN arithmetic, so the ratio is what the bank's own w
 block gather, the sparse update) costs on top. Steps are paired (baseline then memory, alternating
 which goes first) and the ratio of each pair is taken, so drifting load on the machine cancels; the
 table gives the median ratio with its 10th and 90th percentiles, and the median milliseconds of each.
+`--clock cpu` times each step by this thread's CPU time (time.thread_time) instead of the wall clock:
+on a machine other jobs load, the time the step was descheduled drops out (one thread computes the step:
+torch.set_num_threads(1)).
 """
 from __future__ import annotations
 
@@ -66,10 +70,12 @@ def run(args) -> dict:
         opt_wide.step()
         opt_wide.zero_grad(set_to_none=True)
 
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+
     def timed(fn) -> float:
-        start = time.perf_counter()
+        start = clock()
         fn()
-        return time.perf_counter() - start
+        return clock() - start
 
     for _ in range(args.warmup):
         anchor_step(), memory_step()
@@ -85,13 +91,14 @@ def run(args) -> dict:
     return {"config": args.config, "layers": cfg.model.n_layers, "d": cfg.model.d_model, "h": cfg.model.ffn_hidden,
             "units": units, "tokens": args.sequences * args.tokens, "base_ms": 1e3 * np.median(base),
             "mem_ms": 1e3 * np.median(mem), "ratio": float(np.median(ratio)),
-            "low": float(np.percentile(ratio, 10)), "high": float(np.percentile(ratio, 90)), "repeats": args.repeats}
+            "low": float(np.percentile(ratio, 10)), "high": float(np.percentile(ratio, 90)), "repeats": args.repeats,
+            "clock": args.clock}
 
 
 def render(r: dict) -> str:
     return "\n".join([
         f"{r['config']}: {r['layers']} layers, d {r['d']}, FFN {r['h']}, memory units {r['units']} "
-        f"(M = {sum(r['units'])}), {r['tokens']} tokens a step, {r['repeats']} paired steps",
+        f"(M = {sum(r['units'])}), {r['tokens']} tokens a step, {r['repeats']} paired steps, {r['clock']} clock",
         "| step | median ms | vs anchor widened by M |", "|---|---:|---|",
         f"| anchor, FFN {r['h']} + {sum(r['units'])} | {r['base_ms']:.1f} | 1.00x |",
         f"| anchor {r['h']} + memory {sum(r['units'])} (co-trained) | {r['mem_ms']:.1f} | "
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time steps by the wall clock or by this thread's CPU time")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

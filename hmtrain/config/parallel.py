@@ -39,7 +39,8 @@ class ParallelConfig:
     # DeepSpeed ZeRO stage (1, 2 or 3) when parallel.engine=deepspeed
     zero_stage: int = 2
     # tensor-parallel degree: the ranks form a (world / N) x N mesh, data-parallel x tensor-parallel; attention
-    # heads and FFN hidden units split N ways (hmtrain/parallel/tensor_parallel.py; dense anchors only for now)
+    # heads and FFN hidden units split N ways (hmtrain/parallel/tensor_parallel.py), and each
+    # row's memory units too (memory.kind=ffn: hmtrain/memory/unit_split.py)
     tensor_parallel: int = 1
     # how the bank's rows are placed: gather (rows sharded, fetched by all-to-all) or owner (ranks own level-1
     # subtrees and train their sequences)

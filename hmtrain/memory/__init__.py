@@ -14,6 +14,7 @@ from hmtrain.memory.host_bank import HostBank
 from hmtrain.memory.kind import memory_kind
 from hmtrain.memory.sizes import LevelSize, memory_sizes
 from hmtrain.memory.sparse_adamw import SparseAdamW
+from hmtrain.memory.unit_split import UnitSplit
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -32,9 +33,11 @@ def memory_layers(cfg: Config) -> tuple[int, ...]:
 
 
 def build_bank(cfg: Config, device: torch.device | str = "cpu", comm: Comm | None = None,
-               owner_of_subtree: Sequence[int] | None = None, group_size: int = 1) -> MemoryBank:
+               owner_of_subtree: Sequence[int] | None = None, group_size: int = 1,
+               unit_split: UnitSplit | None = None) -> MemoryBank:
     """The bank a config describes, with the memory phase's optimizer settings; owner placement: each
-    level-1 subtree's group, and the ranks per group (hmtrain/parallel/placement.py)."""
+    level-1 subtree's group, and the ranks per group (hmtrain/parallel/placement.py); tensor parallelism:
+    this rank's units of every row (hmtrain/memory/unit_split.py), `comm` then the data-parallel group's."""
     optim = cfg.train.memory_optim
     return MemoryBank(
         n_layers=len(memory_layers(cfg)), kind=memory_kind(cfg), branching=cfg.tree.branching,
@@ -43,6 +46,7 @@ def build_bank(cfg: Config, device: torch.device | str = "cpu", comm: Comm | Non
         optimizer=SparseAdamW(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay),
         comm=comm, placement=cfg.parallel.placement, replicate_levels=cfg.parallel.replicate_levels,
         owner_of_subtree=owner_of_subtree, group_size=group_size, fetch_per_step=cfg.parallel.fetch == "step",
+        unit_split=unit_split,
     )
 
 
@@ -53,5 +57,5 @@ def build_host_bank(cfg: Config, device: torch.device | str = "cpu") -> HostBank
                     units=cfg.memory.units, generic=cfg.memory.generic, dtype=DTYPES[cfg.memory.dtype], device=device)
 
 
-__all__ = ["Comm", "FetchedMemory", "HostBank", "LevelSize", "MemoryBank", "SparseAdamW", "build_bank",
+__all__ = ["Comm", "FetchedMemory", "HostBank", "LevelSize", "MemoryBank", "SparseAdamW", "UnitSplit", "build_bank",
            "build_host_bank", "memory_layers", "memory_sizes", "uses_memory"]

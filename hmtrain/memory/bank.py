@@ -45,7 +45,8 @@ from hmtrain.memory.indices import DeviceIndices
 from hmtrain.memory.kind import MemoryKind
 from hmtrain.memory.plan import StepPlan, TableSpec, make_plan
 from hmtrain.memory.sizes import level_nodes, validate_tree
-from hmtrain.memory.sparse_adamw import SparseAdamW
+from hmtrain.memory.sparse_adamw import Rows, SparseAdamW
+from hmtrain.memory.unit_split import UnitSplit
 
 # A table's state fields: weight, [master,] exp_avg, exp_avg_sq, step. MASTER: the fp32 master rows,
 # held (and saved) only by tables stored in less than fp32.
@@ -78,6 +79,7 @@ class MemoryBank:
         owner_of_subtree: Sequence[int] | None = None,
         group_size: int = 1,
         fetch_per_step: bool = False,
+        unit_split: UnitSplit | None = None,
     ) -> None:
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
@@ -90,9 +92,15 @@ class MemoryBank:
             raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
         if placement not in ("gather", "owner"):
             raise ValueError(f"placement must be gather or owner, got {placement!r}")
+        if unit_split is not None and len(kind.groups) != 1:
+            raise ValueError(f"memory.kind={kind.name}: only a kind of one slot width splits its units over "
+                             "tensor-parallel ranks")
         self.n_layers, self.kind = n_layers, kind
         self.branching = tuple(int(k) for k in branching)
-        self.units = tuple(int(m) for m in units)
+        # tensor parallelism: this rank's units of every row (hmtrain/memory/unit_split.py), `units` being the
+        # whole rows'; everything below sees the rank's share alone
+        self.unit_split = unit_split
+        self.units = tuple(int(m) if unit_split is None else unit_split.units(int(m)) for m in units)
         self.units_total = sum(self.units)
         self.nodes = tuple(level_nodes(self.branching))
         self.has_generic = generic
@@ -199,20 +207,36 @@ class MemoryBank:
         rows = spec.layout.local_rows
         weight = torch.zeros((len(rows), *spec.row_shape), device=self.device, dtype=torch.float32)
         gen = torch.Generator(device="cpu")
+        split = self.unit_split
+        if split is not None:  # each row drawn whole, as one process draws it, and cut to this rank's units
+            shape = list(spec.row_shape)
+            shape[2] *= split.size
+            whole = torch.zeros(shape, device=self.device, dtype=torch.float32)
         for slot, row in enumerate(rows.tolist()):
             gen.manual_seed(_row_seed(seed, table_index, row))
-            self.kind.init_row(weight[slot], init_std, gen)
+            if split is None:
+                self.kind.init_row(weight[slot], init_std, gen)
+            else:
+                whole.zero_()
+                self.kind.init_row(whole, init_std, gen)
+                weight[slot].copy_(split.local(whole))
         return weight
 
     # ---- sizes -------------------------------------------------------------
 
+    @property
+    def _split_size(self) -> int:
+        return 1 if self.unit_split is None else self.unit_split.size
+
     def num_parameters(self, include_generic: bool = True) -> int:
-        """Parameters of the whole bank, over all ranks (the paper's bank size is include_generic=False)."""
-        return sum(s.layout.num_rows * s.row_numel for s in self.specs if include_generic or s.name != GENERIC)
+        """Parameters of the whole bank, over all ranks (the paper's bank size is include_generic=False); under
+        tensor parallelism each rank holds 1/N of them."""
+        return self._split_size * sum(s.layout.num_rows * s.row_numel for s in self.specs
+                                      if include_generic or s.name != GENERIC)
 
     def fetched_parameters(self) -> int:
-        """Parameters one sequence fetches: n_layers * params-per-unit * M."""
-        return self.n_layers * self.kind.params_per_unit * self.units_total
+        """Parameters one sequence fetches: n_layers * params-per-unit * M (over its tensor-parallel ranks)."""
+        return self.n_layers * self.kind.params_per_unit * self.units_total * self._split_size
 
     @property
     def tables(self) -> dict[str, Tensor]:
@@ -320,7 +344,7 @@ class MemoryBank:
         rows: dict[str, Tensor] = {}
         for spec in self.specs:
             if spec.transport != "remote":
-                rows[spec.name] = self._state[spec.name]["weight"].index_select(0, idx[k, spec.name, "rows"])
+                rows[spec.name] = idx.take(self._state[spec.name]["weight"], (k, spec.name, "rows"))
         remote = self._remote
         if remote and plan.step_fetch is not None:  # the step's rows, arrived by its first fetch, sliced
             if plan.rows is None:
@@ -328,7 +352,7 @@ class MemoryBank:
                 self._incoming = None
                 plan.rows = self._unpack_rows(remote, incoming, idx, "step", plan.step_fetch)
             for spec in remote:
-                rows[spec.name] = plan.rows[spec.name].index_select(0, idx[k, spec.name, "slots"])
+                rows[spec.name] = idx.take(plan.rows[spec.name], (k, spec.name, "slots"))
         elif remote:
             rows.update(self._unpack_rows(remote, self._send_rows(remote, plan, k, idx, k), idx, k, fetches))
         layer_major = {name: r.transpose(0, 1) for name, r in rows.items()}  # FetchedMemory copies them once
@@ -343,8 +367,8 @@ class MemoryBank:
         wire = plan.wires[k]
         send = self._state[remote[0].name]["weight"].new_empty((sum(wire.serve_splits), wire.chunk))
         for spec in remote:
-            served = self._state[spec.name]["weight"].index_select(0, idx[key, spec.name, "serve"])
-            send.index_copy_(0, idx[key, spec.name, "serve_at"], served.view(-1, wire.chunk))
+            served = idx.take(self._state[spec.name]["weight"], (key, spec.name, "serve"))
+            idx.put(send, (key, spec.name, "serve_at"), served)
         return self.comm_of(remote[0]).all_to_all(send, wire.serve_splits, wire.fetch_splits, async_op=True)
 
     @staticmethod
@@ -354,7 +378,7 @@ class MemoryBank:
         received, work = incoming
         if work is not None:
             work.wait()
-        return {spec.name: received.index_select(0, idx[key, spec.name, "fetch_at"]).view(
+        return {spec.name: idx.take(received, (key, spec.name, "fetch_at")).view(
             len(fetches[spec.name].ids), *spec.row_shape) for spec in remote}
 
     def return_grads(self, fetched: FetchedMemory, scale: float = 1.0) -> None:
@@ -387,7 +411,7 @@ class MemoryBank:
         wire, idx = self._plan.wires[k], self._indices
         send = torch.empty((sum(wire.fetch_splits), wire.chunk), device=self.device, dtype=torch.float32)
         for spec in remote:
-            send.index_copy_(0, idx[key, spec.name, "fetch_at"], grads[spec.name].float().reshape(-1, wire.chunk))
+            idx.put(send, (key, spec.name, "fetch_at"), grads[spec.name].float())
         received, work = self.comm_of(remote[0]).all_to_all(send, wire.fetch_splits, wire.serve_splits, async_op=True)
         finish = partial(self._add_returned, remote, k, key, received, work, scale)
         return finish if async_op else finish()
@@ -397,7 +421,7 @@ class MemoryBank:
             work.wait()
         idx = self._indices
         for spec in remote:
-            served = received.index_select(0, idx[key, spec.name, "serve_at"])
+            served = idx.take(received, (key, spec.name, "serve_at"))
             rows = served.view(len(self._plan.serves[k][spec.name].local_ids), *spec.row_shape)
             self._grads[spec.name].index_add_(0, idx[key, spec.name, "serve_slots"], rows, alpha=scale)
 
@@ -443,7 +467,10 @@ class MemoryBank:
         sq = torch.zeros((), device=self.device, dtype=torch.float32)
         for spec in self.specs:
             sq += self._grads[spec.name].pow(2).sum()
-        return self.comm.all_reduce_(sq.to(self.comm.device)).to(self.device)
+        sq = self.comm.all_reduce_(sq.to(self.comm.device))
+        if self.unit_split is not None:  # and the tensor-parallel ranks' disjoint unit slices
+            sq = self.unit_split.comm.all_reduce_(sq.to(self.unit_split.comm.device))
+        return sq.to(self.device)
 
     def step(self, lr: float, grad_scale: Tensor | float = 1.0) -> dict[str, int]:
         """Scale the step's gradients (global clipping) and apply row-wise AdamW to touched rows only; a
@@ -451,22 +478,21 @@ class MemoryBank:
         if self._plan is None:
             raise RuntimeError("step() without plan_step(): nothing to update")
         self._finish_reduction()  # done already when finish_grads() ran
-        updated = {}
-        for spec in self.specs:
-            rows = self._plan.step_rows[spec.name]
-            updated[spec.name] = len(rows)
-            if not len(rows):
-                continue
-            grads = self._grads[spec.name]
-            grads.mul_(grad_scale)
-            state = self._state[spec.name]
-            own = self._owned_part(spec, state["weight"])
-            idx = self._indices[spec.name, "update"]
-            self.optimizer.update_(own, state["exp_avg"], state["exp_avg_sq"], state["step"], idx, grads, lr=lr,
-                                   validate=False, master=state.get(MASTER))
+        updated = {spec.name: len(self._plan.step_rows[spec.name]) for spec in self.specs}
+        touched = [spec for spec in self.specs if updated[spec.name]]
+        grads = [self._grads[spec.name] for spec in touched]
+        if grads and not (isinstance(grad_scale, float) and grad_scale == 1.0):  # x * 1.0 is x: skip the pass
+            torch._foreach_mul_(grads, grad_scale)
+        tables = []
+        for spec, g in zip(touched, grads):
+            state, key = self._state[spec.name], (spec.name, "update")
+            tables.append(Rows(self._owned_part(spec, state["weight"]), state["exp_avg"], state["exp_avg_sq"],
+                               state["step"], self._indices[key], g, state.get(MASTER), self._indices.run(key)))
+        self.optimizer.update_tables_(tables, lr=lr, validate=False)  # one pass over every table's rows
+        for spec, rows in zip(touched, tables):
             if spec.transport == "replicated":
-                pieces = state["weight"].view(-1, *self._sharding[spec.name].piece_shape)
-                zero.gather_updated(self.comm_of(spec), pieces, own, self._shares[spec.name])
+                pieces = self._state[spec.name]["weight"].view(-1, *self._sharding[spec.name].piece_shape)
+                zero.gather_updated(self.comm_of(spec), pieces, rows.weight, self._shares[spec.name])
         self.abandon_step()
         return updated
 
@@ -488,6 +514,12 @@ class MemoryBank:
     # ---- checkpoint state (hmtrain/memory/bank_state.py) ----------------------
 
     def _checkpoint_mesh(self):
+        """The mesh checkpoints' DTensors live on: the bank's ranks, or (dp, tp) under tensor parallelism; None
+        for a bank alone on one process (saved as plain tensors)."""
+        if self.unit_split is not None:
+            return self.unit_split.mesh
+        if self.comm.world_size == 1:
+            return None
         if self._mesh is None:
             self._mesh = bank_state.checkpoint_mesh(self.comm)
         return self._mesh
@@ -532,13 +564,13 @@ class MemoryBank:
         """Flat `<table>.<field>` -> tensor (one process) or chunk-layout Shard(0) DTensor; a bf16 table
         saves its fp32 masters too (`<table>.master`), so a resume continues exactly. The on-disk form does
         not depend on the layouts or the pieces (hmtrain/memory/bank_state.py)."""
-        mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
+        mesh = self._checkpoint_mesh()
         return {f"{spec.name}.{field}": self._saved(spec, field, mesh) for spec in self.specs
                 for field in self._state[spec.name]}
 
     def load_template(self) -> dict[str, Tensor]:
         """The tensors a checkpoint's bank loads into (`load_state_dict` then finishes the load)."""
-        mesh = self._checkpoint_mesh() if self.comm.world_size > 1 else None
+        mesh = self._checkpoint_mesh()
         return {f"{spec.name}.{field}": self._to_load(spec, field, mesh) for spec in self.specs
                 for field in self._state[spec.name]}
 

@@ -1,5 +1,9 @@
 """One bank table in a checkpoint: its rows as a `Shard(0)` DTensor in the torch.chunk layout.
 
+Under tensor parallelism the mesh is (dp, tp) and a rank holds its units of each row
+(hmtrain/memory/unit_split.py): tables are then 2-D DTensors, rows `Shard(0)` over dp and units `Shard(3)` over
+tp (step counts, one per row, `Replicate()` over tp), whose global tensor is the one-process table.
+
 DCP reshards that layout to any world size (docs/design.md), so a bank saved on N ranks loads on M,
 with either placement. Tables stored in another layout at run time are converted on the way:
 replicated tables save and load only the rows whose optimizer state a rank holds (MemoryBank then
@@ -13,10 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from hmtrain.memory.exchange import Comm
 from hmtrain.memory.layout import RowLayout, chunk_rows, chunked, pieces_of
+from hmtrain.memory.unit_split import UNIT_AXIS
 from hmtrain.memory.zero import Sharding
 
 
@@ -29,9 +34,15 @@ def checkpoint_mesh(comm: Comm) -> DeviceMesh:
 
 
 def _as_dtensor(local: Tensor, mesh: DeviceMesh, num_rows: int) -> DTensor:
-    shape = torch.Size((num_rows, *local.shape[1:]))
+    shape = [num_rows, *local.shape[1:]]
+    placements = [Shard(0)]
+    if mesh.ndim == 2:  # (dp, tp): a table's units split over tp (UNIT_AXIS of a row), a step count whole
+        units_split = local.dim() > UNIT_AXIS + 1
+        placements.append(Shard(UNIT_AXIS + 1) if units_split else Replicate())
+        if units_split:
+            shape[UNIT_AXIS + 1] *= mesh.size(1)
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
 
 
 def relayout(comm: Comm, tensor: Tensor, src: RowLayout, dst: RowLayout) -> Tensor:
@@ -50,10 +61,10 @@ def relayout(comm: Comm, tensor: Tensor, src: RowLayout, dst: RowLayout) -> Tens
     return out
 
 
-def saved(live: Tensor, layout: RowLayout, comm: Comm, mesh: DeviceMesh) -> Tensor:
-    """What a checkpoint saves of one table tensor: the live tensor (one process) or its chunk rows."""
+def saved(live: Tensor, layout: RowLayout, comm: Comm, mesh: DeviceMesh | None) -> Tensor:
+    """What a checkpoint saves of one table tensor: the live tensor (one process: no mesh) or its chunk rows."""
     world, rank, n = comm.world_size, comm.rank, layout.num_rows
-    if world == 1:
+    if mesh is None:
         return live
     if layout.is_chunk_compatible:
         # a view (a replicated table's slice) is saved as a copy: a DTensor takes its local tensor's storage
@@ -68,10 +79,10 @@ def _is_whole(tensor: Tensor) -> bool:
     return tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
-def to_load(live: Tensor, layout: RowLayout, comm: Comm, mesh: DeviceMesh) -> Tensor:
+def to_load(live: Tensor, layout: RowLayout, comm: Comm, mesh: DeviceMesh | None) -> Tensor:
     """A tensor for dcp.load to fill in place: live storage wherever the layouts allow it."""
     world, rank, n = comm.world_size, comm.rank, layout.num_rows
-    if world == 1:
+    if mesh is None:
         return live
     if layout.is_chunk_compatible and _is_whole(live):
         return _as_dtensor(live, mesh, n)
@@ -82,8 +93,8 @@ def to_load(live: Tensor, layout: RowLayout, comm: Comm, mesh: DeviceMesh) -> Te
 def restore(live: Tensor, loaded: Tensor, layout: RowLayout, comm: Comm) -> None:
     """Finish a load: move the chunk rows `to_load` made (a view's, or a subtree-placed table's) into `live`."""
     world, rank = comm.world_size, comm.rank
-    if world == 1:
-        return  # loaded in place
+    if not isinstance(loaded, DTensor):
+        return  # one process: loaded in place
     rows = loaded.to_local()
     if rows.data_ptr() == live.data_ptr() and rows.numel():
         return  # loaded in place

@@ -20,8 +20,12 @@ from torch import Tensor
 
 class Comm:
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
-                 control_group: dist.ProcessGroup | None = None, timeout: datetime.timedelta | None = None):
+                 control_group: dist.ProcessGroup | None = None, timeout: datetime.timedelta | None = None,
+                 siblings: list[list[int]] | None = None):
         self.group = group
+        # a group's Comm: the global ranks of every group made beside it (this one among them), so that `split`
+        # can cut them all (every rank makes every subgroup); None for the default group
+        self.siblings = siblings
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
@@ -34,8 +38,8 @@ class Comm:
         self.backend = dist.get_backend(group) if distributed else None
 
     def split(self, group_size: int) -> Comm:
-        """This rank's group of `group_size` consecutive ranks (group g: ranks g*R .. g*R + R - 1), as a Comm
-        of its own: owner placement's in-group collectives then involve the group's ranks alone, whatever the
+        """This rank's group of `group_size` consecutive ranks (group g: this Comm's ranks g*R .. g*R + R - 1), as a
+        Comm of its own: owner placement's in-group collectives then involve the group's ranks alone, whatever the
         world size. Collective: every rank calls it, in the same order as its other new_group calls (it makes
         every group, of both the main backend and gloo for the control plane)."""
         if group_size < 1 or self.world_size % group_size:
@@ -44,19 +48,27 @@ class Comm:
             return self
         if group_size == 1:
             return Comm.alone(self.device)
-        if self.group is not None:
-            raise ValueError("split() works on the default group only")
-        group, _ = dist.new_subgroups(group_size, timeout=self.timeout)
+        if self.group is None:
+            group, _ = dist.new_subgroups(group_size, timeout=self.timeout)
+            control = None
+            if self.control_group is not None:
+                control, _ = dist.new_subgroups(group_size, timeout=self.timeout, backend="gloo")
+            return Comm(group, self.device, control_group=control, timeout=self.timeout)
+        if self.siblings is None:
+            raise ValueError("split() of a process group needs the groups made beside it (Comm's siblings)")
+        # each sibling group's consecutive ranks (a data-parallel group's, under tensor parallelism)
+        cuts = [ranks[g:g + group_size] for ranks in self.siblings for g in range(0, len(ranks), group_size)]
+        group, _ = dist.new_subgroups_by_enumeration(cuts, timeout=self.timeout)
         control = None
         if self.control_group is not None:
-            control, _ = dist.new_subgroups(group_size, timeout=self.timeout, backend="gloo")
+            control, _ = dist.new_subgroups_by_enumeration(cuts, timeout=self.timeout, backend="gloo")
         return Comm(group, self.device, control_group=control, timeout=self.timeout)
 
     @classmethod
     def alone(cls, device: torch.device | str = "cpu") -> Comm:
         """A world of this rank alone, inside a job of many: every collective is the identity."""
         comm = cls.__new__(cls)
-        comm.group, comm.control_group, comm.backend, comm.timeout = None, None, None, None
+        comm.group, comm.control_group, comm.backend, comm.timeout, comm.siblings = None, None, None, None, None
         comm.world_size, comm.rank, comm.device = 1, 0, torch.device(device)
         return comm
 

@@ -18,7 +18,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
 
+from hmtrain.model.vocab_parallel_loss import vocab_parallel_loss_sum
 from hmtrain.util.labels import IGNORE_INDEX
 
 CHUNK_TOKENS = 4096  # tokens per chunk of logits (`hmtrain info` counts one chunk's buffers)
@@ -92,6 +94,8 @@ def lm_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor,
     (`Transformer.output_weight`), labels [B, T] with -100 for tokens to ignore. Returns
     (loss_sum, n_tokens): an fp32 scalar, differentiable in hidden and weight, and an int64 scalar,
     both on the input's device, so a caller can add them over micro-batches without a host sync.
+    A weight that is a DTensor split by rows over one mesh dimension (the tensor-parallel head) takes the
+    vocabulary-parallel loss (hmtrain/model/vocab_parallel_loss.py): each rank its slice of the logits.
     """
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"lm_loss_sum: hidden must be [B, T, d] and weight [V, d], got {tuple(hidden.shape)} "
@@ -106,7 +110,24 @@ def lm_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor,
     else:
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
     hidden, weight = hidden.flatten(0, 1).to(dtype), weight.to(dtype)
+    if isinstance(weight, DTensor):
+        with torch.autocast(device_type, enabled=False):
+            return _vocab_parallel(hidden, weight, labels.flatten(), chunk_tokens)
     grad_on = torch.is_grad_enabled()
     with torch.autocast(device_type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels.flatten(), chunk_tokens,
                                                 grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+
+
+def _vocab_parallel(hidden: Tensor, weight: DTensor, labels: Tensor, chunk_tokens: int) -> tuple[Tensor, Tensor]:
+    """The loss of a head whose rows are split evenly over a 1-D mesh (`Shard(0)`): this rank's rows, their
+    first vocabulary id, and the mesh's group to agree with."""
+    if weight.device_mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(f"lm_loss_sum: a DTensor head must be split by rows over one mesh dimension, got "
+                         f"placements {tuple(weight.placements)} on a {weight.device_mesh.ndim}-D mesh")
+    vocab, parts = weight.shape[0], weight.device_mesh.size()
+    if vocab % parts:
+        raise ValueError(f"lm_loss_sum: a head of {vocab} rows does not split evenly over {parts} ranks")
+    local = weight.to_local()  # differentiable: its gradient becomes the DTensor's, sharded the same way
+    start = weight.device_mesh.get_local_rank() * (vocab // parts)
+    return vocab_parallel_loss_sum(hidden, local, labels, start, weight.device_mesh.get_group(), chunk_tokens)

@@ -25,7 +25,8 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, memory_units: int, fetched: int,
-                     checkpointing: bool, value_bytes: int = 2, memory_layers: int | None = None) -> int:
+                     checkpointing: bool, value_bytes: int = 2, memory_layers: int | None = None,
+                     tensor_parallel: int = 1) -> int:
     """What one micro-batch holds for its backward, estimated as Megatron's activation formula (Korthikanti
     et al. 2022) is: the tensors each layer saves, per token, in the activation dtype (`value_bytes`: 2
     under bf16) except where hmtrain/model/transformer.py computes in fp32.
@@ -39,22 +40,75 @@ def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, memory
     With activation checkpointing a layer keeps only its input (d) and backward recomputes one layer at a
     time. Only `memory_layers` of the layers (default: all) have the M memory units. Beside the layers:
     every sequence's fetched blocks (the FFNs' inputs either way), and the chunked loss's hidden-state
-    gradient, fp32 head gradient and one chunk's logits (hmtrain/model/loss.py)."""
-    d, q, heads = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_heads
+    gradient, fp32 head gradient and one chunk's logits (hmtrain/model/loss.py).
+
+    On one of `tensor_parallel` = N ranks (hmtrain/parallel/tensor_parallel.py): what is split over heads, FFN
+    and memory units, or the vocabulary (the head's gradient and a chunk's logits), is 1/N; the d-wide tensors
+    (the norms over d, the projections' and FFN's inputs, the layer inputs, the hidden states' gradient) are
+    whole on every rank (no sequence parallelism)."""
+    n = tensor_parallel
+    d, q, heads = cfg.d_model, cfg.n_heads * cfg.head_dim // n, cfg.n_heads // n
     with_memory = cfg.n_layers if memory_layers is None else memory_layers
     fp32 = 8 * (2 * d + (2 * q if cfg.qk_norm else 0) + q)  # norms' inputs and outputs, RoPE's copies (8 = 2 x 4)
-    typed = value_bytes * (2 * d + 5 * q + 4 * cfg.ffn_hidden)
+    typed = value_bytes * (2 * d + 5 * q + 4 * cfg.ffn_hidden // n)
     tokens = micro_batch * seq_len
     plain = tokens * (fp32 + typed + 4 * heads)  # a layer without memory
-    memory = tokens * value_bytes * 4 * memory_units  # what a memory layer adds
+    memory = tokens * value_bytes * 4 * memory_units // n  # what a memory layer adds
     if checkpointing:  # every layer's input, and the largest layer recomputed
         layers = cfg.n_layers * tokens * d * value_bytes + plain + (memory if with_memory else 0)
     else:
         layers = cfg.n_layers * plain + with_memory * memory
-    blocks = micro_batch * fetched * value_bytes
-    head = tokens * d * value_bytes + cfg.vocab_size * d * 4 + min(CHUNK_TOKENS, tokens) * cfg.vocab_size * (
-        4 + value_bytes)
+    blocks = micro_batch * fetched * value_bytes // n
+    vocab = cfg.vocab_size // n
+    head = tokens * d * value_bytes + vocab * d * 4 + min(CHUNK_TOKENS, tokens) * vocab * (4 + value_bytes)
     return layers + blocks + head
+
+
+def tensor_parallel_split(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters split N ways under tensor parallelism, parameters every tensor-parallel rank holds whole):
+    the attention's projections and QK-norm gains, the FFN and the vocabulary-parallel embedding and head are
+    split; the gain-only norms of every block and the final norm are replicated. The two add up to
+    `count_parameters`."""
+    inner = cfg.n_heads * cfg.head_dim
+    per_layer = 4 * cfg.d_model * inner + (2 * inner if cfg.qk_norm else 0) + 3 * cfg.d_model * cfg.ffn_hidden
+    embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    return embeddings + cfg.n_layers * per_layer, cfg.n_layers * 2 * cfg.d_model + cfg.d_model
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallelTraffic:
+    """The tensor-parallel group's all-reduces of one micro-batch, forward and backward (per rank)."""
+
+    count: int  # all-reduces of a [B, T, d_model] tensor
+    data_bytes: int  # their bytes (each all-reduces this much; a ring sends and receives 2 (N-1)/N of it)
+    small_count: int  # all-reduces of a value per token (QK-norm's sums of squares, the loss's statistics)
+    small_bytes: int
+
+
+def tensor_parallel_traffic(cfg: ModelConfig, *, micro_batch: int, seq_len: int, value_bytes: int,
+                            checkpointing: bool, chunk_tokens: int = CHUNK_TOKENS,
+                            memory_layers: int = 0) -> TensorParallelTraffic:
+    """What hmtrain/parallel/tensor_parallel.py's split all-reduces per micro-batch (counted by tests under
+    CommDebugMode): per block 2 forward (after wo and w_down) and 3 backward (the
+    input gradient of wq, wk and wv together, as Megatron's fused qkv, then w_gate's and w_up's each on its own,
+    as torch's styles issue them; Megatron fuses those two too), except in the `memory_layers` blocks whose FFN
+    reads memory units (memory.kind=ffn's memory phase): `TensorParallelFFN` hands its slice one copy of the
+    input, so 2 backward there (qkv's, then gate's and up's together); and with activation checkpointing the one
+    after wo again in the recompute (torch's non-reentrant checkpoint stops recomputing at the last tensor
+    backward needs, before w_down's); the embedding's output forward and the hidden states' gradient at the
+    head, once each; all in the compute dtype (`value_bytes`). Small ones, fp32: QK-norm's sum of squares for q
+    and k per block, forward, backward and recomputed; the loss's row maximum and [sum of exponentials, target
+    logit] per chunk."""
+    tokens = micro_batch * seq_len
+    if not 0 <= memory_layers <= cfg.n_layers:
+        raise ValueError(f"memory_layers={memory_layers}: expected 0 .. n_layers={cfg.n_layers}")
+    per_block = 2 + 3 + (1 if checkpointing else 0)
+    count = cfg.n_layers * per_block - memory_layers + 2
+    qk = cfg.n_layers * 2 * (3 if checkpointing else 2) if cfg.qk_norm else 0
+    chunks = -(-tokens // chunk_tokens)
+    small_bytes = qk * tokens * 4 + tokens * (4 + 8)  # the loss's: a max, then two sums, per token
+    return TensorParallelTraffic(count=count, data_bytes=count * tokens * cfg.d_model * value_bytes,
+                                 small_count=qk + 2 * chunks, small_bytes=small_bytes)
 
 
 def human(n: int) -> str:

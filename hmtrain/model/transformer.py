@@ -133,10 +133,16 @@ class FeedForward(nn.Module):
             lora = memory if isinstance(memory, LoRABlocks) else None
             hidden = F.silu(adapted(self.w_gate, "w_gate", x, lora)) * adapted(self.w_up, "w_up", x, lora)
             return adapted(self.w_down, "w_down", hidden, lora)
-        # one dtype for the kernel: under autocast x is bf16 while parameters stay fp32
-        w_gate, w_up, w_down = (w.to(x.dtype) for w in (self.w_gate.weight, self.w_up.weight, self.w_down.weight))
-        u_gate, u_up, u_down = (u.to(x.dtype) for u in memory)
-        return memory_ffn(x, w_gate, w_up, w_down, u_gate, u_up, u_down, impl=impl)
+        return ffn_with_units(x, (self.w_gate.weight, self.w_up.weight, self.w_down.weight), memory, impl)
+
+
+def ffn_with_units(x: Tensor, weights: tuple[Tensor, Tensor, Tensor], units: tuple, impl: str) -> Tensor:
+    """The SwiGLU FFN of `weights` (gate, up, down) with sequence b's units joining its hidden units. Under
+    tensor parallelism both are one rank's slices and the result its partial sum (hmtrain/parallel)."""
+    # one dtype for the kernel: under autocast x is bf16 while parameters stay fp32
+    w_gate, w_up, w_down = (w.to(x.dtype) for w in weights)
+    u_gate, u_up, u_down = (u.to(x.dtype) for u in units)
+    return memory_ffn(x, w_gate, w_up, w_down, u_gate, u_up, u_down, impl=impl)
 
 
 class Block(nn.Module):

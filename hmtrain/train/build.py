@@ -14,11 +14,12 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from hmtrain.config import Config, ModelConfig, split_global_batch
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.loading.loader import StepLoader
-from hmtrain.memory import Comm, MemoryBank, build_bank, uses_memory
+from hmtrain.memory import Comm, MemoryBank, UnitSplit, build_bank, uses_memory
 from hmtrain.model import Transformer, build_model, run_model_config
 from hmtrain.parallel import Precision, resolve_precision
 from hmtrain.parallel.dist import DistInfo, SideGroups, side_groups
@@ -144,11 +145,14 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
     model = parallelize(model, cfg.parallel, info, precision.autocast_dtype)
     recipe = Recipe(cfg, has_memory=uses_memory(cfg))
     owner_of_subtree, group_size = None, 1
-    if cfg.parallel.placement == "owner" and info.world_size > 1:
-        groups = assign_groups(data.manifest["node_tokens"][0], info.world_size)
+    if cfg.parallel.placement == "owner" and info.dp_size > 1:  # groups of data-parallel ranks
+        groups = assign_groups(data.manifest["node_tokens"][0], info.dp_size)
         owner_of_subtree, group_size = groups.group_of_subtree, groups.group_size
-    bank = build_bank(cfg, info.device, comm=comm, owner_of_subtree=owner_of_subtree,
-                      group_size=group_size) if recipe.has_memory else None
+    bank = None
+    if recipe.has_memory:
+        bank_comm, unit_split = bank_ranks(info, comm, cfg.parallel.timeout_s)
+        bank = build_bank(cfg, info.device, comm=bank_comm, owner_of_subtree=owner_of_subtree,
+                          group_size=group_size, unit_split=unit_split)
 
     def loader(global_batch: int) -> StepLoader:
         # the ranks of a tensor-parallel group read the same micro-batches: the loader sees data-parallel ranks
@@ -161,6 +165,23 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
     engine = engine_for_step(model, cfg, info, recipe, 0, precision)
     return Parts(cfg, info, data, precision, comm, side, model, recipe, bank, engine, Batches(loader),
                  owner_of_subtree, group_size)
+
+
+def bank_ranks(info: DistInfo, comm: Comm, timeout_s: int) -> tuple[Comm, Optional[UnitSplit]]:
+    """The bank's ranks and its share of each row: the world's and whole rows; under tensor parallelism the
+    data-parallel group of this rank's tensor-parallel place (its rows' owners, its id exchange) and its units
+    (hmtrain/memory/unit_split.py). Collective when tensor-parallel: every rank makes every group's control
+    group, in the same order."""
+    n = info.tensor_parallel
+    if n == 1:
+        return comm, None
+    timeout = datetime.timedelta(seconds=timeout_s)
+    data_parallel_groups = [[d * n + t for d in range(info.dp_size)] for t in range(n)]  # the mesh's dp columns
+    control, _ = dist.new_subgroups_by_enumeration(data_parallel_groups, timeout=timeout, backend="gloo")
+    dp = Comm(info.mesh["dp"].get_group(), info.collective_device, control_group=control, timeout=timeout,
+              siblings=data_parallel_groups)
+    tp = Comm(info.mesh["tp"].get_group(), info.collective_device)
+    return dp, UnitSplit(info.tp_rank, n, tp, info.mesh)
 
 
 def restore_in_phase(engine: Engine, model, recipe: Recipe, step: int, saved_phase: Optional[str],

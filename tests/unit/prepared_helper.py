@@ -1,12 +1,14 @@
 """Build a small prepared directory without documents: known sequences per leaf, every one tagged.
 
 Sequence number s (in write order) has tokens[0] = 2 + s, so a test can tell which sequence
-it got; the rest of its tokens are arbitrary non-special ids.
+it got; the rest of its tokens are arbitrary non-special ids. `tokens_of` writes other sequences
+instead (a test's own corpus), `manifest` overrides the manifest's entries (another tokenizer's ids).
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -29,10 +31,13 @@ def leaf_paths(branching: list[int]) -> list[tuple[int, ...]]:
 
 def make_prepared(root: Path, counts: dict[tuple[int, ...], int], *, branching: list[int], seq_len: int = 6,
                   shard_samples: int = 4, heldout: dict[tuple[int, ...], int] | None = None,
-                  interleave: bool = False) -> PreparedData:
+                  interleave: bool = False,
+                  tokens_of: Optional[Callable[[str, tuple[int, ...], int], np.ndarray]] = None,
+                  manifest: Optional[dict] = None) -> PreparedData:
     """Write `counts[leaf]` train sequences per leaf (and `heldout` ones); open the result.
 
     interleave=True writes leaves round-robin, so one shard holds several level-1 nodes.
+    tokens_of(split, leaf, s): the seq_len + 1 tokens of the s-th sequence written (instead of the tags).
     """
     root = Path(root)
     splits = {}
@@ -51,15 +56,17 @@ def make_prepared(root: Path, counts: dict[tuple[int, ...], int], *, branching: 
             for leaf in order:
                 tokens = (np.arange(seq_len + 1, dtype=np.int32) * 7 + tag) % 97 + 2
                 tokens[0] = 2 + tag
+                if tokens_of is not None:
+                    tokens = np.asarray(tokens_of(split, leaf, tag), dtype=np.int32)
                 writer.write(PackedSequence(tokens, leaf, [f"doc{tag}"], seq_len + 1))
                 tag += 1
         splits[split] = write_split_index(root, split, writer.close(), branching=branching)
     sizes = [math.prod(branching[: i + 1]) for i in range(len(branching))]
-    manifest = {
+    entries = {
         "version": MANIFEST_VERSION, "seq_len": seq_len, "branching": list(branching), "splits": splits,
         "node_tokens": [[0] * n for n in sizes], "node_documents": [[0] * n for n in sizes],
         "eot_id": EOT, "pad_id": PAD, "vocab_size": 100, "tokenizer": "tokenizer", "tree": "tree.pt",
-        "files": record_files(root),
+        **(manifest or {}), "files": record_files(root),
     }
-    write_manifest(root / "manifest.json", manifest)
+    write_manifest(root / "manifest.json", entries)
     return PreparedData.open(root, verify="checksums")

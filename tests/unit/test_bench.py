@@ -33,6 +33,15 @@ def test_hmtrain_bench_runs_the_benchmark_with_its_options(capsys):
     assert "layers 2, d 16, units [4, 2], batch 2 sequences x 3 tokens" in out and "bank (GatherBlocks)" in out
 
 
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_the_memory_step_benchmark_times_by_either_clock(capsys, clock):
+    rc = main(["bench", "memory_step", "--tokens", "16", "--repeats", "2", "--warmup", "0", "--vocab", "64",
+               "--clock", clock])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"16 tokens a step, 2 paired steps, {clock} clock" in out and "(co-trained)" in out
+
+
 def test_an_unknown_benchmark_is_refused():
     with pytest.raises(SystemExit) as exc_info:
         build_parser().parse_args(["bench", "nonesuch"])

@@ -41,7 +41,7 @@ def test_settings_one_process_ignores_are_said_to_be_ignored(caplog):
     assert "ignored" not in caplog.text
 
 
-ANCHOR_ONLY = ["train.memory_steps=0"]  # the pretrain phase alone: what tensor parallelism splits today
+ANCHOR_ONLY = ["train.memory_steps=0"]  # the pretrain phase alone
 
 
 def test_a_tensor_parallel_degree_that_fits_passes_and_splits_the_batch_over_data_parallel_ranks():
@@ -57,13 +57,25 @@ def test_a_tensor_parallel_degree_that_fits_passes_and_splits_the_batch_over_dat
     (3, ["parallel.tensor_parallel=3", *ANCHOR_ONLY], "model.n_heads=4 is not divisible by 3"),
     (2, ["parallel.tensor_parallel=2", "model.ffn_hidden=385", *ANCHOR_ONLY], "385 hidden units are not divisible"),
     (2, ["parallel.tensor_parallel=2", "memory.units=[64,31]", *ANCHOR_ONLY], r"memory.units \[64, 31\]: \[31\]"),
-    (2, ["parallel.tensor_parallel=2"], "the memory is not split across tensor-parallel ranks yet"),
     (2, ["parallel.tensor_parallel=2", "parallel.engine=deepspeed", *ANCHOR_ONLY], "parallel.engine=fsdp"),
+    (2, ["parallel.tensor_parallel=2", "model.vocab_multiple=3", *ANCHOR_ONLY], "model.vocab_multiple=3 .the "
+     "vocabulary is padded to a multiple of it. is not divisible by 2"),
+    (2, ["parallel.tensor_parallel=2", "model.vocab_size=2049", *ANCHOR_ONLY], "the vocabulary of 2049 rows"),
 ])
 def test_a_bad_tensor_parallel_degree_is_one_line_naming_the_key(world, overrides, words):
     with pytest.raises(ConfigError, match=words) as error:
         check_world(config(*overrides), world, DATA)
     assert str(error.value).startswith("config key 'parallel.tensor_parallel': ") and "\n" not in str(error.value)
+
+
+def test_the_ffn_memory_splits_over_tensor_parallel_ranks_and_other_kinds_are_named():
+    check_world(config("parallel.tensor_parallel=2"), 2, DATA)  # both phases, memory.kind=ffn, gather placement
+    # owner placement's groups of data-parallel ranks: 4 of them, more than the 3 level-1 subtrees, 2 per group
+    check_world(config("parallel.tensor_parallel=2", "parallel.placement=owner", "train.global_batch_size=16"), 8, DATA)
+    with pytest.raises(ConfigError, match="memory.kind=lora_ffn is not split") as error:
+        check_world(config("parallel.tensor_parallel=2", "memory.kind=lora_ffn"), 2, DATA)
+    assert str(error.value).startswith("config key 'memory.kind': ") and "\n" not in str(error.value)
+    check_world(config("parallel.tensor_parallel=2", "memory.kind=lora_ffn", *ANCHOR_ONLY), 2, DATA)  # no memory
 
 
 def test_tensor_parallel_must_be_positive():
