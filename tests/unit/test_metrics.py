@@ -110,6 +110,7 @@ def test_failed_calls_are_retried_then_skipped_without_switching_tracking_off(tm
     monkeypatch.setattr(logger._client, "log_artifact", broken_upload)
     with caplog.at_level(logging.WARNING):
         logger.log_artifact(tmp_path / "x.txt")
+        logger.wait()  # uploads run on the sender thread
     assert len(calls) == mlflow_mod.ATTEMPTS and "skipped, tracking goes on" in caplog.text
     assert logger.enabled
 
