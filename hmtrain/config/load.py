@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from hmtrain.config.checks import Choice, ConfigError
 from hmtrain.config.hf import resolve_hf_model
 from hmtrain.config.model import Family
+from hmtrain.config.parallel import ENGINES_NOT_OFFERED, Engine
 from hmtrain.config.root import Config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -93,6 +94,8 @@ def _describe(exc: OmegaConfBaseException, where: str, element: str | None = Non
     named = f"config key {key!r}" if key else where
     choice = _choice_of(exc)
     if choice is not None and not isinstance(getattr(exc, "value", None), choice):
+        if choice is Engine and str(exc.value) in ENGINES_NOT_OFFERED:
+            return f"{named}: {exc.value!r}: {ENGINES_NOT_OFFERED[str(exc.value)]}"
         return f"{named}: must be {choice.names()}, got {exc.value!r}"
     value = getattr(exc, "value", None)
     value = value._value() if isinstance(value, ValueNode) else value  # omegaconf may hand over its node

@@ -11,6 +11,14 @@ class Engine(Choice):
     deepspeed = "deepspeed"  # ZeRO, stage `zero_stage`
 
 
+# engines a user may ask for that are not offered, and why (the one-line error says so)
+ENGINES_NOT_OFFERED = {
+    "megatron": "megatron-core's GPTModel needs CUDA and has not been run by the GPU check yet, so it is not "
+                "offered; tensor parallelism runs with parallel.engine=fsdp and parallel.tensor_parallel=N "
+                "(docs/design.md, \"Tensor parallelism\")",
+}
+
+
 class Placement(Choice):
     # ranks fetch the rows their batch needs from the owners (all-to-all)
     gather = "gather"

@@ -129,7 +129,7 @@ def test_flatten_and_yaml_write_plain_names():
 
 @pytest.mark.parametrize("override, line", [
     ("train.mode=sparse", "config key 'train.mode': must be hierarchical or dense, got 'sparse'"),
-    ("parallel.engine=megatron", "config key 'parallel.engine': must be fsdp or deepspeed, got 'megatron'"),
+    ("parallel.engine=megatrn", "config key 'parallel.engine': must be fsdp or deepspeed, got 'megatrn'"),
     ("memory_model.stages=[{objective: clm}, {freeze: [wings]}]",
      "config key 'memory_model.stages[1].freeze[0]': must be encoder_embedding, encoder_blocks, encoder, "
      "decoder or autoencoder_decoder, got 'wings'"),
@@ -138,6 +138,14 @@ def test_a_bad_choice_is_one_line_naming_the_key_and_the_allowed_values(override
     with pytest.raises(ConfigError) as caught:
         load_config("tiny", [override])
     assert str(caught.value) == line
+
+
+def test_the_megatron_engine_is_refused_saying_why_and_what_to_use_instead():
+    with pytest.raises(ConfigError) as caught:
+        load_config("tiny", ["parallel.engine=megatron"])
+    line = str(caught.value)
+    assert "\n" not in line and line.startswith("config key 'parallel.engine': 'megatron': megatron-core's GPTModel")
+    assert "GPU check" in line and "parallel.tensor_parallel=N" in line
 
 
 def test_choices_compare_with_their_names():
