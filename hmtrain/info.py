@@ -183,11 +183,7 @@ def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: 
         f"{' and the step' if par.fetch == 'step' else ''} (at most)": bank.fetched,
     }
     alone = " (data parallel alone, without parallel.tensor_parallel)" if par.tensor_parallel > 1 else ""
-    table = Table(title=f"memory per rank on {world_size} rank(s){alone}")
-    table.add_column("what")
-    table.add_column("GiB per rank", justify="right")
-    for name, value in rows.items():
-        table.add_row(name, f"{value / GiB:.2f}")
+    table = gib_table(f"memory per rank on {world_size} rank(s){alone}", rows)
     total = sum(rows.values())
     table.add_row("total held through the step", f"{total / GiB:.2f}")
     step = add_step_rows(table, cfg, summary, world_size, total)
@@ -325,14 +321,21 @@ def tensor_parallel_rows(cfg: Config, summary: dict, world_size: int) -> tuple[d
     return rows, counts
 
 
-def print_tensor_parallel(cfg: Config, summary: dict, console: Console, world_size: int) -> dict:
-    n = cfg.parallel.tensor_parallel
-    rows, counts = tensor_parallel_rows(cfg, summary, world_size)
-    table = Table(title=f"memory per rank on {world_size} rank(s): tensor parallel {n} x data parallel {counts['dp']}")
+def gib_table(title: str, rows: dict[str, float]) -> Table:
+    """A per-rank table: one row per part, in GiB."""
+    table = Table(title=title)
     table.add_column("what")
     table.add_column("GiB per rank", justify="right")
     for name, value in rows.items():
         table.add_row(name, f"{value / GiB:.2f}")
+    return table
+
+
+def print_tensor_parallel(cfg: Config, summary: dict, console: Console, world_size: int) -> dict:
+    n = cfg.parallel.tensor_parallel
+    rows, counts = tensor_parallel_rows(cfg, summary, world_size)
+    table = gib_table(f"memory per rank on {world_size} rank(s): tensor parallel {n} x data parallel {counts['dp']}",
+                      rows)
     total = sum(rows.values())
     table.add_row("total: held through the step + one micro-batch's activations", f"{total / GiB:.2f}")
     traffic, micro, memory_traffic = counts["traffic"], counts["micro_batches"], counts["memory_traffic"]

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
+from hmtrain.model.chunk_grads import chunked_loss_and_grads, scaled_grads
 from hmtrain.model.vocab_parallel_loss import vocab_parallel_loss_sum
-from hmtrain.util.labels import IGNORE_INDEX
 
 CHUNK_TOKENS = 4096  # tokens per chunk of logits (`hmtrain info` counts one chunk's buffers)
 
@@ -50,40 +50,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int,
                 hidden_needs_grad: bool, weight_needs_grad: bool) -> tuple[Tensor, Tensor]:
         # hidden [N, d], weight [V, d], labels [N]; one dtype for hidden and weight
-        n_tokens = hidden.shape[0]
-        valid = labels != IGNORE_INDEX
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if hidden_needs_grad else None
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                       if weight_needs_grad else None)
-        for start in range(0, n_tokens, chunk_tokens):
-            end = min(start + chunk_tokens, n_tokens)
-            h, keep = hidden[start:end], valid[start:end]
-            loss, grad_logits = _chunk_loss_and_grad(h, weight, labels[start:end], keep,
-                                                     hidden_needs_grad or weight_needs_grad)
-            loss_sum += loss
-            if grad_hidden is not None:
-                torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
-            if grad_weight is not None and h.dtype == torch.float32:
-                grad_weight.addmm_(grad_logits.T, h)
-            elif grad_weight is not None:  # bf16/fp16 product, fp32 sum over chunks
-                grad_weight.add_(grad_logits.T @ h)
-            del grad_logits  # free this chunk's buffer before the next chunk's logits
+        loss_sum, grad_hidden, grad_weight, count = chunked_loss_and_grads(
+            hidden, weight, labels, chunk_tokens, hidden_needs_grad, weight_needs_grad,
+            lambda h, y, keep, need: _chunk_loss_and_grad(h, weight, y, keep, need))
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        count = valid.sum()
         ctx.mark_non_differentiable(count)
         return loss_sum, count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_count: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return (*scaled_grads(ctx, grad_loss), None, None, None, None)
 
 
 def lm_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor,
