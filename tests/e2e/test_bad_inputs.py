@@ -265,8 +265,9 @@ def tensor_parallel_wider_than_the_world(tmp, c):  # (one process: a world of 1)
         ["parallel.tensor_parallel", "world size 1 is not divisible by 2"]
 
 
-def tensor_parallel_with_the_memory_on(tmp, c):
-    return train(c, tmp / "run", "parallel.tensor_parallel=2"), ["parallel.tensor_parallel", "memory is not split"]
+def tensor_parallel_with_a_lora_memory(tmp, c):  # the ffn memory splits across tensor-parallel ranks; LoRA does not
+    return train(c, tmp / "run", "parallel.tensor_parallel=2", "memory.kind=lora_ffn"), \
+        ["memory.kind", "lora_ffn is not split across tensor-parallel ranks"]
 
 
 def negative_seed(tmp, c):
@@ -296,7 +297,7 @@ CASES = [truncated_distcp, truncated_metadata, deleted_data_file, eval_truncated
          missing_prepared_dir, probes_empty_choice, probes_empty_prompt, probes_one_choice,
          eval_negative_max_sequences, eval_negative_max_probes, memory_run_as_baseline, infinite_learning_rate,
          infinite_memory_learning_rate, diverging_learning_rate, empty_run_dir_in_yaml, memory_without_units,
-         tensor_parallel_wider_than_the_world, tensor_parallel_with_the_memory_on, negative_seed, keep_no_checkpoints,
+         tensor_parallel_wider_than_the_world, tensor_parallel_with_a_lora_memory, negative_seed, keep_no_checkpoints,
          bogus_log_level, encoder_option_without_label]
 # what a case may leave in the working directory: the good config trains (and checkpoints nothing), the
 # empty run directory is locked before it is found empty; every other case makes nothing
