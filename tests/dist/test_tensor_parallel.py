@@ -81,15 +81,21 @@ def test_dense_mode_with_an_untied_head_matches_one_process(data, tmp_path):
     assert_same_curves(one, train(data, tmp_path / "tp2" / "run", 2, *DENSE, "parallel.tensor_parallel=2"))
 
 
+def rewound_copy(source, run_dir, step: int):
+    """A copy of a finished 4-step run whose latest checkpoint is `step`'s, as if killed after it; its checkpoints."""
+    shutil.copytree(source, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / f"step_{step:08d}").is_dir()
+    shutil.rmtree(checkpoints / "step_00000004")
+    (checkpoints / "latest").write_text(f"step_{step:08d}")
+    return checkpoints
+
+
 @pytest.mark.parametrize("before, after", [("tp2", 1), ("one_process", 2)], ids=["tp2_to_1", "1_to_tp2"])
 def test_checkpoints_reshard_across_tensor_parallel_degrees(data, one_process, tmp_path, request, before, after):
     """Back to the first leg's step-2 checkpoint, then steps 3 and 4 on the other layout."""
     run_dir = tmp_path / "run"
-    shutil.copytree(request.getfixturevalue(before)[0], run_dir)
-    checkpoints = run_dir / "checkpoints"
-    assert (checkpoints / "step_00000002").is_dir()
-    shutil.rmtree(checkpoints / "step_00000004")
-    (checkpoints / "latest").write_text("step_00000002")
+    checkpoints = rewound_copy(request.getfixturevalue(before)[0], run_dir, step=2)
     rows = train(data, run_dir, after, f"parallel.tensor_parallel={after}", resume=True)
     assert (checkpoints / "step_00000004").is_dir()
     assert_same_curves(one_process[1], rows)  # (the resumed steps' rows replace the first leg's)
@@ -174,11 +180,7 @@ def test_the_bank_reshards_its_units_across_tensor_parallel_degrees(data, one_pr
     """Back to the first leg's step-3 checkpoint (the memory phase's first step), then step 4 on the other layout
     (TP 2 -> one process; one process -> TP 2 x DP 2: units split, rows sharded)."""
     run_dir = tmp_path / "run"
-    shutil.copytree(request.getfixturevalue(before)[0], run_dir)
-    checkpoints = run_dir / "checkpoints"
-    assert (checkpoints / "step_00000003").is_dir()
-    shutil.rmtree(checkpoints / "step_00000004")
-    (checkpoints / "latest").write_text("step_00000003")
+    checkpoints = rewound_copy(request.getfixturevalue(before)[0], run_dir, step=3)
     rows = train(data, run_dir, nproc, *MEMORY, f"parallel.tensor_parallel={after}", resume=True)
     assert (checkpoints / "step_00000004").is_dir()
     assert_same_curves(one_process_memory[1], rows)
