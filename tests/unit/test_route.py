@@ -60,6 +60,8 @@ def simulated(nodes: int, count: int, n: int, size: int, trials: int = 3000) -> 
     (256, 16, 64, 4),  # ... level 3: the children of a rank's level-2 rows are its own
     (256, 256, 64, 32),  # on 512 ranks, level 3 (the routing level: level 2 has fewer nodes than ranks)
     (16, 256, 64, 32),  # ... level 2, above it
+    (4, 16, 64, 4),  # a level above the routing one, one node per rank: each receiver of a rank's overflow needs it
+    (16, 16, 128, 4),
     (6, 6, 6, 2), (12, 6, 6, 2),  # tests/dist's owner groups
 ])
 def test_info_models_the_routed_traffic_within_ten_percent(nodes, count, n, size):
