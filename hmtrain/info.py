@@ -14,7 +14,7 @@ from hmtrain.config import Config, ConfigError, split_global_batch
 from hmtrain.eval.tokens_per_param import tokens_line, tokens_per_parameter
 from hmtrain.memory import memory_layers, memory_sizes
 from hmtrain.memory.kind import memory_kind
-from hmtrain.memory.sizes import bank_checkpoint_bytes, eval_footprint, rank_footprint, step_transients
+from hmtrain.memory.sizes import RankFootprint, bank_checkpoint_bytes, eval_footprint, rank_footprint, step_transients
 from hmtrain.model import count_parameters, run_model_config
 from hmtrain.model.sizes import activation_bytes, human, tensor_parallel_split, tensor_parallel_traffic
 from hmtrain.parallel.placement import Groups, assign_groups
@@ -161,16 +161,23 @@ def print_info(cfg: Config, console: Console | None = None, world_size: int = 1,
     return summary
 
 
-def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: int) -> dict:
+def bank_footprint(cfg: Config, world_size: int, routed: bool = True) -> RankFootprint:
+    """`rank_footprint` for a config on `world_size` ranks; `routed=False`: owner placement's groups cutting
+    their sequences evenly in stream order, as before the loader's routing (for before/after tables)."""
     par, tc = cfg.parallel, cfg.train
-    weight_bytes = 2 if cfg.memory.dtype == "bf16" else 4
-    bank = rank_footprint(n_layers=len(memory_layers(cfg)), params_per_unit=memory_kind(cfg).params_per_unit,
+    groups = owner_groups(cfg, world_size)
+    return rank_footprint(n_layers=len(memory_layers(cfg)), params_per_unit=memory_kind(cfg).params_per_unit,
                           branching=cfg.tree.branching, units=cfg.memory.units, world_size=world_size,
                           replicate_levels=par.replicate_levels, generic=cfg.memory.generic,
-                          weight_bytes=weight_bytes, micro_batch=tc.micro_batch_size,
-                          global_batch=tc.global_batch_size, group_size=owner_groups(cfg, world_size).group_size,
-                          subtrees_per_group=owner_groups(cfg, world_size).subtrees_per_group,
-                          placement=par.placement, fetch_per_step=par.fetch == "step")
+                          weight_bytes=2 if cfg.memory.dtype == "bf16" else 4, micro_batch=tc.micro_batch_size,
+                          global_batch=tc.global_batch_size, group_size=groups.group_size,
+                          subtrees_per_group=groups.subtrees_per_group, placement=par.placement,
+                          fetch_per_step=par.fetch == "step", routed=routed)
+
+
+def print_rank_memory(cfg: Config, summary: dict, console: Console, world_size: int) -> dict:
+    par, tc = cfg.parallel, cfg.train
+    bank = bank_footprint(cfg, world_size)
     anchor = anchor_bytes_per_rank(summary["anchor"], world_size, par.engine, par.zero_stage)
     rows = {
         f"anchor ({par.engine}{'' if par.engine == 'fsdp' else f' ZeRO-{par.zero_stage}'}): "
@@ -279,14 +286,7 @@ def tensor_parallel_rows(cfg: Config, summary: dict, world_size: int) -> tuple[d
     dp = world_size // n
     split, replicated = tensor_parallel_split(model)
     anchor = anchor_bytes_per_rank(split // n + replicated, dp, par.engine, par.zero_stage)
-    groups = owner_groups(cfg, dp)
-    bank = rank_footprint(n_layers=len(memory_layers(cfg)), params_per_unit=memory_kind(cfg).params_per_unit,
-                          branching=cfg.tree.branching, units=cfg.memory.units, world_size=dp,
-                          replicate_levels=par.replicate_levels, generic=cfg.memory.generic,
-                          weight_bytes=2 if cfg.memory.dtype == "bf16" else 4, micro_batch=tc.micro_batch_size,
-                          global_batch=tc.global_batch_size, group_size=groups.group_size,
-                          subtrees_per_group=groups.subtrees_per_group, placement=par.placement,
-                          fetch_per_step=par.fetch == "step")
+    bank = bank_footprint(cfg, dp)
     with_bank = cfg.train.mode == "hierarchical" and summary["bank"] > 0
     rows = {f"anchor ({par.engine} over dp={dp}): weights, grads, AdamW of {human(split)} split /{n} + "
             f"{human(replicated)} norms whole": anchor}

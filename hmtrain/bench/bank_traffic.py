@@ -36,15 +36,23 @@ def _groups(world: int, placement: str):
 
 
 def _my_paths(step: int, rank: int, world: int, groups) -> np.ndarray:
-    """This rank's share of step `step`'s uniformly drawn leaves, as the loader would route them."""
+    """This rank's share of step `step`'s uniformly drawn leaves, as the loader routes them."""
     leaves = np.random.default_rng(step).integers(0, int(np.prod(BRANCHING)), size=GLOBAL_BATCH)
     paths = np.stack([leaves // (BRANCHING[1] * BRANCHING[2]), leaves // BRANCHING[2], leaves], axis=1)
     if groups is None:
         per = GLOBAL_BATCH // world
         return paths[rank * per:(rank + 1) * per]
+    from hmtrain.data.loading.route import route_in_group
+    from hmtrain.memory.layout import home_level, home_of_node
+
     size = groups.group_size
     mine = np.flatnonzero(groups.group_of_subtree[paths[:, 0]] == rank // size)
-    return paths[np.array_split(mine, size)[rank % size]]
+    level = home_level(BRANCHING, 0, groups.subtrees_per_group, size)
+    if level is None:  # groups of one rank
+        return paths[mine]
+    node = paths[mine, level]  # the loader's routing inside the group (trainer: hmtrain/train/build.py)
+    home = home_of_node(BRANCHING, level, groups.group_of_subtree, world, size)[node] - rank // size * size
+    return paths[mine[route_in_group(home, node, size) == rank % size]]
 
 
 def _wire_bytes(plan, first: int, rank: int, value_bytes: int) -> int:

@@ -4,7 +4,9 @@
 
 For each preset and world size: owner placement's groups, the bank state the busiest rank holds (weights,
 fp32 masters and moments), the whole bank's bytes over W (the even split a placement can approach), and the
-bytes one rank sends and receives per step (expected). Nothing runs: it is `hmtrain info` for every cell, in
+bytes one rank sends and receives per step (expected): owner placement's both with the loader's routing inside
+a group (each rank first the sequences whose rows it stores, hmtrain/data/loading/route.py) and with the even cut
+in stream order that preceded it. Nothing runs: it is `hmtrain info` for every cell, in
 one table; tests/dist/ checks the arithmetic's layouts against multi-rank CPU runs.
 """
 from __future__ import annotations
@@ -21,15 +23,15 @@ STATE = ("bank weights", "bank fp32 master", "bank optimizer")  # the rows of in
 
 def cell(preset: str, world_size: int, placement: str) -> dict:
     from hmtrain.config import load_config
-    from hmtrain.info import print_info
+    from hmtrain.info import bank_footprint, print_info
 
-    summary = print_info(load_config(preset, [f"parallel.placement={placement}"]), Console(file=io.StringIO()),
-                         world_size=world_size)
+    cfg = load_config(preset, [f"parallel.placement={placement}"])
+    summary = print_info(cfg, Console(file=io.StringIO()), world_size=world_size)
     per_rank = summary["per_rank"]
     state = sum(value for key, value in per_rank.items() if key.startswith(STATE))
     moved = per_rank["moved_owner" if placement == "owner" else "moved_gather"]
     return {"groups": per_rank["owner_groups"], "state": state, "even": summary["checkpoint"]["bank"] / world_size,
-            "moved": moved}
+            "moved": moved, "moved_even": bank_footprint(cfg, world_size, routed=False).moved_owner}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,13 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     table = Table(title=f"bank per rank, {args.placement} placement (hmtrain info's arithmetic)")
     for name in ("preset", "ranks", "groups x ranks", "bank state GiB/rank", "bank / W GiB", "ratio",
-                 "traffic GiB/step/rank"):
+                 "traffic GiB/step/rank", *(["without routing"] if args.placement == "owner" else [])):
         table.add_column(name, justify="left" if name == "preset" else "right")
     for preset in args.presets:
         for world in args.ranks:
             c = cell(preset, world, args.placement)
             table.add_row(preset, str(world), f"{c['groups'][0]} x {c['groups'][1]}", f"{c['state'] / GiB:.2f}",
-                          f"{c['even'] / GiB:.2f}", f"{c['state'] / c['even']:.2f}x", f"{c['moved'] / GiB:.2f}")
+                          f"{c['even'] / GiB:.2f}", f"{c['state'] / c['even']:.2f}x", f"{c['moved'] / GiB:.2f}",
+                          *([f"{c['moved_even'] / GiB:.2f}"] if args.placement == "owner" else []))
     Console().print(table)
 
 

@@ -150,3 +150,26 @@ def pieces_of(layout: RowLayout, pieces: int) -> RowLayout:
     return RowLayout(layout.kind, layout.num_rows * pieces, layout.world_size, layout.rank,
                      owner=np.repeat(layout.owner, pieces), local=(layout.local[:, None] * pieces + within).reshape(-1),
                      group_size=layout.group_size)
+
+
+def home_level(branching: tuple[int, ...] | list[int], replicate_levels: int, subtrees_per_group: list[int],
+               group_size: int) -> int | None:
+    """Owner placement's routing level inside a group (hmtrain/data/loading/route.py): the first sharded level
+    (0-based, `replicate_levels` or deeper) where every group holds at least one node per rank, so that each
+    rank's `by_subtree` chunk of it is some nodes and, the counts dividing, its chunks of the levels below are
+    their children. None: no routing (groups of one rank, whose rows are all their own; or no such level)."""
+    if group_size == 1:
+        return None
+    nodes = 1
+    for level, k in enumerate(branching):
+        nodes *= k
+        if level >= replicate_levels and min(subtrees_per_group) * (nodes // branching[0]) >= group_size:
+            return level
+    return None
+
+
+def home_of_node(branching: tuple[int, ...] | list[int], level: int, owner_of_subtree: np.ndarray,
+                 world_size: int, group_size: int) -> np.ndarray:
+    """[N_level] the rank storing each node of `level` under owner placement (`by_subtree`'s cut)."""
+    nodes = int(np.prod(branching[:level + 1]))
+    return by_subtree(nodes, branching[0], owner_of_subtree, world_size, 0, group_size).owner

@@ -1,15 +1,16 @@
 """torchrun worker: train a bank alone for a few steps on a fixed global batch, save it with DCP.
 
 Usage: bank_worker.py OUT --placement gather|owner --replicate N --steps S [--resume DIR] [--generic]
-                     [--dtype fp32|bf16] [--background] [--dump DIR] [--fetch-per-step]
+                     [--dtype fp32|bf16] [--background] [--dump DIR] [--fetch-per-step] [--even]
 (HMTRAIN_TEST_BRANCHING picks the tree; 4,3,2 when unset.)
 Every rank takes its part of each global batch (gather: equal chunks; owner: the sequences of the
-subtrees it owns), so the union over ranks is the same whatever the world size, and the saved bank
-must match the one-process run's. `--background` saves with dcp.async_save on a gloo group of its own
-(as `train.async_checkpoint` does) and trains one more step while the write runs: the checkpoint
-still holds the bank as it was when the save began. `--dump DIR` writes each rank's live state (every
-field of every table, as this rank holds it) to DIR/rank<r>.pt after the save, and the ranks its plans
-exchanged rows with and the bytes they fetched to DIR/traffic<r>.json.
+subtrees it owns, routed inside a group to the rank storing their rows as the loader routes them, or with
+`--even` cut evenly in stream order as before that routing), so the union over ranks is the same whatever
+the world size, and the saved bank must match the one-process run's. `--background` saves with
+dcp.async_save on a gloo group of its own (as `train.async_checkpoint` does) and trains one more step while
+the write runs: the checkpoint still holds the bank as it was when the save began. `--dump DIR` writes each
+rank's live state (every field of every table, as this rank holds it) to DIR/rank<r>.pt after the save, and
+the ranks its plans exchanged rows with and the rows and bytes they moved to DIR/traffic<r>.json.
 """
 import argparse
 import datetime
@@ -23,8 +24,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
+from hmtrain.data.loading.route import route_in_group
 from hmtrain.memory import Comm, MemoryBank, SparseAdamW
 from hmtrain.memory.kind import SwiGLUUnits
+from hmtrain.memory.layout import home_level, home_of_node
 from hmtrain.parallel.placement import Groups, assign_groups
 
 # HMTRAIN_TEST_BRANCHING="2,6,2": a tree with 2 level-1 subtrees, so 4 ranks form 2 owner groups of 2
@@ -33,25 +36,41 @@ UNITS, LAYERS, D = (3, 2, 2), 2, 4
 GLOBAL_BATCH, MICRO = 12, 2
 LEAVES = int(np.prod(BRANCHING))
 TOKENS = [5, 1, 3, 2][:BRANCHING[0]]  # the subtrees' token counts owner placement balances
-TIMEOUT = datetime.timedelta(seconds=60)
-TRAFFIC: dict = {"peers": set()}  # what this rank's plans moved, written beside the --dump  # a hung collective fails the worker, not the suite
+TIMEOUT = datetime.timedelta(seconds=60)  # a hung collective fails the worker, not the suite
+TRAFFIC: dict = {"peers": set()}  # what this rank's plans moved, written beside the --dump
 
 
-def global_batch(step: int) -> tuple[np.ndarray, np.ndarray]:
+def global_batch(step: int, branching: tuple[int, ...] = BRANCHING) -> tuple[np.ndarray, np.ndarray]:
     """Leaves drawn per step, fixed by the step alone; returns (sequence ids, paths)."""
     rng = np.random.default_rng(step)
-    leaves = rng.integers(0, LEAVES, size=GLOBAL_BATCH)
-    paths = np.stack([leaves // (BRANCHING[1] * BRANCHING[2]), leaves // BRANCHING[2], leaves], axis=1)
+    leaves = rng.integers(0, int(np.prod(branching)), size=GLOBAL_BATCH)
+    paths = np.stack([leaves // (branching[1] * branching[2]), leaves // branching[2], leaves], axis=1)
     return np.arange(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH), paths
 
 
-def my_share(ids, paths, rank, world, groups):
+def routing(groups: Groups | None, replicate: int, world: int, even: bool,
+            branching: tuple[int, ...] = BRANCHING) -> tuple[int, np.ndarray] | None:
+    """Owner groups' routing (level, the rank storing each of its nodes), as the trainer gives the loader."""
+    if groups is None or even:
+        return None
+    level = home_level(branching, replicate, groups.subtrees_per_group, groups.group_size)
+    if level is None:
+        return None
+    return level, home_of_node(branching, level, groups.group_of_subtree, world, groups.group_size)
+
+
+def my_share(ids, paths, rank, world, groups, route=None):
     if groups is None:
         per = GLOBAL_BATCH // world
         return ids[rank * per:(rank + 1) * per], paths[rank * per:(rank + 1) * per]
     size = groups.group_size  # the group's sequences, cut among its ranks as the loader cuts them
     mine = np.flatnonzero(groups.group_of_subtree[paths[:, 0]] == rank // size)
-    mine = np.array_split(mine, size)[rank % size]
+    if route is None:
+        mine = np.array_split(mine, size)[rank % size]
+    else:
+        level, home = route
+        node = paths[mine, level]
+        mine = mine[route_in_group(home[node] - rank // size * size, node, size) == rank % size]
     return ids[mine], paths[mine]
 
 
@@ -67,8 +86,11 @@ def loss_for(fetched, ids: np.ndarray) -> torch.Tensor:
     return loss
 
 
+ROUTE: list = [None]  # main's routing() for this run
+
+
 def train_step(bank: MemoryBank, step: int, world: int, owner, generic: bool) -> None:
-    ids, paths = my_share(*global_batch(step), bank.comm.rank, world, owner)
+    ids, paths = my_share(*global_batch(step), bank.comm.rank, world, owner, ROUTE[0])
     use_generic = (ids % 5 == 0) if generic else np.zeros(len(ids), dtype=bool)
     chunks = np.array_split(np.arange(len(ids)), MICRO)
     plan = bank.plan_step([(paths[c], use_generic[c]) for c in chunks])
@@ -80,7 +102,7 @@ def train_step(bank: MemoryBank, step: int, world: int, owner, generic: bool) ->
             TRAFFIC["wire_ranks"] = len(wire.fetch_splits)
             TRAFFIC["all_to_alls"] = TRAFFIC.get("all_to_alls", 0) + 1
     for key, value in plan.stats.items():
-        if key.endswith("/bytes_fetched"):
+        if key.endswith(("/bytes_fetched", "/bytes_returned", "/rows_remote")):
             TRAFFIC[key] = TRAFFIC.get(key, 0) + value
     for k, c in enumerate(chunks):
         fetched = bank.fetch(plan, k)
@@ -136,11 +158,13 @@ def main() -> int:
     args.add_argument("--background", action="store_true")
     args.add_argument("--dump")
     args.add_argument("--fetch-per-step", action="store_true")
+    args.add_argument("--even", action="store_true")
     a = args.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo", timeout=TIMEOUT)
     bank, owner = make_bank(a.placement, a.replicate, a.dtype, world, a.fetch_per_step)
+    ROUTE[0] = routing(owner, a.replicate, world, a.even)
     if a.resume:
         state = {"bank": bank.load_template()}
         dcp.load(state, checkpoint_id=a.resume)

@@ -43,13 +43,19 @@ def test_rank_footprint_by_hand():
     assert f.moved_owner == fp32.moved_owner == 0
     # in 2 groups of 2: level 0 kept whole in each group (2 rows), ZeRO-1 between its 2 ranks over its 4
     # sequences; level 1's rows from the group's other rank (1/2 of a micro-batch's distinct rows of 8)
-    two = rank_footprint(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], world_size=4,
-                         replicate_levels=1, generic=False, weight_bytes=2, micro_batch=2, global_batch=8,
-                         group_size=2, placement="owner")
+    kw = dict(n_layers=1, params_per_unit=3 * 8, branching=[4, 4], units=[2, 1], world_size=4, replicate_levels=1,
+              generic=False, weight_bytes=2, micro_batch=2, global_batch=8, group_size=2, placement="owner")
+    even, two = rank_footprint(**kw, routed=False), rank_footprint(**kw)
     in_group = 2 * (1 - (1 / 2) ** 4)
+    zero = 2 * 1 / 2 * in_group * row0 * (4 + 2)
     remote = 8 * (1 - (7 / 8) ** 2) / 2
-    assert two.moved_owner == pytest.approx(2 * 1 / 2 * in_group * row0 * (4 + 2) + 2 * remote * row1 * (2 + 4),
-                                            abs=2)
+    assert even.moved_owner == pytest.approx(zero + 2 * remote * row1 * (2 + 4), abs=2)
+    # routed (the loader sends a sequence to the rank storing its level-1 row while it has room): a group's 4
+    # sequences, X of them on rank 0's 4 nodes of 8, X ~ Binomial(4, 1/2); each rank runs 2, so a rank storing
+    # x > 2 sends x - 2 away, and their distinct rows of its 4 move (rows one way, gradients back)
+    sent = 4 / 16 * 4 * (1 - 3 / 4) + 1 / 16 * 4 * (1 - (3 / 4) ** 2)
+    assert two.moved_owner == pytest.approx(zero + 2 * sent * row1 * (2 + 4), abs=2)
+    assert two.moved_owner < even.moved_owner
     assert two.weights == (2 * row0 + 4 * row1) * 2  # the group's half of level 0, a quarter of level 1
     assert two.masters == (1 * row0 + 4 * row1) * 4  # one of the group's 2 rows of level 0 per rank
 
@@ -235,9 +241,11 @@ def test_owner_placement_beyond_k1_ranks_reports_its_groups_traffic():
               global_batch=cfg.train.global_batch_size)
     alone = rank_footprint(world_size=64, group_size=1, **kw)  # the generic row's ZeRO-1 traffic only
     assert at64["per_rank"]["moved_owner"] == rank_footprint(world_size=64, group_size=4, **kw).moved_owner
-    deep = at64["per_rank"]["moved_owner"] - alone.moved_owner
-    # by hand: each sharded level's distinct rows in a micro-batch, over the group's 1/16 of the nodes, 3/4 of
-    # them on the group's other ranks, rows in and fp32 gradients out, both ways, per micro-batch
+    even = rank_footprint(world_size=64, group_size=4, routed=False, **kw).moved_owner
+    assert at64["per_rank"]["moved_owner"] < even / 1.5  # the loader's routing keeps most rows at home
+    deep = even - alone.moved_owner
+    # by hand, the even cut: each sharded level's distinct rows in a micro-batch, over the group's 1/16 of the
+    # nodes, 3/4 of them on the group's other ranks, rows in and fp32 gradients out, both ways, per micro-batch
     per_unit, micro, steps = cfg.model.n_layers * 3 * cfg.model.d_model, cfg.train.micro_batch_size, 1024 // 64 // 16
     expected = 0.0
     for level, (nodes, m) in enumerate(zip(np.cumprod(cfg.tree.branching), cfg.memory.units)):

@@ -265,3 +265,52 @@ def test_empty_heldout_split_is_refused(tmp_path: Path) -> None:
     data = make_prepared(tmp_path, {(0, 0): 2}, branching=[2, 2])
     with pytest.raises(ValueError, match="no held-out sequences"):
         list(sequential_batches(data, "heldout", 4))
+
+
+def test_owner_groups_route_each_sequence_to_the_rank_storing_its_rows(data) -> None:
+    """4 ranks, 2 groups of 2 on the [3, 2] tree: group 0 owns level-1 nodes 0 and 2, whose level-2 nodes
+    0, 1 | 4, 5 its ranks 0 | 1 store (`by_subtree`'s cut); group 1's nodes 2 | 3 are on ranks 2 | 3. With
+    home_of_node every rank runs as many sequences as the even cut gives it, the union is still every
+    sequence once, and a sequence runs on the rank storing its level-2 row whenever that rank has room."""
+    from hmtrain.memory.layout import home_of_node
+    from tests.unit.test_route import check_routing
+
+    owner, world, size = [0, 1, 0], 4, 2
+    home = home_of_node(BRANCHING, 1, np.asarray(owner), world, size)
+    assert home.tolist() == [0, 0, 2, 3, 1, 1]
+    kw = dict(global_batch=8, micro_batches=1, world_size=world, owner_of_subtree=owner, group_size=size)
+    even = [_take(_loader(data, rank=r, **kw), 8) for r in range(world)]
+    routed = [_take(_loader(data, rank=r, home_of_node=home, home_level=1, **kw), 8) for r in range(world)]
+    paths = data.sequences("train").paths
+    away = {"even": 0, "routed": 0}  # sequences run on a rank not storing their level-2 row
+    for step in range(8):
+        for g in range(world // size):
+            ranks = range(g * size, (g + 1) * size)
+            before = [[i for i in _step_ids(even[r][step][0]) if i >= 0] for r in ranks]
+            after = [[i for i in _step_ids(routed[r][step][0]) if i >= 0] for r in ranks]
+            stream = sum(before, [])  # the group's sequences in stream order (the even cut keeps it)
+            assert [len(a) for a in after] == [len(b) for b in before]  # the even cut's counts, so its shapes
+            assert [len(routed[r][step][0]) for r in ranks] == [len(even[r][step][0]) for r in ranks]
+            assert all(a == sorted(a, key=stream.index) for a in after)  # stream order on each rank
+            assert sorted(sum(after, [])) == sorted(stream)  # the group's sequences, each once
+            ids = np.asarray(stream, dtype=np.int64)
+            where = {name: np.array([next(r for r, run in enumerate(runs) if i in run) for i in stream])
+                     for name, runs in (("even", before), ("routed", after))}
+            stores = home[paths(ids)[:, 1]] - g * size
+            check_routing(stores, where["routed"], size)
+            for name in away:
+                away[name] += int((where[name] != stores).sum())
+        assert routed[0][step][1] == even[0][step][1]  # the loader's state is the step's position alone
+    assert away["routed"] < away["even"], away
+
+
+def test_home_of_node_is_checked_where_it_enters(data) -> None:
+    kw = dict(global_batch=8, world_size=4, owner_of_subtree=[0, 1, 0], group_size=2)
+    with pytest.raises(ValueError, match="needs owner_of_subtree"):
+        _loader(data, global_batch=8, world_size=4, home_of_node=[0] * 6, home_level=1)
+    with pytest.raises(ValueError, match="a multiple of 3 nodes"):
+        _loader(data, **kw, home_of_node=[0, 0, 2, 3], home_level=1)
+    with pytest.raises(ValueError, match=r"home_of_node\[2\] = 0 is not a rank of the group owning"):
+        _loader(data, **kw, home_of_node=[0, 0, 0, 3, 1, 1], home_level=1)
+    with pytest.raises(ValueError, match="a sequence is on node"):
+        _loader(data, **kw, home_of_node=[0, 2, 0], home_level=1)

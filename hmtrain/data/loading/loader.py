@@ -12,9 +12,13 @@ Placement of a step's ids on ranks:
   gather (owner_of_subtree None): the ids, in stream order, are cut into world_size * micro_batches
       equal chunks; micro-batch k of rank r is chunk k * world_size + r.
   owner (owner_of_subtree[level-1 node] = group; group g is ranks g*R .. g*R + R - 1, R = group_size,
-      hmtrain/parallel/placement.py): a group keeps the ids of the subtrees it owns, in stream order, cut
-      into R near-equal parts, one per rank of the group (data-parallel replicas; R = 1: the rank owning the
-      subtree takes them all); each rank splits its part into near-equal chunks, each padded to the micro-batch size
+      hmtrain/parallel/placement.py): a group keeps the ids of the subtrees it owns, in stream order, in R
+      near-equal parts, one per rank of the group (data-parallel replicas; R = 1: the rank owning the subtree
+      takes them all). With `home_of_node` (the rank storing each node of level `home_level`, the bank's
+      layout) each rank's part holds the sequences whose rows it stores as far as its even share allows, the
+      rest going to ranks with room (route.py); without, the parts are consecutive runs of the stream. Either
+      way a rank's part keeps stream order and its size is the even cut's. Each rank splits its part into
+      near-equal chunks, each padded to the micro-batch size
       global_batch / (world_size * micro_batches) with padding rows (batch.py `pad_batch`: they train
       nothing and fetch no memory). The number of chunks is what the busiest rank of the step needs,
       ceil(max over ranks of its ids / micro-batch size), the same on every rank (every rank sees the
@@ -40,6 +44,7 @@ from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.format.sequences import Sequences
 from hmtrain.data.loading.batch import pad_batch
 from hmtrain.data.loading.order import StreamOrder
+from hmtrain.data.loading.route import route_in_group
 
 _IDENTITY = ("split", "seed", "shuffle", "subtrees", "fingerprint", "sequences")
 
@@ -53,13 +58,14 @@ class _Steps(Dataset):
 
     def __init__(self, sequences: Sequences, order: StreamOrder, *, start: int, stop: int | None, global_batch: int,
                  micro_batches: int, rank: int, world_size: int, owner: np.ndarray | None, group_size: int,
-                 identity: dict):
+                 identity: dict, home: np.ndarray | None = None, home_level: int = 0):
         self.sequences, self.order = sequences, order
         self.start, self.stop = start, stop
         self.global_batch, self.micro_batches = global_batch, micro_batches
         self.micro_batch_size = global_batch // (world_size * micro_batches)
         self.rank, self.world_size, self.owner, self.group_size = rank, world_size, owner, group_size
         self.identity = identity
+        self.home, self.home_level = home, home_level  # owner placement: the rank storing each level's node
 
     def num_steps(self) -> int:
         assert self.stop is not None
@@ -72,7 +78,12 @@ class _Steps(Dataset):
         size = self.group_size
         groups = self.owner[self.sequences.level1(ids)]
         busiest = -(-int(np.bincount(groups, minlength=self.world_size // size).max()) // size)  # ids, one rank
-        mine = np.array_split(ids[groups == self.rank // size], size)[self.rank % size]
+        group = ids[groups == self.rank // size]
+        if self.home is None:
+            mine = np.array_split(group, size)[self.rank % size]
+        else:  # each rank first its own rows' sequences (route.py), in stream order
+            node = self.sequences.paths(group)[:, self.home_level]
+            mine = group[route_in_group(self.home[node] - self.rank // size * size, node, size) == self.rank % size]
         return np.array_split(mine, -(-busiest // self.micro_batch_size))
 
     def __getitem__(self, k: int) -> tuple[list[dict[str, Tensor]], dict]:
@@ -96,7 +107,8 @@ class StepLoader:
 
     def __init__(self, data: PreparedData, split: str, *, global_batch: int, micro_batches: int, seed: int,
                  rank: int = 0, world_size: int = 1, subtrees: Sequence[int] | None = None,
-                 owner_of_subtree: Sequence[int] | None = None, group_size: int = 1, num_workers: int = 0,
+                 owner_of_subtree: Sequence[int] | None = None, group_size: int = 1,
+                 home_of_node: Sequence[int] | None = None, home_level: int = 0, num_workers: int = 0,
                  shuffle: bool = True, infinite: bool = True):
         self.sequences = data.sequences(split)
         k1 = self.sequences.num_level1
@@ -118,6 +130,8 @@ class StepLoader:
             if self.owner.size != k1 or self.owner.min() < 0 or self.owner.max() >= groups:
                 raise ValueError(f"owner_of_subtree must give each of the {k1} level-1 nodes a group in "
                                  f"[0, {groups}), got {list(owner_of_subtree)}")
+        self.home = None if home_of_node is None else self._check_home(home_of_node, home_level, group_size)
+        self.home_level = home_level
         if subtrees is not None:
             subtrees = [int(s) for s in subtrees]
             if not subtrees or len(set(subtrees)) != len(subtrees) or min(subtrees) < 0 or max(subtrees) >= k1:
@@ -134,6 +148,27 @@ class StepLoader:
                          "subtrees": subtrees, "fingerprint": self.sequences.fingerprint}
         self._position = 0  # global stream position of the next step
 
+    def _check_home(self, home_of_node: Sequence[int], level: int, group_size: int) -> np.ndarray:
+        """The rank storing each node of level `level`: one of its level-1 ancestor's group's ranks."""
+        if self.owner is None:
+            raise ValueError("home_of_node needs owner_of_subtree (owner placement)")
+        home = np.asarray(home_of_node, dtype=np.int64).reshape(-1)
+        k1 = self.sequences.num_level1
+        levels = self.sequences.levels
+        if not 0 <= level < levels or home.size % k1 or home.size < k1:
+            raise ValueError(f"home_of_node must give a rank for each node of level home_level {level} (of "
+                             f"{levels}): a multiple of {k1} nodes, got {home.size}")
+        deepest = int(self.sequences.arrays["paths"][:, level].max(initial=-1))  # one pass, at start
+        if deepest >= home.size:
+            raise ValueError(f"home_of_node has {home.size} nodes of level {level}, but a sequence is on node "
+                             f"{deepest}")
+        ancestor = np.arange(home.size) // (home.size // k1)
+        if (home // group_size != self.owner[ancestor]).any():
+            node = int(np.flatnonzero(home // group_size != self.owner[ancestor])[0])
+            raise ValueError(f"home_of_node[{node}] = {int(home[node])} is not a rank of the group owning its "
+                             f"level-1 node {int(ancestor[node])} (group {int(self.owner[ancestor[node]])})")
+        return home
+
     @property
     def sequences_per_epoch(self) -> int:
         return self.order.size
@@ -142,7 +177,8 @@ class StepLoader:
         stop = None if self.infinite else (start // self.order.size + 1) * self.order.size
         return _Steps(self.sequences, self.order, start=start, stop=stop, global_batch=self.global_batch,
                       micro_batches=self.micro_batches, rank=self.rank, world_size=self.world_size,
-                      owner=self.owner, group_size=self.group_size, identity=self.identity)
+                      owner=self.owner, group_size=self.group_size, identity=self.identity, home=self.home,
+                      home_level=self.home_level)
 
     def __iter__(self) -> Iterator[tuple[list[dict[str, Tensor]], dict]]:
         steps = self._steps(self._position)
