@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_fork import ForkedCLI
+
 REPO = Path(__file__).resolve().parents[2]
+FORKED = ForkedCLI()  # one server per pytest process (xdist worker), closed with the session
 
 # A model small enough that a CLI training step takes milliseconds on CPU.
 MICRO = [
@@ -20,16 +23,27 @@ MICRO = [
 
 def run_cli(*args: str, cwd: Path, check: bool = True, timeout: int = 300, env: dict | None = None,
             module: str = "hmtrain.cli") -> subprocess.CompletedProcess:
-    """`python -m module args` (the CLI, or a test's wrapper of it); `env` adds to or overrides the environment."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HMTRAIN_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1",
-           # the repository on the path: a test's wrapper module (tests.e2e.full_disk) must import from any cwd
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-           **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    """`python -m module args` (the CLI, or a test's wrapper of it); `env` adds to or overrides the environment.
+    The CLI itself runs as a fork of a process that has imported it (tests/cli_fork.py): a process of its own
+    without the interpreter's start-up; a wrapper module, which patches before it imports, runs afresh."""
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", "HMTRAIN_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1",
+            # the repository on the path: a test's wrapper module (tests.e2e.full_disk) must import from any cwd
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {**base, **(env or {})}
+    if module == "hmtrain.cli" and FORKED.enabled():
+        proc = FORKED.run(module, list(args), cwd=cwd, env=env, timeout=timeout, server_env=base)
+    else:
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"hmtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_forked_cli():
+    yield
+    FORKED.close()
 
 
 @pytest.fixture(scope="session")
