@@ -42,17 +42,14 @@ def _my_paths(step: int, rank: int, world: int, groups) -> np.ndarray:
     if groups is None:
         per = GLOBAL_BATCH // world
         return paths[rank * per:(rank + 1) * per]
-    from hmtrain.data.loading.route import route_in_group
-    from hmtrain.memory.layout import home_level, home_of_node
+    from hmtrain.data.loading.route import share_in_group
+    from hmtrain.memory.layout import group_routing
 
     size = groups.group_size
     mine = np.flatnonzero(groups.group_of_subtree[paths[:, 0]] == rank // size)
-    level = home_level(BRANCHING, 0, groups.subtrees_per_group, size)
-    if level is None:  # groups of one rank
-        return paths[mine]
-    node = paths[mine, level]  # the loader's routing inside the group (trainer: hmtrain/train/build.py)
-    home = home_of_node(BRANCHING, level, groups.group_of_subtree, world, size)[node] - rank // size * size
-    return paths[mine[route_in_group(home, node, size) == rank % size]]
+    # the loader's routing inside the group (trainer: hmtrain/train/build.py)
+    home, level = group_routing(BRANCHING, 0, groups.group_of_subtree, groups.subtrees_per_group, world, size)
+    return paths[mine[share_in_group(len(mine), rank, size, paths[mine, level], home)]]
 
 
 def _wire_bytes(plan, first: int, rank: int, value_bytes: int) -> int:

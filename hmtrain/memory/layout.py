@@ -168,6 +168,16 @@ def home_level(branching: tuple[int, ...] | list[int], replicate_levels: int, su
     return None
 
 
+def group_routing(branching: tuple[int, ...] | list[int], replicate_levels: int, owner_of_subtree: np.ndarray,
+                  subtrees_per_group: list[int], world_size: int, group_size: int) -> tuple[np.ndarray | None, int]:
+    """(the rank storing each node of the routing level, that level) for owner groups, `home_level` and
+    `home_of_node` together; (None, 0) where groups do not route."""
+    level = home_level(branching, replicate_levels, subtrees_per_group, group_size)
+    if level is None:
+        return None, 0
+    return home_of_node(branching, level, owner_of_subtree, world_size, group_size), level
+
+
 def home_of_node(branching: tuple[int, ...] | list[int], level: int, owner_of_subtree: np.ndarray,
                  world_size: int, group_size: int) -> np.ndarray:
     """[N_level] the rank storing each node of `level` under owner placement (`by_subtree`'s cut)."""

@@ -20,7 +20,7 @@ from hmtrain.config import Config, ModelConfig, split_global_batch
 from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.loading.loader import StepLoader
 from hmtrain.memory import Comm, MemoryBank, UnitSplit, build_bank, uses_memory
-from hmtrain.memory.layout import home_level, home_of_node
+from hmtrain.memory.layout import group_routing
 from hmtrain.model import Transformer, build_model, run_model_config
 from hmtrain.parallel import Precision, resolve_precision
 from hmtrain.parallel.dist import DistInfo, SideGroups, side_groups
@@ -145,14 +145,13 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
     model = build_model(cfg, run_model_config(cfg.model, tc.mode, tc.dense_multiplier)).to(info.device)
     model = parallelize(model, cfg.parallel, info, precision.autocast_dtype)
     recipe = Recipe(cfg, has_memory=uses_memory(cfg))
-    owner_of_subtree, group_size, home, level = None, 1, None, None
+    owner_of_subtree, group_size, home, level = None, 1, None, 0
     if cfg.parallel.placement == "owner" and info.dp_size > 1:  # groups of data-parallel ranks
         groups = assign_groups(data.manifest["node_tokens"][0], info.dp_size)
         owner_of_subtree, group_size = groups.group_of_subtree, groups.group_size
         # inside a group, each rank runs the sequences whose rows it stores first (data/loading/route.py)
-        level = home_level(cfg.tree.branching, cfg.parallel.replicate_levels, groups.subtrees_per_group, group_size)
-        if level is not None:
-            home = home_of_node(cfg.tree.branching, level, owner_of_subtree, info.dp_size, group_size)
+        home, level = group_routing(cfg.tree.branching, cfg.parallel.replicate_levels, owner_of_subtree,
+                                    groups.subtrees_per_group, info.dp_size, group_size)
     bank = None
     if recipe.has_memory:
         bank_comm, unit_split = bank_ranks(info, comm, cfg.parallel.timeout_s)
@@ -164,7 +163,7 @@ def build(cfg: Config, info: DistInfo, data: PreparedData) -> Parts:
         micro = micro_batches_per_step(global_batch, tc.micro_batch_size, info.dp_size)
         return StepLoader(data, "train", global_batch=global_batch, micro_batches=micro, seed=tc.seed,
                           rank=info.dp_rank, world_size=info.dp_size, owner_of_subtree=owner_of_subtree,
-                          group_size=group_size, home_of_node=home, home_level=level or 0,
+                          group_size=group_size, home_of_node=home, home_level=level,
                           num_workers=cfg.data.num_workers)
 
     engine = engine_for_step(model, cfg, info, recipe, 0, precision)

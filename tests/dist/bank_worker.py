@@ -24,10 +24,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
-from hmtrain.data.loading.route import route_in_group
+from hmtrain.data.loading.route import share_in_group
 from hmtrain.memory import Comm, MemoryBank, SparseAdamW
 from hmtrain.memory.kind import SwiGLUUnits
-from hmtrain.memory.layout import home_level, home_of_node
+from hmtrain.memory.layout import group_routing
 from hmtrain.parallel.placement import Groups, assign_groups
 
 # HMTRAIN_TEST_BRANCHING="2,6,2": a tree with 2 level-1 subtrees, so 4 ranks form 2 owner groups of 2
@@ -53,10 +53,9 @@ def routing(groups: Groups | None, replicate: int, world: int, even: bool,
     """Owner groups' routing (level, the rank storing each of its nodes), as the trainer gives the loader."""
     if groups is None or even:
         return None
-    level = home_level(branching, replicate, groups.subtrees_per_group, groups.group_size)
-    if level is None:
-        return None
-    return level, home_of_node(branching, level, groups.group_of_subtree, world, groups.group_size)
+    home, level = group_routing(branching, replicate, groups.group_of_subtree, groups.subtrees_per_group, world,
+                                groups.group_size)
+    return None if home is None else (level, home)
 
 
 def my_share(ids, paths, rank, world, groups, route=None):
@@ -65,12 +64,8 @@ def my_share(ids, paths, rank, world, groups, route=None):
         return ids[rank * per:(rank + 1) * per], paths[rank * per:(rank + 1) * per]
     size = groups.group_size  # the group's sequences, cut among its ranks as the loader cuts them
     mine = np.flatnonzero(groups.group_of_subtree[paths[:, 0]] == rank // size)
-    if route is None:
-        mine = np.array_split(mine, size)[rank % size]
-    else:
-        level, home = route
-        node = paths[mine, level]
-        mine = mine[route_in_group(home[node] - rank // size * size, node, size) == rank % size]
+    level, home = route or (0, None)
+    mine = mine[share_in_group(len(mine), rank, size, paths[mine, level], home)]
     return ids[mine], paths[mine]
 
 

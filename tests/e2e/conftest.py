@@ -1,4 +1,5 @@
 """Shared small data for the end-to-end tests: a synthetic corpus prepared once per session."""
+import atexit
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 from tests.cli_fork import ForkedCLI
 
 REPO = Path(__file__).resolve().parents[2]
-FORKED = ForkedCLI()  # one server per pytest process (xdist worker), closed with the session
+FORKED = ForkedCLI()  # one server per pytest process (xdist worker), for every test directory that calls run_cli
+atexit.register(FORKED.close)
 
 # A model small enough that a CLI training step takes milliseconds on CPU.
 MICRO = [
@@ -38,12 +40,6 @@ def run_cli(*args: str, cwd: Path, check: bool = True, timeout: int = 300, env: 
     if check and proc.returncode != 0:
         raise AssertionError(f"hmtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _close_forked_cli():
-    yield
-    FORKED.close()
 
 
 @pytest.fixture(scope="session")

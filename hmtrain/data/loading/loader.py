@@ -44,7 +44,7 @@ from hmtrain.data.format.prepared import PreparedData
 from hmtrain.data.format.sequences import Sequences
 from hmtrain.data.loading.batch import pad_batch
 from hmtrain.data.loading.order import StreamOrder
-from hmtrain.data.loading.route import route_in_group
+from hmtrain.data.loading.route import share_in_group
 
 _IDENTITY = ("split", "seed", "shuffle", "subtrees", "fingerprint", "sequences")
 
@@ -79,11 +79,9 @@ class _Steps(Dataset):
         groups = self.owner[self.sequences.level1(ids)]
         busiest = -(-int(np.bincount(groups, minlength=self.world_size // size).max()) // size)  # ids, one rank
         group = ids[groups == self.rank // size]
-        if self.home is None:
-            mine = np.array_split(group, size)[self.rank % size]
-        else:  # each rank first its own rows' sequences (route.py), in stream order
-            node = self.sequences.paths(group)[:, self.home_level]
-            mine = group[route_in_group(self.home[node] - self.rank // size * size, node, size) == self.rank % size]
+        # routed: each rank first its own rows' sequences (route.py), in stream order
+        node = None if self.home is None else self.sequences.paths(group)[:, self.home_level]
+        mine = group[share_in_group(len(group), self.rank, size, node, self.home)]
         return np.array_split(mine, -(-busiest // self.micro_batch_size))
 
     def __getitem__(self, k: int) -> tuple[list[dict[str, Tensor]], dict]:

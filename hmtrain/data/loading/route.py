@@ -45,3 +45,14 @@ def route_in_group(home: np.ndarray, node: np.ndarray, size: int) -> np.ndarray:
     overflow = overflow[np.argsort(node[overflow], kind="stable")]  # node order, stream order within a node
     rank[overflow] = np.repeat(np.arange(size), room)  # sum(room) == the overflow: the quotas add up to n
     return rank
+
+
+def share_in_group(n: int, rank: int, size: int, node: np.ndarray | None = None,
+                   home: np.ndarray | None = None) -> np.ndarray:
+    """Positions (stream order) among a group's n sequences of those world rank `rank` runs, its group being
+    ranks [rank // size * size, +size): with `home` (the world rank storing each node of the routing level) and
+    `node` (each sequence's node of that level) routed as `route_in_group` routes them; without, np.array_split's
+    even cut of the stream."""
+    if home is None:
+        return np.array_split(np.arange(n), size)[rank % size]
+    return np.flatnonzero(route_in_group(home[node] - rank // size * size, node, size) == rank % size)
