@@ -10,7 +10,7 @@ import dataclasses
 from rich.console import Console
 from rich.table import Table
 
-from hmtrain.config import Config, ConfigError, split_global_batch
+from hmtrain.config import AnchorMode, Config, ConfigError, split_global_batch
 from hmtrain.eval.tokens_per_param import tokens_line, tokens_per_parameter
 from hmtrain.memory import memory_layers, memory_sizes
 from hmtrain.memory.kind import memory_kind
@@ -302,17 +302,19 @@ def tensor_parallel_rows(cfg: Config, summary: dict, world_size: int) -> tuple[d
                                    tensor_parallel=n)
     rows[f"activations, one micro-batch, activation checkpointing {'on' if par.activation_checkpointing else 'off'}"
          ] = activations
-    def traffic(memory_layers: int):
+    def traffic(memory_layers: int, frozen_from: int | None = None):
         return tensor_parallel_traffic(model, micro_batch=tc.micro_batch_size, seq_len=cfg.data.seq_len,
                                        value_bytes=value_bytes(cfg), checkpointing=par.activation_checkpointing,
-                                       memory_layers=memory_layers)
+                                       memory_layers=memory_layers, frozen_from=frozen_from)
 
     # the memory phase's FFN blocks with units all-reduce less backward (one copy of their input each)
     memory_phase = with_bank and refusal is None and cfg.train.memory_steps > 0 and cfg.memory.kind == "ffn"
+    # a frozen anchor's backward stops at the lowest block with units
+    frozen_from = min(summary["memory_layers"]) if memory_phase and tc.anchor == AnchorMode.frozen else None
     micro = micro_batches_per_rank(cfg, dp)["train.global_batch_size"]
     steps = micro if isinstance(micro, int) else 0
     counts = {"dp": dp, "split": split, "replicated": replicated, "traffic": traffic(0), "micro_batches": micro,
-              "memory_traffic": traffic(len(summary["memory_layers"])) if memory_phase else None,
+              "memory_traffic": traffic(len(summary["memory_layers"]), frozen_from) if memory_phase else None,
               "refusal": refusal, "moved": (bank.moved_gather // n, bank.moved_owner // n) if with_bank else None}
     counts["step_allreduce_bytes"] = steps * (counts["traffic"].data_bytes + counts["traffic"].small_bytes)
     if memory_phase:

@@ -87,7 +87,7 @@ class TensorParallelTraffic:
 
 def tensor_parallel_traffic(cfg: ModelConfig, *, micro_batch: int, seq_len: int, value_bytes: int,
                             checkpointing: bool, chunk_tokens: int = CHUNK_TOKENS,
-                            memory_layers: int = 0) -> TensorParallelTraffic:
+                            memory_layers: int = 0, frozen_from: int | None = None) -> TensorParallelTraffic:
     """What hmtrain/parallel/tensor_parallel.py's split all-reduces per micro-batch (counted by tests under
     CommDebugMode): per block 2 forward (after wo and w_down) and 3 backward (the
     input gradient of wq, wk and wv together, as Megatron's fused qkv, then w_gate's and w_up's each on its own,
@@ -98,13 +98,23 @@ def tensor_parallel_traffic(cfg: ModelConfig, *, micro_batch: int, seq_len: int,
     backward needs, before w_down's); the embedding's output forward and the hidden states' gradient at the
     head, once each; all in the compute dtype (`value_bytes`). Small ones, fp32: QK-norm's sum of squares for q
     and k per block, forward, backward and recomputed; the loss's row maximum and [sum of exponentials, target
-    logit] per chunk."""
+    logit] per chunk.
+
+    `frozen_from`: with a frozen anchor (train.anchor=frozen), the lowest block whose FFN reads units. Nothing
+    below it needs a gradient, so backward stops there: the blocks below it run no backward and no recompute
+    (3 + 1 with checkpointing fewer each, and their QK-norm's 2 + 2 small ones), and it computes its units'
+    gradients but no input gradient (its qkv's and its FFN's, 2 fewer, and its QK-norm's 2 backward)."""
     tokens = micro_batch * seq_len
     if not 0 <= memory_layers <= cfg.n_layers:
         raise ValueError(f"memory_layers={memory_layers}: expected 0 .. n_layers={cfg.n_layers}")
+    if frozen_from is not None and not (memory_layers and 0 <= frozen_from < cfg.n_layers):
+        raise ValueError(f"frozen_from={frozen_from}: expected a block 0 .. {cfg.n_layers - 1} reading units")
     per_block = 2 + 3 + (1 if checkpointing else 0)
     count = cfg.n_layers * per_block - memory_layers + 2
     qk = cfg.n_layers * 2 * (3 if checkpointing else 2) if cfg.qk_norm else 0
+    if frozen_from is not None:
+        count -= frozen_from * (per_block - 2) + 2
+        qk -= (frozen_from * 2 * (2 if checkpointing else 1) + 2) if cfg.qk_norm else 0
     chunks = -(-tokens // chunk_tokens)
     small_bytes = qk * tokens * 4 + tokens * (4 + 8)  # the loss's: a max, then two sums, per token
     return TensorParallelTraffic(count=count, data_bytes=count * tokens * cfg.d_model * value_bytes,

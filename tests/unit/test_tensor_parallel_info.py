@@ -167,6 +167,54 @@ def test_the_memory_phase_all_reduce_count_is_what_the_split_ffn_with_units_issu
     assert units.u_gate.grad is not None and units.u_down.grad is not None
 
 
+THREE = dataclasses.replace(SMALL, n_layers=3)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("layers", [[0, 1, 2], [1, 2], [2], [1]])
+def test_a_frozen_anchor_all_reduces_backward_only_from_its_lowest_block_with_units(tp_mesh, checkpointing, layers):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = Transformer(THREE, max_seq_len=8, memory_layers=layers)
+    apply_tensor_parallel(model, tp_mesh)
+    model.requires_grad_(False)  # train.anchor=frozen: only the units train
+    if checkpointing:
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block)
+    units = FFNUnits(torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 3, 16, requires_grad=True),
+                     torch.randn(2, 16, 3, requires_grad=True))
+    tokens = torch.randint(0, 64, (2, 8))
+    with CommDebugMode() as comms:
+        loss, _ = model(tokens, labels=tokens, memory=EverySlot(units))
+        loss.backward()
+    issued = sum(comms.get_comm_counts().values())
+    kwargs = dict(micro_batch=2, seq_len=8, value_bytes=4, checkpointing=checkpointing, memory_layers=len(layers))
+    frozen = tensor_parallel_traffic(THREE, **kwargs, frozen_from=min(layers))
+    cotrained = tensor_parallel_traffic(THREE, **kwargs)
+    assert issued == frozen.count + frozen.small_count < cotrained.count + cotrained.small_count
+    assert units.u_gate.grad is not None and units.u_down.grad is not None
+
+
+def test_info_counts_a_frozen_anchors_memory_phase_from_its_lowest_block_with_units():
+    common = ["memory.layers=[2,3]", "parallel.tensor_parallel=2", "train.global_batch_size=32"]
+    frozen = wide_info("train.anchor=frozen", *common, world_size=4)[0]["tensor_parallel"]["memory_traffic"]
+    cotrained = wide_info("train.anchor=cotrain", *common, world_size=4)[0]["tensor_parallel"]["memory_traffic"]
+    # blocks 0 and 1 run no backward (3 all-reduces and QK-norm's 2 each); block 2 no input gradient (2, QK's 2)
+    assert frozen.count == cotrained.count - (2 * 3 + 2)
+    assert frozen.small_count == cotrained.small_count - (2 * 2 + 2)
+    assert frozen.data_bytes * cotrained.count == cotrained.data_bytes * frozen.count
+
+
+class EverySlot:
+    """Fetched memory whose every layer slot holds the same units."""
+
+    def __init__(self, units: FFNUnits):
+        self.units = units
+
+    def layer(self, slot: int) -> FFNUnits:
+        return self.units
+
+
 class OneSlot:
     """Fetched memory with one layer slot (the model's LayerMemory)."""
 
