@@ -463,10 +463,10 @@ class MemoryBank:
         """Reduce the replicated tables' step gradients to their owners; return the squared L2 norm of all bank
         gradients of the step, over all ranks (fp32 device scalar; no host sync)."""
         self._finish_reduction()
-        # every rank now holds gradients of its own rows only, disjoint across ranks: sum them
-        sq = torch.zeros((), device=self.device, dtype=torch.float32)
-        for spec in self.specs:
-            sq += self._grads[spec.name].pow(2).sum()
+        # every rank now holds gradients of its own rows only, disjoint across ranks: sum them. One norm pass
+        # over all tables reads each gradient once (pow(2).sum() would write a gradient-sized square first)
+        norms = torch._foreach_norm([self._grads[spec.name] for spec in self.specs])
+        sq = torch.stack(norms).square().sum() if norms else torch.zeros((), device=self.device)
         sq = self.comm.all_reduce_(sq.to(self.comm.device))
         if self.unit_split is not None:  # and the tensor-parallel ranks' disjoint unit slices
             sq = self.unit_split.comm.all_reduce_(sq.to(self.unit_split.comm.device))
