@@ -1,4 +1,5 @@
-"""Benchmark the memory-augmented FFN: eager reference, compiled reference, Triton, dense-GEMM ceiling.
+"""Benchmark the memory-augmented FFN: eager reference, compiled reference, Triton, the anchor FFN widened by
+the memory's units (the memory step's baseline), dense-GEMM ceiling.
 
 On a GPU (bf16, the paper's shapes, batch 8 x 2048 tokens)::
 
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from hmtrain_kernels import memory_ffn, memory_ffn_torch
 
@@ -112,6 +114,27 @@ def dense_ceiling(x: torch.Tensor, d: int, H: int) -> tuple[Callable[[], object]
     return fwd, fwd_bwd
 
 
+def widened_ffn(inputs: list[torch.Tensor], M: int) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Forward and forward+backward of the anchor's own SwiGLU FFN widened to h + M units (autograd, shared
+    weights): the FFN `hmtrain bench memory_step` compares the memory step with, the same FLOPs as the memory
+    FFN in one GEMM per linear instead of an anchor GEMM plus a per-sequence bmm."""
+    x, w_gate, w_up, w_down = inputs[:4]
+    opts = dict(device=x.device, dtype=x.dtype)
+    h, d = w_gate.shape
+    wide = [torch.randn(h + M, d, **opts).mul_(d ** -0.5).requires_grad_(),
+            torch.randn(h + M, d, **opts).mul_(d ** -0.5).requires_grad_(),
+            torch.randn(d, h + M, **opts).mul_((h + M) ** -0.5).requires_grad_()]
+    dy = torch.randn_like(x)
+
+    def fwd() -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, wide[0])) * F.linear(x, wide[1]), wide[2])
+
+    def fwd_bwd() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(fwd(), [x, *wide], dy)
+
+    return lambda: _no_grad(fwd), fwd_bwd
+
+
 def check_triton(inputs: list[torch.Tensor]) -> float:
     """Largest error of the Triton output and gradients, relative to each tensor's eager max."""
     dy = torch.randn_like(inputs[0])
@@ -144,6 +167,7 @@ def bench_preset(name: str, shape: tuple[int, int, int], args: argparse.Namespac
         # forward alone as at inference (no activations kept); warm-up absorbs compile and autotune
         add(impl, lambda fn=fn: _no_grad(lambda: fn(*inputs)),
             lambda fn=fn: torch.autograd.grad(fn(*inputs), inputs, dy))
+    add("widened FFN (torch)", *widened_ffn(inputs, M))
     add("dense GEMM ceiling", *dense_ceiling(inputs[0], d, h + M))
     if args.device.startswith("cuda") and not args.no_check:
         print(f"[{name}] triton vs eager, max error relative to tensor max: {check_triton(inputs):.2e}")

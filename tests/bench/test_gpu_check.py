@@ -45,7 +45,8 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert report["smoke"] is True and {r["status"] for r in records} <= STATUSES
     assert check(records, "environment")["torch"]
     tiny = check(records, "memory_ffn")["presets"]["tiny"]
-    assert {"torch eager", "dense GEMM ceiling"} <= set(tiny["rows"]) and tiny["rows"]["torch eager"]["fwdbwd_ms"] > 0
+    assert {"torch eager", "widened FFN (torch)", "dense GEMM ceiling"} <= set(tiny["rows"])
+    assert tiny["rows"]["torch eager"]["fwdbwd_ms"] > 0
     assert check(records, "data")["sequences"]["train"] > 0
     assert check(records, "attention")["shapes"]["tiny"]["output_error"] < 1e-4  # flex == sdpa, forward
     for name in ("train_160m", "train_160m_checkpointing"):

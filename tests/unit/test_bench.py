@@ -56,3 +56,18 @@ def test_the_export_benchmarks_checkpoint_loads_for_eval(tmp_path):
 
     path, sizes = make_checkpoint(tmp_path, argparse.Namespace(units=[8, 4], branching=[2, 2], d=16, layers=1))
     assert {name: table.nbytes for name, table in load_trained(path).bank.tables.items()} == sizes
+
+
+def test_the_ffn_benchmark_has_the_widened_anchor_ffn_as_a_row(capsys):
+    import torch
+
+    from hmtrain.bench.memory_ffn import make_inputs, widened_ffn
+
+    inputs = make_inputs(2, 5, 8, 12, 3, torch.float32, "cpu")
+    fwd, fwd_bwd = widened_ffn(inputs, 3)
+    assert fwd().shape == (2, 5, 8)
+    # the input's gradient and the three widened weights', h + M = 15 units each
+    assert [tuple(g.shape) for g in fwd_bwd()] == [(2, 5, 8), (15, 8), (15, 8), (8, 15)]
+    assert main(["bench", "memory_ffn", "--device", "cpu", "--quick", "--presets", "tiny"]) == 0
+    rows = [line.split()[1:4] for line in capsys.readouterr().out.splitlines() if line.startswith("tiny ")]
+    assert rows[1] == ["widened", "FFN", "(torch)"]  # after torch eager
