@@ -42,6 +42,23 @@ def test_the_memory_step_benchmark_times_by_either_clock(capsys, clock):
     assert f"16 tokens a step, 2 paired steps, {clock} clock" in out and "(co-trained)" in out
 
 
+def test_the_memory_step_benchmark_times_each_part_of_both_steps(capsys):
+    from hmtrain.bench.memory_step import PARTS
+
+    rc = main(["bench", "memory_step", "--tokens", "16", "--repeats", "3", "--warmup", "1", "--vocab", "64",
+               "--clock", "cpu", "--parts"])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and " | " in line}
+    assert rc == 0 and all(name in rows for name in PARTS)
+    medians = {name: float(rows[name][0]) for name in PARTS}
+    assert all(value >= 0 for value in medians.values()) and medians["memory: backward"] > 0
+    # the bank's own parts are all extra; forward is against the widened anchor's forward
+    assert float(rows["bank: plan and fetch"][1].rstrip(" |")) == pytest.approx(medians["bank: plan and fetch"],
+                                                                                 abs=0.01)
+    forward = float(rows["memory: forward"][1].rstrip(" |"))
+    assert forward == pytest.approx(medians["memory: forward"] - medians["widened: forward"], abs=0.02)
+
+
 def test_an_unknown_benchmark_is_refused():
     with pytest.raises(SystemExit) as exc_info:
         build_parser().parse_args(["bench", "nonesuch"])
