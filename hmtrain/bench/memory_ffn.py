@@ -118,9 +118,8 @@ def widened_ffn(inputs: list[torch.Tensor], M: int) -> tuple[Callable[[], object
     """Forward and forward+backward of the anchor's own SwiGLU FFN widened to h + M units (autograd, shared
     weights): the FFN `hmtrain bench memory_step` compares the memory step with, the same FLOPs as the memory
     FFN in one GEMM per linear instead of an anchor GEMM plus a per-sequence bmm."""
-    x, w_gate, w_up, w_down = inputs[:4]
+    x, (h, d) = inputs[0], inputs[1].shape  # x and the anchor's w_gate [h, d]
     opts = dict(device=x.device, dtype=x.dtype)
-    h, d = w_gate.shape
     wide = [torch.randn(h + M, d, **opts).mul_(d ** -0.5).requires_grad_(),
             torch.randn(h + M, d, **opts).mul_(d ** -0.5).requires_grad_(),
             torch.randn(d, h + M, **opts).mul_((h + M) ** -0.5).requires_grad_()]

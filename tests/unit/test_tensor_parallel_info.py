@@ -153,7 +153,7 @@ def test_the_memory_phase_all_reduce_count_is_what_the_split_ffn_with_units_issu
                      torch.randn(2, 16, 3, requires_grad=True))  # this rank's slice of each sequence's units
     tokens = torch.randint(0, 64, (2, 8))
     with CommDebugMode() as comms:
-        loss, _ = model(tokens, labels=tokens, memory=OneSlot(units))
+        loss, _ = model(tokens, labels=tokens, memory=SameUnits(units))
         loss.backward()
     counts = {str(op): n for op, n in comms.get_comm_counts().items()}
     traffic = tensor_parallel_traffic(SMALL, micro_batch=2, seq_len=8, value_bytes=4, checkpointing=checkpointing,
@@ -185,7 +185,7 @@ def test_a_frozen_anchor_all_reduces_backward_only_from_its_lowest_block_with_un
                      torch.randn(2, 16, 3, requires_grad=True))
     tokens = torch.randint(0, 64, (2, 8))
     with CommDebugMode() as comms:
-        loss, _ = model(tokens, labels=tokens, memory=EverySlot(units))
+        loss, _ = model(tokens, labels=tokens, memory=SameUnits(units, slots=len(layers)))
         loss.backward()
     issued = sum(comms.get_comm_counts().values())
     kwargs = dict(micro_batch=2, seq_len=8, value_bytes=4, checkpointing=checkpointing, memory_layers=len(layers))
@@ -205,24 +205,14 @@ def test_info_counts_a_frozen_anchors_memory_phase_from_its_lowest_block_with_un
     assert frozen.data_bytes * cotrained.count == cotrained.data_bytes * frozen.count
 
 
-class EverySlot:
-    """Fetched memory whose every layer slot holds the same units."""
+class SameUnits:
+    """Fetched memory (the model's LayerMemory) whose `slots` layer slots all hold the same units."""
 
-    def __init__(self, units: FFNUnits):
-        self.units = units
-
-    def layer(self, slot: int) -> FFNUnits:
-        return self.units
-
-
-class OneSlot:
-    """Fetched memory with one layer slot (the model's LayerMemory)."""
-
-    def __init__(self, units: FFNUnits):
-        self.units = units
+    def __init__(self, units: FFNUnits, slots: int = 1):
+        self.units, self.slots = units, slots
 
     def layer(self, slot: int) -> FFNUnits:
-        assert slot == 0
+        assert 0 <= slot < self.slots
         return self.units
 
 
